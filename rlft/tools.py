@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 
+class FatalToolError(Exception):
+    """Raised by a tool whose backend is gone (e.g. its MCP server died): the rollout ends with
+    ``Termination.TOOL_ERROR`` instead of going on."""
+
+
 @dataclass
 class ToolResult:
     """What a tool call gave back to the conversation.
