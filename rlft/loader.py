@@ -1,0 +1,85 @@
+"""Find what a config points at: the Environment, its dataset, the policy's sampler.
+
+Shared by ``rlft train``, ``eval``, ``validate`` and ``serve`` so that one config drives them
+all. ``env = "recipes/search/env.py"`` imports that file and takes its ``env`` attribute (or
+the only Environment in it); ``"pkg.module:my_env"`` names module and attribute. The module's
+``dataset`` attribute (a path, a list of rows or a Dataset) is the default data. Left out:
+the training loop and anything that writes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+from rlft.config import ConfigError, TrainConfig
+from rlft.data import Dataset, load_dataset
+from rlft.env import Environment
+
+
+def load_environment(spec: str) -> tuple[Environment, Any, str]:
+    """(environment, its module, the module's source text for the run's snapshot)."""
+    if not spec:
+        raise ConfigError("no environment: set `env` to a file (env.py) or a module path (pkg.module:attr)")
+    path_part, _, attr = spec.partition(":") if not (len(spec) > 1 and spec[1] == ":") else (spec, "", "")
+    path = Path(path_part)
+    if path.suffix == ".py" or path.exists():
+        if not path.exists():
+            raise ConfigError(f"environment file {path} does not exist")
+        name = f"rlft_env_{abs(hash(str(path.resolve())))}"
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(path.parent.resolve()))  # sibling imports (helpers next to env.py)
+        try:
+            mod_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.parent.resolve()))
+        source = path.read_text()
+    else:
+        module = importlib.import_module(path_part)
+        try:
+            source = inspect.getsource(module)
+        except (OSError, TypeError):
+            source = ""
+    if attr:
+        if not hasattr(module, attr):
+            raise ConfigError(f"{spec}: module has no attribute {attr!r}")
+        env = getattr(module, attr)
+    elif isinstance(getattr(module, "env", None), Environment):
+        env = module.env
+    else:
+        found = [v for v in vars(module).values() if isinstance(v, Environment)]
+        if len(found) != 1:
+            raise ConfigError(f"{spec}: define `env = Environment(...)` (found {len(found)} environments)")
+        env = found[0]
+    if callable(env) and not isinstance(env, Environment):
+        env = env()
+    if not isinstance(env, Environment):
+        raise ConfigError(f"{spec}: {attr or 'env'} is a {type(env).__name__}, not an Environment")
+    return env, module, source
+
+
+def load_data(cfg: TrainConfig, module: Any = None, dataset: Any = None) -> tuple[Dataset, Dataset]:
+    """(train split, eval split) from the config, the env module's `dataset`, or a given dataset."""
+    source = dataset if dataset is not None else (cfg.data or getattr(module, "dataset", None))
+    if source is None:
+        raise ConfigError("no dataset: set `data` to a file, or define `dataset` in the environment module")
+    if isinstance(source, (str, Path)) and module is not None and not Path(source).is_absolute():
+        mod_file = getattr(module, "__file__", None)
+        if mod_file and not Path(source).exists() and (Path(mod_file).parent / source).exists():
+            source = Path(mod_file).parent / source
+    data = load_dataset(source)
+    if cfg.eval_data:
+        return data, load_dataset(cfg.eval_data)
+    if any(ex.get("split") is not None for ex in data.examples):  # the rows decide
+        return data.split(seed=cfg.seed)
+    if cfg.eval_size > 0:
+        return data.split(eval_size=cfg.eval_size, seed=cfg.seed)
+    if cfg.eval_fraction <= 0:
+        return data, Dataset([], name="<no eval>")
+    return data.split(eval_fraction=cfg.eval_fraction, seed=cfg.seed)

@@ -1,0 +1,53 @@
+"""Metric names (one list, used by trainer, eval, store and console) and group statistics.
+
+pass@k = share of prompts where at least one of the k rollouts succeeds (reward > the success
+threshold); max@k = mean over prompts of the best reward among k; solve rate = share of all
+rollouts that succeed. Left out: anything that needs a model or the store.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from statistics import fmean, pstdev
+
+from rlft.types import Group
+
+KEYS = [
+    "reward/mean", "reward/std", "reward/max", "pass@k", "max@k", "solve_rate",
+    "response/length", "response/truncated_ratio", "rollout/turns", "rollout/tool_calls", "rollout/errors",
+    "loss/policy", "loss/kl", "policy/entropy", "policy/clip_ratio", "optim/grad_norm", "optim/lr",
+    "time/generate", "time/score", "time/train", "time/step", "throughput/tokens_per_s", "batch/skipped_groups",
+    "batch/zero_variance_groups", "sync/logprob_diff_mean", "sync/logprob_diff_max",
+]
+
+
+def group_metrics(groups: list[Group], success_threshold: float = 0.0) -> dict[str, float]:
+    """Reward and rollout statistics of a batch of groups (reward/<component> included)."""
+    rollouts = [r for g in groups for r in g.rollouts]
+    if not rollouts:
+        return {}
+    rewards = [r.reward for r in rollouts]
+    out: dict[str, float] = {
+        "reward/mean": fmean(rewards),
+        "reward/std": pstdev(rewards) if len(rewards) > 1 else 0.0,
+        "reward/max": max(rewards),
+        "pass@k": fmean(float(any(r.reward > success_threshold for r in g.rollouts)) for g in groups),
+        "max@k": fmean(max(r.reward for r in g.rollouts) for g in groups),
+        "solve_rate": fmean(float(r.reward > success_threshold) for r in rollouts),
+        "response/length": fmean(r.num_sampled_tokens for r in rollouts),
+        "response/truncated_ratio": fmean(float(r.truncated) for r in rollouts),
+        "rollout/turns": fmean(r.turns for r in rollouts),
+        "rollout/tool_calls": fmean(r.tool_calls for r in rollouts),
+        "rollout/errors": fmean(float(bool(r.errors)) for r in rollouts),
+        "batch/zero_variance_groups": float(sum(len({r.reward for r in g.rollouts}) == 1 for g in groups)),
+    }
+    components = sorted({k for r in rollouts for k in r.rewards})
+    for c in components:
+        out[f"reward/{c}"] = fmean(r.rewards.get(c, 0.0) for r in rollouts)
+    for reason, n in Counter(str(r.termination) for r in rollouts).items():
+        out[f"termination/{reason}"] = n / len(rollouts)
+    return out
+
+
+def zero_variance_share(groups: list[Group]) -> float:
+    return sum(len({r.reward for r in g.rollouts}) == 1 for g in groups) / max(len(groups), 1)

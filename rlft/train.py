@@ -1,0 +1,240 @@
+"""train(config): the one training loop, top to bottom.
+
+Each step: take the step's P prompts (a pure function of step and seed, so resume is exact),
+sample G rollouts per prompt through the engine (concurrently, tools and rewards included),
+turn rewards into group-relative advantages, update the policy on the sampled tokens only, and
+record metrics and rollouts in the run store; checkpoint every N steps. The math lives in
+``rlft.grpo``; batching for the forward pass in ``rlft.batching``. A failure at any point marks
+the run failed with its reason and traceback before the exception propagates.
+Left out: multi-process training (the step is written so torch.distributed can wrap it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rlft.config import TrainConfig, load_config
+from rlft.metrics import group_metrics
+from rlft.types import Group
+
+
+def _as_config(config: Any, overrides: dict[str, Any]) -> TrainConfig:
+    if config is None:
+        cfg = load_config(overrides=overrides)
+    elif isinstance(config, (str, Path)):
+        cfg = load_config(config, overrides)
+    elif isinstance(config, dict):
+        cfg = load_config(overrides={**config, **overrides})
+    else:
+        cfg = load_config(overrides={**asdict(config), **overrides})
+    return cfg.resolved()
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+    return f
+
+
+def train(config: TrainConfig | dict | str | None = None, *, env=None, dataset=None, resume: str | None = None,
+          **overrides: Any) -> str:
+    """Train a policy on an environment; returns the run id. See ``TrainConfig`` for the knobs."""
+    import torch
+
+    from rlft.chat import Renderer
+    from rlft.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+    from rlft.engines.base import SamplingParams
+    from rlft.env import Sampler
+    from rlft.evaluate import evaluate, format_transcript, signal_report, validate
+    from rlft.loader import load_data, load_environment
+    from rlft.policy import LoraSpec, load_policy
+    from rlft.progress import Progress
+    from rlft.store import RunStore
+    from rlft.update import policy_update, select_groups
+
+    cfg = _as_config(config, overrides)
+    store = RunStore(cfg.runs_dir)
+    if resume:  # the run's own resolved config wins over the one given
+        run = store.get_run(resume)
+        run_id = run["id"]
+        cfg = _as_config(run["config"], {})
+    seed_everything(cfg.seed)
+    module, env_source = None, ""
+    if env is None:
+        env, module, env_source = load_environment(cfg.env)
+    train_set, eval_set = load_data(cfg, module, dataset)
+    train_set.check_batch_size(cfg.batch_size)
+    if not resume:
+        run_id = store.create_run(name=cfg.run_name or None, config=cfg.to_dict(), model=cfg.model,
+                                  environment=env.name if env.name != "environment" else (cfg.env or "environment"),
+                                  env_source=env_source)
+    run_dir = store.run_dir(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.toml")
+    store.set_status(run_id, "running")
+    loop = asyncio.new_event_loop()
+    session = contextlib.AsyncExitStack()
+    progress = Progress(cfg.steps, enabled=cfg.progress)
+    step = 0
+    try:
+        # -- model, engine, optimizer ------------------------------------------------------
+        lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        target_modules=None if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(","))
+        # full finetunes keep fp32 master weights and compute under bf16 autocast instead
+        weights_dtype = cfg.dtype if cfg.lora else "float32"
+        policy = load_policy(cfg.model, dtype=weights_dtype, lora=lora if cfg.lora else None,
+                             gradient_checkpointing=cfg.gradient_checkpointing, chat_template=cfg.chat_template or None)
+        if cfg.beta > 0 and not policy.is_lora:
+            policy.freeze_reference()
+        renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
+        engine = make_engine(cfg, policy)
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        sampler = Sampler(engine, renderer, params, max_seq_len=cfg.max_seq_len)
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+        start = 0
+        if resume and (ckpt := latest_checkpoint(run_dir)):
+            state = load_checkpoint(ckpt[1], policy, optimizer, scheduler)
+            start = state["step"]
+            store.add_log(run_id, f"resumed from checkpoint at step {start}", step=start, source="trainer")
+        store.truncate_after(run_id, start)  # rows of steps after the checkpoint are redone
+        loop.run_until_complete(session.enter_async_context(env.session()))
+
+        def run_eval(at_step: int) -> dict[str, float] | None:
+            if not len(eval_set):
+                return None
+            examples = list(eval_set)[: cfg.eval_max_examples or None]
+            sampler.policy_version = at_step
+            metrics, groups = loop.run_until_complete(evaluate(
+                env, examples, sampler, k=cfg.eval_k, temperature=cfg.eval_temperature,
+                success_threshold=cfg.success_threshold, max_concurrency=cfg.max_concurrency))
+            store.add_eval(run_id, model=f"{cfg.model}@{at_step}", split="eval", k=cfg.eval_k, metrics=metrics, step=at_step)
+            store.add_rollouts(run_id, at_step, [r for g in groups for r in g.rollouts], split="eval")
+            store.log_metrics(run_id, at_step, {f"eval/{k}": v for k, v in metrics.items()})
+            progress.note(f"eval @ step {at_step}: reward {metrics['reward/mean']:.3f}, pass@{cfg.eval_k} {metrics['pass@k']:.2f}")
+            return metrics
+
+        # -- check the environment before spending compute ------------------------------------
+        if cfg.validate and start == 0:
+            report = loop.run_until_complete(validate(env, train_set[0], sampler))
+            for ro in report.groups[0].rollouts:
+                store.add_log(run_id, format_transcript(ro), source="validate")
+            if not report.ok:
+                raise RuntimeError("validation failed before step 1:\n- " + "\n- ".join(report.problems)
+                                   + "\n" + "\n".join(format_transcript(r) for r in report.groups[0].rollouts))
+        if start == 0:
+            base_eval = run_eval(0)
+
+        progress.start(start)
+        for step in range(start, cfg.steps):
+            t_step = time.perf_counter()
+            # -- 1. sample: G rollouts for each of the step's P prompts -------------------------
+            examples = train_set.batch(step, cfg.batch_size, cfg.seed)
+            sampler.policy_version = getattr(engine, "policy_version", step)
+            t0 = time.perf_counter()
+            groups = loop.run_until_complete(env.run_groups(examples, sampler, cfg.group_size,
+                                                            max_concurrency=cfg.max_concurrency))
+            t_generate = time.perf_counter() - t0
+            metrics = group_metrics(groups, cfg.success_threshold)
+            if step == start:
+                report = signal_report(groups, cfg.success_threshold)
+                for w in report.warnings:
+                    progress.note(f"[signal] {w}")
+                    store.add_log(run_id, w, level="warning", step=step, source="signal")
+            # -- 2. advantages; dynamic sampling refills tied groups from a seeded side stream ---
+            train_groups, skipped = select_groups(groups, cfg, env.max_tokens)
+            refill = 0
+            while cfg.dynamic_sampling == "refill" and len(train_groups) < cfg.batch_size and refill < 3:
+                extra = train_set.batch(step, cfg.batch_size - len(train_groups), cfg.seed + 7919 * (refill + 1))
+                more = loop.run_until_complete(env.run_groups(extra, sampler, cfg.group_size, max_concurrency=cfg.max_concurrency))
+                more_groups, _ = select_groups(more, cfg, env.max_tokens)
+                train_groups += more_groups
+                groups += more
+                refill += 1
+            # -- 3. policy update on the sampled tokens -----------------------------------------
+            t0 = time.perf_counter()
+            update = policy_update(policy, train_groups, cfg, optimizer)
+            scheduler.step()
+            if hasattr(engine, "policy_version"):
+                engine.policy_version = step + 1
+            t_train = time.perf_counter() - t0
+            # -- 4. record -----------------------------------------------------------------------
+            sampled = sum(r.num_sampled_tokens for g in groups for r in g.rollouts)
+            metrics.update(update)
+            metrics.update({"batch/skipped_groups": float(skipped), "optim/lr": scheduler.get_last_lr()[0],
+                            "time/generate": t_generate, "time/train": t_train,
+                            "time/step": time.perf_counter() - t_step,
+                            "throughput/tokens_per_s": sampled / max(t_generate, 1e-9)})
+            store.add_rollouts(run_id, step + 1, [r for g in groups for r in g.rollouts])
+            store.log_metrics(run_id, step + 1, metrics)
+            store.update_run(run_id, step=step + 1)
+            progress.update(step + 1, metrics)
+            done = step + 1 == cfg.steps
+            stop = store.stop_requested(run_id)
+            if done or stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+                path = save_checkpoint(run_dir, step + 1, policy, optimizer, scheduler, {"config": cfg.to_dict()})
+                store.add_checkpoint(run_id, step + 1, str(path), metrics={"reward/mean": metrics.get("reward/mean")})
+                for removed in prune_checkpoints(run_dir, cfg.keep_checkpoints):
+                    store.remove_checkpoint(run_id, removed)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+                run_eval(step + 1)
+            if stop:
+                store.set_status(run_id, "stopped")
+                progress.note(f"stopped at step {step + 1} (checkpoint saved)")
+                return run_id
+        final_eval = run_eval(cfg.steps)
+        progress.finish()
+        if start == 0 and base_eval and final_eval:
+            progress.note(f"held-out reward {base_eval['reward/mean']:.3f} -> {final_eval['reward/mean']:.3f}, "
+                          f"pass@{cfg.eval_k} {base_eval['pass@k']:.2f} -> {final_eval['pass@k']:.2f}")
+        store.set_status(run_id, "completed")
+        return run_id
+    except BaseException as e:
+        progress.finish()
+        status = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
+        store.set_status(run_id, status, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        store.add_log(run_id, f"run {status} at step {step}: {type(e).__name__}: {e}", level="error",
+                      step=step, source="trainer", traceback=traceback.format_exc())
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(session.aclose())
+        if "engine" in locals() and hasattr(engine, "close"):
+            engine.close()
+        loop.close()
+        store.close()
+
+
+def make_engine(cfg: TrainConfig, policy):
+    """The generation engine named by ``cfg.engine``; in-process HF by default."""
+    if cfg.engine == "hf":
+        from rlft.engines.hf import HFEngine
+
+        return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency)
+    raise NotImplementedError(f"engine {cfg.engine!r} is not available yet; use engine = \"hf\"")
+
+
+__all__ = ["train", "Group"]

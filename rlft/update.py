@@ -1,0 +1,185 @@
+"""One policy update from scored groups: advantages, micro-batches, forward, loss, backward, step.
+
+The sequences trained on are the rollouts' own token ids (prompt + completion, left-padded so
+that every completion ends at the last position and the model computes logits only for the
+completion window: ``logits_to_keep``). Only sampled tokens (mask 1) carry loss. Micro-batches
+are length-bucketed under a token budget and their losses use the whole batch's normalizer, so
+accumulation gives the same gradient as one big batch. With ``epochs > 1`` the importance
+ratio is against the trainer's own logprobs of the first pass (the rollout-time policy).
+Left out: the loss math itself (``rlft.grpo``) and anything about where rollouts came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlft import grpo
+from rlft.config import TrainConfig
+from rlft.types import Group, Rollout
+
+
+def select_groups(groups: list[Group], cfg: TrainConfig, max_len: int) -> tuple[list[Group], int]:
+    """Set each rollout's advantage; drop tied groups when dynamic sampling is on.
+    ``max_len`` is the rollout token budget the overlong penalty measures against.
+    Returns (groups to train on, number of groups skipped)."""
+    if cfg.overlong == "penalty":  # DAPO soft penalty, recorded as its own reward component
+        for g in groups:
+            for r in g.rollouts:
+                length = torch.tensor([float(r.num_sampled_tokens)])
+                pen = float(grpo.overlong_penalty(length, max_len, cfg.overlong_cache)[0])
+                r.rewards["overlong_penalty"] = pen
+                r.reward += pen
+    kept, skipped = [], 0
+    for g in groups:
+        rewards_G = torch.tensor([r.reward for r in g.rollouts], dtype=torch.float32)
+        adv_G = grpo.group_advantages(rewards_G, baseline=cfg.baseline, std_normalize=cfg.std_normalize == "true")
+        for r, a in zip(g.rollouts, adv_G.tolist()):
+            r.advantage = a
+        if cfg.dynamic_sampling != "off" and bool(grpo.zero_variance_mask(rewards_G[None])[0]):
+            skipped += 1
+            continue
+        kept.append(g)
+    return kept, skipped
+
+
+@dataclass
+class _Item:
+    rollout: Rollout
+    length: int
+    old_logp: torch.Tensor | None = None  # (C_i,) trainer logprobs of the first pass
+    ref_logp: torch.Tensor | None = None
+
+
+def _micro_batches(items: list[_Item], budget: int) -> list[list[_Item]]:
+    """Length-bucketed: sort by length, fill each micro-batch up to ``budget`` padded tokens."""
+    out: list[list[_Item]] = []
+    for it in sorted(items, key=lambda x: -x.length):
+        if out and (len(out[-1]) + 1) * out[-1][0].length <= budget:
+            out[-1].append(it)
+        else:
+            out.append([it])
+    return out
+
+
+def _tensors(mb: list[_Item], pad_id: int):
+    """Left-padded ids (B, L), attention (B, L), positions (B, L); completion window tensors
+    tokens (B, C), mask (B, C), sampler logprobs (B, C), advantages (B,)."""
+    L = max(it.length for it in mb)
+    C = max(len(it.rollout.completion_ids) for it in mb)
+    B = len(mb)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    mask = torch.zeros((B, C), dtype=torch.float32)
+    sampler_logp = torch.zeros((B, C), dtype=torch.float32)
+    for b, it in enumerate(mb):
+        r = it.rollout
+        seq = r.prompt_ids + r.completion_ids
+        ids[b, L - len(seq):] = torch.tensor(seq)
+        attn[b, L - len(seq):] = 1
+        c = len(r.completion_ids)
+        mask[b, C - c:] = torch.tensor(r.mask, dtype=torch.float32)
+        sampler_logp[b, C - c:] = torch.tensor(r.logprobs, dtype=torch.float32)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    adv = torch.tensor([it.rollout.advantage for it in mb], dtype=torch.float32)
+    return ids, attn, pos, ids[:, L - C:], mask, sampler_logp, adv
+
+
+def completion_logits(model: Any, ids, attn, pos, C: int):
+    """Logits (B, C, V) predicting the last C tokens of each left-padded row."""
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=C + 1, use_cache=False)
+    return out.logits[:, -(C + 1):-1]
+
+
+def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """One optimizer step per epoch over the rollouts of ``groups``; returns metrics."""
+    model = policy.model
+    pad_id = policy.tokenizer.pad_token_id if policy.tokenizer.pad_token_id is not None else 0
+    rollouts = [r for g in groups for r in g.rollouts if r.completion_ids]
+    if cfg.overlong == "filter":  # truncated rollouts teach nothing about how to finish
+        rollouts = [r for r in rollouts if not r.truncated]
+    # the normalizer counts every candidate token; rollouts with zero advantage and no KL term
+    # contribute exactly zero gradient, so they are left out of the forward pass entirely
+    mask_counts = [sum(r.mask) for r in rollouts]
+    if cfg.loss_agg == "token_mean":
+        normalizer = float(sum(mask_counts))
+    elif cfg.loss_agg == "seq_mean_token_mean":
+        normalizer = float(sum(1 for n in mask_counts if n))
+    else:
+        normalizer = float(sum(1 for n in mask_counts if n) * cfg.max_seq_len)
+    items = [_Item(r, len(r.prompt_ids) + len(r.completion_ids)) for r in rollouts
+             if sum(r.mask) and (r.advantage != 0.0 or cfg.beta > 0)]
+    stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "policy/clip_ratio": 0.0, "policy/entropy": 0.0,
+                               "optim/grad_norm": 0.0, "batch/trained_sequences": float(len(items))}
+    if not items or normalizer == 0:
+        return stats
+    autocast = torch.autocast("cuda" if policy.device.type == "cuda" else "cpu", dtype=torch.bfloat16,
+                              enabled=(not policy.is_lora and cfg.dtype == "bfloat16"))
+    micro = _micro_batches(items, cfg.micro_batch_tokens)
+    diffs: list[torch.Tensor] = []
+    ent_sum = ent_n = 0.0
+    model.train()
+    for epoch in range(cfg.epochs):
+        optimizer.zero_grad(set_to_none=True)
+        clip_sum = kl_sum = loss_sum = n_tokens = 0.0
+        for mb in micro:
+            ids, attn, pos, tokens, mask, sampler_logp, adv = _tensors(mb, pad_id)
+            C = tokens.shape[1]
+            with autocast:
+                logits = completion_logits(model, ids, attn, pos, C)  # (B, C, V)
+                logp = grpo.token_logprobs(logits, tokens, cfg.temperature)  # (B, C)
+            if epoch == 0:
+                with torch.no_grad():
+                    ent = grpo.entropy_from_logits(logits.detach(), cfg.temperature)
+                    ent_sum += float((ent * mask).sum())
+                    ent_n += float(mask.sum())
+                    for b, it in enumerate(mb):
+                        c = len(it.rollout.completion_ids)
+                        it.old_logp = logp[b, C - c:].detach().clone()
+                    diffs.append(((logp.detach() - sampler_logp).abs() * mask)[mask.bool()])
+                    if cfg.beta > 0:
+                        with policy.reference() as ref, autocast:
+                            ref_logits = completion_logits(ref, ids, attn, pos, C)
+                            ref_lp = grpo.token_logprobs(ref_logits, tokens, cfg.temperature)
+                        for b, it in enumerate(mb):
+                            it.ref_logp = ref_lp[b, C - len(it.rollout.completion_ids):]
+            old_logp = _window([it.old_logp for it in mb], C)
+            ref_logp = _window([it.ref_logp for it in mb], C) if cfg.beta > 0 else None
+            is_w = grpo.tis_weights(old_logp, sampler_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
+            loss, st = grpo.policy_loss(
+                logp, old_logp, adv, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_level=cfg.ratio_level,
+                loss_agg=cfg.loss_agg, max_tokens=cfg.max_seq_len, normalizer=normalizer,
+                ref_logp_BT=ref_logp, beta=cfg.beta, kl_estimator=cfg.kl_estimator, is_weights_BT=is_w)
+            loss.backward()
+            n = float(mask.sum())
+            n_tokens += n
+            loss_sum += float(loss)
+            clip_sum += float(st["clip_ratio"]) * n
+            kl_sum += float(st["kl"]) * n
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        if epoch == 0:
+            stats.update({"loss/policy": loss_sum, "policy/clip_ratio": clip_sum / max(n_tokens, 1),
+                          "loss/kl": kl_sum / max(n_tokens, 1), "optim/grad_norm": float(norm)})
+    model.eval()
+    optimizer.zero_grad(set_to_none=True)
+    d = torch.cat(diffs) if diffs else torch.zeros(1)
+    stats["policy/entropy"] = ent_sum / max(ent_n, 1)
+    stats["sync/logprob_diff_mean"] = float(d.mean()) if d.numel() else 0.0
+    stats["sync/logprob_diff_max"] = float(d.max()) if d.numel() else 0.0
+    return stats
+
+
+def _window(parts: list[torch.Tensor | None], C: int) -> torch.Tensor:
+    """Right-align per-sequence vectors into a (B, C) tensor (zeros on the left)."""
+    out = torch.zeros((len(parts), C), dtype=torch.float32)
+    for b, p in enumerate(parts):
+        if p is not None and len(p):
+            out[b, C - len(p):] = p
+    return out
+
+
+__all__ = ["select_groups", "policy_update", "completion_logits"]
