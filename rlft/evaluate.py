@@ -30,8 +30,8 @@ async def evaluate(env: Environment, examples: list[dict[str, Any]], sampler: Sa
     groups = await env.run_groups(examples, sampler, k, max_concurrency=max_concurrency)
     metrics = group_metrics(groups, success_threshold)
     metrics["time/eval"] = time.perf_counter() - t0
-    metrics["eval/examples"] = float(len(examples))
-    metrics["eval/k"] = float(k)
+    metrics["examples"] = float(len(examples))
+    metrics["k"] = float(k)
     return metrics, groups
 
 

@@ -58,9 +58,13 @@ def lr_factor(cfg: TrainConfig):
     return f
 
 
-def train(config: TrainConfig | dict | str | None = None, *, env=None, dataset=None, resume: str | None = None,
-          **overrides: Any) -> str:
-    """Train a policy on an environment; returns the run id. See ``TrainConfig`` for the knobs."""
+def train(config: TrainConfig | dict | str | None = None, *, environment=None, dataset=None,
+          resume: str | None = None, **overrides: Any) -> str:
+    """Train a policy on an environment; returns the run id.
+
+    ``config``: a TrainConfig, a dict, or a TOML path; keyword overrides win (``steps=5``).
+    ``environment`` / ``dataset``: objects to use instead of the config's ``env`` / ``data``.
+    ``resume``: a run id (or name) to continue from its last checkpoint."""
     import torch
 
     from rlft.chat import Renderer
@@ -81,7 +85,7 @@ def train(config: TrainConfig | dict | str | None = None, *, env=None, dataset=N
         run_id = run["id"]
         cfg = _as_config(run["config"], {})
     seed_everything(cfg.seed)
-    module, env_source = None, ""
+    module, env_source, env = None, "", environment
     if env is None:
         env, module, env_source = load_environment(cfg.env)
     train_set, eval_set = load_data(cfg, module, dataset)
@@ -153,7 +157,7 @@ def train(config: TrainConfig | dict | str | None = None, *, env=None, dataset=N
             t_step = time.perf_counter()
             # -- 1. sample: G rollouts for each of the step's P prompts -------------------------
             examples = train_set.batch(step, cfg.batch_size, cfg.seed)
-            sampler.policy_version = getattr(engine, "policy_version", step)
+            sampler.policy_version = step
             t0 = time.perf_counter()
             groups = loop.run_until_complete(env.run_groups(examples, sampler, cfg.group_size,
                                                             max_concurrency=cfg.max_concurrency))
@@ -176,10 +180,10 @@ def train(config: TrainConfig | dict | str | None = None, *, env=None, dataset=N
                 refill += 1
             # -- 3. policy update on the sampled tokens -----------------------------------------
             t0 = time.perf_counter()
-            update = policy_update(policy, train_groups, cfg, optimizer)
-            scheduler.step()
-            if hasattr(engine, "policy_version"):
-                engine.policy_version = step + 1
+            with engine.paused():  # no forward pass of the engine while weights change
+                update = policy_update(policy, train_groups, cfg, optimizer)
+                scheduler.step()
+            engine.sync_weights(policy_version=step + 1)
             t_train = time.perf_counter() - t0
             # -- 4. record -----------------------------------------------------------------------
             sampled = sum(r.num_sampled_tokens for g in groups for r in g.rollouts)

@@ -114,6 +114,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
     stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "policy/clip_ratio": 0.0, "policy/entropy": 0.0,
                                "optim/grad_norm": 0.0, "batch/trained_sequences": float(len(items))}
     if not items or normalizer == 0:
+        optimizer.step()  # no gradients: a no-op that keeps the scheduler's step count honest
         return stats
     autocast = torch.autocast("cuda" if policy.device.type == "cuda" else "cpu", dtype=torch.bfloat16,
                               enabled=(not policy.is_lora and cfg.dtype == "bfloat16"))
