@@ -1,6 +1,39 @@
-"""rlft: reinforcement-learning finetuning of language models. The public API only."""
+"""rlft: reinforcement-learning finetuning of language models. The public API only.
 
+    from rlft import Environment, Reward, tool, train
+
+Heavy dependencies (torch, transformers, peft, mcp) load only when the object that needs them
+is used: importing rlft is cheap.
+"""
+
+from rlft.config import TrainConfig, load_config
+from rlft.data import Dataset, DatasetError, load_dataset
+from rlft.engines.base import Engine, Sample, SamplingParams
+from rlft.env import Environment, Sampler
+from rlft.rewards import Reward
+from rlft.tools import Tool, tool
 from rlft.types import Group, Message, Rollout, RolloutError, Termination, ToolCall
 
-__all__ = ["Group", "Message", "Rollout", "RolloutError", "Termination", "ToolCall"]
 __version__ = "0.1.0"
+
+
+def train(config=None, **kwargs):
+    """Train a policy (see ``rlft.train.train``); returns the run id."""
+    from rlft.train import train as _train
+
+    return _train(config, **kwargs)
+
+
+def __getattr__(name):  # lazy: MCPServer needs the optional `mcp` extra only when used
+    if name == "MCPServer":
+        from rlft.mcp import MCPServer
+
+        return MCPServer
+    raise AttributeError(f"module 'rlft' has no attribute {name!r}")
+
+
+__all__ = [
+    "Dataset", "DatasetError", "Engine", "Environment", "Group", "MCPServer", "Message", "Reward", "Rollout",
+    "RolloutError", "Sample", "Sampler", "SamplingParams", "Termination", "Tool", "ToolCall", "TrainConfig",
+    "load_config", "load_dataset", "tool", "train",
+]
