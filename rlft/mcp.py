@@ -1,0 +1,613 @@
+"""MCP servers as rlft tools, through the official ``mcp`` SDK (``pip install 'rlft[mcp]'``).
+
+What it does
+------------
+- ``MCPServer`` is a value that describes one server: a stdio server (``command``/``args``/
+  ``env``/``cwd``) or a streamable-HTTP one (``url``/``headers``). ``MCPServer.from_config``
+  reads the common ``{"mcpServers": {name: {...}}}`` style. ``tools=`` restricts which of the
+  server's tools are exposed; ``isolated=True`` tells the environment to open one server per
+  rollout (a private database, a scratch directory) instead of one shared by all rollouts.
+- ``async with server.connect() as conn:`` starts the server (stdio) or opens a session
+  (HTTP), runs the MCP handshake, lists the tools, and gives ``conn.tools``: ``rlft.tools.Tool``
+  values whose schemas are the server's ``inputSchema`` and whose names are the server's own
+  (no prefix). Calling a tool sends ``tools/call`` and returns its text content (non-text
+  content is described in a short bracket, e.g. ``[image image/png, 1234 bytes]``).
+- One connection serves any number of concurrent calls (requests are multiplexed by id), so
+  a shared server needs no lock and no pool: the environment opens a shared server once for
+  the run and an ``isolated`` one in each rollout's setup (closing it in teardown).
+- Failures: a result with ``isError`` or a JSON-RPC error raises ``MCPToolError`` carrying
+  the server's message (the rollout's tool message shows it and the rollout goes on); no
+  answer within ``timeout`` raises ``TimeoutError``; a connection that is gone (process
+  exited, HTTP server unreachable) raises ``rlft.tools.FatalToolError`` at once, never a
+  hang, so the rollout ends with ``Termination.TOOL_ERROR``. A server that fails to start
+  raises ``MCPConnectError`` from ``connect()`` with the tail of its stderr.
+
+Cleanup (the part that is easy to get wrong)
+--------------------------------------------
+- The SDK's transport and session live in one background task per connection that enters
+  and exits them itself. Anyio cancel scopes must be exited by the task that entered them,
+  and a crashing transport cancels its host task; keeping both inside our own task means a
+  dying server can neither cancel the caller's task nor break on exit from another task.
+- On exit of the ``async with`` (normally, by exception or by cancellation) the SDK (1.30)
+  closes the server's stdin, waits 2 s, then SIGTERMs and SIGKILLs its process group;
+  ``__aexit__`` waits for that even if cancelled again, because it is bounded and a
+  half-closed server is an orphan.
+- When the Python process is SIGKILLed no cleanup code runs. On Linux stdio servers are
+  therefore started through ``rlft/_mcp_launch.py``, which sets ``PR_SET_PDEATHSIG=SIGTERM``
+  and then execs the server (same PID, stdio and environment): the kernel signals the server
+  when its parent dies. See that file for the limits (parent *thread*, grandchildren).
+  Elsewhere the server is started directly and relies on the EOF of its stdin.
+- A server's stderr is captured, not passed through: FastMCP servers log a line per request,
+  which would bury training logs. Each line is logged at DEBUG on the ``rlft.mcp`` logger,
+  and the last few KB are quoted in startup and "server gone" errors.
+
+What it leaves out
+------------------
+- Only tools: no resources, prompts, sampling, elicitation or roots.
+- Transports: stdio and streamable HTTP only (no legacy SSE, no websocket); no OAuth flow
+  (put a token in ``headers``). With the SDK's HTTP transport an HTTP error status on any
+  request ends the connection (every later call raises ``FatalToolError``).
+- No reconnect or restart of a dead server: the environment decides whether to connect again.
+- A call cancelled by the caller (rollout timeout) is not forwarded to the server as
+  ``notifications/cancelled``; the server finishes it and the answer is dropped.
+- Like the SDK and other MCP clients, a stdio server gets only a safe part of our
+  environment (``HOME``, ``PATH``, ``USER``...) plus ``env``; pass what it needs.
+- A connection belongs to the event loop that opened it (no cross-thread use).
+
+``mcp`` is imported only when a connection is opened: ``import rlft`` and building
+``MCPServer`` values work without the extra installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
+
+from rlft.tools import FatalToolError, Tool
+
+__all__ = ["MCPConnectError", "MCPConnection", "MCPServer", "MCPToolError"]
+
+log = logging.getLogger(__name__)
+
+_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mcp_launch.py")
+_STDERR_TAIL_BYTES = 8192  # quoted in startup errors
+_FATAL_TAIL_CHARS = 1500  # quoted in FatalToolError: it is stored on every affected rollout
+_CONNECTION_CLOSED = -32000  # mcp.types.CONNECTION_CLOSED (not defined in every SDK version)
+_REQUEST_TIMEOUT = 408  # the code the SDK's send_request uses for a read timeout
+
+# Keys of the mcpServers config style that we understand, and keys other clients write that
+# have no meaning here (ignored rather than rejected, so a config copied from them loads).
+_CONFIG_KEYS = {"command", "args", "env", "cwd", "url", "headers", "isolated", "timeout", "tools"}
+_IGNORED_CONFIG_KEYS = {"autoApprove", "alwaysAllow", "description", "disabledTools"}
+_HTTP_TYPES = {"http", "streamable-http", "streamable_http", "streamableHttp"}
+
+
+class MCPConnectError(RuntimeError):
+    """The server could not be started or did not complete the MCP handshake."""
+
+
+class MCPToolError(RuntimeError):
+    """The server answered a tool call with an error (``isError`` or a JSON-RPC error)."""
+
+
+@dataclass(frozen=True)
+class MCPServer:
+    """How to reach one MCP server: stdio (``command``, ``args``, ``env``, ``cwd``) or
+    streamable HTTP (``url``, ``headers``).
+
+    ``name`` labels errors and logs (default: the command's or host's name). ``isolated``:
+    the environment should open one connection (so, for stdio, one server process) per
+    rollout instead of one shared by all. ``timeout``: seconds allowed for the handshake and
+    for each tool call. ``tools``: expose only these tool names (an unknown one fails
+    ``connect()``, so a typo does not silently drop a tool).
+    """
+
+    command: str | None = None
+    args: Sequence[str] = ()
+    env: Mapping[str, str] | None = None
+    cwd: str | os.PathLike[str] | None = None
+    url: str | None = None
+    headers: Mapping[str, str] | None = None
+    name: str | None = None
+    isolated: bool = False
+    timeout: float = 30.0
+    tools: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("MCPServer needs exactly one of command= (stdio) or url= (streamable HTTP)")
+        if isinstance(self.args, str) or isinstance(self.tools, str):
+            raise TypeError("MCPServer args= and tools= are lists of strings, not one string")
+        if self.url is not None and (self.args or self.env is not None or self.cwd is not None):
+            raise ValueError("MCPServer args=, env= and cwd= apply to stdio servers, not to url=")
+        if self.command is not None and self.headers is not None:
+            raise ValueError("MCPServer headers= applies to url= servers, not to stdio")
+        if not self.timeout > 0:
+            raise ValueError(f"MCPServer timeout must be > 0, got {self.timeout!r}")
+        # Normalised copies: the value must not change when the caller's list/dict does.
+        set_ = object.__setattr__
+        set_(self, "args", tuple(str(a) for a in self.args))
+        if self.tools is not None:
+            set_(self, "tools", tuple(self.tools))
+        if self.env is not None:
+            set_(self, "env", {str(k): str(v) for k, v in self.env.items()})
+        if self.headers is not None:
+            set_(self, "headers", {str(k): str(v) for k, v in self.headers.items()})
+        if self.name is None:
+            default = os.path.basename(self.command) if self.command else urlsplit(self.url).netloc or self.url
+            set_(self, "name", default)
+
+    def __hash__(self) -> int:  # env/headers are dicts; hash their items so servers can key a dict
+        return hash((self.command, self.args, _items(self.env), self.cwd and os.fspath(self.cwd), self.url,
+                     _items(self.headers), self.name, self.isolated, self.timeout, self.tools))
+
+    @property
+    def transport(self) -> str:
+        return "stdio" if self.command is not None else "http"
+
+    def describe(self) -> str:
+        """The command line or URL, for messages."""
+        if self.command is not None:
+            import shlex
+
+            return shlex.join([self.command, *self.args])
+        return str(self.url)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | os.PathLike[str], **defaults: Any) -> list[MCPServer]:
+        """Servers from the common config style: ``{"mcpServers": {name: {"command": ..., "args":
+        [...], "env": {...}}}}`` or the inner mapping alone, or a path to such a JSON file.
+
+        Entries may also use ``url``/``headers`` (streamable HTTP), ``cwd``, and rlft's
+        ``isolated``/``timeout``/``tools``; ``"disabled": true`` skips an entry. ``defaults``
+        apply to every entry that does not set the field (e.g. ``isolated=True``).
+        """
+        if isinstance(config, (str, os.PathLike)):
+            with open(config, encoding="utf-8") as f:
+                config = json.load(f)
+        if not isinstance(config, Mapping):
+            raise TypeError(f"MCP config must be a mapping, got {type(config).__name__}")
+        servers = config["mcpServers"] if "mcpServers" in config else config
+        out = []
+        for name, entry in servers.items():
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"MCP server {name!r}: config entry must be a mapping, got {type(entry).__name__}")
+            entry = dict(entry)
+            if entry.pop("disabled", False):
+                continue
+            kind = entry.pop("type", None) or entry.pop("transport", None)
+            if kind is not None and kind != "stdio" and kind not in _HTTP_TYPES:
+                raise ValueError(f"MCP server {name!r}: transport {kind!r} is not supported "
+                                 "(stdio and streamable HTTP are)")
+            for key in _IGNORED_CONFIG_KEYS:
+                entry.pop(key, None)
+            unknown = sorted(set(entry) - _CONFIG_KEYS)
+            if unknown:
+                raise ValueError(f"MCP server {name!r}: unknown config key(s) {unknown}; known: {sorted(_CONFIG_KEYS)}")
+            out.append(cls(name=str(name), **{**defaults, **entry}))
+        return out
+
+    def connect(self) -> MCPConnection:
+        """A new connection; use it as ``async with server.connect() as conn: conn.tools``.
+        Each call starts a new server process (stdio) or a new MCP session (HTTP)."""
+        return MCPConnection(self)
+
+
+class MCPConnection:
+    """One live MCP session with one server. ``tools`` is filled on entering ``async with``.
+
+    Safe for concurrent calls from many tasks of the loop that opened it.
+    """
+
+    def __init__(self, server: MCPServer) -> None:
+        self.server = server
+        self.tools: list[Tool] = []
+        self._session: Any = None
+        self._owner: asyncio.Task[None] | None = None
+        self._closed: asyncio.Event | None = None  # set once no call can succeed any more
+        self._reason = ""
+        self._stderr = _StderrTail(server.name or "mcp")
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def __aenter__(self) -> MCPConnection:
+        if self._owner is not None:
+            raise RuntimeError("an MCPConnection can be entered only once; call server.connect() again")
+        _require_mcp()
+        self._closed = asyncio.Event()
+        ready: asyncio.Future[list[Tool]] = asyncio.get_running_loop().create_future()
+        ready.add_done_callback(_consume_exception)  # unread when we were cancelled meanwhile
+        self._owner = asyncio.create_task(self._serve(ready), name=f"rlft.mcp:{self.server.name}")
+        try:
+            self.tools = await asyncio.shield(ready)
+        except asyncio.CancelledError:
+            # Cancelled while starting: the owner may be blocked in the handshake; stop it now.
+            self._mark_closed("the connection was cancelled while starting")
+            await self._wait_owner(cancel=True)
+            raise
+        except BaseException:
+            await self._wait_owner()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session and stop the server (stdio). Idempotent."""
+        if self._owner is None:
+            return
+        self._mark_closed("the connection was closed")
+        await self._wait_owner()
+
+    @property
+    def closed(self) -> bool:
+        """True once calls can no longer succeed (closed by us, or the server is gone)."""
+        return self._closed is not None and self._closed.is_set()
+
+    # -- calls ---------------------------------------------------------------------------
+    async def call_tool(self, name: str, arguments: Mapping[str, Any] | None = None) -> str:
+        """Call one tool and return its text. Raises ``MCPToolError`` (the server's message),
+        ``TimeoutError`` (no answer within ``server.timeout``) or ``FatalToolError`` (gone)."""
+        from mcp.shared.exceptions import McpError
+
+        if self._session is None or self._closed is None:
+            raise RuntimeError("MCP connection not open: use `async with server.connect() as conn`")
+        if self._closed.is_set():
+            raise FatalToolError(self._gone_message(name))
+        call = asyncio.ensure_future(self._session.call_tool(name, dict(arguments or {})))
+        call.add_done_callback(_consume_exception)  # a call we abandon must not warn later
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            # Race the answer against the connection's end: when the SDK transport crashes its
+            # pending requests are not always answered, and waiting on them would hang.
+            await asyncio.wait({call, closed}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller was cancelled (rollout timeout): drop the call
+            call.cancel()
+            raise
+        finally:
+            closed.cancel()
+        if not call.done():
+            call.cancel()
+            raise FatalToolError(self._gone_message(name))
+        try:
+            result = call.result()
+        except McpError as exc:
+            code = getattr(exc.error, "code", None)
+            if code == _CONNECTION_CLOSED or self._closed.is_set():
+                raise FatalToolError(self._gone_message(name)) from exc
+            if code == _REQUEST_TIMEOUT:
+                raise TimeoutError(f"MCP tool {name!r} on server {self.server.name!r} did not answer "
+                                   f"within {self.server.timeout:g}s") from exc
+            raise MCPToolError(exc.error.message) from exc
+        except Exception as exc:
+            if self._closed.is_set() or _is_closed_stream_error(exc):
+                raise FatalToolError(self._gone_message(name)) from exc
+            raise
+        text = _result_text(result)
+        if result.isError:
+            raise MCPToolError(text or f"tool {name!r} reported an error without a message")
+        return text
+
+    def _make_tool(self, spec: Any) -> Tool:
+        name = spec.name
+
+        async def call(**arguments: Any) -> str:
+            return await self.call_tool(name, arguments)
+
+        parameters = dict(spec.inputSchema or {})
+        parameters.setdefault("type", "object")
+        if parameters["type"] == "object":
+            parameters.setdefault("properties", {})
+        meta: dict[str, Any] = {"mcp_server": self.server.name}
+        annotations = getattr(spec, "annotations", None)
+        if annotations is not None:
+            meta["mcp_annotations"] = annotations.model_dump(exclude_none=True)
+        return Tool(name=name, description=spec.description or "", parameters=parameters, fn=call,
+                    timeout=self.server.timeout, meta=meta)
+
+    # -- the owner task --------------------------------------------------------------------
+    async def _serve(self, ready: asyncio.Future[list[Tool]]) -> None:
+        """Own the transport and session for the connection's whole life (see module doc)."""
+        failure: BaseException | None = None
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                read, write = await self._open_transport(stack)
+                read = self._watch_end(stack, read)
+                session = await stack.enter_async_context(self._new_session(read, write))
+                await session.initialize()
+                tools = await self._list_tools(session)
+                self._session = session
+                if not ready.done():
+                    ready.set_result(tools)
+                await self._closed.wait()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # CancelledError and exception groups included: we report them
+            failure = exc
+        finally:
+            if failure is not None:
+                self._mark_closed(_describe(failure))
+            self._mark_closed("the connection ended")
+            if not ready.done():
+                await self._stderr.wait_eof(0.5)  # the server's last words explain most failures
+                if failure is None:
+                    what = "closed before it was ready"
+                elif any(getattr(getattr(e, "error", None), "code", None) == _REQUEST_TIMEOUT
+                         for e in _leaves(failure)):
+                    what = f"no answer to the MCP handshake within {self.server.timeout:g}s"
+                else:
+                    what = _describe(failure)
+                ready.set_exception(MCPConnectError(self._message(f"failed to start: {what}", _STDERR_TAIL_BYTES)))
+            self._stderr.close()
+
+    async def _open_transport(self, stack: contextlib.AsyncExitStack) -> tuple[Any, Any]:
+        s = self.server
+        if s.command is not None:
+            from mcp.client.stdio import StdioServerParameters, stdio_client
+
+            command, args = s.command, list(s.args)
+            if sys.platform.startswith("linux") and sys.executable:
+                args = ["-I", "-S", _LAUNCHER, "--parent", str(os.getpid()), "--", command, *args]
+                command = sys.executable
+            params = StdioServerParameters(command=command, args=args, env=s.env, cwd=s.cwd)
+            errlog = await self._stderr.open()
+            try:
+                read, write = await stack.enter_async_context(stdio_client(params, errlog=errlog))
+            finally:
+                self._stderr.child_started()
+            return read, write
+
+        import httpx
+
+        try:
+            from mcp.client.streamable_http import streamable_http_client
+        except ImportError:  # older mcp releases have only the older spelling
+            from mcp.client.streamable_http import streamablehttp_client
+
+            read, write, _ = await stack.enter_async_context(
+                streamablehttp_client(s.url, headers=s.headers, timeout=s.timeout,
+                                      sse_read_timeout=max(300.0, s.timeout + 30)))
+            return read, write
+        # The httpx read timeout must outlast our per-call timeout: a slow tool that trips it
+        # would crash the SDK transport and with it the whole (possibly shared) connection.
+        client = await stack.enter_async_context(httpx.AsyncClient(
+            headers=s.headers, timeout=httpx.Timeout(s.timeout, read=max(300.0, s.timeout + 30))))
+        read, write, _ = await stack.enter_async_context(streamable_http_client(s.url, http_client=client))
+        return read, write
+
+    def _watch_end(self, stack: contextlib.AsyncExitStack, read: Any) -> Any:
+        """Relay the transport's incoming messages to the session, and notice when they end
+        (stdio: the server exited), so calls fail at once instead of after a timeout."""
+        import anyio
+
+        send, recv = anyio.create_memory_object_stream(0)
+
+        async def relay() -> None:
+            try:
+                async with send:
+                    async for item in read:
+                        await send.send(item)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+            finally:
+                self._mark_closed("the server closed the connection (its process exited)"
+                                  if self.server.command is not None else "the server closed the connection")
+
+        task = asyncio.create_task(relay(), name=f"rlft.mcp.relay:{self.server.name}")
+
+        async def stop_relay() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        stack.push_async_callback(stop_relay)
+        return recv
+
+    def _new_session(self, read: Any, write: Any) -> Any:
+        from mcp import ClientSession, types
+
+        try:
+            from rlft import __version__ as version
+        except ImportError:
+            version = "0"
+        return ClientSession(read, write, read_timeout_seconds=timedelta(seconds=self.server.timeout),
+                             client_info=types.Implementation(name="rlft", version=version))
+
+    async def _list_tools(self, session: Any) -> list[Tool]:
+        specs, cursor = [], None
+        while True:
+            page = await session.list_tools(cursor) if cursor else await session.list_tools()
+            specs.extend(page.tools)
+            cursor = page.nextCursor
+            if not cursor:
+                break
+        if self.server.tools is not None:
+            offered = [t.name for t in specs]
+            missing = [n for n in self.server.tools if n not in offered]
+            if missing:
+                raise MCPConnectError(f"no tool(s) named {missing}; it offers {offered}")
+            specs = [t for t in specs if t.name in self.server.tools]
+        return [self._make_tool(t) for t in specs]
+
+    async def _wait_owner(self, cancel: bool = False) -> None:
+        owner = self._owner
+        assert owner is not None
+        if cancel:
+            owner.cancel()
+        cancelled = False
+        while not owner.done():
+            try:
+                await asyncio.shield(owner)
+            except asyncio.CancelledError:
+                # Cancelled again while cleaning up: finish anyway. It is bounded (the SDK
+                # escalates to SIGKILL within ~4 s) and giving up here leaves an orphan.
+                cancelled = cancelled or not owner.done()
+            except BaseException:
+                break
+        if cancelled:
+            raise asyncio.CancelledError()
+
+    # -- messages --------------------------------------------------------------------------
+    def _mark_closed(self, reason: str) -> None:
+        if self._closed is not None and not self._closed.is_set():
+            self._reason = reason
+            self._closed.set()
+
+    def _message(self, what: str, tail_chars: int) -> str:
+        msg = f"MCP server {self.server.name!r} ({self.server.describe()}) {what}"
+        tail = self._stderr.text()[-tail_chars:].strip()
+        if tail:
+            msg += f"\n--- end of its stderr ---\n{tail}"
+        return msg
+
+    def _gone_message(self, tool: str) -> str:
+        return self._message(f"is gone, cannot call {tool!r}: {self._reason or 'connection closed'}", _FATAL_TAIL_CHARS)
+
+
+class _StderrTail:
+    """The read end of a stdio server's stderr pipe: logs each line at DEBUG and keeps the
+    last few KB for error messages. POSIX only; elsewhere the server writes to our stderr."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._tail = bytearray()
+        self._partial = b""
+        self._child_fd: int | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        self._eof: asyncio.Event | None = None
+
+    async def open(self) -> Any:
+        if os.name != "posix":
+            return sys.stderr
+        r, w = os.pipe()
+        self._child_fd = w
+        self._eof = asyncio.Event()
+        try:
+            self._transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: _StderrProtocol(self), os.fdopen(r, "rb", buffering=0))
+        except BaseException:
+            os.close(r)
+            self.child_started()
+            raise
+        return w  # subprocess accepts a file descriptor for stderr
+
+    def child_started(self) -> None:
+        """Close our copy of the write end, so the pipe ends when the server does."""
+        if self._child_fd is not None:
+            os.close(self._child_fd)
+            self._child_fd = None
+
+    def feed(self, data: bytes) -> None:
+        self._tail += data
+        del self._tail[:-_STDERR_TAIL_BYTES]
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > _STDERR_TAIL_BYTES:
+            lines.append(self._partial)
+            self._partial = b""
+        if log.isEnabledFor(logging.DEBUG):
+            for line in lines:
+                log.debug("[mcp %s] %s", self._name, line.decode("utf-8", "replace").rstrip())
+
+    def eof(self) -> None:
+        if self._eof is not None:
+            self._eof.set()
+
+    async def wait_eof(self, timeout: float) -> None:
+        if self._eof is not None and self._transport is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._eof.wait(), timeout)
+
+    def text(self) -> str:
+        return self._tail.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self.child_started()
+        if self._transport is not None:
+            self._transport.close()
+
+
+class _StderrProtocol(asyncio.Protocol):
+    def __init__(self, sink: _StderrTail) -> None:
+        self._sink = sink
+
+    def data_received(self, data: bytes) -> None:
+        self._sink.feed(data)
+
+    def eof_received(self) -> bool | None:
+        self._sink.eof()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._sink.eof()
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _require_mcp() -> None:
+    try:
+        import mcp  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("MCP servers need the `mcp` package: pip install 'rlft[mcp]'") from exc
+
+
+def _items(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...] | None:
+    return None if mapping is None else tuple(sorted(mapping.items()))
+
+
+def _result_text(result: Any) -> str:
+    """The text of a CallToolResult: text blocks joined by newlines, other blocks described."""
+    parts: list[str] = []
+    for block in result.content or ():
+        kind = getattr(block, "type", None)
+        if kind == "text":
+            parts.append(block.text)
+        elif kind in ("image", "audio"):
+            size = len(block.data) * 3 // 4  # base64
+            parts.append(f"[{kind} {block.mimeType}, {size} bytes]")
+        elif kind == "resource_link":
+            parts.append(f"[resource link {block.uri}]")
+        elif kind == "resource":
+            res = block.resource
+            text = getattr(res, "text", None)
+            parts.append(text if text is not None else f"[resource {res.uri}, {res.mimeType or 'binary'}]")
+        else:
+            parts.append(f"[{kind} content]")
+    structured = getattr(result, "structuredContent", None)
+    if not parts and structured is not None:
+        parts.append(json.dumps(structured, ensure_ascii=False))
+    return "\n".join(parts)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    inner = getattr(exc, "exceptions", None)  # (Base)ExceptionGroup, also the 3.10 backport
+    if inner:
+        for e in inner:
+            yield from _leaves(e)
+    else:
+        yield exc
+
+
+def _describe(exc: BaseException) -> str:
+    leaves = list(_leaves(exc))
+    real = [e for e in leaves if not isinstance(e, asyncio.CancelledError)] or leaves
+    return "; ".join(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__ for e in real)
+
+
+def _is_closed_stream_error(exc: BaseException) -> bool:
+    try:
+        import anyio
+    except ImportError:
+        return False
+    return isinstance(exc, (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream,
+                            BrokenPipeError, ConnectionError))
+
+
+def _consume_exception(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
