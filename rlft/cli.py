@@ -115,10 +115,7 @@ def _config(args):
 def cmd_train(args) -> int:
     from rlft.train import train
 
-    if args.resume:
-        run_id = train(resume=args.resume)
-    else:
-        run_id = train(_config(args))
+    run_id = train(_config(args), resume=args.resume)  # resuming: the run's saved config wins
     print(f"run {run_id} finished; inspect it with `rlft runs show {run_id}`")
     return 0
 

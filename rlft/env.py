@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import time
 from dataclasses import dataclass, field, replace
@@ -227,9 +228,11 @@ class Environment:
                 return
             turn_limit = min(budget, self.max_tokens_per_turn or budget)
             n = min(turn_limit, room)
+            params = replace(sampler.params, max_new_tokens=n)
+            if params.seed is not None:  # distinct, reproducible randomness per rollout and turn
+                params.seed = derive_seed(params.seed, ro.example_id, ro.group_index, ro.turns)
             try:
-                sample = await sampler.engine.generate(ro.prompt_ids + ro.completion_ids,
-                                                       replace(sampler.params, max_new_tokens=n))
+                sample = await sampler.engine.generate(ro.prompt_ids + ro.completion_ids, params)
             except Exception as e:  # noqa: BLE001
                 ro.record_error("model", e)
                 ro.termination = Termination.MODEL_ERROR
@@ -275,6 +278,12 @@ class Environment:
 
         async with self.session():
             return list(await asyncio.gather(*(group(ex, eid) for ex, eid in zip(examples, ids))))
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts, the same on every platform and Python version."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def _err(where: str, message: str) -> RolloutError:

@@ -17,7 +17,7 @@ import math
 import random
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     from rlft.chat import Renderer
     from rlft.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
     from rlft.engines.base import SamplingParams
-    from rlft.env import Sampler
+    from rlft.env import Sampler, derive_seed
     from rlft.evaluate import evaluate, format_transcript, signal_report, validate
     from rlft.loader import load_data, load_environment
     from rlft.policy import LoraSpec, load_policy
@@ -132,6 +132,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 return None
             examples = list(eval_set)[: cfg.eval_max_examples or None]
             sampler.policy_version = at_step
+            sampler.params = replace(params, seed=derive_seed(cfg.seed, "eval", at_step))
             metrics, groups = loop.run_until_complete(evaluate(
                 env, examples, sampler, k=cfg.eval_k, temperature=cfg.eval_temperature,
                 success_threshold=cfg.success_threshold, max_concurrency=cfg.max_concurrency))
@@ -158,6 +159,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             # -- 1. sample: G rollouts for each of the step's P prompts -------------------------
             examples = train_set.batch(step, cfg.batch_size, cfg.seed)
             sampler.policy_version = step
+            sampler.params = replace(params, seed=derive_seed(cfg.seed, "train", step))
             t0 = time.perf_counter()
             groups = loop.run_until_complete(env.run_groups(examples, sampler, cfg.group_size,
                                                             max_concurrency=cfg.max_concurrency))

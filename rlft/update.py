@@ -156,7 +156,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
             loss.backward()
             n = float(mask.sum())
             n_tokens += n
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             clip_sum += float(st["clip_ratio"]) * n
             kl_sum += float(st["kl"]) * n
         params = [p for p in model.parameters() if p.requires_grad]
