@@ -1,0 +1,112 @@
+"""The command line end to end on a tiny model: config, validate, train, runs, eval, export."""
+
+import json
+import textwrap
+
+import pytest
+
+from rlft.cli import main
+from rlft.store import RunStore
+
+ENV = textwrap.dedent('''
+    from rlft.env import Environment
+
+    def variety(ro):
+        return len(set(ro.completion)) / 16
+
+    def broken(ro):
+        raise ZeroDivisionError("reward bug on purpose")
+
+    env = Environment(system_prompt="Say something.", rewards=[variety], max_tokens=10)
+    bad_env = Environment(rewards=[broken], max_tokens=10)
+    dataset = [{"prompt": f"write {i}", "ground_truth": str(i)} for i in range(30)]
+''')
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from rlft.testing_models import save_tiny_model
+
+    d = tmp_path_factory.mktemp("cli")
+    save_tiny_model(str(d / "model"))
+    (d / "env.py").write_text(ENV)
+    (d / "config.toml").write_text(textwrap.dedent(f'''
+        env = "env.py"
+        model = "{d / 'model'}"
+        dtype = "float32"
+        runs_dir = "{d / 'runs'}"
+        steps = 2
+        batch_size = 2
+        group_size = 4
+        eval_size = 4
+        eval_k = 2
+        progress = false
+    '''))
+    return d
+
+
+def test_config_list_documents_every_key(capsys):
+    from rlft.config import FIELDS
+
+    assert main(["config", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(k in out for k in FIELDS)
+
+
+def test_unknown_config_key_exits_2_naming_the_closest_key(project, capsys):
+    assert main(["validate", str(project / "config.toml"), "--set", "group_sise=4"]) == 2
+    assert "Did you mean 'group_size'" in capsys.readouterr().err
+
+
+def test_validate_prints_transcripts_and_passes(project, capsys):
+    assert main(["validate", str(project / "config.toml")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- rollout") == 2 and "[user] write" in out and "validation passed" in out
+
+
+def test_validate_fails_with_the_reward_traceback(project, capsys):
+    code = main(["validate", str(project / "config.toml"), "--set", f"env={project / 'env.py'}:bad_env"])
+    out = capsys.readouterr().out
+    assert code == 1 and "ZeroDivisionError: reward bug on purpose" in out and "Traceback" in out
+
+
+def test_validate_signal_reports_base_reward_and_tied_groups(project, capsys):
+    assert main(["validate", str(project / "config.toml"), "--signal", "--prompts", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 <= report["zero_variance_share"] <= 1 and "pass@k" in report["metrics"]
+
+
+def test_train_then_inspect_eval_and_export(project, capsys, tmp_path):
+    assert main(["train", str(project / "config.toml"), "--set", "run_name=cli-run"]) == 0
+    capsys.readouterr()
+    runs = str(project / "runs")
+    assert main(["runs", "list", "--runs", runs, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    run = next(r for r in listed if r["name"] == "cli-run")
+    assert run["status"] == "completed" and run["step"] == 2
+    assert main(["runs", "metrics", "cli-run", "--runs", runs, "--json"]) == 0
+    assert [s for s, _ in json.loads(capsys.readouterr().out)["reward/mean"]] == [1, 2]
+    assert main(["runs", "rollouts", "cli-run", "--runs", runs, "--step", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 8
+    assert main(["runs", "show", "cli-run", "--runs", runs]) == 0
+    assert "completed at step 2" in capsys.readouterr().out
+    assert main(["eval", str(project / "config.toml"), "--run", "cli-run", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["model"].endswith(":2") and ev["k"] == 2 and "pass@k" in ev["metrics"]
+    out = tmp_path / "exported"
+    assert main(["export", "cli-run", "--runs", runs, "--merge", str(out)]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    ids = tok("hello", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+def test_failed_run_records_reason_and_traceback(project, capsys):
+    with pytest.raises(RuntimeError, match="validation failed"):
+        main(["train", str(project / "config.toml"), "--set", f"env={project / 'env.py'}:bad_env", "--set", "run_name=doomed"])
+    store = RunStore(project / "runs", readonly=True)
+    run = store.get_run("doomed")
+    assert run["status"] == "failed" and "validation failed" in run["error"] and "ZeroDivisionError" in run["traceback"]
+    assert main(["runs", "show", "doomed", "--runs", str(project / "runs")]) == 0
+    assert "FAILED" in capsys.readouterr().out
