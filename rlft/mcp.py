@@ -85,7 +85,7 @@ _REQUEST_TIMEOUT = 408  # the code the SDK's send_request uses for a read timeou
 
 # Keys of the mcpServers config style that we understand, and keys other clients write that
 # have no meaning here (ignored rather than rejected, so a config copied from them loads).
-_CONFIG_KEYS = {"command", "args", "env", "cwd", "url", "headers", "isolated", "timeout", "tools"}
+_CONFIG_KEYS = {"command", "args", "env", "cwd", "url", "headers", "isolated", "timeout", "tools", "startup_timeout"}
 _IGNORED_CONFIG_KEYS = {"autoApprove", "alwaysAllow", "description", "disabledTools"}
 _HTTP_TYPES = {"http", "streamable-http", "streamable_http", "streamableHttp"}
 
@@ -105,8 +105,9 @@ class MCPServer:
 
     ``name`` labels errors and logs (default: the command's or host's name). ``isolated``:
     the environment should open one connection (so, for stdio, one server process) per
-    rollout instead of one shared by all. ``timeout``: seconds allowed for the handshake and
-    for each tool call. ``tools``: expose only these tool names (an unknown one fails
+    rollout instead of one shared by all. ``timeout``: seconds allowed for each tool call;
+    ``startup_timeout``: for the start-up handshake (a server starting on a loaded machine can
+    be slow; at least ``timeout``). ``tools``: expose only these tool names (an unknown one fails
     ``connect()``, so a typo does not silently drop a tool).
     """
 
@@ -120,6 +121,7 @@ class MCPServer:
     isolated: bool = False
     timeout: float = 30.0
     tools: Sequence[str] | None = None
+    startup_timeout: float = 20.0
 
     def __post_init__(self) -> None:
         if (self.command is None) == (self.url is None):
@@ -147,7 +149,7 @@ class MCPServer:
 
     def __hash__(self) -> int:  # env/headers are dicts; hash their items so servers can key a dict
         return hash((self.command, self.args, _items(self.env), self.cwd and os.fspath(self.cwd), self.url,
-                     _items(self.headers), self.name, self.isolated, self.timeout, self.tools))
+                     _items(self.headers), self.name, self.isolated, self.timeout, self.tools, self.startup_timeout))
 
     @property
     def transport(self) -> str:
@@ -262,7 +264,8 @@ class MCPConnection:
             raise RuntimeError("MCP connection not open: use `async with server.connect() as conn`")
         if self._closed.is_set():
             raise FatalToolError(self._gone_message(name))
-        call = asyncio.ensure_future(self._session.call_tool(name, dict(arguments or {})))
+        call = asyncio.ensure_future(self._session.call_tool(
+            name, dict(arguments or {}), read_timeout_seconds=timedelta(seconds=self.server.timeout)))
         call.add_done_callback(_consume_exception)  # a call we abandon must not warn later
         closed = asyncio.ensure_future(self._closed.wait())
         try:
@@ -342,7 +345,7 @@ class MCPConnection:
                     what = "closed before it was ready"
                 elif any(getattr(getattr(e, "error", None), "code", None) == _REQUEST_TIMEOUT
                          for e in _leaves(failure)):
-                    what = f"no answer to the MCP handshake within {self.server.timeout:g}s"
+                    what = f"no answer to the MCP handshake within {max(self.server.timeout, self.server.startup_timeout):g}s"
                 else:
                     what = _describe(failure)
                 ready.set_exception(MCPConnectError(self._message(f"failed to start: {what}", _STDERR_TAIL_BYTES)))
@@ -417,7 +420,10 @@ class MCPConnection:
             from rlft import __version__ as version
         except ImportError:
             version = "0"
-        return ClientSession(read, write, read_timeout_seconds=timedelta(seconds=self.server.timeout),
+        # The handshake gets startup_timeout (a server starting on a loaded machine is slow);
+        # each tool call gets exactly server.timeout (passed per request).
+        startup = max(self.server.timeout, self.server.startup_timeout)
+        return ClientSession(read, write, read_timeout_seconds=timedelta(seconds=startup),
                              client_info=types.Implementation(name="rlft", version=version))
 
     async def _list_tools(self, session: Any) -> list[Tool]:

@@ -16,30 +16,48 @@ Message = dict[str, Any]
 
 
 class Termination(str, Enum):
-    """Why a rollout ended. Set on every rollout; stored and shown in the console."""
+    """Why a rollout ended. Set on every rollout; stored and shown in the console. Each member's
+    ``__doc__`` says what it means (``rlft validate`` and the console print it)."""
 
-    FINISHED = "finished"
-    """The model produced a final answer (an assistant turn with no tool call)."""
-    MAX_TURNS = "max_turns"
-    """The environment's ``max_turns`` assistant turns were used up."""
-    MAX_TOOL_CALLS = "max_tool_calls"
-    """The model asked for more tool calls than ``max_tool_calls`` allows."""
-    LENGTH = "length"
-    """A generation hit its token limit (``max_tokens`` per rollout) before ending its turn: truncated."""
-    CONTEXT_EXCEEDED = "context_exceeded"
-    """The conversation no longer fits the model's context window (``max_seq_len``)."""
-    TOOL_ERROR = "tool_error"
-    """A tool failed in a way the rollout cannot continue from (e.g. its MCP server died)."""
-    REWARD_ERROR = "reward_error"
-    """A reward function raised, timed out or returned a non-finite value (that component scores 0)."""
-    SETUP_ERROR = "setup_error"
-    """The environment's per-rollout ``setup`` raised; the model was never called."""
-    MODEL_ERROR = "model_error"
-    """The engine failed to generate (exception, malformed output it could not recover from)."""
-    TIMEOUT = "timeout"
-    """The whole rollout exceeded its wall-clock budget (``rollout_timeout``)."""
-    ERROR = "error"
-    """Any other exception in the environment's own code (a custom ``step``, ``teardown``...)."""
+    def __new__(cls, value: str, doc: str):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.__doc__ = doc
+        return member
+
+    FINISHED = "finished", (
+        "The model produced a final answer (an assistant turn with no tool call)."
+    )
+    MAX_TURNS = "max_turns", (
+        "The environment's ``max_turns`` assistant turns were used up."
+    )
+    MAX_TOOL_CALLS = "max_tool_calls", (
+        "The model asked for more tool calls than ``max_tool_calls`` allows."
+    )
+    LENGTH = "length", (
+        "A generation hit its token limit (``max_tokens`` per rollout) before ending its turn: truncated."
+    )
+    CONTEXT_EXCEEDED = "context_exceeded", (
+        "The conversation no longer fits the model's context window (``max_seq_len``)."
+    )
+    TOOL_ERROR = "tool_error", (
+        "A tool failed in a way the rollout cannot continue from (e.g. its MCP server died)."
+    )
+    REWARD_ERROR = "reward_error", (
+        "A reward function raised, timed out or returned a non-finite value (that component scores 0)."
+    )
+    SETUP_ERROR = "setup_error", (
+        "The environment's per-rollout ``setup`` raised; the model was never called."
+    )
+    MODEL_ERROR = "model_error", (
+        "The engine failed to generate (exception, malformed output it could not recover from)."
+    )
+    TIMEOUT = "timeout", (
+        "The whole rollout exceeded its wall-clock budget (``rollout_timeout``)."
+    )
+    ERROR = "error", (
+        "Any other exception in the environment's own code (a custom ``step``, ``teardown``...)."
+    )
 
     def __str__(self) -> str:  # so f-strings print "finished", not "Termination.FINISHED"
         return self.value

@@ -360,7 +360,7 @@ def test_server_that_fails_to_start_raises_with_its_stderr():
 def test_server_that_never_answers_times_out_at_start_and_is_stopped(tmp_path):
     pid_file = tmp_path / "pid"
     code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
-    server = MCPServer(command=sys.executable, args=["-c", code], name="mute", timeout=0.5)
+    server = MCPServer(command=sys.executable, args=["-c", code], name="mute", timeout=0.5, startup_timeout=0.5)
 
     async def main():
         with pytest.raises(MCPConnectError, match="'mute'.*no answer to the MCP handshake within 0.5s"):
