@@ -1,0 +1,420 @@
+"""``rlft serve``: an OpenAI-compatible HTTP server for a base model or any checkpoint of a run.
+
+Routes (FastAPI + uvicorn; names, loading and the request/sample translation: :mod:`rlft.serve_models`):
+
+- ``GET /v1/models`` (and ``/v1/models/{name}``): the base model (named as given),
+  ``ft:<base>:<run>:<step>`` and ``ft:<base>:<run>:latest`` for the run store's checkpoints (new
+  ones appear without a restart), and registered adapters.
+- ``POST /v1/chat/completions``: ``messages`` (assistant ``tool_calls``, ``tool`` messages; text
+  content parts; ``developer`` = ``system``), ``tools``, ``tool_choice``, ``stream`` (SSE chunks,
+  ``stream_options.include_usage``, ends with ``data: [DONE]``), ``n``, ``temperature``,
+  ``top_p``, ``top_k`` (vLLM's), ``max_tokens`` / ``max_completion_tokens``, ``stop`` (cut from the
+  text), ``seed`` (choice ``i`` uses ``seed + i``), ``logprobs``; ``usage`` in every response.
+  Tool calls come back OpenAI-style (``finish_reason: "tool_calls"``, ``arguments`` a JSON string).
+  The ``model`` of a response is the concrete name that answered (``...:latest`` -> ``...:<step>``).
+- ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}`` and ``/v1/unload_lora_adapter``
+  ``{"lora_name"}`` (vLLM's routes): serve a LoRA adapter directory under a name (an rlft
+  checkpoint loads on its recorded base, a plain peft adapter on the served base).
+- ``GET /health``. With ``api_key``, every ``/v1`` route needs ``Authorization: Bearer <key>``.
+
+Extension (vLLM's names): ``"return_token_ids": true`` in the body adds ``prompt_token_ids`` (the
+rendered prompt) to the response and ``token_ids`` to every choice: the exact sampled ids, the
+end-of-turn token and any stop text included (the text has them cut), one to one with
+``logprobs.content``. In a stream each chunk carries its tokens' ``token_ids`` and the first chunk
+``prompt_token_ids``. Logprobs are the engine's (the sampled token's only: ``top_logprobs`` must be 0).
+
+``tool_choice``: "auto" (default with tools) shows the tools and parses calls; "none" does not
+show them and parses nothing; "required" and a named function are a best effort, with no
+constrained decoding: an instruction to call a tool (that one; only its schema is then shown) is
+added to the system prompt, and a reply without a call comes back as text.
+
+Streaming sends content deltas as tokens are sampled: an engine with ``generate_stream(prompt,
+params)`` (an async iterator of cumulative ``(tokens, logprobs)`` snapshots ending with the
+``Sample``) streams natively, the in-process HFEngine's running request is polled every 20 ms,
+and any other engine's finished sample is sent in per-token chunks. With tools active a reply is
+sent when complete (a call is recognisable only whole), as one content and/or tool_calls delta.
+
+Left out: ``/v1/completions``, embeddings, ``top_logprobs`` > 0, images/audio parts, and (accepted,
+ignored) presence/frequency penalties, ``logit_bias``, ``response_format``, ``parallel_tool_calls``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rlft.engines.base import Sample, SamplingParams
+from rlft.serve_models import (APIError, ModelNotFoundError, ModelRegistry, ServedModel, chat_messages, cut_stop,
+                                final_choice, held_text, token_logprobs, token_stream, tool_setup)
+
+__all__ = ["APIError", "BackgroundServer", "ChatRequest", "add_serve_arguments", "create_app", "run_server",
+           "serve_main", "token_stream"]
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other OpenAI fields are accepted and ignored
+
+    model: str
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    return_token_ids: bool = False
+
+
+class LoraRequest(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = ""  # load only
+
+
+# -- requests -> sampling params ------------------------------------------------------------------
+
+def _sampling(req: ChatRequest, prompt_len: int, context: int | None, default_max: int) -> list[SamplingParams]:
+    limit = req.max_completion_tokens or req.max_tokens
+    room = context - prompt_len if context else None
+    if room is not None and room <= 0:
+        raise APIError(400, f"This model's maximum context length is {context} tokens, but the messages take "
+                            f"{prompt_len} tokens.", param="messages", code="context_length_exceeded")
+    if limit is None:
+        limit = default_max if room is None else min(default_max, room)
+    elif room is not None and limit > room:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                            f"{prompt_len + limit} tokens ({prompt_len} in the messages, {limit} in the completion).",
+                       param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+                       code="context_length_exceeded")
+    stops = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]
+    return [SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
+                           top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0),
+                           max_new_tokens=limit, stop=stops, seed=None if req.seed is None else req.seed + i)
+            for i in range(req.n)]
+
+
+def _json(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _sse(obj: Any) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+async def _stream(served: ServedModel, name: str, prompt: list[int], params: list[SamplingParams], req: ChatRequest,
+                  parse: bool, release: Callable[[], None]) -> AsyncIterator[str]:
+    cid, created, n, tok = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), len(params), served.renderer.tokenizer
+    stops = params[0].stop
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def produce(i: int, p: SamplingParams) -> None:
+        try:
+            async for item in token_stream(served.engine, prompt, p):
+                await queue.put((i, item))
+        except Exception as e:
+            await queue.put((i, e))
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                     "choices": choices, **extra})
+
+    def choice(i: int, delta: dict[str, Any], tokens=(), logprobs=(), finish: str | None = None) -> dict[str, Any]:
+        c: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if req.logprobs and tokens:
+            c["logprobs"] = {"content": token_logprobs(tok, list(tokens), list(logprobs))}
+        if req.return_token_ids:
+            c["token_ids"] = list(tokens)
+        return c
+
+    tasks = [asyncio.create_task(produce(i, p)) for i, p in enumerate(params)]
+    sent_text, sent_tok, completion, done = [0] * n, [0] * n, 0, 0
+    try:
+        yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(n)],
+                    **({"prompt_token_ids": prompt} if req.return_token_ids else {}))
+        while done < n:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                err = item if isinstance(item, APIError) else _engine_error(item)
+                yield _sse(err.body())
+                break
+            final = isinstance(item, Sample)
+            tokens, lps = (item.tokens, item.logprobs) if final else item
+            new_t, new_l = tokens[sent_tok[i]:], lps[sent_tok[i]:]
+            if not final:
+                if parse:
+                    continue  # with tools the reply is sent whole
+                text, hit = cut_stop(served.renderer.decode(tokens), stops)
+                delta = (text if hit else held_text(text, stops))[sent_text[i]:]
+                if delta:
+                    yield chunk([choice(i, {"content": delta}, new_t, new_l)])
+                    sent_text[i] += len(delta)
+                    sent_tok[i] = len(tokens)
+                continue
+            content, calls, finish = final_choice(served, item, stops, parse)
+            completion += len(item.tokens)
+            delta = {}
+            if parse:
+                delta = {**({"content": content} if content else {}),
+                         **({"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]} if calls else {})}
+            elif (content or "")[sent_text[i]:]:
+                delta = {"content": content[sent_text[i]:]}
+            if delta or (new_t and (req.logprobs or req.return_token_ids)):
+                yield chunk([choice(i, delta, new_t, new_l)])
+            yield chunk([choice(i, {}, finish=finish)])
+            done += 1
+        if done == n and (req.stream_options or {}).get("include_usage"):
+            yield chunk([], usage={"prompt_tokens": len(prompt), "completion_tokens": completion,
+                                   "total_tokens": len(prompt) + completion})
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        release()
+
+
+def _engine_error(e: BaseException) -> APIError:
+    if isinstance(e, ValueError):  # ContextLengthError, invalid sampling params
+        return APIError(400, f"{type(e).__name__}: {e}")
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+
+
+# -- the app ------------------------------------------------------------------------------------------
+
+def create_app(model: str | None = None, *, runs_dir: str | None = None, run: str | None = None,
+               engines: dict[str, Any] | None = None, engine_factory: Callable[[Any], Any] | None = None,
+               api_key: str | None = None, dtype: Any = "bfloat16", device: Any = "auto", max_loaded: int = 3,
+               max_batch_size: int = 32, max_n: int = 16, default_max_tokens: int = 1024,
+               preload: bool = False) -> FastAPI:
+    """The FastAPI app. ``model``: a base model (hub id, alias, directory or checkpoint dir);
+    ``runs_dir``/``run``: serve the checkpoints of the run store there (one run only with ``run``);
+    ``engines``: ``{name: ServedModel | (engine, renderer_or_tokenizer)}`` served as is (tests,
+    custom backends); ``engine_factory(policy)``: the engine for loaded policies (default HFEngine);
+    ``preload``: load ``model`` at startup (errors then stop the server at once)."""
+    registry = ModelRegistry(model, runs_dir=runs_dir, run=run, engines=engines, engine_factory=engine_factory,
+                             dtype=dtype, device=device, max_loaded=max_loaded, max_batch_size=max_batch_size)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if preload and model is not None:
+            registry.release((await registry.acquire(os.fspath(model)))[1])
+        yield
+        registry.close()
+
+    app = FastAPI(title="rlft serve", lifespan=lifespan)
+    app.state.registry = registry
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _json(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        err = (e.errors() or [{}])[0]
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+        if err.get("type") == "json_invalid":
+            param = None
+        return _json(APIError(400, f"{param or 'body'}: {err.get('msg', 'invalid request body')}", param=param,
+                        code=err.get("type")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return _json(APIError(e.status_code, str(e.detail), code=str(e.status_code)))
+
+    if api_key:
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            given = request.headers.get("authorization", "")
+            if request.url.path.startswith("/v1") and not hmac.compare_digest(given.encode(),
+                                                                               f"Bearer {api_key}".encode()):
+                return _json(APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+                                code="invalid_api_key"))
+            return await call_next(request)
+
+    def card(e) -> dict[str, Any]:
+        return {"id": e.name, "object": "model", "created": e.created, "owned_by": "rlft", "root": e.path or e.name,
+                "parent": e.parent}
+
+    @app.get("/health")
+    async def health():
+        return PlainTextResponse("ok")
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [card(e) for e in registry.entries()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        try:
+            return card(registry.resolve(name))
+        except ModelNotFoundError as e:
+            raise APIError(404, str(e), param="model", code="model_not_found")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoraRequest):
+        try:
+            registry.add_adapter(body.lora_name, body.lora_path)
+        except ValueError as e:
+            raise APIError(400, str(e), param="lora_name")
+        except FileNotFoundError as e:
+            raise APIError(400, str(e), param="lora_path")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: LoraRequest):
+        try:
+            registry.remove_adapter(body.lora_name)
+        except KeyError:
+            raise APIError(404, f"no LoRA adapter named {body.lora_name!r}", param="lora_name", code="model_not_found")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        if req.n > max_n:
+            raise APIError(400, f"n must be at most {max_n}, got {req.n}", param="n")
+        if req.top_logprobs:
+            raise APIError(400, "top_logprobs is not supported: only the sampled token's logprob is returned",
+                           param="top_logprobs")
+        tools, instruction, parse = tool_setup(req)
+        messages = chat_messages(req.messages, instruction)
+        try:
+            entry, served = await registry.acquire(req.model)
+        except ModelNotFoundError as e:
+            raise APIError(404, str(e), param="model", code="model_not_found")
+        except Exception as e:
+            raise APIError(500, f"could not load model {req.model!r}: {type(e).__name__}: {e}", type="server_error")
+        released = []
+
+        def release() -> None:
+            if not released:
+                released.append(True)
+                registry.release(served)
+
+        streaming = False
+        try:
+            try:
+                prompt = served.renderer.render_prompt(messages, tools)
+            except Exception as e:  # the chat template rejected the conversation
+                raise APIError(400, f"the chat template could not render the messages: {e}", param="messages")
+            params = _sampling(req, len(prompt), served.max_context, default_max_tokens)
+            if req.stream:  # the stream releases the model when it ends
+                streaming = True
+                return StreamingResponse(_stream(served, entry.name, prompt, params, req, parse, release),
+                                         media_type="text/event-stream", background=BackgroundTask(release))
+            try:
+                samples = await asyncio.gather(*(served.engine.generate(prompt, p) for p in params))
+            except Exception as e:
+                raise _engine_error(e) from e
+        finally:
+            if not streaming:
+                release()
+        choices = []
+        for i, s in enumerate(samples):
+            content, calls, finish = final_choice(served, s, params[i].stop, parse)
+            message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+            c = {"index": i, "message": message, "finish_reason": finish,
+                 "logprobs": {"content": token_logprobs(served.renderer.tokenizer, s.tokens, s.logprobs)}
+                 if req.logprobs else None}
+            if req.return_token_ids:
+                c["token_ids"] = list(s.tokens)
+            choices.append(c)
+        completion = sum(len(s.tokens) for s in samples)
+        body = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
+                "model": entry.name, "choices": choices,
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                          "total_tokens": len(prompt) + completion}}
+        if req.return_token_ids:
+            body["prompt_token_ids"] = prompt
+        return body
+
+    return app
+
+
+# -- running it ---------------------------------------------------------------------------------------
+
+class BackgroundServer:
+    """Serve an app with uvicorn in a daemon thread (tests, notebooks); ``port=0`` picks a free one.
+    ``with BackgroundServer(app) as srv: OpenAI(base_url=srv.url + "/v1", ...)``."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (see its log)")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def run_server(model: str | None = None, *, runs_dir: str | None = None, run: str | None = None,
+               host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, log_level: str = "info",
+               **app_kwargs: Any) -> None:
+    """Serve until interrupted (``app_kwargs`` as for :func:`create_app`); the base model loads first."""
+    import uvicorn
+
+    app = create_app(model, runs_dir=runs_dir, run=run, api_key=api_key, preload=True, **app_kwargs)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def add_serve_arguments(parser: Any) -> None:
+    """The ``rlft serve`` options, on an argparse (sub)parser."""
+    parser.add_argument("--model", help="base model: hub id, alias, local dir, .gguf or a checkpoint dir")
+    parser.add_argument("--runs-dir", default="runs", help="run store workspace whose checkpoints are served")
+    parser.add_argument("--run", help="serve only this run's checkpoints (id or name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("RLFT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $RLFT_API_KEY)")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16, float32, float16 or auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--max-loaded", type=int, default=3, help="models kept loaded (LRU)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per model")
+
+
+def serve_main(args: Any) -> int:
+    """``rlft serve``: ``args`` parsed with :func:`add_serve_arguments`."""
+    run_server(args.model, runs_dir=args.runs_dir, run=args.run, host=args.host, port=args.port,
+               api_key=args.api_key, dtype=args.dtype, device=args.device, max_loaded=args.max_loaded,
+               max_batch_size=args.max_batch_size)
+    return 0

@@ -1,0 +1,458 @@
+"""The model side of ``rlft serve`` (no HTTP here): names, the LRU of loaded models, OpenAI
+requests -> chat messages and tools, and generating (token streams; sampled ids -> OpenAI
+content, tool calls and logprobs). Errors are :class:`APIError` (OpenAI's error shape).
+
+Names:
+
+- the base model (``--model``), named exactly as given (an alias, a hub id or a path);
+- every checkpoint of the runs in the run store, ``ft:<base>:<run>:<step>``, and
+  ``ft:<base>:<run>:latest`` for each run's newest one. ``<base>`` is the run's model as it was
+  given to the trainer, ``<run>`` the run id (a run *name* is accepted too: its newest run);
+- LoRA adapters registered at run time (``/v1/load_lora_adapter``), under their given name;
+- engines plugged in by the caller (``create_app(engines={name: ...})``: tests, custom backends).
+
+Checkpoints are found by re-scanning the store and the run directories (on every ``/v1/models``
+and every name that is not already known), so checkpoints written while the server runs appear
+without a restart, and ``latest`` resolves at request time (the response's ``model`` says which
+step answered).
+
+Loaded models are kept in an LRU of ``max_loaded``. Each checkpoint is its own policy: a LoRA
+checkpoint loads its base again rather than swapping adapter weights into a shared base. That is
+simple, keeps requests to different checkpoints running concurrently on their own batched
+engines, and costs memory: at most ``max_loaded`` copies of the base. An evicted model's engine is
+closed once its in-flight requests are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from rlft.chat import Renderer
+from rlft.engines.base import Sample, SamplingParams
+
+__all__ = ["APIError", "FT_PREFIX", "ModelEntry", "ModelNotFoundError", "ModelRegistry", "ServedModel", "as_served", "chat_messages", "cut_stop",
+           "final_choice", "held_text", "token_logprobs", "token_stream", "tool_setup"]
+
+FT_PREFIX = "ft:"
+
+
+class ModelNotFoundError(LookupError):
+    """No model of that name; ``available`` lists the names that are served."""
+
+    def __init__(self, message: str, available: list[str]):
+        super().__init__(message)
+        self.available = available
+
+
+@dataclass
+class ModelEntry:
+    """A servable name. ``kind``: base, checkpoint, adapter or engine; ``path``: what is loaded."""
+
+    name: str
+    kind: str
+    path: str = ""
+    created: int = 0
+    parent: str | None = None
+
+
+@dataclass
+class ServedModel:
+    """A model ready to serve: ``engine`` generates token ids, ``renderer`` turns chats into ids
+    and sampled ids into text and tool calls; ``max_context`` bounds prompt + completion."""
+
+    engine: Any
+    renderer: Renderer
+    max_context: int | None = None
+    policy: Any = None
+    active: int = 0  # requests in flight
+    evicted: bool = False
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if callable(close):  # HFEngine.close joins its worker: off the event loop
+            threading.Thread(target=close, daemon=True).start()
+
+
+def as_served(value: Any) -> ServedModel:
+    """An ``engines=`` value: a ServedModel, an ``(engine, renderer or tokenizer)`` pair, or an
+    engine with a ``renderer`` attribute (like ``rlft.testing.ScriptedPolicy``)."""
+    if isinstance(value, ServedModel):
+        return value
+    engine, r = value if isinstance(value, tuple) else (value, getattr(value, "renderer", None))
+    if r is None:
+        raise TypeError("an engines= value needs a renderer: pass (engine, renderer_or_tokenizer) or a ServedModel")
+    renderer = r if isinstance(r, Renderer) else Renderer(r)
+    return ServedModel(engine, renderer, getattr(engine, "max_context", None))
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _mtime(path: str | Path) -> int:
+    try:
+        return int(os.path.getmtime(path))
+    except OSError:
+        return 0
+
+
+def _recorded_base(run_dir: Path) -> str | None:
+    """The base model recorded in a run's newest checkpoint (``rlft_policy.json``)."""
+    from rlft.checkpoint import list_checkpoints
+    from rlft.policy import POLICY_META_FILE
+
+    ckpts = list_checkpoints(run_dir)
+    try:
+        with open(ckpts[-1][1] / POLICY_META_FILE) as f:
+            return json.load(f).get("base_model") or None
+    except (IndexError, OSError, ValueError):
+        return None
+
+
+class ModelRegistry:
+    """Names -> entries -> loaded models (see the module docstring).
+
+    ``model``: the base model to serve (optional). ``runs_dir``: the run store's workspace (a
+    directory with ``rlft.db``; without one, its subdirectories holding ``checkpoints/`` are taken
+    as runs). ``run``: serve only this run's checkpoints (id or name). ``engine_factory(policy)``:
+    the engine for a loaded policy (default ``HFEngine``). Methods are called from one event loop.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, runs_dir: str | os.PathLike | None = None,
+                 run: str | None = None, engines: dict[str, Any] | None = None,
+                 engine_factory: Callable[[Any], Any] | None = None, dtype: Any = "bfloat16", device: Any = "auto",
+                 max_loaded: int = 3, max_batch_size: int = 32):
+        self.model = os.fspath(model) if model is not None else None
+        self.runs_dir = Path(runs_dir) if runs_dir is not None else None
+        self.run = run
+        self.pinned = {name: as_served(v) for name, v in (engines or {}).items()}
+        self.engine_factory = engine_factory
+        self.dtype, self.device = dtype, device
+        self.max_loaded, self.max_batch_size = max(1, int(max_loaded)), int(max_batch_size)
+        self.adapters: dict[str, str] = {}
+        self.loaded: collections.OrderedDict[str, ServedModel] = collections.OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._store: Any = None
+        self._started = int(time.time())
+        if self.model is None and self.runs_dir is None and not self.pinned:
+            raise ValueError("nothing to serve: give a model, a runs directory, or engines")
+
+    # -- discovery -------------------------------------------------------------------------------
+    def _open_store(self) -> Any:
+        if self._store is None and self.runs_dir is not None:
+            from rlft.store import RunStore
+
+            try:  # the store may appear after the server started: try again on each scan
+                self._store = RunStore(self.runs_dir, readonly=True)
+            except Exception:
+                return None
+        return self._store
+
+    def _runs(self) -> list[tuple[str, str, str, Path]]:
+        """``(run id, run name, base model, run dir)`` of the runs whose checkpoints are served."""
+        if self.runs_dir is None:
+            return []
+        store = self._open_store()
+        if store is not None:
+            rows = store.list_runs()  # newest first: a name resolves to its newest run
+            if self.run:
+                try:
+                    rid = store.resolve(self.run)
+                except KeyError:
+                    return []
+                rows = [r for r in rows if r["id"] == rid]
+            return [(r["id"], r["name"], r["model"] or _recorded_base(store.run_dir(r["id"])) or "model",
+                     store.run_dir(r["id"])) for r in rows]
+        out = []
+        for ckpts in sorted(self.runs_dir.glob("*/checkpoints")):
+            rd = ckpts.parent
+            if not self.run or rd.name == self.run:
+                out.append((rd.name, rd.name, _recorded_base(rd) or self.model or "model", rd))
+        return out
+
+    def entries(self) -> list[ModelEntry]:
+        """Every servable name, re-scanning the run store and run directories."""
+        from rlft.checkpoint import list_checkpoints
+
+        out = []
+        if self.model:
+            out.append(ModelEntry(self.model, "base", self.model, self._started))
+        out += [ModelEntry(n, "engine", created=self._started) for n in self.pinned]
+        out += [ModelEntry(n, "adapter", p, _mtime(p), parent=self.model) for n, p in self.adapters.items()]
+        for rid, _, base, rd in self._runs():
+            ckpts = list_checkpoints(rd)
+            for step, path in ckpts:
+                out.append(ModelEntry(f"{FT_PREFIX}{base}:{rid}:{step}", "checkpoint", str(path), _mtime(path), base))
+            if ckpts:
+                out.append(ModelEntry(f"{FT_PREFIX}{base}:{rid}:latest", "checkpoint", str(ckpts[-1][1]),
+                                      _mtime(ckpts[-1][1]), base))
+        return out
+
+    def resolve(self, name: str) -> ModelEntry:
+        """The entry a requested name stands for; ``latest`` becomes the concrete step's name."""
+        if self.model is not None and name == self.model:
+            return ModelEntry(name, "base", self.model, self._started)
+        if name in self.pinned:
+            return ModelEntry(name, "engine", created=self._started)
+        if name in self.adapters:
+            return ModelEntry(name, "adapter", self.adapters[name], _mtime(self.adapters[name]), self.model)
+        entry = self._resolve_ft(name) if name.startswith(FT_PREFIX) else None
+        if entry is not None:
+            return entry
+        available = [e.name for e in self.entries()]
+        raise ModelNotFoundError(f"The model {name!r} does not exist. Available models: "
+                                 + (", ".join(available) or "none"), available)
+
+    def _resolve_ft(self, name: str) -> ModelEntry | None:
+        from rlft.checkpoint import list_checkpoints
+
+        try:
+            base, ref, step = name[len(FT_PREFIX):].rsplit(":", 2)
+        except ValueError:
+            return None
+        runs = self._runs()
+        match = [r for r in runs if r[0] == ref] or [r for r in runs if r[1] == ref]
+        if not match or match[0][2] != base:
+            return None
+        rid, _, _, rd = match[0]
+        ckpts = list_checkpoints(rd)
+        if step == "latest":
+            chosen = ckpts[-1] if ckpts else None
+        else:
+            chosen = next((c for c in ckpts if step.isdigit() and c[0] == int(step)), None)
+        if chosen is None:
+            return None
+        return ModelEntry(f"{FT_PREFIX}{base}:{rid}:{chosen[0]}", "checkpoint", str(chosen[1]), _mtime(chosen[1]), base)
+
+    # -- adapters registered at run time ----------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> None:
+        if name == self.model or name in self.pinned or name in self.adapters or name.startswith(FT_PREFIX):
+            raise ValueError(f"a model named {name!r} is already served (or the name is reserved): pick another")
+        full = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isfile(os.path.join(full, "adapter_config.json")):
+            raise FileNotFoundError(f"{full} holds no LoRA adapter (no adapter_config.json)")
+        self.adapters[name] = full
+
+    def remove_adapter(self, name: str) -> None:
+        path = self.adapters.pop(name)  # KeyError when unknown
+        self._drop(f"adapter:{path}")
+
+    # -- loading -----------------------------------------------------------------------------------
+    async def acquire(self, name: str) -> tuple[ModelEntry, ServedModel]:
+        """Resolve and load ``name`` (cached); call :meth:`release` when the request is done."""
+        entry = self.resolve(name)
+        if entry.kind == "engine":
+            served = self.pinned[entry.name]
+            served.active += 1
+            return entry, served
+        key = f"{entry.kind}:{entry.path}"
+        async with self._locks.setdefault(key, asyncio.Lock()):  # concurrent requests load it once
+            served = self.loaded.get(key)
+            if served is None:
+                served = await asyncio.to_thread(self._load, entry)
+                self.loaded[key] = served
+            self.loaded.move_to_end(key)
+            served.active += 1
+        while len(self.loaded) > self.max_loaded:
+            self._drop(next(iter(self.loaded)))
+        return entry, served
+
+    def release(self, served: ServedModel) -> None:
+        served.active -= 1
+        if served.evicted and served.active == 0:
+            served.close()
+
+    def _drop(self, key: str) -> None:
+        served = self.loaded.pop(key, None)
+        if served is not None:
+            served.evicted = True
+            if served.active == 0:
+                served.close()
+
+    def close(self) -> None:
+        for key in list(self.loaded):
+            self._drop(key)
+
+    def _load(self, entry: ModelEntry) -> ServedModel:
+        from rlft.policy import POLICY_META_FILE, load_policy
+
+        if entry.kind == "adapter" and self.model and not os.path.exists(os.path.join(entry.path, POLICY_META_FILE)):
+            # a plain peft adapter (vLLM's case): put it on the served base model
+            from peft import PeftModel
+
+            policy = load_policy(self.model, dtype=self.dtype, device=self.device)
+            policy.model, policy.is_lora = PeftModel.from_pretrained(policy.model, entry.path), True
+            policy.model.eval()
+        else:  # a base model, an rlft checkpoint (LoRA or full) or an adapter naming its base
+            policy = load_policy(entry.path, dtype=self.dtype, device=self.device)
+        if self.engine_factory is not None:
+            engine = self.engine_factory(policy)
+        else:
+            from rlft.engines.hf import HFEngine
+
+            engine = HFEngine(policy.model, policy.tokenizer, max_batch_size=self.max_batch_size)
+        context = getattr(engine, "max_context", None) or getattr(policy.base_model.config,
+                                                                   "max_position_embeddings", None)
+        return ServedModel(engine, Renderer(policy.tokenizer), context, policy)
+
+
+# -- generating: token streams, samples -> OpenAI choice fields ---------------------------------------
+
+def cut_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop string (excluded), and whether one occurred."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+def held_text(text: str, stops: list[str]) -> str:
+    """While streaming: hold back an incomplete UTF-8 character and a possible start of a stop string."""
+    text = text.rstrip("\ufffd")
+    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stops):
+            return text[:-k]
+    return text
+
+
+def final_choice(served: ServedModel, sample: Sample, stops: list[str], parse: bool) -> tuple[str | None, list, str]:
+    """``(content, tool_calls, finish_reason)`` of a finished sample."""
+    text, hit = cut_stop(served.renderer.decode(sample.tokens), stops)
+    finish = "stop" if hit or sample.finish_reason != "length" else "length"
+    if not parse:
+        return text, [], finish
+    msg, _ = served.renderer.assistant_message(text)
+    calls = [{"id": c["id"], "type": "function", "function": {
+        "name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
+        for c in msg.get("tool_calls") or []]
+    return (msg["content"] or None) if calls else msg["content"], calls, "tool_calls" if calls else finish
+
+
+def token_logprobs(tokenizer: Any, tokens: list[int], logprobs: list[float]) -> list[dict[str, Any]]:
+    out = []
+    for t, lp in zip(tokens, logprobs):
+        s = tokenizer.decode([t], skip_special_tokens=False)
+        out.append({"token": s, "logprob": max(float(lp), -9999.0), "bytes": list(s.encode("utf-8")),
+                    "top_logprobs": []})
+    return out
+
+
+async def token_stream(engine: Any, prompt: list[int], params: SamplingParams,
+                       poll_s: float = 0.02) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
+    """Cumulative ``(tokens, logprobs)`` snapshots while ``engine`` samples, then the ``Sample``."""
+    if hasattr(engine, "generate_stream"):
+        async for item in engine.generate_stream(prompt, params):
+            yield item
+        return
+    loop = asyncio.get_running_loop()
+    try:  # the in-process HFEngine: watch its running request (private API; else fall back)
+        req = engine._make_request(prompt, params, loop, loop.create_future())
+        if req.finish is not None:
+            req.future.set_result(Sample([], [], req.finish))
+        else:
+            engine._submit(req)
+    except (AttributeError, TypeError):
+        sample = await engine.generate(prompt, params)
+        for k in range(1, len(sample.tokens)):
+            yield sample.tokens[:k], sample.logprobs[:k]
+        yield sample
+        return
+    seen = 0
+    try:
+        while not req.future.done():
+            await asyncio.wait([req.future], timeout=poll_s)
+            k = min(len(req.tokens), len(req.logprobs))
+            if k > seen and not req.future.done():
+                seen = k
+                yield req.tokens[:k], req.logprobs[:k]
+        yield req.future.result()
+    finally:
+        if not req.future.done():
+            req.cancelled = True  # the client went away: the engine drops it at its next step
+
+
+# -- OpenAI requests -> chat messages and tools (errors in OpenAI's shape) ------------------------------
+
+def _content_text(content: Any, param: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for k, p in enumerate(content):
+            if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
+                raise APIError(400, f"{param}[{k}]: only text content parts are supported", param=f"{param}[{k}]")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise APIError(400, f"{param} must be a string or a list of text parts", param=param)
+
+
+def chat_messages(raw: list[dict[str, Any]], instruction: str | None) -> list[dict[str, Any]]:
+    if not raw:
+        raise APIError(400, "messages must be a non-empty list", param="messages", code="empty_messages")
+    out, call_names = [], {}
+    for i, m in enumerate(raw):
+        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{i}].role must be system, developer, user, assistant or tool, not "
+                                f"{m.get('role')!r}", param=f"messages[{i}].role")
+        if role != "assistant" and m.get("content") is None:
+            raise APIError(400, f"messages[{i}].content is required", param=f"messages[{i}].content")
+        msg: dict[str, Any] = {"role": role, "content": _content_text(m.get("content"), f"messages[{i}].content")}
+        if role == "assistant" and m.get("tool_calls"):
+            for k, tc in enumerate(m["tool_calls"]):
+                fn = tc.get("function") if isinstance(tc, dict) else None
+                if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+                    raise APIError(400, f"messages[{i}].tool_calls[{k}] needs function.name",
+                                   param=f"messages[{i}].tool_calls[{k}]")
+                call_names[tc.get("id")] = fn["name"]
+            msg["tool_calls"] = m["tool_calls"]
+        if role == "tool":
+            msg["tool_call_id"] = m.get("tool_call_id")
+            name = m.get("name") or call_names.get(m.get("tool_call_id"))
+            if name:
+                msg["name"] = name
+        out.append(msg)
+    if instruction:
+        if out[0]["role"] == "system":
+            out[0] = {**out[0], "content": (out[0]["content"] + "\n\n" + instruction).strip()}
+        else:
+            out.insert(0, {"role": "system", "content": instruction})
+    return out
+
+
+def tool_setup(req: Any) -> tuple[list[dict[str, Any]] | None, str | None, bool]:
+    """``(tools shown to the model, instruction for the system prompt, parse calls?)``."""
+    tools, choice = req.tools or None, req.tool_choice if req.tool_choice is not None else "auto"
+    for k, t in enumerate(tools or []):
+        if not (t.get("type", "function") == "function" and isinstance((t.get("function") or {}).get("name"), str)):
+            raise APIError(400, f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
+                           param=f"tools[{k}]")
+    if choice == "none" or (choice == "auto" and not tools):
+        return None, None, False
+    if not tools:
+        raise APIError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+    if choice == "auto":
+        return tools, None, True
+    if choice == "required":
+        return tools, "You must call at least one of the tools (functions) in your reply.", True
+    name = ((choice.get("function") or {}).get("name") if isinstance(choice, dict) else None)
+    chosen = [t for t in tools if t["function"]["name"] == name]
+    if not chosen:
+        raise APIError(400, f"tool_choice must be 'none', 'auto', 'required' or "
+                            f"{{'type': 'function', 'function': {{'name': <one of the tools>}}}}, not {choice!r}",
+                       param="tool_choice")
+    return chosen, f"You must call the function `{name}` in your reply.", True
