@@ -51,12 +51,16 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.background import BackgroundTask
-from starlette.exceptions import HTTPException as StarletteHTTPException
+
+try:  # the serve extra; without it this module still imports (the CLI's arguments), create_app says what to install
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.background import BackgroundTask
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError:  # pragma: no cover
+    FastAPI = None  # type: ignore[assignment,misc]
 
 from rlft.engines.base import Sample, SamplingParams
 from rlft.serve_models import (APIError, ModelNotFoundError, ModelRegistry, ServedModel, chat_messages, cut_stop,
@@ -212,6 +216,8 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
     ``engines``: ``{name: ServedModel | (engine, renderer_or_tokenizer)}`` served as is (tests,
     custom backends); ``engine_factory(policy)``: the engine for loaded policies (default HFEngine);
     ``preload``: load ``model`` at startup (errors then stop the server at once)."""
+    if FastAPI is None:
+        raise ImportError("rlft serve needs fastapi and uvicorn: pip install 'rlft[serve]'")
     registry = ModelRegistry(model, runs_dir=runs_dir, run=run, engines=engines, engine_factory=engine_factory,
                              dtype=dtype, device=device, max_loaded=max_loaded, max_batch_size=max_batch_size)
 
