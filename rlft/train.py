@@ -75,6 +75,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     from rlft.loader import load_data, load_environment
     from rlft.policy import LoraSpec, load_policy
     from rlft.progress import Progress
+    from rlft.reporting import Reporter
     from rlft.store import RunStore
     from rlft.update import policy_update, select_groups
 
@@ -98,6 +99,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.toml")
     store.set_status(run_id, "running")
+    reporter = None
     loop = asyncio.new_event_loop()
     session = contextlib.AsyncExitStack()
     progress = Progress(cfg.steps, enabled=cfg.progress)
@@ -119,6 +121,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+        reporter = Reporter(cfg.report_to, run_id, run_dir, cfg.to_dict())
         start = 0
         if resume and (ckpt := latest_checkpoint(run_dir)):
             state = load_checkpoint(ckpt[1], policy, optimizer, scheduler)
@@ -139,6 +142,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             store.add_eval(run_id, model=f"{cfg.model}@{at_step}", split="eval", k=cfg.eval_k, metrics=metrics, step=at_step)
             store.add_rollouts(run_id, at_step, [r for g in groups for r in g.rollouts], split="eval")
             store.log_metrics(run_id, at_step, {f"eval/{k}": v for k, v in metrics.items()})
+            reporter.log(at_step, {f"eval/{k}": v for k, v in metrics.items()})
             progress.note(f"eval @ step {at_step}: reward {metrics['reward/mean']:.3f}, pass@{cfg.eval_k} {metrics['pass@k']:.2f}")
             return metrics
 
@@ -196,6 +200,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                             "throughput/tokens_per_s": sampled / max(t_generate, 1e-9)})
             store.add_rollouts(run_id, step + 1, [r for g in groups for r in g.rollouts])
             store.log_metrics(run_id, step + 1, metrics)
+            reporter.log(step + 1, metrics)
             store.update_run(run_id, step=step + 1)
             progress.update(step + 1, metrics)
             done = step + 1 == cfg.steps
@@ -226,6 +231,8 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                       step=step, source="trainer", traceback=traceback.format_exc())
         raise
     finally:
+        if reporter is not None:
+            reporter.close()
         with contextlib.suppress(Exception):
             loop.run_until_complete(session.aclose())
         if "engine" in locals() and hasattr(engine, "close"):

@@ -110,3 +110,29 @@ def test_failed_run_records_reason_and_traceback(project, capsys):
     assert run["status"] == "failed" and "validation failed" in run["error"] and "ZeroDivisionError" in run["traceback"]
     assert main(["runs", "show", "doomed", "--runs", str(project / "runs")]) == 0
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_tensorboard_reporting_writes_event_files(project):
+    pytest.importorskip("tensorboard", reason="tensorboard not installed (dev extra)")
+    from rlft.train import train
+
+    run_id = train(str(project / "config.toml"), run_name="tb", report_to="tensorboard", steps=1)
+    store = RunStore(project / "runs", readonly=True)
+    events = list((store.run_dir(run_id) / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_bad_inputs_fail_before_training_with_advice(project):
+    from rlft.data import DatasetError
+    from rlft.policy import PolicyLoadError
+    from rlft.train import train
+
+    cfg = str(project / "config.toml")
+    with pytest.raises(PolicyLoadError):
+        train(cfg, model=str(project / "no-such-model"), run_name="nomodel")
+    with pytest.raises(DatasetError, match="fewer than one batch"):
+        train(cfg, batch_size=500, run_name="toobig")
+    with pytest.raises(ValueError, match="report_to"):
+        train(cfg, report_to="tensorbored", run_name="typo")
+    store = RunStore(project / "runs", readonly=True)
+    assert store.get_run("nomodel")["status"] == "failed" and store.get_run("nomodel")["error"]
