@@ -43,13 +43,11 @@ def add_run_commands(cmd) -> None:
     p.epilog = "example:\n  rlft export my-run --merge ./my-model"
 
     p = cmd("serve", "OpenAI-compatible HTTP server for a base model or a run's checkpoints")
-    p.add_argument("model", nargs="?", default="smollm2", help="base model (HF id, dir, .gguf, smollm2)")
-    p.add_argument("--runs", default="runs", help="serve checkpoints of runs in this workspace too")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require this bearer token")
-    p.add_argument("--dtype", default="bfloat16")
-    p.epilog = "example:\n  rlft serve smollm2 --port 8000\n  curl 127.0.0.1:8000/v1/models"
+    from rlft.serve import add_serve_arguments
+
+    add_serve_arguments(p)
+    p.epilog = ("example:\n  rlft serve --model smollm2 --port 8000\n"
+                "  curl 127.0.0.1:8000/v1/models    # base + ft:<base>:<run>:<step|latest>")
 
     p = cmd("doctor", "check the installation and say how to fix what is missing")
     p.epilog = "example:\n  rlft doctor"
@@ -178,10 +176,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from rlft.serve import run_server
+    from rlft.serve import serve_main
 
-    run_server(model=args.model, runs_dir=args.runs, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype)
-    return 0
+    return serve_main(args)
 
 
 def cmd_doctor(args) -> int:
