@@ -9,7 +9,8 @@ Scoring never lets one bad function hurt anything else: an exception, a timeout,
 infinity scores 0 for that component on that rollout, records the error with its traceback on
 the rollout, and leaves sibling rollouts and other components alone. Rollouts that already
 failed (setup, model, timeout, fatal tool errors) are not scored: all their components are 0.
-Left out here: the ready-made graders (``rlft.rewards.checks``) and LLM judges.
+Ready-made graders live in ``rlft.rewards.checks`` (and ``sql``), the code sandbox in
+``rlft.rewards.sandbox``, LLM-judge rubrics in ``rlft.rewards.judge``.
 """
 
 from __future__ import annotations
