@@ -1,0 +1,476 @@
+"""LLM judges as rewards: rubrics scored by any OpenAI-compatible chat endpoint.
+
+``Judge(model, base_url)`` talks to one endpoint (OpenAI, vLLM, ``rlft serve``...);
+``Rubric(title, description, kind="positive"|"negative", score_map=None)`` is one criterion.
+
+- ``judge.reward(rubric, weight=None)``: a ``Reward`` named after the slugified title, one call
+  per rollout asking for ``{"reasoning": "...", "score": ...}``. The score is clamped to [0, 1];
+  with ``score_map`` (``{"poor": 0, "ok": 0.5, "good": 1}`` or a list of numbers) the judge names
+  a level and a number snaps to the nearest one. A negative rubric describes a fault and scores
+  its presence (1 = clearly there); default weight -1 (+1 for positive; a contrary sign is refused).
+- ``judge.rewards(rubrics)``: one ``Reward`` per rubric, one call each. Not one call for all: a
+  dict reward has a single weight (positive and negative rubrics could not mix) and one bad reply
+  would zero every component.
+- ``judge.ranking(title, description)``: a group ``Reward``; one call ranks the G siblings
+  (``{"reasoning": "...", "ranking": [best, ..., worst]}``) and rank r scores ``1 - r / (G - 1)``.
+  Candidates are shown in sampling order, so position bias does not follow quality.
+
+The prompt (``Judge.rubric_messages`` / ``ranking_messages``; override in a subclass): a system
+message with the task and the JSON shape, then a user message with ``<conversation>`` (system,
+user, assistant text and tool calls, tool results before the final answer), ``<final_answer>``,
+``<reference>`` (the row's ``ground_truth``, if any) and ``<rubric>``. Parsing: the first JSON
+object with the key anywhere (bare, fenced, amid text; ``<think>`` dropped), else a bare number,
+level or ranking on the last line.
+
+Calls: temperature 0; each attempt bounded by ``timeout``; transport errors, timeouts, 408/409/
+429/5xx and unparsable replies are retried ``retries`` times with exponential ``backoff`` (other
+4xx are not); at most ``max_concurrency`` requests in flight. A call that still fails raises
+``JudgeError`` in the reward: the scorer scores that component 0, records the error, and leaves
+siblings and other components alone. The scorer's ``reward_timeout`` includes waiting for a slot.
+
+Caching: successful replies, keyed by (model, prompt messages), in an LRU of ``cache_size``
+(optionally expiring after ``cache_ttl`` s); identical calls in flight share one request. At
+temperature 0 a cached reply is the reply, so the cache may span steps; ``clear_cache()`` once a
+step makes it strictly per step. Failures are never cached.
+
+Metrics: ``judge.stats(reset=False)``: requests (HTTP attempts), calls (cache misses), cache_hits,
+retries, errors, prompt_tokens, completion_tokens, latency_mean/max (s per request). Each rollout's
+``metrics`` accumulates ``judge/requests``, ``judge/prompt_tokens``, ``judge/completion_tokens`` (a
+ranking call counts 1/G per sibling, so batch sums are totals), ``judge/cache_hits``,
+``judge/errors`` (failed judged components) and ``judge/latency`` (s waited, queue and retries in).
+
+Needs ``openai`` (imported at the first call). Left out: streaming, logprob-weighted scores,
+pairwise comparison, prompt-injection defences, cost accounting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import math
+import os
+import re
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from rlft.rewards import Reward
+from rlft.types import Message, Rollout
+
+__all__ = ["Judge", "JudgeError", "JudgeParseError", "Rubric", "parse_ranking", "parse_score", "slugify"]
+
+KINDS = ("positive", "negative")
+
+
+class JudgeError(RuntimeError):
+    """A judge call failed for good (transport, timeout, HTTP error, or no parsable reply)."""
+
+
+class JudgeParseError(ValueError):
+    """A judge reply held no usable score or ranking."""
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "rubric"
+
+
+@dataclass
+class Rubric:
+    """One criterion. ``kind="negative"``: the description is a fault, scored by its presence.
+    ``score_map``: named levels ``{"poor": 0, "ok": 0.5, "good": 1}`` (or a list of numbers); the
+    values are used as given, so keep them in [0, 1] to mix with other components."""
+
+    title: str
+    description: str
+    kind: str = "positive"
+    score_map: dict[str, float] | Sequence[float] | None = None
+
+    def __post_init__(self):
+        if not str(self.title).strip() or self.kind not in KINDS:
+            raise ValueError(f"Rubric needs a title and kind 'positive' or 'negative', not {self.kind!r}")
+        if self.score_map is not None:
+            m = self.score_map if isinstance(self.score_map, dict) else {f"{float(v):g}": v for v in self.score_map}
+            self.score_map = {str(k): float(v) for k, v in m.items()}
+            if not self.score_map or not all(math.isfinite(v) for v in self.score_map.values()):
+                raise ValueError(f"Rubric {self.title!r}: score_map needs at least one finite level")
+
+
+# -- parsing replies ---------------------------------------------------------------------------------
+
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_QUOTES = "*`\"'. "
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:\s*/\s*\d+(?:\.\d+)?)?%?"
+_LAST_SCORE = re.compile(r"^[*_`#>\s]*(?:(?:final\s+)?score[*_\s]*[:=]?\s*)?(" + _NUMBER + r")[*_`.\s]*$", re.I)
+
+
+def _find_object(text: str, key: str) -> dict[str, Any] | None:
+    """The first JSON object holding ``key`` anywhere in the text (bare, fenced, amid words)."""
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text, m.start())
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and key in obj:
+            return obj
+    return None
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _number(value: Any) -> float:
+    try:
+        if isinstance(value, bool) or value is None:
+            raise ValueError
+        if isinstance(value, (int, float)):
+            x = float(value)
+        else:  # "0.8", "8/10", "80%"
+            v = str(value).strip().replace(" ", "")
+            num, _, den = v.rstrip("%").partition("/")
+            x = float(num) / (float(den) if den else 1.0) / (100.0 if v.endswith("%") else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise JudgeParseError(f"score {value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise JudgeParseError(f"score {value!r} is not finite")
+    return x
+
+
+def _level(value: Any, score_map: dict[str, float] | None) -> float:
+    if score_map is None:
+        return min(max(_number(value), 0.0), 1.0)
+    name = str(value).strip(_QUOTES).lower()
+    for k, v in score_map.items():
+        if k.strip().lower() == name:
+            return v
+    x = _number(value)
+    return min(score_map.values(), key=lambda v: (abs(v - x), v))
+
+
+def parse_score(text: str, score_map: dict[str, float] | None = None) -> float:
+    """The score in a judge reply: clamped to [0, 1], or snapped to a ``score_map`` level."""
+    text = _THINK.sub("", text or "")
+    obj = _find_object(text, "score")
+    if obj is not None:
+        return _level(obj["score"], score_map)
+    last = _last_line(text)
+    m = _LAST_SCORE.match(last)
+    if m or (score_map and last.strip(_QUOTES).lower() in {k.strip().lower() for k in score_map}):
+        return _level(m.group(1) if m else last, score_map)
+    raise JudgeParseError(f"no score in the judge's reply: {text.strip()[:200]!r}")
+
+
+def parse_ranking(text: str, n: int) -> list[int]:
+    """The ranking (candidate numbers 1..n, best first) in a judge reply; it must name each once."""
+    text = _THINK.sub("", text or "")
+    obj = _find_object(text, "ranking")
+    try:
+        ranking = [int(str(x).strip()) for x in obj["ranking"]] if obj is not None else None
+    except (TypeError, ValueError):
+        ranking = None
+    if ranking is None:
+        ranking = [int(x) for x in re.findall(r"\d+", _last_line(text))]
+    if sorted(ranking) != list(range(1, n + 1)):
+        raise JudgeParseError(f"the ranking must list candidates 1..{n} once each; reply: {text.strip()[:200]!r}")
+    return ranking
+
+
+# -- rendering conversations ---------------------------------------------------------------------------
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # content parts
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return "" if content is None else str(content)
+
+
+def render_messages(messages: list[Message]) -> str:
+    out = []
+    for m in messages:
+        role = m.get("role", "?")
+        head = f"[tool {m['name']}]" if role == "tool" and m.get("name") else f"[{role}]"
+        body = _text(m.get("content"))
+        for tc in m.get("tool_calls") or []:
+            fn = tc.get("function", tc)
+            args = fn.get("arguments")
+            args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+            body += f"\n[calls {fn.get('name')}({args})]"
+        out.append(f"{head}\n{body.strip()}")
+    return "\n\n".join(out)
+
+
+def _split_final(rollout: Rollout) -> tuple[list[Message], str]:
+    """(messages before the final answer, the final answer)."""
+    msgs = list(rollout.messages)
+    if msgs and msgs[-1].get("role") == "assistant" and not msgs[-1].get("tool_calls"):
+        return msgs[:-1], _text(msgs[-1].get("content"))
+    return msgs, ""
+
+
+def _reference(rollout: Rollout) -> str:
+    gt = rollout.ground_truth
+    if gt is None:
+        return ""
+    gt = gt if isinstance(gt, str) else json.dumps(gt, ensure_ascii=False, default=str)
+    return f"<reference>\n{gt}\n</reference>\n\n"
+
+
+# -- the judge ----------------------------------------------------------------------------------------------
+
+SCORE_SYSTEM = ("You are a careful, impartial grader. You read a conversation between a user and an AI "
+                "assistant and grade the assistant's final answer against one rubric. Reply with one JSON "
+                'object and nothing else: {"reasoning": "<one or two sentences>", "score": <score>}.')
+RANK_SYSTEM = ("You are a careful, impartial grader. You compare several candidate responses to the same "
+               "conversation and rank them against one criterion, best first. Reply with one JSON object and "
+               'nothing else: {"reasoning": "<one or two sentences>", "ranking": [<candidate numbers>]}.')
+
+
+def _retryable(e: BaseException) -> bool:
+    import openai
+
+    if isinstance(e, (openai.APIConnectionError, TimeoutError)):  # APITimeoutError included
+        return True
+    return isinstance(e, openai.APIStatusError) and (e.status_code in (408, 409, 429) or e.status_code >= 500)
+
+
+class Judge:
+    """An OpenAI-compatible chat endpoint used as a grader (see the module docstring).
+    ``base_url`` as for the openai client (``http://host:port/v1``); ``api_key`` defaults to
+    ``$OPENAI_API_KEY`` (or a placeholder for local servers); ``extra_body`` is sent with every
+    request. Usable from several event loops (each gets its own client and semaphore)."""
+
+    def __init__(self, model: str, base_url: str, api_key: str | None = None, *, timeout: float = 60.0,
+                 retries: int = 2, max_concurrency: int = 8, backoff: float = 0.5, max_tokens: int = 1024,
+                 temperature: float = 0.0, cache_size: int = 4096, cache_ttl: float | None = None,
+                 extra_body: dict[str, Any] | None = None):
+        if max_concurrency < 1 or retries < 0 or timeout <= 0:
+            raise ValueError("Judge needs max_concurrency >= 1, retries >= 0 and timeout > 0")
+        self.model, self.base_url = model, base_url
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.timeout, self.retries, self.max_concurrency, self.backoff = timeout, retries, max_concurrency, backoff
+        self.max_tokens, self.temperature, self.extra_body = max_tokens, temperature, extra_body
+        self.cache_size, self.cache_ttl = cache_size, cache_ttl
+        self._cache: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> (client, semaphore)
+        self.reset_stats()
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self._stats = dict.fromkeys(("requests", "calls", "cache_hits", "retries", "errors", "prompt_tokens",
+                                     "completion_tokens"), 0)
+        self._latency_sum, self._latency_max = 0.0, 0.0
+
+    def stats(self, reset: bool = False) -> dict[str, float]:
+        """Counters since creation (or the last reset); ``reset=True`` zeroes them (per-step logging)."""
+        n = self._stats["requests"]
+        out = {**self._stats, "latency_mean": self._latency_sum / n if n else 0.0, "latency_max": self._latency_max}
+        if reset:
+            self.reset_stats()
+        return out
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    @staticmethod
+    def _note(rollouts: list[Rollout], share: bool = True, **values: float) -> None:
+        for ro in rollouts:
+            for k, v in values.items():
+                key = f"judge/{k}"
+                ro.metrics[key] = ro.metrics.get(key, 0.0) + (v / len(rollouts) if share else v)
+
+    def _resources(self) -> tuple[Any, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        res = self._loops.get(loop)
+        if res is None:
+            try:
+                from openai import AsyncOpenAI
+            except ImportError:
+                raise ImportError("rlft's LLM judge needs the openai package: pip install openai") from None
+            client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0)
+            res = self._loops[loop] = (client, asyncio.Semaphore(self.max_concurrency))
+        return res
+
+    async def aclose(self) -> None:
+        """Close this event loop's HTTP client (others are dropped with their loops)."""
+        res = self._loops.pop(asyncio.get_running_loop(), None)
+        if res is not None:
+            await res[0].close()
+
+    # -- one judged call ------------------------------------------------------------------------------
+    async def ask(self, messages: list[Message], parse: Callable[[str], Any], rollouts: Sequence[Rollout] = ()) -> Any:
+        """Send ``messages`` (or reuse a cached or in-flight identical call) and return
+        ``parse(reply)``; raises ``JudgeError``. Per-rollout metrics go to ``rollouts``."""
+        rollouts = list(rollouts)
+        key = hashlib.sha256(json.dumps([self.model, messages], sort_keys=True, default=str).encode()).hexdigest()
+        loop, t0 = asyncio.get_running_loop(), time.perf_counter()
+        try:
+            text = self._cached(key)
+            fut = self._inflight.get(key)
+            if text is None and fut is not None and fut.get_loop() is loop and not fut.done():
+                text = await asyncio.shield(fut)  # an identical call is in flight: share its reply
+            if text is not None:
+                self._stats["cache_hits"] += 1
+                self._note(rollouts, share=False, cache_hits=1)
+                return parse(text)
+            fut = self._inflight[key] = loop.create_future()
+            try:
+                text = await self._request(messages, parse, rollouts)
+            except BaseException as e:
+                fut.set_exception(e if isinstance(e, JudgeError) else JudgeError(
+                    f"the identical judge call this one waited on failed: {type(e).__name__}"))
+                fut.exception()  # retrieved: no "never retrieved" warning when nobody waited
+                raise
+            else:
+                fut.set_result(text)
+                if self.cache_size > 0:
+                    self._cache[key] = (time.monotonic(), text)
+                    while len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
+            finally:
+                if self._inflight.get(key) is fut:
+                    del self._inflight[key]
+            return parse(text)
+        except JudgeError:
+            self._note(rollouts, share=False, errors=1)
+            raise
+        finally:
+            self._note(rollouts, share=False, latency=time.perf_counter() - t0)
+
+    def _cached(self, key: str) -> str | None:
+        hit = self._cache.get(key)
+        if hit is None or (self.cache_ttl is not None and time.monotonic() - hit[0] > self.cache_ttl):
+            self._cache.pop(key, None)  # expired
+            return None
+        self._cache.move_to_end(key)
+        return hit[1]
+
+    async def _request(self, messages: list[Message], parse: Callable[[str], Any], rollouts: list[Rollout]) -> str:
+        client, sem = self._resources()
+        self._stats["calls"] += 1
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self._stats["retries"] += 1
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            async with sem:
+                t0 = time.perf_counter()
+                self._stats["requests"] += 1
+                self._note(rollouts, requests=1)
+                try:
+                    resp = await asyncio.wait_for(client.chat.completions.create(
+                        model=self.model, messages=messages, temperature=self.temperature,
+                        max_tokens=self.max_tokens, **({"extra_body": self.extra_body} if self.extra_body else {})),
+                        self.timeout)
+                except Exception as e:  # noqa: BLE001 - classified below
+                    if isinstance(e, asyncio.TimeoutError):
+                        e = TimeoutError(f"no reply within {self.timeout}s")
+                    if not _retryable(e):
+                        self._stats["errors"] += 1
+                        raise JudgeError(f"judge {self.model!r} at {self.base_url}: {type(e).__name__}: {e}") from e
+                    last = e
+                    continue
+                finally:
+                    dt = time.perf_counter() - t0
+                    self._latency_sum, self._latency_max = self._latency_sum + dt, max(self._latency_max, dt)
+            u = getattr(resp, "usage", None)
+            pt, ct = (u.prompt_tokens or 0, u.completion_tokens or 0) if u is not None else (0, 0)
+            self._stats["prompt_tokens"] += pt
+            self._stats["completion_tokens"] += ct
+            self._note(rollouts, prompt_tokens=pt, completion_tokens=ct)
+            text = (resp.choices[0].message.content or "") if resp.choices else ""
+            try:
+                parse(text)
+            except JudgeParseError as e:
+                last = e
+                continue
+            return text
+        self._stats["errors"] += 1
+        raise JudgeError(f"judge {self.model!r} at {self.base_url} failed after {self.retries + 1} attempt(s): "
+                         f"{type(last).__name__}: {last}") from last
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+    def rubric_messages(self, rubric: Rubric, rollout: Rollout) -> list[Message]:
+        before, final = _split_final(rollout)
+        neg = rubric.kind == "negative"
+        if rubric.score_map:
+            levels = ", ".join(f'"{k}" ({v:g})' for k, v in rubric.score_map.items())
+            how = f'Choose exactly one level; "score" is its name, one of: {levels}.'
+        else:
+            how = (f'"score" is a number from 0 ({"the fault is absent" if neg else "does not meet it at all"}) to 1 '
+                   f'({"the fault is clearly present" if neg else "fully meets it"}).')
+        how = ("The rubric describes a fault: score how present it is in the final answer. " if neg else "") + how
+        user = (f"<conversation>\n{render_messages(before)}\n</conversation>\n\n"
+                f"<final_answer>\n{final or '(no final answer)'}\n</final_answer>\n\n{_reference(rollout)}"
+                f"<rubric kind=\"{rubric.kind}\">\n{rubric.title}\n{rubric.description}\n</rubric>\n\n"
+                f'{how}\nReply with JSON only: {{"reasoning": "...", "score": ...}}')
+        return [{"role": "system", "content": SCORE_SYSTEM}, {"role": "user", "content": user}]
+
+    def ranking_messages(self, title: str, description: str, rollouts: list[Rollout]) -> list[Message]:
+        first = rollouts[0].messages
+        k = next((i for i, m in enumerate(first) if m.get("role") == "assistant"), len(first))
+        cands = []
+        for i, ro in enumerate(rollouts, 1):
+            n = next((j for j, m in enumerate(ro.messages) if m.get("role") == "assistant"), len(ro.messages))
+            cands.append(f"## Candidate {i}\n{render_messages(ro.messages[n:]) or '(no answer)'}")
+        example = ", ".join(map(str, range(1, len(rollouts) + 1)))
+        user = (f"<conversation>\n{render_messages(first[:k])}\n</conversation>\n\n<candidates>\n"
+                + "\n\n".join(cands) + f"\n</candidates>\n\n{_reference(rollouts[0])}"
+                f"<criterion>\n{title}\n{description}\n</criterion>\n\n"
+                f"Rank all {len(rollouts)} candidates from best to worst on the criterion.\n"
+                f'Reply with JSON only: {{"reasoning": "...", "ranking": [{example}]}} '
+                "(that order is only an example; list each candidate number once).")
+        return [{"role": "system", "content": RANK_SYSTEM}, {"role": "user", "content": user}]
+
+    # -- rewards ---------------------------------------------------------------------------------------------
+    def reward(self, rubric: Rubric, weight: float | None = None, *, name: str | None = None,
+               timeout: float | None = None) -> Reward:
+        """A ``Reward`` scoring ``rubric`` with one judge call per rollout. ``weight``: +1 for a
+        positive rubric, -1 for a negative one by default (0 logs it only; the sign must match)."""
+        if not isinstance(rubric, Rubric):
+            raise TypeError(f"judge.reward needs a Rubric, got {type(rubric).__name__}")
+        sign = 1.0 if rubric.kind == "positive" else -1.0
+        weight = sign if weight is None else float(weight)
+        if weight * sign < 0:
+            raise ValueError(f"rubric {rubric.title!r} is {rubric.kind}: its weight must be "
+                             f"{'>=' if sign > 0 else '<='} 0, got {weight} (a {rubric.kind} rubric with that sign "
+                             "would reward the opposite)")
+        name = name or slugify(rubric.title)
+
+        async def judge_rubric(rollout: Rollout) -> float:
+            return await self.ask(self.rubric_messages(rubric, rollout),
+                                  lambda text: parse_score(text, rubric.score_map), [rollout])
+
+        judge_rubric.__name__ = name
+        return Reward(judge_rubric, weight=weight, name=name, timeout=timeout)
+
+    def rewards(self, rubrics: Sequence[Rubric]) -> list[Reward]:
+        """One ``Reward`` per rubric, default weights (one call each: see the module docstring)."""
+        out = [self.reward(r) for r in rubrics]
+        names = [r.name for r in out]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rubric titles must give distinct names, got {names}")
+        return out
+
+    def ranking(self, title: str, description: str, weight: float = 1.0, *, name: str | None = None,
+                timeout: float | None = None) -> Reward:
+        """A group ``Reward``: one call ranks the G siblings; rank r scores ``1 - r / (G - 1)``."""
+        name = name or slugify(title)
+
+        async def judge_ranking(rollouts: list[Rollout]) -> list[float]:
+            g = len(rollouts)
+            if g == 1:
+                return [1.0]
+            ranking = await self.ask(self.ranking_messages(title, description, rollouts),
+                                     lambda text: parse_ranking(text, g), rollouts)
+            scores = [0.0] * g
+            for r, cand in enumerate(ranking):
+                scores[cand - 1] = 1.0 - r / (g - 1)
+            return scores
+
+        judge_ranking.__name__ = name
+        return Reward(judge_ranking, weight=weight, name=name, group=True, timeout=timeout)
