@@ -44,6 +44,13 @@ def group_metrics(groups: list[Group], success_threshold: float = 0.0) -> dict[s
     components = sorted({k for r in rollouts for k in r.rewards})
     for c in components:
         out[f"reward/{c}"] = fmean(r.rewards.get(c, 0.0) for r in rollouts)
+    # per-rollout numbers recorded by the environment, tools and judges (time/rollout,
+    # judge/requests, judge/latency, ...): mean per rollout; judge/* also as step totals
+    for key in sorted({k for r in rollouts for k in r.metrics}):
+        values = [r.metrics.get(key, 0.0) for r in rollouts]
+        out[key] = fmean(values)
+        if key.startswith("judge/") and key != "judge/latency":
+            out[key + "_total"] = sum(values)
     for reason, n in Counter(str(r.termination) for r in rollouts).items():
         out[f"termination/{reason}"] = n / len(rollouts)
     return out
