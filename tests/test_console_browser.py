@@ -1,0 +1,289 @@
+"""rlft console in a real browser: headless Chromium (Debian's package) driven by Playwright for
+Python, against a console serving the run store of a real tiny-model training run (see
+test_console_api.workspace) and a fake OpenAI-compatible server for the chat tab.
+
+Every tab loads and draws, charts have points, a filter narrows the rollouts, a transcript opens,
+a chat round trip streams its answer, a running run's charts grow, the token is kept by the page,
+and the XSS payloads in the store stay text: no dialog, no injected element, no CSP violation.
+Screenshots go to $RLFT_SCREENSHOTS (default /tmp/rlft-console-shots). Skips when Playwright or
+Chromium is missing.
+"""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+CHROMIUM = os.environ.get("RLFT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM:
+    pytest.skip("no chromium on PATH (apt-get install chromium)", allow_module_level=True)
+
+from test_console_api import CHAT_REPLY, BackgroundServer, fake_names, fake_openai, workspace  # noqa: E402
+
+from rlft.console.app import create_app  # noqa: E402
+
+SHOTS = Path(os.environ.get("RLFT_SCREENSHOTS", "/tmp/rlft-console-shots"))
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+WATCH = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation', e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));
+"""
+# Charts on the page now: [title, number of x points, number of series] (the test hook is RL.charts).
+CHARTS_JS = ("() => RL.charts.filter(c => document.body.contains(c.u.root))"
+             ".map(c => [c.title, c.u.data[0].length, c.u.data.length - 1])")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return workspace(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def console(ws):
+    with BackgroundServer(fake_openai(fake_names(ws))) as fake:
+        with BackgroundServer(create_app(ws.runs, serve_url=fake.url, poll_ms=300)) as srv:
+            yield srv
+
+
+@pytest.fixture(scope="module")
+def browser(console):  # after the workspace: Playwright's sync API keeps an event loop running in this thread
+    try:
+        pw = sync_api.sync_playwright().start()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"playwright could not start: {e}")
+    try:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    except Exception as e:  # noqa: BLE001
+        pw.stop()
+        pytest.skip(f"chromium did not launch: {e}")
+    yield b
+    b.close()
+    pw.stop()
+
+
+class Watched:
+    """A page plus everything that must stay empty: dialogs, page errors, console errors."""
+
+    def __init__(self, browser, base_url):
+        self.context = browser.new_context(viewport={"width": 1400, "height": 900}, base_url=base_url)
+        self.context.add_init_script(WATCH)
+        self.page = self.context.new_page()
+        self.dialogs, self.errors = [], []
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+
+    def open(self, hash_: str, wait_for: str, state: str = "visible"):
+        self.page.goto("/#" + hash_)
+        self.page.wait_for_selector(wait_for, timeout=10_000, state=state)
+        return self.page
+
+    def shot(self, name: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+    def assert_clean(self) -> None:
+        p = self.page
+        assert self.dialogs == [], f"a dialog fired: {self.dialogs}"
+        assert self.errors == [], f"errors in the page: {self.errors}"
+        assert p.evaluate("() => window.__csp") == [], "CSP violations: something tried to inject"
+        assert p.evaluate("() => window.__pwned") is None
+        injected = p.evaluate("""() => ({
+            img: document.querySelectorAll('img').length,
+            scripts: [...document.scripts].filter(s => !s.src).length,
+            bold: document.querySelectorAll('main b').length,
+            js_links: [...document.querySelectorAll('a')]
+                .filter(a => /^javascript:/i.test(a.getAttribute('href') || '')).length,
+            handlers: [...document.querySelectorAll('*')]
+                .filter(e => [...e.attributes].some(a => a.name.startsWith('on'))).length,
+        })""")
+        assert injected == {"img": 0, "scripts": 0, "bold": 0, "js_links": 0, "handlers": 0}, injected
+
+
+@pytest.fixture
+def w(browser, console):
+    watched = Watched(browser, console.url)
+    yield watched
+    watched.assert_clean()
+    watched.context.close()
+
+
+def test_runs_list_sorts_filters_and_links_to_runs(w, ws):
+    page = w.open("/", "#runs-table tbody tr")
+    assert page.locator("#runs-table tbody tr").count() == 3
+    assert page.inner_text(f"#runs-table tbody tr[data-run='{ws.failed_id}'] .err").startswith("RuntimeError")
+    page.click("#runs-table th[data-key='name']")
+    names = page.locator("#runs-table tbody tr td:nth-child(2) a").all_inner_texts()
+    assert names == sorted(names)
+    w.shot("01-runs")
+    page.fill("#runs-filter", "doomed")
+    assert page.locator("#runs-table tbody tr").count() == 1
+    page.fill("#runs-filter", "")
+    page.select_option("#runs-status", "running")
+    assert "live-run" in page.locator("#runs-table tbody tr").all_inner_texts()[0]
+    page.select_option("#runs-status", "")
+    page.click(f"#runs-table tr[data-run='{ws.run_id}'] a")
+    page.wait_for_selector("#train-charts .chart")
+
+
+def test_train_tab_charts_have_points_and_smoothing_changes_them(w, ws):
+    page = w.open(f"/run/{ws.run_id}/train", "#train-charts .chart")
+    charts = {title: (n, s) for title, n, s in page.evaluate(CHARTS_JS)}
+    for title in ("Reward (mean, max)", "pass@k · max@k · solve rate", "Reward components", "Policy loss",
+                  "Learning rate", "Time per phase (s)", "Throughput (sampled tokens/s)",
+                  "Response length (sampled tokens)"):
+        assert charts[title][0] == 3, (title, charts)
+    assert charts["Reward components"][1] == 2 and charts["Held-out eval"][0] == 3  # eval at steps 0, 2, 3
+    raw = page.evaluate("() => RL.charts.find(c => c.title.startsWith('Reward (')).u.data[1].slice()")
+    page.locator("#ema").fill("0.9")
+    page.wait_for_function("() => document.querySelector('.smoothing .num').textContent === '0.90'")
+    smooth = page.evaluate("() => RL.charts.find(c => c.title.startsWith('Reward (')).u.data[1].slice()")
+    assert smooth[0] == pytest.approx(raw[0]) and smooth[2] != pytest.approx(raw[2])
+    page.locator("#ema").fill("0")
+    w.shot("02-train")
+
+
+def test_a_running_run_updates_live(w, ws):
+    page = w.open(f"/run/{ws.live_id}/train", "#train-charts .chart")
+    assert "live" in page.inner_text("#train-live")
+    n = page.evaluate("() => RL.charts.find(c => c.title.startsWith('Reward (')).u.data[0].length")
+    step = n + 1
+    ws.store.log_metrics(ws.live_id, step, {"reward/mean": 0.5, "pass@k": 0.9, "loss/policy": -0.05})
+    ws.store.update_run(ws.live_id, step=step)
+    page.wait_for_function("n => RL.charts.find(c => c.title.startsWith('Reward (')).u.data[0].length === n", arg=step,
+                           timeout=5000)
+    assert page.inner_text("#run-header").count(f"{step} / 50") == 1
+    w.shot("03-train-live")
+
+
+def test_eval_tab_compares_base_and_latest_with_deltas(w, ws):
+    page = w.open(f"/run/{ws.run_id}/eval", "#eval-compare")
+    assert page.locator("#eval-table tbody tr").count() == 4  # steps 0, 2, 3 + the external model
+    assert page.locator("#eval-table tr.external").inner_text().count("<script>") == 1  # shown as text
+    [(title, points, series)] = page.evaluate(CHARTS_JS)
+    assert title == "Eval metrics per checkpoint" and points == 3 and series >= 6
+    rows = page.locator("#eval-compare tbody tr")
+    metrics = rows.evaluate_all("rs => rs.map(r => r.dataset.metric)")
+    assert {"reward/mean", "pass@k", "reward/variety", "reward/short"} <= set(metrics)
+    assert page.locator("#eval-compare th").nth(1).inner_text().startswith("A: step 0 (base)")
+    page.locator("#eval-table tr.external input[name='eval-b']").check()
+    assert page.locator("#eval-compare th").nth(2).inner_text().startswith("B: external")
+    assert page.locator("#eval-compare tr[data-metric='reward/mean'] td.delta").inner_text() != "–"
+    w.shot("04-eval")
+
+
+def test_rollouts_filter_search_transcript_heatmap_and_xss_stays_text(w, ws):
+    page = w.open(f"/run/{ws.run_id}/rollouts", "#rollout-list tbody tr")
+    assert page.inner_text("#rollout-count").startswith("26 rollouts")
+    assert int(page.get_attribute("#heatmap canvas", "data-cells")) >= 4
+    first = ws.store.reward_heatmap(ws.run_id)  # click the first example's first sampled step
+    example = min(first)
+    page.click("#heatmap canvas", position={"x": 3 + 28 * [1, 2, 3].index(min(first[example])), "y": 2})
+    page.wait_for_function("e => document.querySelector('#f-example').value === String(e)", arg=example)
+    page.wait_for_function("() => document.querySelector('#rollout-count').textContent.startsWith('4 rollouts')")
+    page.click("#f-reset")
+    page.select_option("#f-step", "2")
+    page.wait_for_function("() => document.querySelector('#rollout-count').textContent.startsWith('8 rollouts')")
+    page.click("#f-reset")
+    page.fill("#f-search", "zebracorn")
+    page.wait_for_function("() => document.querySelector('#rollout-count').textContent.startsWith('2 rollouts')")
+    page.select_option("#f-term", "reward_error")
+    page.wait_for_function("() => document.querySelector('#rollout-count').textContent.startsWith('1 rollouts')")
+    page.click("#rollout-list tbody tr")
+    page.wait_for_selector("#transcript .msg")
+    roles = page.locator("#transcript .msg .role").all_inner_texts()
+    assert [r.lower() for r in roles] == ["system", "user", "assistant", "tool", "assistant"]
+    text = page.inner_text("#transcript")
+    for shown in ("<script>alert('xss-script');window.__pwned=1</script>", "<img src=x onerror=",
+                  "[click](javascript:alert('xss-md'))", "<a href=\"javascript:alert('xss-a')\">link</a>",
+                  "calc<img src=x onerror=alert('xss-toolname')>", "6*7 <script>alert('xss-args')</script>",
+                  "ZeroDivisionError: division by zero <img src=x onerror=alert('xss-tb')>", "env log <script>",
+                  "Let me check <b>bold</b>"):
+        assert shown in text, shown
+    assert page.locator("#transcript .error-box").count() == 1
+    w.shot("05-rollouts-transcript")
+    page.click("#f-reset")
+    page.select_option("#f-comp", "short")
+    page.fill("#f-cmin", "1")
+    page.wait_for_function("() => !document.querySelector('#rollout-count').textContent.startsWith('26 ')")
+    shown = page.locator("#rollout-list tbody tr td:nth-child(6)").all_inner_texts()
+    assert shown and all("short 1" in s and "short 0" not in s for s in shown)
+
+
+def test_logs_tab_counts_terminations_and_a_failed_run_shows_why_first(w, ws):
+    page = w.open(f"/run/{ws.run_id}/logs", "#log-list .log")
+    assert page.locator("#term-train tr[data-reason='reward_error']").count() == 1
+    assert page.locator("#rollout-errors li").count() == 1
+    assert "tool output was <script>" in page.inner_text("#log-list")
+    page.select_option("#log-level", "warning")
+    page.wait_for_function("() => !document.querySelector('#log-list .lv-info')")
+    assert "tool output was <script>" in page.inner_text("#log-list")
+    w.shot("06-logs")
+    page.click("#rollout-errors li a")
+    page.wait_for_selector("#transcript .error-box")
+    page = w.open(f"/run/{ws.failed_id}/train", "#run-failure")
+    failure = page.locator("#run-failure")
+    assert failure.is_visible() and "validation failed" in failure.inner_text()
+    assert "ZeroDivisionError: reward bug on purpose" in page.inner_text("#run-failure pre.tb")
+    w.shot("07-failed-run")
+
+
+def test_config_tab_shows_the_resolved_config_and_source_as_text(w, ws):
+    page = w.open(f"/run/{ws.run_id}/config", "#config-table")
+    assert page.inner_text("#config-table tr[data-key='steps'] td:nth-child(2)") == "3"
+    source = page.inner_text("#env-source")
+    assert "def variety(ro):" in source and "<script>alert(" in source and "<img src=x onerror=" in source
+    assert page.locator("#checkpoints tr").count() == 1
+    page.fill("#config-filter", "lora")
+    assert page.locator("#config-table tr:not([hidden])").count() < 10
+    w.shot("08-config")
+
+
+def test_chat_round_trip_streams_the_answer_as_text(w, ws):
+    page = w.open(f"/run/{ws.run_id}/chat", "#chat-model option", state="attached")
+    assert page.input_value("#chat-model") == f"ft:base:{ws.run_id}:latest"
+    page.wait_for_function("() => document.querySelector('#chat-system').value.startsWith('Answer briefly.')")
+    page.fill("#chat-input", "hello <b>there</b>")
+    page.click("#chat-send")
+    page.wait_for_selector("#chat-log .role-assistant .done")
+    answer = page.inner_text("#chat-log .role-assistant .content")
+    assert answer == "".join(CHAT_REPLY)
+    assert page.inner_text("#chat-log .role-user .content") == "hello <b>there</b>"
+    assert f"ft:base:{ws.run_id}:latest · stop" in page.inner_text("#chat-log .role-assistant .done")
+    w.shot("09-chat")
+
+
+def test_compare_overlays_runs_on_the_same_charts(w, ws):
+    page = w.open("/", "#runs-table tbody tr")
+    for rid in (ws.run_id, ws.live_id):
+        page.check(f"#runs-table tr[data-run='{rid}'] input[type=checkbox]")
+    page.click("#compare-selected")
+    page.wait_for_selector("#compare-charts .chart")
+    charts = {t: (n, s) for t, n, s in page.evaluate(CHARTS_JS)}
+    assert charts["reward/mean"][1] == 2 and charts["reward/mean"][0] >= 3
+    assert page.inner_text("#config-diff tr[data-key='steps']").split("\t")[1:] == ["3", "50"]
+    page.select_option("#compare-add", "optim/lr")
+    page.wait_for_function("() => RL.charts.some(c => c.title === 'optim/lr')")
+    w.shot("10-compare")
+
+
+def test_token_mode_keeps_the_token_for_every_call(browser, ws):
+    with BackgroundServer(create_app(ws.runs, token="browser-token-1", poll_ms=300)) as srv:
+        watched = Watched(browser, srv.url)
+        try:
+            page = watched.page
+            assert watched.context.request.get(srv.url + "/").status == 401
+            page.goto("/?token=browser-token-1#/run/tiny-run/train")
+            page.wait_for_selector("#train-charts .chart", timeout=10_000)
+            assert "token" not in page.url
+            page.click("#tabs a[data-tab='rollouts']")
+            page.wait_for_selector("#rollout-list tbody tr")
+            watched.assert_clean()
+        finally:
+            watched.context.close()
