@@ -72,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("--seed", type=int, default=0)
 
+    from rlft.cli_console import add_console_command
     from rlft.cli_runs import add_run_commands
 
     add_run_commands(cmd)
+    add_console_command(cmd)
     return parser
 
 
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     handler = globals().get(f"cmd_{args.command}")
+    if args.command == "console":
+        from rlft.cli_console import cmd_console
+
+        handler = cmd_console
     if handler is None:
         from rlft import cli_runs
 

