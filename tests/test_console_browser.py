@@ -222,7 +222,8 @@ def test_logs_tab_counts_terminations_and_a_failed_run_shows_why_first(w, ws):
     assert page.locator("#rollout-errors li").count() == 1
     assert "tool output was <script>" in page.inner_text("#log-list")
     page.select_option("#log-level", "warning")
-    page.wait_for_function("() => !document.querySelector('#log-list .lv-info')")
+    page.wait_for_function("() => !document.querySelector('#log-list .lv-info') && "
+                           "document.querySelector('#log-list').innerText.includes('tool output was')")
     assert "tool output was <script>" in page.inner_text("#log-list")
     w.shot("06-logs")
     page.click("#rollout-errors li a")
