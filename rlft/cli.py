@@ -18,7 +18,8 @@ EPILOG = {
     "validate": "example:\n  rlft validate config.toml            # one group of 2 rollouts, transcripts, rewards\n"
                 "  rlft validate config.toml --signal   # base reward, pass@k, tied groups, advice",
     "eval": "example:\n  rlft eval config.toml                      # the base model\n"
-            "  rlft eval config.toml --run my-run --step latest --k 8 --json",
+            "  rlft eval config.toml --run my-run --step latest --k 8 --json\n"
+            "  OPENAI_API_KEY=... rlft eval config.toml --base-url https://api.openai.com/v1 --model gpt-4o-mini",
     "config": "example:\n  rlft config --list\n  rlft config config.toml --set steps=5   # print the resolved config",
     "demo": "example:\n  rlft demo                  # SmolLM2-135M-Instruct + LoRA on the bundled task\n"
             "  rlft demo --set steps=10",
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default="latest", help="checkpoint step or 'latest' (with --run)")
     p.add_argument("--k", type=int, default=None, help="samples per prompt (default: config eval_k)")
     p.add_argument("--limit", type=int, default=None, help="eval prompts (default: config eval_max_examples)")
+    p.add_argument("--base-url", help="evaluate an external OpenAI-compatible model at this URL (with --model)")
+    p.add_argument("--model", dest="external_model", help="the external model's name (with --base-url)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--price", metavar="IN,OUT", help="USD per million prompt,completion tokens (cost per request)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = cmd("config", "list every config key, or print a resolved config")
@@ -198,40 +203,51 @@ def cmd_validate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from rlft.checkpoint import checkpoint_dir, latest_checkpoint, load_weights
+    import os
+
     from rlft.evaluate import evaluate
     from rlft.store import RunStore
 
     cfg = _config(args)
-    env, _, eval_set, sampler, policy = _session(cfg)
     label, step, run_id = cfg.model, None, None
-    if args.run:
-        store = RunStore(cfg.runs_dir)
-        run_id = store.resolve(args.run)
-        run_dir = store.run_dir(run_id)
-        if args.step == "latest":
-            found = latest_checkpoint(run_dir)
-            if not found:
-                raise SystemExit(f"run {run_id} has no checkpoint yet")
-            step, path = found
-        else:
-            step, path = int(args.step), checkpoint_dir(run_dir, int(args.step))
-        if not policy.is_lora and (path / "adapter_config.json").exists():
-            from rlft.policy import load_policy
+    if args.base_url:  # an external model: message-level rollouts, usage and cost recorded
+        from rlft.engines.base import SamplingParams
+        from rlft.engines.chat import ChatEngine
+        from rlft.env import Sampler
+        from rlft.loader import load_data, load_environment
 
-            from rlft.train import make_engine
-
-            policy = load_policy(str(path), dtype=cfg.dtype)
-            sampler.engine = make_engine(cfg, policy)
-        else:
-            load_weights(policy, path)
-        label = f"ft:{cfg.model}:{run_id}:{step}"
+        if not args.external_model:
+            raise SystemExit("--base-url needs --model NAME")
+        env, module, _ = load_environment(cfg.env)
+        _, eval_set = load_data(cfg, module)
+        prices = {}
+        if args.price:
+            pin, pout = (float(x) for x in args.price.split(","))
+            prices[args.external_model] = (pin, pout)
+        engine = ChatEngine(args.base_url, args.external_model, api_key=os.environ.get(args.api_key_env), prices=prices)
+        sampler = Sampler(engine, None, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p))
+        label = f"{args.external_model}@{args.base_url}"
+    else:
+        env, _, eval_set, sampler, policy = _session(cfg)
+        if args.run:
+            run_id, step, policy = _load_checkpoint(cfg, args, policy, sampler)
+            label = f"ft:{cfg.model}:{run_id}:{step}"
     k = args.k or cfg.eval_k
     examples = list(eval_set)[: (args.limit or cfg.eval_max_examples) or None]
     if not examples:
         raise SystemExit("the eval split is empty: set eval_fraction, eval_size or eval_data")
     metrics, groups = asyncio.run(evaluate(env, examples, sampler, k=k, temperature=cfg.eval_temperature,
                                            success_threshold=cfg.success_threshold))
+    rollouts = [r for g in groups for r in g.rollouts]
+    requests = sum(r.metrics.get("usage/requests", 0) for r in rollouts)
+    if requests:
+        metrics["cost/total_usd"] = sum(r.metrics.get("usage/cost", 0) for r in rollouts)
+        metrics["cost/per_request_usd"] = metrics["cost/total_usd"] / requests
+        metrics["tokens/prompt"] = sum(r.metrics.get("usage/prompt_tokens", 0) for r in rollouts)
+        metrics["tokens/completion"] = sum(r.metrics.get("usage/completion_tokens", 0) for r in rollouts)
+    else:
+        metrics["tokens/prompt"] = float(sum(len(r.prompt_ids) for r in rollouts))
+        metrics["tokens/completion"] = float(sum(r.num_sampled_tokens for r in rollouts))
     store = RunStore(cfg.runs_dir)
     eval_id = store.add_eval(run_id, model=label, split="eval", k=k, metrics=metrics, step=step)
     if args.json:
@@ -243,6 +259,32 @@ def cmd_eval(args) -> int:
     print(f"eval of {label}: {len(examples)} prompts x {k} samples (stored as eval {eval_id})")
     print_table(["metric", "value"], rows)
     return 0
+
+
+def _load_checkpoint(cfg, args, policy, sampler):
+    """Load a run's checkpoint (``--step N`` or latest) into the session's policy."""
+    from rlft.checkpoint import checkpoint_dir, latest_checkpoint, load_weights
+    from rlft.store import RunStore
+
+    store = RunStore(cfg.runs_dir)
+    run_id = store.resolve(args.run)
+    run_dir = store.run_dir(run_id)
+    if args.step == "latest":
+        found = latest_checkpoint(run_dir)
+        if not found:
+            raise SystemExit(f"run {run_id} has no checkpoint yet")
+        step, path = found
+    else:
+        step, path = int(args.step), checkpoint_dir(run_dir, int(args.step))
+    if not policy.is_lora and (path / "adapter_config.json").exists():
+        from rlft.policy import load_policy
+        from rlft.train import make_engine
+
+        policy = load_policy(str(path), dtype=cfg.dtype)
+        sampler.engine = make_engine(cfg, policy)
+    else:
+        load_weights(policy, path)
+    return run_id, step, policy
 
 
 def cmd_demo(args) -> int:

@@ -214,6 +214,8 @@ class Environment:
         return ro
 
     async def _loop(self, ro: Rollout, sampler: Sampler) -> None:
+        if hasattr(sampler.engine, "chat"):  # an external chat model: messages, no tokens
+            return await self._chat_loop(ro, sampler)
         renderer, tools = sampler.renderer, ro.state["_tools"]
         schemas = self.tool_schemas(tools) or None
         ro.prompt_ids = renderer.render_prompt(ro.messages, schemas)
@@ -259,6 +261,42 @@ class Environment:
             ro.completion_ids += cont
             ro.logprobs += [0.0] * len(cont)
             ro.mask += [0] * len(cont)
+
+    async def _chat_loop(self, ro: Rollout, sampler: Sampler) -> None:
+        """The same loop at the message level, for external chat engines (eval only: such
+        rollouts carry no token ids, so they cannot be trained on)."""
+        schemas = self.tool_schemas(ro.state["_tools"]) or None
+        budget = self.max_tokens
+        while True:
+            if ro.turns >= self.max_turns:
+                ro.termination = Termination.MAX_TURNS
+                return
+            if budget <= 0:
+                ro.termination = Termination.LENGTH
+                return
+            params = replace(sampler.params, max_new_tokens=min(budget, self.max_tokens_per_turn or budget))
+            if params.seed is not None:
+                params.seed = derive_seed(params.seed, ro.example_id, ro.group_index, ro.turns)
+            try:
+                reply = await sampler.engine.chat(ro.messages, schemas, params)
+            except Exception as e:  # noqa: BLE001
+                ro.record_error("model", e)
+                ro.termination = Termination.MODEL_ERROR
+                return
+            ro.turns += 1
+            budget -= reply.completion_tokens
+            for key, value in (("usage/prompt_tokens", reply.prompt_tokens), ("usage/completion_tokens", reply.completion_tokens),
+                               ("usage/requests", 1), ("usage/cost", reply.cost), ("usage/latency", reply.latency)):
+                ro.metrics[key] = ro.metrics.get(key, 0.0) + value
+            ro.messages.append(reply.message)
+            if reply.finish_reason == "length":
+                ro.termination = Termination.LENGTH
+                return
+            new = await self.step(ro, reply.message, reply.calls)
+            if new is None or ro.termination is not None:
+                ro.termination = ro.termination or Termination.FINISHED
+                return
+            ro.messages.extend(new)
 
     async def run_groups(self, examples: list[dict[str, Any]], sampler: Sampler, group_size: int, *,
                          max_concurrency: int = 256, example_ids: list[int] | None = None) -> list[Group]:

@@ -1,0 +1,57 @@
+"""rlft eval against an external OpenAI-compatible model: a real rlft serve on 127.0.0.1 with a
+scripted engine behind it; tool calls come back natively, usage and cost are recorded."""
+
+import json
+import textwrap
+
+import pytest
+
+from rlft.chat import Renderer
+from rlft.cli import main
+from rlft.testing import ScriptedPolicy
+from rlft.tiny import build_tiny_tokenizer
+
+pytest.importorskip("fastapi")
+pytest.importorskip("openai")
+
+ENV = textwrap.dedent('''
+    from rlft.env import Environment
+    from rlft.tools import tool
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    def correct(ro):
+        return float(ro.completion.strip() == str(ro.ground_truth))
+
+    env = Environment(tools=[add], rewards=[correct], max_turns=3)
+    dataset = [{"prompt": f"what is {i} + 2?", "ground_truth": i + 2} for i in range(10)]
+''')
+
+
+def test_external_model_eval_runs_tools_and_records_cost(tmp_path, capsys):
+    from rlft.serve import BackgroundServer, create_app
+
+    renderer = Renderer(build_tiny_tokenizer())
+
+    def script(prompt, turn):
+        if turn == 0:
+            n = int(prompt.split("what is ")[-1].split(" ")[0])
+            return '<tool_call>{"name": "add", "arguments": {"a": %d, "b": 2}}</tool_call>' % n
+        return prompt.split("<|im_start|>tool\n")[-1].split("<|im_end|>")[0]  # repeat the tool result
+
+    (tmp_path / "env.py").write_text(ENV)
+    app = create_app(engines={"scripted-gpt": (ScriptedPolicy(renderer, script), renderer)})
+    with BackgroundServer(app) as srv:
+        code = main(["eval", "--set", f"env={tmp_path / 'env.py'}", "--set", f"runs_dir={tmp_path / 'runs'}",
+                     "--set", "eval_size=3", "--base-url", srv.url + "/v1", "--model", "scripted-gpt",
+                     "--price", "1.0,2.0", "--k", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["model"].startswith("scripted-gpt@")
+    m = out["metrics"]
+    assert m["reward/mean"] == 1.0 and m["rollout/tool_calls"] == 1.0 and m["pass@k"] == 1.0
+    assert m["tokens/prompt"] > 0 and m["tokens/completion"] > 0
+    expected = (m["tokens/prompt"] * 1.0 + m["tokens/completion"] * 2.0) / 1e6
+    assert m["cost/total_usd"] == pytest.approx(expected) and m["cost/per_request_usd"] == pytest.approx(expected / 12)
