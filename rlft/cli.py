@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("demo", "train SmolLM2-135M-Instruct with LoRA on the bundled demo task")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    p = cmd("init", "scaffold a project (env.py, data, config.toml, README) that trains out of the box")
+    p.add_argument("dir", help="new project directory")
+    p.add_argument("--template", default="extraction", help="extraction (default) | tools")
+    p.epilog = "example:\n  rlft init my-task --template tools && cd my-task && rlft validate config.toml"
+
     p = cmd("tiny", "build a small pretrained model offline (for tests and quick experiments)")
     p.add_argument("out", help="output directory")
     p.add_argument("--seed", type=int, default=0)
@@ -291,6 +296,14 @@ def cmd_demo(args) -> int:
     from rlft.demo import run_demo
 
     return run_demo(args.overrides)
+
+
+def cmd_init(args) -> int:
+    from rlft.scaffold import init_project
+
+    out = init_project(args.dir, args.template)
+    print(f"created {out}/ (env.py, data.jsonl, config.toml, README.md); next: cd {out} && rlft validate config.toml")
+    return 0
 
 
 def cmd_tiny(args) -> int:

@@ -136,3 +136,15 @@ def test_bad_inputs_fail_before_training_with_advice(project):
         train(cfg, report_to="tensorbored", run_name="typo")
     store = RunStore(project / "runs", readonly=True)
     assert store.get_run("nomodel")["status"] == "failed" and store.get_run("nomodel")["error"]
+
+
+@pytest.mark.parametrize("template", ["extraction", "tools"])
+def test_init_scaffolds_a_project_that_validates(tmp_path, project, template, capsys):
+    out = tmp_path / f"proj-{template}"
+    assert main(["init", str(out), "--template", template]) == 0
+    assert {p.name for p in out.iterdir()} == {"env.py", "data.jsonl", "config.toml", "README.md"}
+    # validate it end to end (the tiny model stands in for the demo model to keep the test fast)
+    code = main(["validate", str(out / "config.toml"), "--set", f"model={project / 'model'}", "--set", "dtype=float32"])
+    assert code == 0, capsys.readouterr().out
+    with pytest.raises(FileExistsError):
+        main(["init", str(out)])
