@@ -123,3 +123,17 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[int]:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(step)
     return removed
+
+
+def resolve_checkpoint(run_dir: str | Path, step: str | int = "latest") -> tuple[int, Path]:
+    """(step, path) of ``step`` ("latest" or a number) in a run directory; a clear error if absent."""
+    if str(step) == "latest":
+        found = latest_checkpoint(run_dir)
+        if not found:
+            raise FileNotFoundError(f"run directory {run_dir} has no checkpoint yet")
+        return found
+    path = checkpoint_dir(run_dir, int(step))
+    if not (path / STATE_FILE).exists():
+        have = ", ".join(str(s) for s, _ in list_checkpoints(run_dir)) or "none"
+        raise FileNotFoundError(f"no checkpoint at step {step} in {run_dir} (checkpoints: {have})")
+    return int(step), path

@@ -156,19 +156,12 @@ def cmd_stop(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from rlft.checkpoint import checkpoint_dir, latest_checkpoint
+    from rlft.checkpoint import resolve_checkpoint
     from rlft.policy import load_policy
 
     store = _store(args)
     run_id = store.resolve(args.run)
-    run_dir = store.run_dir(run_id)
-    if args.step == "latest":
-        found = latest_checkpoint(run_dir)
-        if not found:
-            raise SystemExit(f"run {run_id} has no checkpoint")
-        step, path = found
-    else:
-        step, path = int(args.step), checkpoint_dir(run_dir, int(args.step))
+    step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
     policy = load_policy(str(path), dtype="float32")
     out = policy.save(args.merge, merged=True) if policy.is_lora else policy.save(args.merge)
     print(f"exported run {run_id} step {step} to {out} (plain transformers: AutoModelForCausalLM.from_pretrained)")
