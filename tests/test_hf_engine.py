@@ -119,6 +119,24 @@ def test_identical_prompts_in_a_group_sample_independently(engine, tiny):
     assert engine.stats.prefill_tokens - before == len(prompt)  # prefilled once for the group
 
 
+def test_shared_system_prompt_is_prefilled_once_and_outputs_match_solo(tiny):
+    model, tok = tiny
+    system = {"role": "system", "content": "you are a tool that answers questions about numbers and cities in json"}
+    prompts = [list(tok.apply_chat_template([system, {"role": "user", "content": q}], add_generation_prompt=True)
+                    ["input_ids"]) for q in ("hi", "what is the sum of 3 and 4 and 5", "city", "capital of the country")]
+    eng = HFEngine(model, tok, seed=0)
+    try:
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+        batched = gather(eng, prompts, greedy)
+        assert eng.stats.prefill_tokens < sum(len(p) for p in prompts) - 2 * 16
+        for p, b in zip(prompts, batched):
+            solo = gather(eng, [p], greedy)[0]
+            assert b.tokens == solo.tokens
+            assert b.logprobs == pytest.approx(solo.logprobs, abs=1e-4)
+    finally:
+        eng.close()
+
+
 def test_max_new_tokens_ends_with_length(engine, tiny):
     _, tok = tiny
     s = gather(engine, [chat(tok, PROMPTS[0])], SamplingParams(temperature=0.0, max_new_tokens=7))[0]
@@ -254,6 +272,34 @@ def test_prompt_longer_than_context_is_rejected(tiny):
             gather(eng, [[5] * 40], SamplingParams(max_new_tokens=2))
         s = gather(eng, [[5] * 28], SamplingParams(temperature=0.0, max_new_tokens=50))[0]
         assert s.finish_reason == "length" and len(s.tokens) == 4
+    finally:
+        eng.close()
+
+
+def test_engine_on_shared_lora_policy_sees_adapter_updates_without_sync(tmp_path):
+    from rlft.policy import LoraSpec, load_policy
+    from rlft.testing_models import save_tiny_model
+
+    policy = load_policy(save_tiny_model(tmp_path), dtype="float32", lora=LoraSpec(rank=4))
+    tok = policy.tokenizer
+    eng = HFEngine.from_policy(policy, seed=0)
+    try:
+        assert not eng.owns_copy and eng.model is policy.model
+        prompt = chat(tok, PROMPTS[0])
+        params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
+        before = gather(eng, [prompt], params)[0]
+        with torch.no_grad():
+            for name, p in policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        with eng.paused():  # what a trainer does around its optimizer step
+            policy.model.train()
+        after = gather(eng, [prompt], params)[0]
+        assert policy.model.training  # the engine restored train mode after each step
+        policy.model.eval()
+        assert after.tokens != before.tokens
+        torch.testing.assert_close(torch.tensor(after.logprobs),
+                                   full_forward_logprobs(policy.model, prompt, after.tokens, 1.0), atol=2e-4, rtol=1e-4)
     finally:
         eng.close()
 

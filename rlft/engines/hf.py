@@ -10,7 +10,9 @@ once: its rows of the KV cache are dropped, so no compute is spent on finished s
 The decode loop is written by hand (``model.generate`` is not used): a left-padded prefill with
 an attention mask and explicit position ids, then one token per step for the whole batch through
 the model's ``forward`` with a KV cache whose buffers grow in chunks (no per-step concatenation
-of the whole cache), then sampling on the last-position logits in float32.
+of the whole cache), then sampling on the last-position logits in float32. Prompts admitted
+together are deduplicated (the G rollouts of a GRPO group prefill once) and a prefix common to
+all of them (system prompt, tool schemas) is prefilled once and shared by their cache rows.
 
 Logprob convention (the trainer must compute the same quantity)
 ----------------------------------------------------------------
@@ -293,7 +295,8 @@ class HFEngine:
     (default: the tokenizer's ``eos_token_id``, the generation config's eos ids, and
     ``<|im_end|>`` & co. when in the vocabulary). ``policy_version``: copied into every Sample
     (the trainer sets it after each optimizer step). ``seed``: the RNG of requests without
-    their own seed.
+    their own seed. ``min_shared_prefix``: shortest common prompt prefix (tokens) worth a
+    separate shared prefill. ``max_prefill_tokens``: padded tokens per prefill forward.
 
     The engine puts the model in eval mode for each step (restoring train mode after), and holds
     :attr:`lock` during every forward pass: wrap optimizer steps on a shared model in
@@ -313,6 +316,7 @@ class HFEngine:
         seed: int | None = None,
         max_prefill_tokens: int = 16384,
         batch_wait_s: float = 0.002,
+        min_shared_prefix: int = 16,
     ):
         if tokenizer is None and hasattr(model, "tokenizer") and hasattr(model, "model"):
             model, tokenizer = model.model, model.tokenizer  # a Policy
@@ -334,6 +338,7 @@ class HFEngine:
         self.max_batch_size = int(max_batch_size)
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.batch_wait_s = float(batch_wait_s)
+        self.min_shared_prefix = max(1, int(min_shared_prefix))
         self.policy_version = int(policy_version)
         self.stop_token_ids = set(stop_token_ids) if stop_token_ids is not None else end_of_turn_ids(
             tokenizer, self.model)
@@ -549,18 +554,33 @@ class HFEngine:
         unique: dict[tuple[int, ...], int] = {}
         rows = [unique.setdefault(tuple(r.prompt), len(unique)) for r in reqs]
         prompts = list(unique)
-        n, width = len(prompts), max(len(p) for p in prompts)
+        n = len(prompts)
+        cache = _EngineCache(self.num_layers)
+        # a prefix shared by all prompts (system prompt, tool schemas) is prefilled once too
+        shared = _common_prefix_len(prompts) if n > 1 else 0
+        shared = min(shared, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 token of its own
+        if shared < self.min_shared_prefix:
+            shared = 0
+        if shared:
+            ids = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=dev)
+            ones = torch.ones((1, shared), dtype=torch.bool, device=dev)
+            self._forward(ids, ones, torch.arange(shared, device=dev)[None], cache)
+            for layer in cache.layers:
+                layer.select(torch.zeros(n, dtype=torch.long, device=dev))
+            self.stats.prefill_tokens += shared
+        width = max(len(p) for p in prompts) - shared
         ids = torch.full((n, width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.bool)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = True
+            ids[i, width - len(p) + shared:] = torch.tensor(p[shared:], dtype=torch.long)
+            mask[i, width - len(p) + shared:] = True
         ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.long().cumsum(-1) - 1).clamp_(min=0)
-        cache = _EngineCache(self.num_layers)
+        pos = (mask.long().cumsum(-1) - 1).clamp_(min=0) + shared
+        if shared:  # cache layout per row: [shared prefix | padding | own suffix]
+            mask = torch.cat([torch.ones((n, shared), dtype=torch.bool, device=dev), mask], dim=1)
         logits = self._forward(ids, mask, pos, cache)
         self.stats.prefill_batches += 1
-        self.stats.prefill_tokens += int(mask.sum())
+        self.stats.prefill_tokens += int(mask.sum()) - n * shared
         if n < len(reqs):
             index = torch.tensor(rows, dtype=torch.long, device=dev)
             for layer in cache.layers:
@@ -697,6 +717,15 @@ def end_of_turn_ids(tokenizer: Any, model: Any = None) -> set[int]:
     if not ids:
         raise ValueError("The tokenizer has no eos token and no known end-of-turn token: pass stop_token_ids=.")
     return ids
+
+
+def _common_prefix_len(seqs: list[tuple[int, ...]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
 
 
 def _pad_id(tokenizer: Any) -> int:
