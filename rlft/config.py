@@ -63,6 +63,11 @@ class TrainConfig:
     max_concurrency: int = 256  # rollouts in flight at once
     engine: str = "hf"  # hf (in-process) | vllm | openai (remote server)
     engine_url: str = ""  # base URL of the remote engine (engine = openai)
+    engine_model: str = ""  # the base model's name on the remote engine (empty = model)
+    sync_check: bool = True  # after each weight sync, probe the engine; stale/mismatched weights stop the run
+    sync_tolerance: float = 0.15  # max mean |engine - trainer| logprob on the sync probe (nats; bf16 noise ~0.05)
+    vllm_gpu_memory_utilization: float = 0.3  # GPU memory share for vLLM (colocated with the trainer)
+    vllm_sleep: bool = True  # vLLM sleeps (frees its GPU memory) during each policy update
     # -- algorithm -----------------------------------------------------------------------
     algorithm: str = "rlft"  # preset for the fields left at auto: rlft | grpo | dr_grpo | dapo | gspo | rloo
     baseline: str = "auto"  # mean | rloo
@@ -124,6 +129,8 @@ class TrainConfig:
         _check_choice(out, "lr_schedule", ("constant", "cosine"))
         _check_choice(out, "std_normalize", ("true", "false"))
         _check_choice(out, "engine", ("hf", "vllm", "openai"))
+        if out.engine == "openai" and not out.engine_url:
+            raise ConfigError("engine = \"openai\" needs engine_url (the server's base URL, e.g. http://host:8000)")
         for k in ("batch_size", "group_size", "steps", "max_seq_len", "micro_batch_tokens", "epochs"):
             if getattr(out, k) < 1:
                 raise ConfigError(f"{k} must be at least 1, got {getattr(out, k)}")

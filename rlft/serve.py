@@ -12,6 +12,11 @@ Routes (FastAPI + uvicorn; names, loading and the request/sample translation: :m
   text), ``seed`` (choice ``i`` uses ``seed + i``), ``logprobs``; ``usage`` in every response.
   Tool calls come back OpenAI-style (``finish_reason: "tool_calls"``, ``arguments`` a JSON string).
   The ``model`` of a response is the concrete name that answered (``...:latest`` -> ``...:<step>``).
+- ``POST /v1/completions`` (vLLM's names): ``prompt`` as token ids (``[1, 2, 3]``), a string, or a
+  list of either; ``n``, ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop``, ``seed``,
+  ``logprobs`` (0 = the sampled token's logprob only), ``return_token_ids`` (each choice gets
+  ``token_ids``, the sampled ids exactly, and ``prompt_token_ids``). The prompt is sent to the
+  model as is: no chat template. ``rlft.engines.remote.RemoteEngine`` samples through this route.
 - ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}`` and ``/v1/unload_lora_adapter``
   ``{"lora_name"}`` (vLLM's routes): serve a LoRA adapter directory under a name (an rlft
   checkpoint loads on its recorded base, a plain peft adapter on the served base).
@@ -34,8 +39,9 @@ params)`` (an async iterator of cumulative ``(tokens, logprobs)`` snapshots endi
 and any other engine's finished sample is sent in per-token chunks. With tools active a reply is
 sent when complete (a call is recognisable only whole), as one content and/or tool_calls delta.
 
-Left out: ``/v1/completions``, embeddings, ``top_logprobs`` > 0, images/audio parts, and (accepted,
-ignored) presence/frequency penalties, ``logit_bias``, ``response_format``, ``parallel_tool_calls``.
+Left out: streaming and ``echo`` on ``/v1/completions``, embeddings, ``top_logprobs`` > 0, images/audio
+parts, and (accepted, ignored) presence/frequency penalties, ``logit_bias``, ``response_format``,
+``parallel_tool_calls``.
 """
 
 from __future__ import annotations
@@ -66,8 +72,8 @@ from rlft.engines.base import Sample, SamplingParams
 from rlft.serve_models import (APIError, ModelNotFoundError, ModelRegistry, ServedModel, chat_messages, cut_stop,
                                 final_choice, held_text, token_logprobs, token_stream, tool_setup)
 
-__all__ = ["APIError", "BackgroundServer", "ChatRequest", "add_serve_arguments", "create_app", "run_server",
-           "serve_main", "token_stream"]
+__all__ = ["APIError", "BackgroundServer", "ChatRequest", "CompletionRequest", "add_serve_arguments", "create_app",
+           "run_server", "serve_main", "token_stream"]
 
 
 class ChatRequest(BaseModel):
@@ -92,6 +98,27 @@ class ChatRequest(BaseModel):
     return_token_ids: bool = False
 
 
+class CompletionRequest(BaseModel):
+    """``/v1/completions`` (the legacy OpenAI route, with vLLM's token-id extensions)."""
+
+    model_config = ConfigDict(extra="allow")  # other OpenAI/vLLM fields are accepted and ignored
+
+    model: str
+    prompt: Any  # token ids, a string, or a list of either (checked in _completion_prompts)
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    max_tokens: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
+    stream: bool = False
+    return_token_ids: bool = False
+    max_completion_tokens: None = None  # (chat only; lets _sampling read both request kinds)
+
+
 class LoraRequest(BaseModel):
     lora_name: str = Field(min_length=1)
     lora_path: str = ""  # load only
@@ -99,17 +126,19 @@ class LoraRequest(BaseModel):
 
 # -- requests -> sampling params ------------------------------------------------------------------
 
-def _sampling(req: ChatRequest, prompt_len: int, context: int | None, default_max: int) -> list[SamplingParams]:
+def _sampling(req: ChatRequest | CompletionRequest, prompt_len: int, context: int | None,
+              default_max: int) -> list[SamplingParams]:
     limit = req.max_completion_tokens or req.max_tokens
     room = context - prompt_len if context else None
+    what = "messages" if isinstance(req, ChatRequest) else "prompt"
     if room is not None and room <= 0:
-        raise APIError(400, f"This model's maximum context length is {context} tokens, but the messages take "
-                            f"{prompt_len} tokens.", param="messages", code="context_length_exceeded")
+        raise APIError(400, f"This model's maximum context length is {context} tokens, but the {what} take "
+                            f"{prompt_len} tokens.", param=what, code="context_length_exceeded")
     if limit is None:
         limit = default_max if room is None else min(default_max, room)
     elif room is not None and limit > room:
         raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                            f"{prompt_len + limit} tokens ({prompt_len} in the messages, {limit} in the completion).",
+                            f"{prompt_len + limit} tokens ({prompt_len} in the {what}, {limit} in the completion).",
                        param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
                        code="context_length_exceeded")
     stops = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]
@@ -117,6 +146,39 @@ def _sampling(req: ChatRequest, prompt_len: int, context: int | None, default_ma
                            top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0),
                            max_new_tokens=limit, stop=stops, seed=None if req.seed is None else req.seed + i)
             for i in range(req.n)]
+
+
+def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
+    """``prompt`` of /v1/completions -> token-id prompts: ids, a string, or a list of either."""
+    def one(p: Any, where: str) -> list[int]:
+        if isinstance(p, str):
+            ids = tokenizer.encode(p)
+        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            ids = list(p)
+            vocab = len(tokenizer)
+            if any(t < 0 or t >= vocab for t in ids):
+                raise APIError(400, f"{where}: token ids must be in [0, {vocab})", param="prompt")
+        else:
+            raise APIError(400, f"{where} must be a string or a list of token ids", param="prompt")
+        if not ids:
+            raise APIError(400, f"{where} is empty", param="prompt")
+        return ids
+
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return [one(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [one(prompt, "prompt")]
+
+
+def _completion_logprobs(tokenizer: Any, tokens: list[int], logprobs: list[float]) -> dict[str, Any]:
+    """The legacy ``logprobs`` object: one entry per sampled token (``top_logprobs``: the sampled one)."""
+    strs = [tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
+    lps = [max(float(lp), -9999.0) for lp in logprobs]
+    offsets, at = [], 0
+    for t in strs:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": strs, "token_logprobs": lps, "top_logprobs": [{t: lp} for t, lp in zip(strs, lps)],
+            "text_offset": offsets}
 
 
 def _json(e: APIError) -> JSONResponse:
@@ -295,6 +357,48 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
         except KeyError:
             raise APIError(404, f"no LoRA adapter named {body.lora_name!r}", param="lora_name", code="model_not_found")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if req.stream or req.echo:
+            raise APIError(400, f"{'stream' if req.stream else 'echo'} is not supported on /v1/completions",
+                           param="stream" if req.stream else "echo")
+        if req.logprobs:
+            raise APIError(400, "only the sampled token's logprob is returned: use logprobs=0", param="logprobs")
+        try:
+            entry, served = await registry.acquire(req.model)
+        except ModelNotFoundError as e:
+            raise APIError(404, str(e), param="model", code="model_not_found")
+        except Exception as e:
+            raise APIError(500, f"could not load model {req.model!r}: {type(e).__name__}: {e}", type="server_error")
+        try:
+            prompts = _completion_prompts(served.renderer.tokenizer, req.prompt)
+            if len(prompts) * req.n > max_n:
+                raise APIError(400, f"prompts x n must be at most {max_n}, got {len(prompts) * req.n}", param="n")
+            jobs = [(p, _sampling(req, len(p), served.max_context, default_max_tokens)) for p in prompts]
+            try:
+                samples = await asyncio.gather(*(served.engine.generate(p, sp)
+                                                 for p, params in jobs for sp in params))
+            except Exception as e:
+                raise _engine_error(e) from e
+        finally:
+            registry.release(served)
+        choices, tok = [], served.renderer.tokenizer
+        for i, s in enumerate(samples):
+            prompt, params = jobs[i // req.n]
+            text, _, finish = final_choice(served, s, params[0].stop, False)
+            c: dict[str, Any] = {"index": i, "text": text, "finish_reason": finish,
+                                 "logprobs": _completion_logprobs(tok, s.tokens, s.logprobs)
+                                 if req.logprobs is not None else None}
+            if req.return_token_ids:
+                c["prompt_token_ids"], c["token_ids"] = prompt, list(s.tokens)
+            choices.append(c)
+        n_prompt = sum(len(p) for p, _ in jobs)  # each prompt once, whatever n (as OpenAI and vLLM count)
+        n_completion = sum(len(s.tokens) for s in samples)
+        return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
+                "model": entry.name, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
+                          "total_tokens": n_prompt + n_completion}}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):

@@ -77,6 +77,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     from rlft.progress import Progress
     from rlft.reporting import Reporter
     from rlft.store import RunStore
+    from rlft.sync import WeightSync, policy_lag
     from rlft.update import policy_update, select_groups
 
     cfg = _as_config(config, overrides)
@@ -115,7 +116,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         if cfg.beta > 0 and not policy.is_lora:
             policy.freeze_reference()
         renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
-        engine = make_engine(cfg, policy)
+        engine = make_engine(cfg, policy, tag=run_id)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         sampler = Sampler(engine, renderer, params, max_seq_len=cfg.max_seq_len)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate,
@@ -128,6 +129,10 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             start = state["step"]
             store.add_log(run_id, f"resumed from checkpoint at step {start}", step=start, source="trainer")
         store.truncate_after(run_id, start)  # rows of steps after the checkpoint are redone
+        # the engine must serve the trainer's weights: pushed after every step, then probed (rlft.sync)
+        syncer = WeightSync(policy, engine, renderer, run_dir, loop, check=cfg.sync_check,
+                            tolerance=cfg.sync_tolerance, autocast=not policy.is_lora and cfg.dtype == "bfloat16")
+        store.log_metrics(run_id, start, syncer.start(start))
         loop.run_until_complete(session.enter_async_context(env.session()))
 
         def run_eval(at_step: int) -> dict[str, float] | None:
@@ -169,6 +174,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                                                             max_concurrency=cfg.max_concurrency))
             t_generate = time.perf_counter() - t0
             metrics = group_metrics(groups, cfg.success_threshold)
+            metrics.update(policy_lag(groups, step))
             if step == start:
                 report = signal_report(groups, cfg.success_threshold)
                 for w in report.warnings:
@@ -189,7 +195,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             with engine.paused():  # no forward pass of the engine while weights change
                 update = policy_update(policy, train_groups, cfg, optimizer)
                 scheduler.step()
-            engine.sync_weights(policy_version=step + 1)
+            metrics.update(syncer.after_update(step + 1))  # WeightSyncError when the engine is stale
             t_train = time.perf_counter() - t0
             # -- 4. record -----------------------------------------------------------------------
             sampled = sum(r.num_sampled_tokens for g in groups for r in g.rollouts)
@@ -241,13 +247,30 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         store.close()
 
 
-def make_engine(cfg: TrainConfig, policy):
-    """The generation engine named by ``cfg.engine``; in-process HF by default."""
+def make_engine(cfg: TrainConfig, policy, tag: str = ""):
+    """The generation engine named by ``cfg.engine``; in-process HF by default. ``tag`` (the run
+    id) names the weight versions pushed to a remote server."""
     if cfg.engine == "hf":
         from rlft.engines.hf import HFEngine
 
         return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency)
-    raise NotImplementedError(f"engine {cfg.engine!r} is not available yet; use engine = \"hf\"")
+    from rlft.engines.hf import end_of_turn_ids
+
+    if cfg.engine == "openai":
+        import os
+
+        from rlft.engines.remote import RemoteEngine
+
+        engine = RemoteEngine(cfg.engine_url, cfg.engine_model or cfg.model, tag=tag,
+                              api_key=os.environ.get("RLFT_ENGINE_API_KEY"), max_concurrency=cfg.max_concurrency,
+                              stop_token_ids=end_of_turn_ids(policy.tokenizer, policy.base_model))
+        engine.health()
+        return engine
+    if cfg.engine == "vllm":
+        from rlft.engines.vllm import VLLMEngine
+
+        return VLLMEngine.from_policy(policy, cfg, tag=tag)
+    raise NotImplementedError(f"engine {cfg.engine!r} is not available; use hf, vllm or openai")
 
 
 __all__ = ["train", "Group"]

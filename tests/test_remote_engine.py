@@ -1,0 +1,352 @@
+"""Remote engine and the weight-sync check: /v1/completions on rlft serve, RemoteEngine, LoRA pushes,
+a training run whose samples all come from an `rlft serve` subprocess, stale/mismatched engines caught."""
+
+import asyncio
+import copy
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("peft")
+
+from rlft.engines.base import SamplingParams  # noqa: E402
+from rlft.engines.remote import RemoteEngine, RemoteEngineError, version_of  # noqa: E402
+from rlft.serve import BackgroundServer, create_app  # noqa: E402
+from rlft.store import RunStore  # noqa: E402
+from rlft.sync import WeightSyncError  # noqa: E402
+
+ENV = textwrap.dedent('''
+    from rlft.env import Environment
+
+    def variety(ro):
+        return len(set(ro.completion)) / 16
+
+    env = Environment(system_prompt="Say something.", rewards=[variety], max_tokens=8)
+    dataset = [{"prompt": f"write {i}", "ground_truth": str(i)} for i in range(20)]
+''')
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from rlft.testing_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def local(tiny_dir):
+    """The tiny model in this process (fp32): the reference the server must agree with."""
+    from rlft.engines.hf import HFEngine
+    from rlft.policy import load_policy
+
+    policy = load_policy(tiny_dir, dtype="float32")
+    engine = HFEngine(policy.model, policy.tokenizer)
+    yield policy, engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    app = create_app(tiny_dir, dtype="float32", device="cpu", max_loaded=3, max_batch_size=8)
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_dir):
+    d = tmp_path_factory.mktemp("proj")
+    (d / "env.py").write_text(ENV)
+    return d
+
+
+def _config(project, tiny_dir, **kw):
+    base = dict(env=str(project / "env.py"), model=tiny_dir, dtype="float32", runs_dir=str(project / "runs"), steps=2,
+                batch_size=2, group_size=4, eval_size=2, eval_k=1, progress=False, validate=False, seed=0)
+    return {**base, **kw}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def subprocess_server(tmp_path_factory, tiny_dir):
+    """`rlft serve` in its own process on 127.0.0.1 (its access log counts the requests it answered)."""
+    d = tmp_path_factory.mktemp("srv")
+    port, log = _free_port(), d / "server.log"
+    cmd = [sys.executable, "-m", "rlft.cli", "serve", "--model", tiny_dir, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--device", "cpu", "--runs-dir", str(d / "runs"), "--max-loaded", "2"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rlft serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rlft serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url, log, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def completions_answered(log) -> int:
+    return len(re.findall(r'"POST /v1/completions HTTP/1\.1" 200', log.read_text()))
+
+
+# -- /v1/completions on rlft serve -------------------------------------------------------------------
+
+def test_completions_take_token_ids_and_return_sampled_ids_with_one_logprob_each(server, tiny_dir, local):
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": tiny_dir, "prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0, "logprobs": 0,
+        "return_token_ids": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    c = body["choices"][0]
+    assert body["object"] == "text_completion" and body["model"] == tiny_dir
+    assert c["prompt_token_ids"] == [5, 6, 7, 8] and 1 <= len(c["token_ids"]) <= 6
+    assert len(c["logprobs"]["token_logprobs"]) == len(c["token_ids"]) == len(c["logprobs"]["tokens"])
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": len(c["token_ids"]),
+                             "total_tokens": 4 + len(c["token_ids"])}
+    # the same ids and logprobs as the model in this process (greedy, fp32)
+    _, engine = local
+    mine = asyncio.run(engine.generate([5, 6, 7, 8], SamplingParams(temperature=0, max_new_tokens=6)))
+    assert c["token_ids"] == mine.tokens
+    assert c["logprobs"]["token_logprobs"] == pytest.approx(mine.logprobs, abs=1e-4)
+
+
+def test_completions_accept_strings_and_several_prompts_with_n(server, tiny_dir):
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": tiny_dir, "prompt": ["hello there", [3, 4, 5]], "n": 2, "max_tokens": 3, "seed": 7,
+        "return_token_ids": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert choices[2]["prompt_token_ids"] == [3, 4, 5] and choices[0]["prompt_token_ids"] != [3, 4, 5]
+    assert all(c["finish_reason"] in ("stop", "length") and c["logprobs"] is None for c in choices)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"logprobs": 3}, "logprobs"), ({"echo": True}, "echo"), ({"stream": True}, "stream"),
+    ({"prompt": [10 ** 9]}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": [{"x": 1}]}, "prompt"),
+])
+def test_completions_reject_what_they_do_not_support_naming_the_field(server, tiny_dir, extra, param):
+    r = httpx.post(server.url + "/v1/completions", json={"model": tiny_dir, "prompt": [1, 2], **extra}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+# -- RemoteEngine -----------------------------------------------------------------------------------
+
+def test_version_names():
+    assert version_of("m", "m") == 0 and version_of("m@v12", "m") == 12 and version_of("m@run1@v3", "m", "run1") == 3
+    assert version_of("other@v3", "m") is None and version_of("m@run2@v3", "m", "run1") is None
+    assert version_of("m@vx", "m") is None
+
+
+def test_remote_engine_fails_loudly_without_token_ids_or_with_an_unknown_model(tiny_dir):
+    eng = RemoteEngine("http://127.0.0.1:1/v1", tiny_dir)
+    assert eng.base_url == "http://127.0.0.1:1"
+    with pytest.raises(RemoteEngineError, match="token ids"):
+        eng._sample({"model": tiny_dir, "choices": [{"text": "hi", "finish_reason": "stop"}]})
+    with pytest.raises(RemoteEngineError, match="neither the base"):
+        eng._sample({"model": "someone-else", "choices": [{"token_ids": [1], "logprobs": {"token_logprobs": [-1.0]}}]})
+
+
+def test_remote_engine_samples_concurrently_like_the_local_engine(server, tiny_dir, local):
+    eng = RemoteEngine(server.url, tiny_dir, max_concurrency=4)
+    _, engine = local
+    prompt = [11, 12, 13]
+
+    async def both():
+        remote = await asyncio.gather(*(eng.generate(prompt, SamplingParams(max_new_tokens=5, seed=s))
+                                        for s in range(6)))
+        greedy = await eng.generate(prompt, SamplingParams(temperature=0, max_new_tokens=5))
+        return remote, greedy
+
+    remote, greedy = asyncio.run(both())
+    mine = asyncio.run(engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=5)))
+    assert greedy.tokens == mine.tokens and greedy.logprobs == pytest.approx(mine.logprobs, abs=1e-4)
+    assert all(len(s.tokens) == len(s.logprobs) and s.policy_version == 0 for s in remote)
+    assert eng.stats.requests == 7
+    eng.close()
+
+
+def test_pushed_adapter_serves_the_new_version_and_the_old_one_is_unloaded(server, tiny_dir, tmp_path):
+    import torch
+
+    from rlft.engines.hf import HFEngine
+    from rlft.policy import LoraSpec, load_policy
+
+    policy = load_policy(tiny_dir, dtype="float32", lora=LoraSpec(rank=4))
+    eng = RemoteEngine(server.url, tiny_dir, tag="t")
+    local_engine = HFEngine(policy.model, policy.tokenizer)
+    prompt, greedy = [21, 22, 23], SamplingParams(temperature=0, max_new_tokens=6)
+    names = []
+    for version in (1, 2):
+        gen = torch.Generator().manual_seed(version)
+        with torch.no_grad():
+            for n, p in policy.model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        policy.save(tmp_path / f"v{version}")
+        eng.sync_weights(policy_version=version, adapter_dir=tmp_path / f"v{version}")
+        got = asyncio.run(eng.generate(prompt, greedy))
+        want = asyncio.run(local_engine.generate(prompt, greedy))
+        assert got.policy_version == version and got.tokens == want.tokens
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+        names.append(eng.adapter_name(version))
+    served = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    assert names[1] in served and names[0] not in served  # the old version was unloaded
+    assert eng.stats.adapters_loaded == 2 and eng.stats.adapters_unloaded == 1
+    eng.sync_weights(policy_version=2, adapter_dir=tmp_path / "v2")  # re-pushing a name replaces it
+    assert asyncio.run(eng.generate(prompt, greedy)).policy_version == 2
+    local_engine.close()
+    eng.close()
+
+
+# -- training against a server in another process -------------------------------------------------
+
+def test_training_run_samples_only_from_the_server_and_pushes_each_step(project, tiny_dir, subprocess_server,
+                                                                        monkeypatch):
+    import rlft.engines.hf
+    import rlft.train
+    from rlft.train import train
+
+    url, log, _ = subprocess_server
+    made = []
+    real = rlft.train.make_engine
+
+    def capture(cfg, policy, tag=""):
+        made.append(real(cfg, policy, tag=tag))
+        return made[-1]
+
+    def no_local_engine(*a, **k):
+        raise AssertionError("engine = openai must not build an in-process engine")
+
+    monkeypatch.setattr(rlft.train, "make_engine", capture)
+    monkeypatch.setattr(rlft.engines.hf.HFEngine, "__init__", no_local_engine)
+    before = completions_answered(log)
+    run_id = train(_config(project, tiny_dir, engine="openai", engine_url=url + "/v1", run_name="remote"))
+
+    store = RunStore(project / "runs", readonly=True)
+    run = store.get_run(run_id)
+    assert run["status"] == "completed", run.get("error")
+    (engine,) = made
+    # every sample came from the server: the requests it logged are the engine's, all of them
+    answered = completions_answered(log) - before
+    train_rollouts = [r for s in (1, 2) for r in store.rollouts(run_id, step=s)]
+    assert len(train_rollouts) == 16 and answered == engine.stats.requests >= 16
+    # sampled by the weights of the step before: version 0 at step 1, version 1 (the pushed adapter) at step 2
+    assert [r["policy_version"] for r in train_rollouts] == [0] * 8 + [1] * 8
+    assert {r["policy_version"] for r in store.rollouts(run_id, step=2, split="eval")} == {2}
+    assert engine.stats.adapters_loaded == 2 and engine.served_name == f"{tiny_dir}@{run_id}@v2"
+    assert sorted(p.name for p in (store.run_dir(run_id) / "sync").iterdir()) == ["v1", "v2"]
+    served = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+    assert f"{tiny_dir}@{run_id}@v2" in served and f"{tiny_dir}@{run_id}@v1" not in served
+    m = store.metrics(run_id, ["sync/policy_lag", "sync/policy_lag_max", "sync/probe_logprob_diff",
+                               "sync/logprob_diff_mean"])
+    assert m["sync/policy_lag"] == [(1, 0.0), (2, 0.0)] and m["sync/policy_lag_max"] == [(1, 0.0), (2, 0.0)]
+    assert [s for s, _ in m["sync/probe_logprob_diff"]] == [0, 1, 2]
+    assert all(v < 1e-3 for _, v in m["sync/probe_logprob_diff"])  # fp32 server copy: numerical noise only
+    assert all(v < 1e-3 for _, v in m["sync/logprob_diff_mean"])
+
+
+def test_a_remote_engine_that_ignores_sync_is_caught_at_the_next_step(project, tiny_dir, subprocess_server,
+                                                                      monkeypatch):
+    import rlft.train
+    from rlft.train import train
+
+    class Stale(RemoteEngine):
+        def sync_weights(self, policy_version=None, adapter_dir=None):
+            pass  # keeps serving the weights it had
+
+    def make(cfg, policy, tag=""):
+        return Stale(cfg.engine_url, cfg.model, tag=tag)
+
+    monkeypatch.setattr(rlft.train, "make_engine", make)
+    with pytest.raises(WeightSyncError, match="stale weights: after the sync to policy version 1 the engine "
+                                              "answered with version 0"):
+        train(_config(project, tiny_dir, engine="openai", engine_url=subprocess_server[0], run_name="stale"))
+    run = RunStore(project / "runs", readonly=True).get_run("stale")
+    assert run["status"] == "failed" and run["error"].startswith("WeightSyncError: stale weights")
+    assert run["step"] == 0  # stopped before recording step 1
+
+
+# -- in-process engines ------------------------------------------------------------------------------
+
+def test_on_policy_run_has_zero_lag_and_an_exact_probe(project, tiny_dir):
+    from rlft.train import train
+
+    run_id = train(_config(project, tiny_dir, run_name="onpolicy"))
+    store = RunStore(project / "runs", readonly=True)
+    m = store.metrics(run_id, ["sync/policy_lag", "sync/probe_logprob_diff"])
+    assert m["sync/policy_lag"] == [(1, 0.0), (2, 0.0)]
+    assert all(v < 1e-5 for _, v in m["sync/probe_logprob_diff"])  # the engine shares the trainer's module
+
+
+class LabelOnly:
+    """Reports the new version after a sync but keeps its own copy of the old weights."""
+
+    def __init__(self, policy):
+        from rlft.engines.hf import HFEngine
+
+        self.inner = HFEngine(copy.deepcopy(policy.model), policy.tokenizer)
+        self.policy_version = 0
+
+    async def generate(self, prompt_ids, params):
+        return await self.inner.generate(prompt_ids, params)
+
+    def paused(self):
+        return self.inner.paused()
+
+    def sync_weights(self, policy_version=None):
+        self.inner.policy_version = self.policy_version = policy_version
+
+    def close(self):
+        self.inner.close()
+
+
+def test_old_weights_under_a_new_label_are_caught_by_the_probe(project, tiny_dir, monkeypatch):
+    import rlft.train
+    from rlft.train import train
+
+    monkeypatch.setattr(rlft.train, "make_engine", lambda cfg, policy, tag="": LabelOnly(policy))
+    # fp32: a fresh engine differs by ~1e-7; one step at this learning rate moves the probe by ~1e-2
+    with pytest.raises(WeightSyncError, match="mismatched weights at policy version 1"):
+        train(_config(project, tiny_dir, run_name="label-only", learning_rate=5e-3, sync_tolerance=1e-3))
+    run = RunStore(project / "runs", readonly=True).get_run("label-only")
+    assert run["status"] == "failed" and "WeightSyncError: mismatched weights" in run["error"]
+
+
+def test_sync_check_can_be_turned_off(project, tiny_dir, monkeypatch):
+    import rlft.train
+    from rlft.train import train
+
+    monkeypatch.setattr(rlft.train, "make_engine", lambda cfg, policy, tag="": LabelOnly(policy))
+    run_id = train(_config(project, tiny_dir, run_name="unchecked", steps=1, learning_rate=5e-3,
+                           sync_tolerance=1e-3, sync_check=False))
+    store = RunStore(project / "runs", readonly=True)
+    assert store.get_run(run_id)["status"] == "completed"
+    assert "sync/probe_logprob_diff" not in store.metric_keys(run_id)
