@@ -148,3 +148,40 @@ def test_init_scaffolds_a_project_that_validates(tmp_path, project, template, ca
     assert code == 0, capsys.readouterr().out
     with pytest.raises(FileExistsError):
         main(["init", str(out)])
+
+
+STOP_ENV = textwrap.dedent('''
+    from rlft.cli import main
+    from rlft.env import Environment
+
+    RUNS = {runs!r}
+    asked = []
+
+    def ask_to_stop(ro):
+        if not asked:  # the first scored rollout asks, as a user would from another terminal
+            asked.append(main(["stop", "stopme", "--runs", RUNS]))
+        return 0.5
+
+    env = Environment(rewards=[ask_to_stop], max_tokens=8)
+    dataset = [{{"prompt": f"x {{i}}"}} for i in range(20)]
+''')
+
+
+def test_stop_finishes_the_step_checkpoints_and_marks_the_run_stopped(project, tmp_path, capsys):
+    runs = str(project / "runs")
+    (tmp_path / "stop_env.py").write_text(STOP_ENV.format(runs=runs))
+    assert main(["train", str(project / "config.toml"), "--set", f"env={tmp_path / 'stop_env.py'}",
+                 "--set", "run_name=stopme", "--set", "steps=5", "--set", "validate=false",
+                 "--set", "eval_size=0", "--set", "eval_fraction=0"]) == 0
+    store = RunStore(runs, readonly=True)
+    run = store.get_run("stopme")
+    assert run["status"] == "stopped" and run["step"] == 1
+    assert [c["step"] for c in store.checkpoints(run["id"])] == [1]
+    assert "asked run" in capsys.readouterr().out
+
+
+def test_doctor_reports_each_part(capsys):
+    main(["doctor"])
+    out = capsys.readouterr().out
+    for part in ("torch", "transformers", "peft", "mcp", "fastapi"):
+        assert part in out
