@@ -43,7 +43,12 @@ ENV = textwrap.dedent('''
     def broken(ro):
         raise ZeroDivisionError("reward bug on purpose")
 
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
     env = Environment(system_prompt="Answer briefly. " + XSS, rewards=[variety, short], max_tokens=8)
+    tools_env = Environment(system_prompt="You can add with the add tool.", tools=[add], max_turns=3)
     bad_env = Environment(rewards=[broken], max_tokens=8)
     dataset = [{"prompt": f"write {i}", "ground_truth": str(i)} for i in range(12)]
 ''') % XSS
@@ -96,7 +101,8 @@ def build_workspace(d: Path) -> SimpleNamespace:
     store.add_eval(None, model="external-gpt <script>alert('xss-model')</script>", k=2, step=None,
                    metrics={"reward/mean": 0.7, "pass@k": 0.5, "max@k": 0.9, "solve_rate": 0.4, "reward/variety": 0.6,
                             "reward/short": 0.1})
-    live_cfg = dict(store.get_run(run_id)["config"], steps=50, run_name="live-run")
+    # the live run's environment has an `add` tool: the chat tab runs it
+    live_cfg = dict(store.get_run(run_id)["config"], steps=50, run_name="live-run", env=f"{d / 'env.py'}:tools_env")
     live_id = store.create_run("live-run", config=live_cfg, model="tiny", environment="env.py")
     store.set_status(live_id, "running")
     for step in (1, 2, 3):
@@ -155,6 +161,18 @@ def fake_openai(model_names: list[str]) -> FastAPI:
         if not body.get("stream"):
             return JSONResponse({"error": {"message": "this fake only streams"}}, status_code=400)
 
+        last = body["messages"][-1]
+        if body.get("tools") and last.get("role") == "user":  # call the add tool, arguments in pieces
+            return StreamingResponse(sse(body["model"], [
+                {"role": "assistant", "tool_calls": [{"index": 0, "id": "call_add", "type": "function",
+                                                      "function": {"name": "add", "arguments": ""}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 2, '}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '"b": 3}'}}]}], "tool_calls"),
+                media_type="text/event-stream")
+        if last.get("role") == "tool":  # answer with the tool's result
+            return StreamingResponse(sse(body["model"], [{"content": "The sum is "}, {"content": last["content"]}]),
+                                     media_type="text/event-stream")
+
         async def events():
             for piece in CHAT_REPLY:
                 chunk = {"object": "chat.completion.chunk", "model": body["model"],
@@ -167,6 +185,15 @@ def fake_openai(model_names: list[str]) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+async def sse(model: str, deltas: list[dict], finish: str = "stop"):
+    for delta in deltas:
+        chunk = {"object": "chat.completion.chunk", "model": model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        yield f"data: {json.dumps(chunk)}\n\n"
+    done = {"object": "chat.completion.chunk", "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+    yield f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n"
 
 
 def fake_names(ws) -> list[str]:
@@ -277,6 +304,7 @@ def test_heatmap_steps_logs_config_and_compare(client, ws):
     cmp = client.get("/api/compare", params={"runs": f"{ws.run_id},live-run"}).json()
     assert [r["id"] for r in cmp["runs"]] == [ws.run_id, ws.live_id]
     assert cmp["config_diff"] == {"steps": {ws.run_id: 3, ws.live_id: 50},
+                                  "env": {ws.run_id: str(ws.dir / "env.py"), ws.live_id: f"{ws.dir / 'env.py'}:tools_env"},
                                   "run_name": {ws.run_id: "tiny-run", ws.live_id: "live-run"}}
     assert set(cmp["metrics"][ws.live_id]) == {"reward/mean", "pass@k", "loss/policy"}
     assert client.get("/api/compare", params={"runs": ""}).status_code == 400
@@ -321,6 +349,51 @@ def test_chat_streams_the_servers_sse_through(client, fake):
     assert text == "".join(CHAT_REPLY)
     sent = fake.app.state.requests[-1]
     assert sent["stream"] is True and sent["temperature"] == 0.5 and "not_forwarded" not in sent
+
+
+def chat_events(client, body) -> list:
+    with client.stream("POST", "/api/chat", json=body) as resp:
+        assert resp.status_code == 200, resp.read()
+        lines = [ln for ln in resp.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[6:]) for ln in lines[:-1]]
+
+
+def test_chat_runs_the_environments_tools_and_asks_again(client, fake, ws):
+    n = len(fake.app.state.requests)
+    body = {"model": "base-model", "run": "live-run", "messages": [{"role": "user", "content": "what is 2+3?"}]}
+    events = chat_events(client, body)
+    mine = [e["rlft"] for e in events if "rlft" in e]
+    assert [e["type"] for e in mine] == ["env", "tool_call", "tool_result", "turn", "done"]
+    env, call, result, _, done = mine
+    assert env["loaded"] and env["tools"] == ["add"] and env["max_turns"] == 3 and env["system_prompt_added"]
+    assert call["name"] == "add" and json.loads(call["arguments"]) == {"a": 2, "b": 3} and call["id"] == "call_add"
+    assert result == {"type": "tool_result", "id": "call_add", "name": "add", "content": "5", "error": None}
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    assert text == "The sum is 5"
+    assert [m["role"] for m in done["messages"]] == ["assistant", "tool", "assistant"] and done["stopped"] is None
+    assert done["messages"][-1]["content"] == "The sum is 5"
+    first, second = fake.app.state.requests[n:]
+    assert first["tools"][0]["function"]["name"] == "add" and "run" not in first
+    assert first["messages"][0] == {"role": "system", "content": "You can add with the add tool."}
+    assert second["messages"][-2]["tool_calls"][0]["function"] == {"name": "add", "arguments": '{"a": 2, "b": 3}'}
+    assert second["messages"][-1] == {"role": "tool", "content": "5", "tool_call_id": "call_add", "name": "add"}
+    # the run without tools: the env is loaded, nothing is run, the reply streams as before
+    events = chat_events(client, dict(body, run=ws.run_id))
+    assert events[0]["rlft"]["loaded"] and events[0]["rlft"]["tools"] == []
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices")) == "".join(CHAT_REPLY)
+
+
+def test_chat_falls_back_to_plain_chat_when_the_environment_is_gone(tmp_path, fake):
+    store = RunStore(tmp_path / "runs")
+    moved = store.create_run("moved", config={"env": str(tmp_path / "gone" / "env.py")})
+    store.close()
+    c = TestClient(create_app(tmp_path / "runs", serve_url=fake.url), base_url="http://127.0.0.1")
+    events = chat_events(c, {"model": "base-model", "run": moved, "messages": [{"role": "user", "content": "hi"}]})
+    env = events[0]["rlft"]
+    assert env["type"] == "env" and not env["loaded"] and "does not exist" in env["message"] and "plain chat" in env["message"]
+    assert "tools" not in fake.app.state.requests[-1]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices")) == "".join(CHAT_REPLY)
 
 
 def test_chat_errors_name_the_problem(client, ws, tmp_path):

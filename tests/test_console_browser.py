@@ -257,7 +257,22 @@ def test_chat_round_trip_streams_the_answer_as_text(w, ws):
     assert answer == "".join(CHAT_REPLY)
     assert page.inner_text("#chat-log .role-user .content") == "hello <b>there</b>"
     assert f"ft:base:{ws.run_id}:latest · stop" in page.inner_text("#chat-log .role-assistant .done")
+    assert "no tools" in page.inner_text("#chat-env")
     w.shot("09-chat")
+    # the live run's environment has an `add` tool: the console runs it and the model answers with it
+    page = w.open(f"/run/{ws.live_id}/chat", "#chat-model option", state="attached")
+    page.fill("#chat-input", "what is 2+3?")
+    page.click("#chat-send")
+    page.wait_for_function("() => [...document.querySelectorAll('#chat-log .role-assistant .done')].length === 1 "
+                           "&& !document.querySelector('#chat-log .streaming')")
+    assert page.inner_text("#chat-log .role-tool .content") == "5"
+    assert "add" in page.inner_text("#chat-log .role-tool .msg-head")
+    assert "add" in page.inner_text("#chat-log .toolcall .tc-name")
+    assert page.inner_text("#chat-log .toolcall .tc-args") == '{"a": 2, "b": 3}'
+    answers = page.locator("#chat-log .role-assistant .content").all_inner_texts()
+    assert answers == ["", "The sum is 5"]
+    assert "add" in page.inner_text("#chat-env")
+    w.shot("09b-chat-tools")
 
 
 def test_compare_overlays_runs_on_the_same_charts(w, ws):

@@ -13,7 +13,10 @@ Routes (all GET unless said; ``{run}`` is a run id, name or unique id prefix):
   (level, after_id, limit; termination counts), ``/config`` (resolved config, environment source);
 - ``/api/compare?runs=a,b&keys=...`` several runs' series and the config keys that differ;
 - ``/api/chat/models?run=...`` and ``POST /api/chat`` (JSON) proxied to ``serve_url``
-  (:mod:`rlft.console.chat`), the latter streaming SSE.
+  (:mod:`rlft.console.chat`), the latter streaming SSE. With ``"run"`` in the body the run's
+  environment is loaded (from its config's ``env``, once per run) and its tools are executed in
+  the console process, up to its ``max_turns``: tool calls and results stream as their own
+  events; an environment that cannot be loaded means plain chat, and the stream says why.
 
 Security: without a token only loopback ``Host`` headers are accepted (DNS rebinding); with a
 token every route needs it as ``?token=``, ``X-RLFT-Token``, ``Authorization: Bearer`` or the
@@ -23,7 +26,8 @@ Content-Security-Policy (scripts from ``'self'`` only) and ``nosniff``; ``POST /
 text from the store with ``textContent``.
 
 Left out: anything that writes to the store (stopping a run is ``rlft stop``), and
-authentication beyond one shared token.
+authentication beyond one shared token. The console never imports the trainer or torch; the
+chat imports the run's environment module (user code, run with the console's rights) on first use.
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from rlft.console import views
-from rlft.console.chat import ChatError, ChatProxy
+from rlft.console.chat import ChatError, ChatProxy, EnvCache
 from rlft.store import RunStore
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -187,6 +192,7 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
         raise ValueError("the console token may use letters, digits and . _ ~ - only (it travels in URLs and a cookie)")
     holder = _Store(runs_dir)
     proxy = ChatProxy(serve_url, serve_api_key)
+    envs = EnvCache()
     files = static_files()
     api = FastAPI(title="rlft console", docs_url=None, redoc_url=None, openapi_url=None)
     api.state.holder = holder
@@ -305,6 +311,16 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
                 run_id = run
         return await proxy.models(run_id or run)
 
+    def _run_env(ref: str) -> tuple[Any, dict[str, Any]]:
+        s = holder.get()
+        try:
+            run_id = s.resolve(ref) if s is not None else None
+        except KeyError:
+            run_id = None
+        if run_id is None:
+            return None, {"loaded": False, "message": f"no run {ref!r} in the store: plain chat, tools are not run"}
+        return envs.get(run_id, (s.get_run(run_id) or {}).get("config"))
+
     @api.post("/api/chat")
     async def chat(request: Request):
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
@@ -315,7 +331,10 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
             return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
         if not isinstance(body, dict):
             return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
-        stream = await proxy.open_stream(body)
+        env, env_info = None, None
+        if body.get("run"):  # the run's environment: its tools run, its system prompt is used
+            env, env_info = await run_in_threadpool(_run_env, str(body["run"]))
+        stream = await proxy.open_stream(body, env, env_info)
         return StreamingResponse(stream, media_type="text/event-stream")
 
     @api.api_route("/api/{rest:path}", methods=["GET", "POST"])

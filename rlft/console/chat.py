@@ -1,19 +1,40 @@
-"""The chat tab's server side: a thin proxy to an OpenAI-compatible server (``rlft serve``).
+"""The chat tab's server side: a proxy to an OpenAI-compatible server (``rlft serve``) that runs
+the run's environment tools.
 
 ``models`` lists ``<serve-url>/v1/models`` and picks a default for a run: its
 ``ft:<base>:<run>:latest`` checkpoint, else its newest ``ft:<base>:<run>:<step>``, else the first
-model. ``stream_chat`` forwards a chat request with ``stream: true`` to
-``<serve-url>/v1/chat/completions`` and relays the SSE bytes as they arrive, so the browser
-sees tokens as they are sampled. Upstream failures become :class:`ChatError` with a status and a
-message that says what to do (the server is not running, the model is unknown, ...).
+model. ``open_stream`` forwards a chat request with ``stream: true`` to
+``<serve-url>/v1/chat/completions`` and relays the SSE events as they arrive, so the browser
+sees tokens as they are sampled. Upstream failures of the first request become
+:class:`ChatError` with a status and a message that says what to do (the server is not running,
+the model is unknown, ...); later failures become an SSE ``{"error": {...}}`` event.
 
-Left out: running the environment's tools during a chat (that would import the user's
-environment and the trainer's rollout code into the console); tool calls the model emits are
-relayed and shown, not executed.
+With the run's :class:`~rlft.env.Environment` (``EnvCache``: loaded from the run's config ``env``
+with :func:`rlft.loader.load_environment`, once per run) the proxy sends the environment's tool
+schemas and its system prompt (when the conversation has none); when a streamed reply ends with
+tool calls it runs each one with :func:`rlft.tools.execute_tool_call` inside ``env.session()``
+(MCP servers; isolated ones per request; ``setup``/``teardown`` around each request), streams
+the results, appends the assistant and tool messages and asks the model again, for up to the
+environment's ``max_turns`` assistant turns. Its own events are ``data: {"rlft": {"type": ...}}``
+lines mixed with the relayed chunks: ``env`` (loaded or not, and why), ``tool_call``,
+``tool_result``, ``turn`` (a new assistant turn starts) and ``done`` (the messages to append to
+the history), then ``data: [DONE]``. Without a run the stream is relayed untouched.
+
+Left out: a custom ``Environment.step`` (a simulated user, a game): the chat only runs tools;
+rewards; ``max_tool_calls`` and token budgets beyond what the request sets. An environment that
+cannot be loaded (its file moved, an import fails) means plain chat, and the ``env`` event says
+so. Loading the environment runs the user's module in the console process (the trainer and
+torch are never imported by the console itself).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
+import json
+import secrets
+import threading
 from typing import Any, AsyncIterator
 
 import httpx
@@ -81,9 +102,29 @@ class ChatProxy:
             names = sorted(names, key=order)
         return {"serve_url": self.serve_url, "models": names, "default": default_model(names, run_id)}
 
-    async def open_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        """Start the upstream request (errors raise here, before any byte is sent) and return
-        an iterator over the SSE bytes that closes the connection when done."""
+    async def _send(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> httpx.Response:
+        """POST one streaming chat request; failures raise ChatError (the response is open)."""
+        try:
+            req = client.build_request("POST", f"{self.serve_url}/v1/chat/completions", json=payload,
+                                       headers=self.headers)
+            resp = await client.send(req, stream=True)
+        except httpx.HTTPError as e:
+            raise ChatError(502, f"{self._hint()} ({type(e).__name__})") from e
+        if resp.status_code != 200:
+            content = await resp.aread()
+            await resp.aclose()
+            raise ChatError(resp.status_code if 400 <= resp.status_code < 500 else 502,
+                            f"the model server answered {resp.status_code}: {_error_text(content)}")
+        return resp
+
+    async def open_stream(self, body: dict[str, Any], env: Any = None,
+                          env_info: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
+        """Start the upstream request (errors raise here, before any byte is sent, unless the
+        environment has MCP servers to start first) and return an iterator over the SSE bytes
+        that closes the connection when done.
+
+        ``env``: the run's Environment (its tools are run, see the module docstring);
+        ``env_info``: the ``env`` event to send first (None: no run was named, plain relay)."""
         payload = {k: v for k, v in body.items() if k in ALLOWED_FIELDS}
         if not payload.get("model"):
             raise ChatError(400, "pick a model")
@@ -91,36 +132,237 @@ class ChatProxy:
             raise ChatError(400, "messages must be a non-empty list")
         payload["stream"] = True
         client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT))
-        try:
-            req = client.build_request("POST", f"{self.serve_url}/v1/chat/completions", json=payload,
-                                       headers=self.headers)
-            resp = await client.send(req, stream=True)
-        except httpx.HTTPError as e:
-            await client.aclose()
-            raise ChatError(502, f"{self._hint()} ({type(e).__name__})") from e
-        if resp.status_code != 200:
-            content = await resp.aread()
-            await resp.aclose()
-            await client.aclose()
-            raise ChatError(resp.status_code if 400 <= resp.status_code < 500 else 502,
-                            f"the model server answered {resp.status_code}: {_error_text(content)}")
-
-        async def relay() -> AsyncIterator[bytes]:
+        if env is None and env_info is None:  # plain relay
             try:
-                async for chunk in resp.aiter_raw():
-                    yield chunk
-            except httpx.HTTPError as e:
-                yield f'data: {{"error": {{"message": "stream broken: {type(e).__name__}"}}}}\n\n'.encode()
-            finally:
-                await resp.aclose()
+                resp = await self._send(client, payload)
+            except BaseException:
                 await client.aclose()
+                raise
 
-        return relay()
+            async def relay() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in resp.aiter_raw():
+                        yield chunk
+                except httpx.HTTPError as e:
+                    yield _sse({"error": {"message": f"stream broken: {type(e).__name__}"}})
+                finally:
+                    await resp.aclose()
+                    await client.aclose()
+
+            return relay()
+
+        messages = list(payload["messages"])
+        if env is not None and env.system_prompt and not any(
+                isinstance(m, dict) and m.get("role") == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": env.system_prompt})
+            env_info = dict(env_info or {}, system_prompt_added=True)
+        payload["messages"] = messages
+        first: httpx.Response | None = None
+        if env is None or not getattr(env, "_servers", None):  # static tools: known now
+            if env is not None and env._static_tools and "tools" not in payload:
+                payload["tools"] = env.tool_schemas(env._static_tools)
+            try:
+                first = await self._send(client, payload)
+            except BaseException:
+                await client.aclose()
+                raise
+        return self._tool_loop(client, payload, env, env_info or {}, first)
+
+    async def _tool_loop(self, client: httpx.AsyncClient, payload: dict[str, Any], env: Any,
+                         env_info: dict[str, Any], first: httpx.Response | None) -> AsyncIterator[bytes]:
+        resp = first
+        try:
+            yield _sse({"rlft": {"type": "env", **env_info}})
+            async with contextlib.AsyncExitStack() as stack:
+                tools: dict[str, Any] = {}
+                rollout = None
+                if env is not None:
+                    from rlft.types import Rollout  # light: dataclasses only
+
+                    await stack.enter_async_context(env.session())
+                    tools = dict(env._shared_tools)
+                    for server in env._servers:
+                        if server.isolated:
+                            conn = await stack.enter_async_context(server.connect())
+                            for t in conn.tools:
+                                env._add_tool(tools, t)
+                    if tools and "tools" not in payload:
+                        payload["tools"] = env.tool_schemas(tools)
+                    rollout = Rollout(example={}, messages=payload["messages"])
+                    rollout.state["_tools"] = tools
+                    if env.setup is not None:
+                        await _maybe_await(env.setup, rollout)
+                    if env.teardown is not None:
+                        stack.push_async_callback(_maybe_await, env.teardown, rollout)
+                added: list[dict[str, Any]] = []
+                max_turns = max(1, int(env.max_turns)) if env is not None else 1
+                stopped = None
+                for turn in range(max_turns):
+                    if turn:
+                        yield _sse({"rlft": {"type": "turn", "turn": turn + 1}})
+                    if resp is None:
+                        try:
+                            resp = await self._send(client, payload)
+                        except ChatError as e:
+                            yield _sse({"error": {"message": e.message}})
+                            return
+                    reply = _Turn()
+                    try:
+                        async for line in resp.aiter_lines():
+                            data = line[5:].strip() if line.startswith("data:") else None
+                            if data == "[DONE]":
+                                continue
+                            if data:
+                                reply.feed(data)
+                            yield (line + "\n").encode()
+                    except httpx.HTTPError as e:
+                        yield _sse({"error": {"message": f"stream broken: {type(e).__name__}"}})
+                        return
+                    finally:
+                        await resp.aclose()
+                        resp = None
+                    calls = reply.tool_calls()  # names the calls' ids first
+                    message = reply.message()
+                    added.append(message)
+                    payload["messages"] = payload["messages"] + [message]
+                    if not reply.calls or env is None or reply.finish == "length":
+                        if reply.calls and env is None:
+                            stopped = "no environment: tool calls not run"
+                        break
+                    for c, raw in zip(calls, reply.calls):
+                        yield _sse({"rlft": {"type": "tool_call", "id": c.id, "name": c.name,
+                                             "arguments": raw["arguments"]}})
+                    rollout.tool_calls += len(calls)
+                    from rlft.tools import execute_tool_call
+
+                    results = await asyncio.gather(*(
+                        execute_tool_call(tools, c, rollout=rollout, timeout=env.tool_timeout,
+                                          max_output_chars=env.max_tool_output_chars) for c in calls))
+                    for c, res in zip(calls, results):
+                        msg = {"role": "tool", "content": res.content, "tool_call_id": c.id, "name": c.name}
+                        added.append(msg)
+                        payload["messages"] = payload["messages"] + [msg]
+                        yield _sse({"rlft": {"type": "tool_result", "id": c.id, "name": c.name,
+                                             "content": res.content, "error": res.error}})
+                    if any(r.fatal for r in results):
+                        stopped = "a tool's backend failed"
+                        break
+                    if turn == max_turns - 1:
+                        stopped = f"max_turns ({max_turns}) reached"
+                yield _sse({"rlft": {"type": "done", "messages": added, "stopped": stopped}})
+        except Exception as e:  # noqa: BLE001 - setup, an MCP server, ...: tell the page
+            yield _sse({"error": {"message": f"chat with the environment failed: {type(e).__name__}: {e}"}})
+        finally:
+            if resp is not None:
+                await resp.aclose()
+            await client.aclose()
+        yield b"data: [DONE]\n\n"
+
+
+class _Turn:
+    """One streamed assistant reply: its text, its tool calls (by delta index), its finish reason."""
+
+    def __init__(self) -> None:
+        self.content = ""
+        self.calls: list[dict[str, str]] = []
+        self.finish: str | None = None
+
+    def feed(self, data: str) -> None:
+        try:
+            ev = json.loads(data)
+            ch = (ev.get("choices") or [None])[0]
+        except (ValueError, AttributeError, TypeError):
+            return
+        if not isinstance(ch, dict):
+            return
+        delta = ch.get("delta") or {}
+        if isinstance(delta.get("content"), str):
+            self.content += delta["content"]
+        for tc in delta.get("tool_calls") or []:
+            if not isinstance(tc, dict):
+                continue
+            i = tc.get("index")
+            i = i if isinstance(i, int) and 0 <= i < 64 else len(self.calls)
+            while len(self.calls) <= i:
+                self.calls.append({"id": "", "name": "", "arguments": ""})
+            fn = tc.get("function") or {}
+            call = self.calls[i]
+            call["id"] = tc.get("id") or call["id"]
+            call["name"] += fn.get("name") or ""
+            args = fn.get("arguments")
+            call["arguments"] += args if isinstance(args, str) else (json.dumps(args) if args else "")
+        if ch.get("finish_reason"):
+            self.finish = ch["finish_reason"]
+
+    def tool_calls(self) -> list[Any]:
+        from rlft.types import ToolCall
+
+        out = []
+        for k, c in enumerate(self.calls):
+            c["id"] = c["id"] or f"call_{secrets.token_hex(4)}_{k}"
+            error = None
+            try:
+                args = json.loads(c["arguments"]) if c["arguments"].strip() else {}
+            except ValueError as e:
+                args, error = {}, str(e)
+            out.append(ToolCall(name=c["name"], arguments=args, id=c["id"], error=error))
+        return out
+
+    def message(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.calls:
+            msg["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in self.calls]
+        return msg
+
+
+class EnvCache:
+    """The environments of runs, loaded from their config's ``env`` on first use and kept.
+
+    ``get(run_id, config)`` -> (environment or None, the ``env`` event's fields). A failed load
+    is not kept (the file may come back)."""
+
+    def __init__(self) -> None:
+        self.envs: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def get(self, run_id: str, config: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+        spec = (config or {}).get("env")
+        with self.lock:
+            env = self.envs.get(run_id)
+            if env is None:
+                if not spec or not isinstance(spec, str):
+                    return None, {"loaded": False, "run": run_id,
+                                  "message": "the run's config names no environment: plain chat, tools are not run"}
+                try:
+                    from rlft.loader import load_environment
+
+                    env = load_environment(spec)[0]
+                except BaseException as e:  # noqa: BLE001 - a user module may raise anything
+                    if isinstance(e, (KeyboardInterrupt, GeneratorExit)):
+                        raise
+                    return None, {"loaded": False, "run": run_id, "spec": spec,
+                                  "message": f"could not load the run's environment {spec!r} "
+                                             f"({type(e).__name__}: {str(e)[:300]}): plain chat, tools are not run"}
+                self.envs[run_id] = env
+        names = sorted(env._static_tools) + [f"{type(s).__name__} (MCP)" for s in env._servers]
+        return env, {"loaded": True, "run": run_id, "spec": spec, "name": env.name, "tools": names,
+                     "max_turns": env.max_turns, "message": f"environment {env.name!r}: "
+                     + (f"tools {', '.join(names)} run here" if names else "no tools") + f", up to {env.max_turns} turns"}
+
+
+async def _maybe_await(fn: Any, *args: Any) -> Any:
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
 
 
 def _error_text(content: bytes) -> str:
-    import json
-
     try:
         data = json.loads(content)
         err = data.get("error") if isinstance(data, dict) else None

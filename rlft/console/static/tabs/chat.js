@@ -1,7 +1,9 @@
 /* rlft console, chat tab: talk to a checkpoint of this run (its latest by default, or any model
  * the server lists) through the console's /api/chat proxy to `rlft serve`, streaming tokens as
- * they are sampled. The system prompt starts as the one the run's rollouts used. Tool calls the
- * model makes are shown, not executed (the console does not load the environment). */
+ * they are sampled. The system prompt starts as the one the run's rollouts used. The console
+ * runs the environment's tools: each tool call and its result appear in the transcript, then
+ * the model's next turn (up to the environment's max_turns). If the environment cannot be
+ * loaded the chat is plain and the note says why. Every text goes in with textContent. */
 "use strict";
 
 (function () {
@@ -46,12 +48,13 @@
       const stop = RL.el("button", { id: "chat-stop", disabled: true }, "Stop");
       const clear = RL.el("button", { id: "chat-clear" }, "New chat");
       const note = RL.el("div", { id: "chat-note", class: "muted small" });
+      const envNote = RL.el("div", { id: "chat-env", class: "muted small" });
       const problem = RL.el("div", { id: "chat-error" });
       ctx.body.append(
         RL.el("div", { class: "toolbar" }, RL.el("label", { class: "field" }, RL.el("span", {}, "model"), model), reloadModels,
           RL.el("label", { class: "field" }, RL.el("span", {}, "temperature"), temperature),
           RL.el("label", { class: "field" }, RL.el("span", {}, "max tokens"), maxTokens)),
-        problem, system, log, RL.el("div", { class: "chat-input" }, input, RL.el("div", { class: "col" }, send, stop, clear)), note);
+        problem, system, log, RL.el("div", { class: "chat-input" }, input, RL.el("div", { class: "col" }, send, stop, clear)), note, envNote);
 
       async function loadModels() {
         RL.clear(problem);
@@ -68,6 +71,26 @@
       reloadModels.addEventListener("click", loadModels);
 
       let controller = null;
+      function assistantBubble() {
+        const answer = bubble("assistant", "");
+        answer.node.classList.add("streaming");
+        log.appendChild(answer.node);
+        answer.text = answer.content.appendChild(document.createTextNode(""));
+        answer.calls = [];
+        return answer;
+      }
+      function showCall(answer, ev) {
+        answer.node.appendChild(RL.el("div", { class: "toolcall" },
+          RL.el("div", { class: "tc-name" }, "→ tool call ", RL.el("code", {}, String(ev.name || "")),
+            ev.run === false ? " (not executed: no environment)" : ""),
+          RL.el("pre", { class: "tc-args" }, String(ev.arguments || ""))));
+      }
+      function showResult(ev) {
+        const b = bubble("tool", String(ev.content || ""));
+        b.node.classList.add("tool-result");
+        b.node.querySelector(".msg-head").appendChild(RL.el("span", { class: "tc-name" }, " " + String(ev.name || "") + (ev.error ? " · error: " + String(ev.error) : "")));
+        log.appendChild(b.node);
+      }
       async function ask() {
         const text = input.value;
         if (!text.trim() || controller) return;
@@ -75,20 +98,17 @@
         RL.clear(problem);
         history.push({ role: "user", content: text });
         log.appendChild(bubble("user", text).node);
-        const answer = bubble("assistant", "");
-        answer.node.classList.add("streaming");
-        log.appendChild(answer.node);
-        const textNode = answer.content.appendChild(document.createTextNode(""));
+        let answer = assistantBubble();
         const messages = (system.value.trim() ? [{ role: "system", content: system.value }] : []).concat(history);
         controller = new AbortController();
         send.disabled = true;
         stop.disabled = false;
-        let finish = "", served = "";
-        const calls = [];
+        let finish = "", served = "", added = null, stopped = "";
+        const turns = [answer];
         try {
           const resp = await fetch("/api/chat", {
             method: "POST", signal: controller.signal, headers: RL.headers({ "Content-Type": "application/json" }),
-            body: JSON.stringify({ model: model.value, messages, temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) }),
+            body: JSON.stringify({ model: model.value, run: ctx.runId, messages, temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) }),
           });
           if (!resp.ok) {
             const body = await resp.json().catch(() => ({}));
@@ -96,17 +116,31 @@
           }
           await readSSE(resp, (ev) => {
             if (ev.error) throw new Error(ev.error.message || JSON.stringify(ev.error));
+            if (ev.rlft) {
+              const r = ev.rlft;
+              if (r.type === "env") envNote.textContent = String(r.message || "");
+              else if (r.type === "tool_call") { answer.calls.push(r); showCall(answer, r); }
+              else if (r.type === "tool_result") showResult(r);
+              else if (r.type === "turn") {
+                answer.node.classList.remove("streaming");
+                answer = assistantBubble();
+                turns.push(answer);
+              } else if (r.type === "done") { added = r.messages || []; stopped = r.stopped || ""; }
+              log.scrollTop = log.scrollHeight;
+              return;
+            }
             if (ev.model) served = ev.model;
             const ch = (ev.choices || [])[0];
             if (!ch) return;
             const delta = ch.delta || {};
-            if (typeof delta.content === "string") { textNode.appendData(delta.content); log.scrollTop = log.scrollHeight; }
+            if (typeof delta.content === "string") { answer.text.appendData(delta.content); log.scrollTop = log.scrollHeight; }
             for (const tc of delta.tool_calls || []) {
               const fn = tc.function || {};
               const i = tc.index || 0;
-              calls[i] = calls[i] || { name: "", arguments: "" };
-              calls[i].name += fn.name || "";
-              calls[i].arguments += fn.arguments || "";
+              answer.raw = answer.raw || [];
+              answer.raw[i] = answer.raw[i] || { name: "", arguments: "" };
+              answer.raw[i].name += fn.name || "";
+              answer.raw[i].arguments += typeof fn.arguments === "string" ? fn.arguments : "";
             }
             if (ch.finish_reason) finish = ch.finish_reason;
           });
@@ -117,13 +151,13 @@
           controller = null;
           send.disabled = false;
           stop.disabled = true;
-          answer.node.classList.remove("streaming");
+          turns.forEach((t) => t.node.classList.remove("streaming"));
         }
-        calls.filter(Boolean).forEach((c) => answer.node.appendChild(RL.el("div", { class: "toolcall" },
-          RL.el("div", { class: "tc-name" }, "→ tool call ", RL.el("code", {}, c.name), " (not executed in the console)"),
-          RL.el("pre", { class: "tc-args" }, c.arguments))));
-        answer.node.appendChild(RL.el("div", { class: "muted small done" }, [served, finish].filter(Boolean).join(" · ")));
-        history.push({ role: "assistant", content: textNode.data });
+        // calls the server did not run (no environment) are still shown
+        if (!answer.calls.length) (answer.raw || []).filter(Boolean).forEach((c) => showCall(answer, { name: c.name, arguments: c.arguments, run: false }));
+        answer.node.appendChild(RL.el("div", { class: "muted small done" }, [served, finish, stopped].filter(Boolean).join(" · ")));
+        if (added) added.forEach((m) => history.push(m));
+        else history.push({ role: "assistant", content: answer.text.data });
       }
       send.addEventListener("click", ask);
       stop.addEventListener("click", () => controller && controller.abort());
