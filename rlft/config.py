@@ -64,6 +64,8 @@ class TrainConfig:
     engine: str = "hf"  # hf (in-process) | vllm | openai (remote server)
     engine_url: str = ""  # base URL of the remote engine (engine = openai)
     engine_model: str = ""  # the base model's name on the remote engine (empty = model)
+    rollout_workers: int = 0  # Ray actors running the environment (tools, rewards; engine = openai); 0 = in-process
+    ray_address: str = ""  # connect to an existing Ray cluster (ray start --head; "auto"); empty = a local instance
     sync_check: bool = True  # after each weight sync, probe the engine; stale/mismatched weights stop the run
     sync_tolerance: float = 0.15  # max mean |engine - trainer| logprob on the sync probe (nats; bf16 noise ~0.05)
     vllm_gpu_memory_utilization: float = 0.3  # GPU memory share for vLLM (colocated with the trainer)
@@ -131,6 +133,12 @@ class TrainConfig:
         _check_choice(out, "engine", ("hf", "vllm", "openai"))
         if out.engine == "openai" and not out.engine_url:
             raise ConfigError("engine = \"openai\" needs engine_url (the server's base URL, e.g. http://host:8000)")
+        if out.rollout_workers < 0:
+            raise ConfigError(f"rollout_workers must be 0 (in-process) or more, got {out.rollout_workers}")
+        if out.rollout_workers > 0 and out.engine != "openai":
+            raise ConfigError(f"rollout_workers = {out.rollout_workers} needs engine = \"openai\" (a server the Ray actors "
+                              f"can reach: rlft serve, or vllm serve --enable-lora), not engine = {out.engine!r}: the "
+                              "in-process HF engine and the colocated vLLM engine cannot be shared with actors")
         for k in ("batch_size", "group_size", "steps", "max_seq_len", "micro_batch_tokens", "epochs"):
             if getattr(out, k) < 1:
                 raise ConfigError(f"{k} must be at least 1, got {getattr(out, k)}")

@@ -80,7 +80,10 @@ def remote_engine(base_url: str, model: str, tokenizer: str, *, chat_template: s
     from rlft.engines.remote import RemoteEngine
     from rlft.policy import _ensure_chat_template, _load_tokenizer, resolve_model
 
-    name, gguf = resolve_model(tokenizer)
+    if os.path.isfile(os.path.join(os.path.expanduser(tokenizer), "tokenizer_config.json")):
+        name, gguf = os.path.expanduser(tokenizer), None  # a tokenizer-only directory
+    else:
+        name, gguf = resolve_model(tokenizer)
     tok = _load_tokenizer(name, gguf, False, [])
     _ensure_chat_template(tok, tokenizer, chat_template)
     engine = RemoteEngine(base_url, model, tag=tag, api_key=os.environ.get(api_key_env),

@@ -105,6 +105,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     session = contextlib.AsyncExitStack()
     progress = Progress(cfg.steps, enabled=cfg.progress)
     step = 0
+    pool = None  # rollout_workers > 0: Ray actors run the environment (rlft.ray_workers)
     try:
         # -- model, engine, optimizer ------------------------------------------------------
         lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -117,6 +118,10 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             policy.freeze_reference()
         renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
         engine = make_engine(cfg, policy, tag=run_id)
+        if cfg.rollout_workers > 0:  # Ray is imported only here
+            from rlft.ray_workers import pool_from_config
+
+            pool = pool_from_config(cfg, engine, tag=run_id)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         sampler = Sampler(engine, renderer, params, max_seq_len=cfg.max_seq_len)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate,
@@ -170,7 +175,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             sampler.policy_version = step
             sampler.params = replace(params, seed=derive_seed(cfg.seed, "train", step))
             t0 = time.perf_counter()
-            groups = loop.run_until_complete(env.run_groups(examples, sampler, cfg.group_size,
+            groups = loop.run_until_complete((pool or env).run_groups(examples, sampler, cfg.group_size,
                                                             max_concurrency=cfg.max_concurrency))
             t_generate = time.perf_counter() - t0
             metrics = group_metrics(groups, cfg.success_threshold)
@@ -185,7 +190,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             refill = 0
             while cfg.dynamic_sampling == "refill" and len(train_groups) < cfg.batch_size and refill < 3:
                 extra = train_set.batch(step, cfg.batch_size - len(train_groups), cfg.seed + 7919 * (refill + 1))
-                more = loop.run_until_complete(env.run_groups(extra, sampler, cfg.group_size, max_concurrency=cfg.max_concurrency))
+                more = loop.run_until_complete((pool or env).run_groups(extra, sampler, cfg.group_size, max_concurrency=cfg.max_concurrency))
                 more_groups, _ = select_groups(more, cfg, env.max_tokens)
                 train_groups += more_groups
                 groups += more
@@ -243,6 +248,8 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             loop.run_until_complete(session.aclose())
         if "engine" in locals() and hasattr(engine, "close"):
             engine.close()
+        if pool is not None:
+            pool.shutdown()
         loop.close()
         store.close()
 

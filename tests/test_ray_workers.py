@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'rlft[ray]')")
+try:
+    import ray
+except ImportError:  # the config checks below still run
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip install 'rlft[ray]')")
 
 from rlft.env import Sampler  # noqa: E402
 from rlft.engines.base import SamplingParams  # noqa: E402
@@ -83,6 +87,7 @@ def markers_of(marker_dir, pid):
     return [n for n in os.listdir(marker_dir) if n.split("-")[1] == str(pid)]
 
 
+@needs_ray
 def test_same_results_as_in_process_and_retry_after_a_kill(local_ray, tmp_path):
     from rlft.ray_workers import RayRolloutPool, import_attr
 
@@ -116,6 +121,7 @@ def test_same_results_as_in_process_and_retry_after_a_kill(local_ray, tmp_path):
         pool.shutdown()
 
 
+@needs_ray
 def test_retries_exhausted_marks_rollouts_failed_and_the_step_completes(local_ray, tmp_path):
     from rlft.ray_workers import RayRolloutPool
 
@@ -141,3 +147,39 @@ def test_retries_exhausted_marks_rollouts_failed_and_the_step_completes(local_ra
                 assert "rollout worker 0" in ro.errors[0].message and "retries exhausted" in ro.errors[0].message
     finally:
         pool.shutdown()
+
+
+def test_config_keys_default_in_process_and_remote_engine_required():
+    import subprocess
+    import sys
+
+    from rlft.config import ConfigError, TrainConfig
+    from rlft.ray_workers import engine_spec_for
+
+    cfg = TrainConfig()
+    assert cfg.rollout_workers == 0 and cfg.ray_address == ""
+    with pytest.raises(ConfigError, match="engine = \"openai\""):
+        TrainConfig(rollout_workers=2).resolved()
+    with pytest.raises(ConfigError, match="rollout_workers"):
+        TrainConfig(rollout_workers=-1).resolved()
+    remote = TrainConfig(rollout_workers=2, engine="openai", engine_url="http://h:8000", model="m").resolved()
+    target, kwargs = engine_spec_for(remote, tag="run1", stop_token_ids={2, 1})
+    assert target == "rlft.ray_workers:remote_engine"
+    assert kwargs["base_url"] == "http://h:8000" and kwargs["stop_token_ids"] == [1, 2] and kwargs["tag"] == "run1"
+    # the default path never imports Ray
+    code = "import sys, rlft, rlft.train, rlft.env, rlft.loader; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_remote_engine_factory_builds_from_plain_values(tmp_path):
+    import pickle
+
+    from rlft.ray_workers import build_engine
+    from rlft.tiny import build_tiny_tokenizer
+
+    build_tiny_tokenizer().save_pretrained(tmp_path)
+    spec = pickle.loads(pickle.dumps(("rlft.ray_workers:remote_engine", {
+        "base_url": "http://127.0.0.1:9/v1", "model": "m", "tokenizer": str(tmp_path), "tag": "r", "stop_token_ids": [0]})))
+    engine, renderer = build_engine(spec)
+    assert engine.base_url == "http://127.0.0.1:9" and engine.adapter_name(3) == "m@r@v3" and engine.stop_token_ids == [0]
+    assert renderer.render_prompt([{"role": "user", "content": "hi"}])
