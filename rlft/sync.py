@@ -23,7 +23,9 @@ Three things, run by :class:`WeightSync` from the training loop:
    with :class:`WeightSyncError` when the engine reports another version than the one just pushed
    (**stale**), or when the mean absolute logprob difference is above ``sync_tolerance``
    (**mismatched**: the right label on the wrong weights, a different base model, a LoRA scaling
-   bug, an adapter that did not load). Metrics: ``sync/probe_logprob_diff`` (and ``_max``).
+   bug, an adapter that did not load). Metrics: ``sync/probe_logprob_diff`` (and ``_max``). Not
+   run for an engine that runs the trainer's own module (the default HF engine without a copy):
+   there is nothing to compare, and it would cost a short generation per step.
 
 Why sample and re-score, rather than have the engine score a fixed text: it needs nothing from an
 engine beyond the Engine protocol (``generate`` with logprobs), so the same check covers the HF
@@ -193,6 +195,8 @@ class WeightSync:
             raise ValueError(f"{type(engine).__name__} takes new weights as LoRA adapters only: train with lora = true")
         self.wants_adapter = policy.is_lora and _accepts(engine.sync_weights, "adapter_dir")
         self.wants_model = _accepts(engine.sync_weights, "model")
+        # an engine running the trainer's own module (the default HF engine) cannot disagree with it
+        self.shared = getattr(engine, "model", None) is policy.model and not getattr(engine, "owns_copy", True)
         self.last: ProbeResult | None = None
 
     def push(self, version: int) -> None:
@@ -217,8 +221,9 @@ class WeightSync:
         return str(path)
 
     def check(self, version: int) -> dict[str, float]:
-        """Probe the engine; raise :class:`WeightSyncError` when it does not serve ``version``."""
-        if not self.enabled:
+        """Probe the engine; raise :class:`WeightSyncError` when it does not serve ``version``.
+        Skipped when disabled, and for an engine that runs the trainer's own module (nothing to compare)."""
+        if not self.enabled or self.shared:
             return {}
         coro = probe(self.policy, self.engine, self.probe_ids, expected_version=version, autocast=self.autocast)
         self.last = result = self.loop.run_until_complete(coro) if self.loop is not None else asyncio.run(coro)
