@@ -318,7 +318,10 @@ def test_the_console_opens_the_store_read_only_and_never_imports_the_trainer(ws)
     with pytest.raises(PermissionError):
         store.request_stop(ws.live_id)
     # (rlft/__init__.py itself loads rlft.env and rlft.tools for the public API: not counted here)
-    code = ("import sys, rlft.console.app; bad = [m for m in ('torch', 'transformers', 'rlft.train', 'rlft.policy', "
+    # nor does loading a run's environment for the chat tab
+    code = ("import sys, rlft.console.app; from rlft.console.chat import EnvCache; "
+            f"env, info = EnvCache().get('r', {{'env': {str(ws.dir / 'env.py') + ':tools_env'!r}}}); assert info['loaded'], info; "
+            "bad = [m for m in ('torch', 'transformers', 'rlft.train', 'rlft.policy', "
             "'rlft.update', 'rlft.serve') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -266,7 +266,7 @@ def test_chat_round_trip_streams_the_answer_as_text(w, ws):
     page.wait_for_function("() => [...document.querySelectorAll('#chat-log .role-assistant .done')].length === 1 "
                            "&& !document.querySelector('#chat-log .streaming')")
     assert page.inner_text("#chat-log .role-tool .content") == "5"
-    assert "add" in page.inner_text("#chat-log .role-tool .msg-head")
+    assert "add" in page.text_content("#chat-log .role-tool .msg-head")
     assert "add" in page.inner_text("#chat-log .toolcall .tc-name")
     assert page.inner_text("#chat-log .toolcall .tc-args") == '{"a": 2, "b": 3}'
     answers = page.locator("#chat-log .role-assistant .content").all_inner_texts()
