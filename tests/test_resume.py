@@ -18,7 +18,7 @@ ENV = textwrap.dedent('''
     from rlft.env import Environment
 
     def variety(ro):
-        time.sleep(0.05)  # slow enough for the test to kill the run between checkpoints
+        time.sleep(0.2)  # slow enough for the test to kill the run between checkpoints
         return len(set(ro.completion)) / 16
 
     env = Environment(rewards=[variety], max_tokens=12)
@@ -51,13 +51,13 @@ def test_sigkilled_run_resumes_at_the_next_step_without_duplicates(workdir):
     code = f"from rlft.train import train; train(**{_args(workdir, runs, 'victim')!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # a loaded machine starts Python slowly
         while time.time() < deadline:
             time.sleep(0.2)
             if (runs / "rlft.db").exists():
                 store = RunStore(runs, readonly=True)
                 runs_ = store.list_runs()
-                if runs_ and (runs_[0].get("step") or 0) >= 7:
+                if runs_ and (runs_[0].get("step") or 0) >= 4:
                     break
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         os.kill(proc.pid, signal.SIGKILL)
@@ -68,7 +68,7 @@ def test_sigkilled_run_resumes_at_the_next_step_without_duplicates(workdir):
     store = RunStore(runs)
     run_id = store.resolve("victim")
     killed_at = store.get_run(run_id)["step"]
-    assert 7 <= killed_at < STEPS
+    assert 4 <= killed_at < STEPS
     last_ckpt = list_checkpoints(store.run_dir(run_id))[-1][0]
     assert last_ckpt % 3 == 0 and last_ckpt <= killed_at
 
