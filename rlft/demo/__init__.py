@@ -4,9 +4,12 @@ city from one sentence as a JSON object.
 Chosen because the base model's greedy answers are often right while its samples at
 temperature 1 are not (wrong keys, invented names, chatter after the JSON): there is signal in
 every group, and RL has a large, measurable gap to close within minutes on a CPU. The reward
-gives partial credit per correct field and halves it when the reply is more than the JSON.
-The data is generated from a seed (train and held-out sentences use disjoint templates'
-fillers), so nothing is downloaded. Left out: anything the user must install beyond rlft.
+gives partial credit per correct field and halves it when the reply is more than the JSON (a
+```json fence around it is allowed). Replies are capped at 48 tokens: the JSON needs ~30, so
+chatter is cut short instead of costing time. The data is generated from a seed, so nothing is
+downloaded; the held-out rows (``eval_size``) are a seeded split, disjoint from the training
+rows, and both train and eval sample at temperature 1.0. Left out: anything the user must
+install beyond rlft.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ def extraction(rollout) -> float:
     return right / len(gt) * (1.0 if only_json else 0.5)
 
 
-env = Environment(system_prompt=SYSTEM, rewards=[extraction], max_turns=1, max_tokens=64, name="json-extraction")
-dataset = make_rows(264, seed=0)  # 200 train + 64 held out (eval_size in DEMO_CONFIG)
+env = Environment(system_prompt=SYSTEM, rewards=[extraction], max_turns=1, max_tokens=48, name="json-extraction")
+dataset = make_rows(264, seed=0)  # 232 train + 32 held out (eval_size in DEMO_CONFIG)
 
+# Measured on 2 shared CPU cores (benchmarks/README.md): held-out reward ~0.1 -> ~0.9 in 8 steps.
+# Train and eval both sample at temperature 1.0 (no greedy eval): the gain is the sampled policy's.
 DEMO_CONFIG = {
     "env": "rlft.demo",
     "model": "smollm2",
@@ -76,17 +81,18 @@ DEMO_CONFIG = {
     "lora": True,
     "lora_rank": 16,
     "lora_alpha": 32,
-    "learning_rate": 2e-4,
-    "steps": 40,
+    "learning_rate": 1e-3,  # LoRA at 1e-3: train reward 0.11 -> 0.93 in 4 steps (measured)
+    "steps": 8,
     "batch_size": 4,
     "group_size": 8,
     "temperature": 1.0,
+    "eval_temperature": 1.0,
     "max_seq_len": 512,
-    "eval_size": 64,
-    "eval_max_examples": 64,
+    "eval_size": 32,
+    "eval_max_examples": 32,
     "eval_k": 1,
-    "eval_every": 10,
-    "checkpoint_every": 20,
+    "eval_every": 2,
+    "checkpoint_every": 0,  # only the last step
     "run_name": "",
 }
 
