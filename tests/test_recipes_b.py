@@ -1,0 +1,139 @@
+"""Recipes constrained/, code/ and roleplay/: each validates end to end and trains two steps on the
+tiny model (in-process CLI); roleplay's judge is a real ``rlft serve`` on 127.0.0.1 answering with
+a scripted verdict. Plus the recipes' own graders on hand-written replies."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from rlft.cli import main
+from rlft.store import RunStore
+from rlft.types import Rollout, Termination
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def load_env(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}_env", RECIPES / name / "env.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def done(text: str, **row) -> Rollout:
+    return Rollout(example={"prompt": "p", **row}, messages=[{"role": "user", "content": "p"},
+                                                             {"role": "assistant", "content": text}],
+                   termination=Termination.FINISHED)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from rlft.testing_models import save_tiny_model
+
+    path = tmp_path_factory.mktemp("recipes_b") / "tiny"
+    save_tiny_model(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+    """A real rlft serve on 127.0.0.1 whose 'smollm2' answers every rubric with a fixed level."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    from rlft.chat import Renderer
+    from rlft.serve import BackgroundServer, create_app
+    from rlft.testing import ScriptedPolicy
+    from rlft.tiny import build_tiny_tokenizer
+
+    renderer = Renderer(build_tiny_tokenizer())
+    verdict = ScriptedPolicy(renderer, ['{"reasoning": "sounds like a pirate", "score": "partly"}'])
+    with BackgroundServer(create_app(engines={"smollm2": verdict})) as srv:
+        yield srv.url + "/v1"
+
+
+@pytest.fixture
+def recipe_env(request, monkeypatch):
+    if request.param == "roleplay":
+        monkeypatch.setenv("RLFT_JUDGE_URL", request.getfixturevalue("judge_url"))
+        monkeypatch.setenv("RLFT_JUDGE_MODEL", "smollm2")
+    return request.param
+
+
+def tiny_overrides(tiny, runs):
+    return ["--set", f"model={tiny}", "--set", "dtype=float32", "--set", f"runs_dir={runs}"]
+
+
+@pytest.mark.parametrize("name", ["constrained", "code", "roleplay"])
+def test_recipe_ships_data_config_and_readme(name):
+    d = RECIPES / name
+    train = [json.loads(line) for line in (d / "train.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (d / "eval.jsonl").read_text().splitlines()]
+    assert len(train) >= 200 and len(held) >= 32
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert (d / "make_data.py").exists() and (d / "config.toml").exists() and "rlft train" in (d / "README.md").read_text()
+
+
+@pytest.mark.parametrize("recipe_env", ["constrained", "code", "roleplay"], indirect=True)
+def test_recipe_validates_and_trains_two_steps_on_the_tiny_model(recipe_env, tiny, tmp_path, capsys):
+    cfg = str(RECIPES / recipe_env / "config.toml")
+    runs = tmp_path / "runs"
+    assert main(["validate", cfg, *tiny_overrides(tiny, runs)]) == 0, capsys.readouterr().out
+    assert "validation passed" in capsys.readouterr().out
+    code = main(["train", cfg, *tiny_overrides(tiny, runs), "--set", "steps=2", "--set", "batch_size=2",
+                 "--set", "group_size=2", "--set", "eval_max_examples=2", "--set", "eval_k=2",
+                 "--set", "checkpoint_every=2", "--set", f"run_name={recipe_env}", "--set", "progress=false"])
+    assert code == 0
+    run = RunStore(runs, readonly=True).get_run(recipe_env)
+    assert run["status"] == "completed" and run["step"] == 2
+
+
+def test_constrained_graders_give_partial_credit():
+    env = load_env("constrained")
+    assert env.constraints(done("C is for calm\nA is for air\nT is for time", kind="acrostic", word="CAT")) == 1.0
+    assert env.constraints(done("Cats\nnap\nTall", kind="acrostic", word="CAT")) == pytest.approx(2 / 3)
+    assert env.constraints(done("- one\n- two\n- three", kind="format", items=3)) == 1.0
+    assert 0 < env.constraints(done("Facts:\n- one\n- two", kind="format", items=3)) < 1
+    short = done("Blue waves roll in.", kind="words", max_words=10, required=["waves"])
+    assert env.constraints(short) == 1.0
+    assert env.constraints(done(" ".join(["sea"] * 15), kind="words", max_words=10, required=["waves"])) < 0.5
+
+
+def test_code_rewards_run_the_hidden_tests_in_the_sandbox():
+    import asyncio
+
+    from rlft.rewards import score_group
+
+    env = load_env("code").env
+    row = {"entry_point": "add_3", "tests": ["assert add_3(1) == 4", "assert add_3(0) == 3"]}
+    right = done("```python\ndef add_3(x):\n    return x + 3\n```", **row)
+    half = done("```python\ndef add_3(x):\n    return 4\n```", **row)
+    prose = done("def add_3(x) return x plus three", **row)
+    asyncio.run(score_group([right, half, prose], env.rewards, 30.0))
+    assert right.rewards == {"tests_passed": 1.0, "defines_function": 1.0, "fenced": 1.0}
+    assert half.rewards["tests_passed"] == 0.5 and prose.rewards == {"tests_passed": 0.0, "defines_function": 0.0,
+                                                                     "fenced": 0.0}
+    assert right.reward == pytest.approx(1.3)
+
+
+def test_roleplay_scores_through_the_served_judge_and_keeps_signal_when_it_fails(judge_url, monkeypatch):
+    import asyncio
+
+    from rlft.rewards import score_group
+
+    monkeypatch.setenv("RLFT_JUDGE_URL", judge_url)
+    env = load_env("roleplay").env
+    pirate = done("Arr matey! Storms be loud, but me ship and crew sail through them with courage.")
+    assistant = done("As an AI language model, I can explain storms in detail for you.")
+    asyncio.run(score_group([pirate, assistant], env.rewards, 60.0))
+    assert pirate.rewards["in_character"] == 0.5 and pirate.rewards["breaks_character"] == 0.5
+    assert pirate.reward == pytest.approx(0.25 - 0.25 + 0.3 + 0.2 + 0.2)
+    assert assistant.reward < pirate.reward and not pirate.errors
+    monkeypatch.setenv("RLFT_JUDGE_URL", "http://127.0.0.1:9/v1")  # nobody listens: judge components 0
+    down = load_env("roleplay")
+    down.judge.retries, down.judge.timeout = 0, 2
+    ro = done("Arr matey! Storms be loud, but me ship and crew sail through them with courage.")
+    asyncio.run(score_group([ro], down.env.rewards, 30.0))
+    assert ro.rewards["in_character"] == 0.0 and ro.reward == pytest.approx(0.7) and ro.errors
