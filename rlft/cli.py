@@ -14,7 +14,8 @@ import sys
 import textwrap
 
 EPILOG = {
-    "train": "example:\n  rlft train config.toml --set steps=50 --set learning_rate=1e-4\n  rlft train --resume my-run",
+    "train": "example:\n  rlft train config.toml --set steps=50 --set learning_rate=1e-4\n  rlft train --resume my-run\n"
+             "  rlft train config.toml --nproc 2   # 2 processes (torchrun, DDP); = torchrun --nproc_per_node 2 -m rlft train ...",
     "validate": "example:\n  rlft validate config.toml            # one group of 2 rollouts, transcripts, rewards\n"
                 "  rlft validate config.toml --signal   # base reward, pass@k, tied groups, advice",
     "eval": "example:\n  rlft eval config.toml                      # the base model\n"
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("train", "train a policy on an environment")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train in N processes on this machine through torchrun (DDP: gloo on CPU, NCCL on GPU)")
 
     p = cmd("validate", "check an environment end to end before spending compute")
     _add_config_args(p)
@@ -129,10 +132,19 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
+    import os
+
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start torchrun; it runs `rlft train` on each rank
+        from rlft.distributed import launch
+
+        argv = ["train", *([args.config] if args.config else []), *[a for kv in args.overrides for a in ("--set", kv)],
+                *(["--resume", args.resume] if args.resume else [])]
+        return launch(args.nproc, argv)
     from rlft.train import train
 
     run_id = train(_config(args), resume=args.resume)  # resuming: the run's saved config wins
-    print(f"run {run_id} finished; inspect it with `rlft runs show {run_id}`")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run {run_id} finished; inspect it with `rlft runs show {run_id}`")
     return 0
 
 

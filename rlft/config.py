@@ -61,6 +61,7 @@ class TrainConfig:
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # top-k sampling (0 = off)
     max_concurrency: int = 256  # rollouts in flight at once
+    overlap: bool = False  # sample step n+1 while step n trains (policy lag 1; importance ratio vs the sampler)
     engine: str = "hf"  # hf (in-process) | vllm | openai (remote server)
     engine_url: str = ""  # base URL of the remote engine (engine = openai)
     engine_model: str = ""  # the base model's name on the remote engine (empty = model)
@@ -96,6 +97,7 @@ class TrainConfig:
     adam_beta2: float = 0.99  # AdamW beta2
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     micro_batch_tokens: int = 4096  # tokens per forward/backward micro-batch (length-bucketed)
+    distributed: str = "ddp"  # multi-process strategy under torchrun: ddp (gloo on CPU, NCCL on GPU) | fsdp2 (GPU)
     seed: int = 0  # seeds data order, sampling and init
     # -- run, checkpoints, eval ----------------------------------------------------------
     runs_dir: str = "runs"  # workspace: the run store and per-run directories
@@ -130,6 +132,7 @@ class TrainConfig:
         _check_choice(out, "kl_estimator", ("k1", "k3"))
         _check_choice(out, "lr_schedule", ("constant", "cosine"))
         _check_choice(out, "std_normalize", ("true", "false"))
+        _check_choice(out, "distributed", ("ddp", "fsdp2"))
         _check_choice(out, "engine", ("hf", "vllm", "openai"))
         if out.engine == "openai" and not out.engine_url:
             raise ConfigError("engine = \"openai\" needs engine_url (the server's base URL, e.g. http://host:8000)")

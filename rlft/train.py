@@ -6,7 +6,11 @@ turn rewards into group-relative advantages, update the policy on the sampled to
 record metrics and rollouts in the run store; checkpoint every N steps. The math lives in
 ``rlft.grpo``; batching for the forward pass in ``rlft.batching``. A failure at any point marks
 the run failed with its reason and traceback before the exception propagates.
-Left out: multi-process training (the step is written so torch.distributed can wrap it).
+Multi-process (torchrun): ``rlft.distributed`` holds all of it; here it is called where the model
+is wrapped, the prompts are sharded, metrics and rollouts are gathered and rank 0 writes. Overlap
+(``overlap = true``): step n+1's rollouts are sampled (from the engine's own snapshot of the
+weights) while step n trains in a thread, so they lag one version and the update takes the
+sampler's logprobs as their old policy.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     ``resume``: a run id (or name) to continue from its last checkpoint."""
     import torch
 
+    from rlft import distributed
     from rlft.chat import Renderer
     from rlft.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
     from rlft.engines.base import SamplingParams
@@ -81,7 +86,8 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     from rlft.update import policy_update, select_groups
 
     cfg = _as_config(config, overrides)
-    store = RunStore(cfg.runs_dir)
+    owns_group = distributed.init()  # under torchrun: join the process group; one process: nothing
+    store = distributed.run_store(cfg.runs_dir)  # rank 0 writes; the other ranks only read
     if resume:  # the run's own resolved config wins over the one given
         run = store.get_run(resume)
         run_id = run["id"]
@@ -92,19 +98,23 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         env, module, env_source = load_environment(cfg.env)
     train_set, eval_set = load_data(cfg, module, dataset)
     train_set.check_batch_size(cfg.batch_size)
+    distributed.check(cfg)
     if not resume:
         run_id = store.create_run(name=cfg.run_name or None, config=cfg.to_dict(), model=cfg.model,
                                   environment=env.name if env.name != "environment" else (cfg.env or "environment"),
                                   env_source=env_source)
+    run_id = distributed.broadcast_object(run_id)  # rank 0 created the run
     run_dir = store.run_dir(run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.toml")
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.toml")
     store.set_status(run_id, "running")
     reporter = None
     loop = asyncio.new_event_loop()
     session = contextlib.AsyncExitStack()
-    progress = Progress(cfg.steps, enabled=cfg.progress)
+    progress = Progress(cfg.steps, enabled=cfg.progress) if distributed.is_main() else distributed.Silent()
     step = 0
+    pending = None  # overlap: the next step's rollouts, sampled while this step trains
     pool = None  # rollout_workers > 0: Ray actors run the environment (rlft.ray_workers)
     try:
         # -- model, engine, optimizer ------------------------------------------------------
@@ -114,6 +124,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         weights_dtype = cfg.dtype if cfg.lora else "float32"
         policy = load_policy(cfg.model, dtype=weights_dtype, lora=lora if cfg.lora else None,
                              gradient_checkpointing=cfg.gradient_checkpointing, chat_template=cfg.chat_template or None)
+        train_model = distributed.wrap(policy.model, cfg.distributed)  # DDP under torchrun; else policy.model
         if cfg.beta > 0 and not policy.is_lora:
             policy.freeze_reference()
         renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
@@ -127,7 +138,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-        reporter = Reporter(cfg.report_to, run_id, run_dir, cfg.to_dict())
+        reporter = Reporter(cfg.report_to if distributed.is_main() else "", run_id, run_dir, cfg.to_dict())
         start = 0
         if resume and (ckpt := latest_checkpoint(run_dir)):
             state = load_checkpoint(ckpt[1], policy, optimizer, scheduler)
@@ -135,13 +146,14 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             store.add_log(run_id, f"resumed from checkpoint at step {start}", step=start, source="trainer")
         store.truncate_after(run_id, start)  # rows of steps after the checkpoint are redone
         # the engine must serve the trainer's weights: pushed after every step, then probed (rlft.sync)
-        syncer = WeightSync(policy, engine, renderer, run_dir, loop, check=cfg.sync_check,
+        sync_root = run_dir if distributed.is_main() else run_dir / f"rank{distributed.rank()}"  # each rank's own pushes
+        syncer = WeightSync(policy, engine, renderer, sync_root, loop, check=cfg.sync_check,
                             tolerance=cfg.sync_tolerance, autocast=not policy.is_lora and cfg.dtype == "bfloat16")
         store.log_metrics(run_id, start, syncer.start(start))
         loop.run_until_complete(session.enter_async_context(env.session()))
 
         def run_eval(at_step: int) -> dict[str, float] | None:
-            if not len(eval_set):
+            if not len(eval_set) or not distributed.is_main():  # eval runs on rank 0 only
                 return None
             examples = list(eval_set)[: cfg.eval_max_examples or None]
             sampler.policy_version = at_step
@@ -167,42 +179,67 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         if start == 0:
             base_eval = run_eval(0)
 
+        def sample_step(at_step: int):
+            """This rank's share of the step's prompts, G rollouts each: a coroutine (overlap makes it a task)."""
+            examples = distributed.shard(train_set.batch(at_step, cfg.batch_size, cfg.seed))
+            step_sampler = replace(sampler, policy_version=at_step,
+                                   params=replace(params, seed=derive_seed(cfg.seed, "train", at_step)))
+            return (pool or env).run_groups(examples, step_sampler, cfg.group_size, max_concurrency=cfg.max_concurrency)
+
+        local_batch = cfg.batch_size // distributed.world_size()
+        engine_version = start  # the weights the engine serves
         progress.start(start)
         for step in range(start, cfg.steps):
             t_step = time.perf_counter()
-            # -- 1. sample: G rollouts for each of the step's P prompts -------------------------
-            examples = train_set.batch(step, cfg.batch_size, cfg.seed)
+            # -- 1. sample: G rollouts for each of the step's P prompts (this rank's share) -------
             sampler.policy_version = step
             sampler.params = replace(params, seed=derive_seed(cfg.seed, "train", step))
             t0 = time.perf_counter()
-            groups = loop.run_until_complete((pool or env).run_groups(examples, sampler, cfg.group_size,
-                                                            max_concurrency=cfg.max_concurrency))
-            t_generate = time.perf_counter() - t0
-            metrics = group_metrics(groups, cfg.success_threshold)
-            metrics.update(policy_lag(groups, step))
+            groups = loop.run_until_complete(pending if pending is not None else sample_step(step))
+            pending, t_generate = None, time.perf_counter() - t0
+            all_groups = distributed.gather_groups(groups)  # rank 0: the whole batch (for metrics)
+            metrics = group_metrics(all_groups, cfg.success_threshold)
+            metrics.update(policy_lag(all_groups, step))
+            if engine_version < step:  # overlap: the engine was sampling these when the last update ended
+                metrics.update(syncer.after_update(step))
+                engine_version = step
             if step == start:
-                report = signal_report(groups, cfg.success_threshold)
+                report = signal_report(all_groups, cfg.success_threshold)
                 for w in report.warnings:
                     progress.note(f"[signal] {w}")
                     store.add_log(run_id, w, level="warning", step=step, source="signal")
             # -- 2. advantages; dynamic sampling refills tied groups from a seeded side stream ---
             train_groups, skipped = select_groups(groups, cfg, env.max_tokens)
             refill = 0
-            while cfg.dynamic_sampling == "refill" and len(train_groups) < cfg.batch_size and refill < 3:
-                extra = train_set.batch(step, cfg.batch_size - len(train_groups), cfg.seed + 7919 * (refill + 1))
+            while cfg.dynamic_sampling == "refill" and len(train_groups) < local_batch and refill < 3:
+                extra = train_set.batch(step, local_batch - len(train_groups),
+                                        cfg.seed + 7919 * (refill + 1) + 104729 * distributed.rank())
                 more = loop.run_until_complete((pool or env).run_groups(extra, sampler, cfg.group_size, max_concurrency=cfg.max_concurrency))
                 more_groups, _ = select_groups(more, cfg, env.max_tokens)
                 train_groups += more_groups
                 groups += more
                 refill += 1
             # -- 3. policy update on the sampled tokens -----------------------------------------
+            if cfg.overlap and step + 1 < cfg.steps:  # the next step samples meanwhile, with these weights
+                pending = loop.create_task(sample_step(step + 1))
             t0 = time.perf_counter()
-            with engine.paused():  # no forward pass of the engine while weights change
-                update = policy_update(policy, train_groups, cfg, optimizer)
-                scheduler.step()
-            metrics.update(syncer.after_update(step + 1))  # WeightSyncError when the engine is stale
+
+            def update_step() -> dict[str, float]:
+                # no forward pass of the engine while weights change (overlap: it samples from its own copy)
+                with contextlib.nullcontext() if cfg.overlap else engine.paused():
+                    out = policy_update(policy, train_groups, cfg, optimizer, model=train_model,
+                                        policy_version=step if cfg.overlap else None)
+                    scheduler.step()
+                return out
+
+            # overlap: the update runs in a thread while this event loop drives the next step's rollouts
+            update = loop.run_until_complete(asyncio.to_thread(update_step)) if pending is not None else update_step()
+            if pending is None:  # else the engine is busy; it takes the new weights once its rollouts are in
+                metrics.update(syncer.after_update(step + 1))  # WeightSyncError when the engine is stale
+                engine_version = step + 1
             t_train = time.perf_counter() - t0
             # -- 4. record -----------------------------------------------------------------------
+            groups = distributed.gather_groups(groups)  # rank 0: every rank's rollouts, advantages set
             sampled = sum(r.num_sampled_tokens for g in groups for r in g.rollouts)
             metrics.update(update)
             metrics.update({"batch/skipped_groups": float(skipped), "optim/lr": scheduler.get_last_lr()[0],
@@ -215,13 +252,17 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             store.update_run(run_id, step=step + 1)
             progress.update(step + 1, metrics)
             done = step + 1 == cfg.steps
-            stop = store.stop_requested(run_id)
-            if done or stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+            stop = distributed.broadcast_object(store.stop_requested(run_id))  # all ranks stop together
+            if distributed.is_main() and (done or stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
                 path = save_checkpoint(run_dir, step + 1, policy, optimizer, scheduler, {"config": cfg.to_dict()})
                 store.add_checkpoint(run_id, step + 1, str(path), metrics={"reward/mean": metrics.get("reward/mean")})
                 for removed in prune_checkpoints(run_dir, cfg.keep_checkpoints):
                     store.remove_checkpoint(run_id, removed)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+                if pending is not None:  # overlap: eval the new weights: let the engine finish, then push them
+                    loop.run_until_complete(pending)
+                    store.log_metrics(run_id, step + 1, syncer.after_update(step + 1))
+                    engine_version = step + 1
                 run_eval(step + 1)
             if stop:
                 store.set_status(run_id, "stopped")
@@ -244,6 +285,10 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     finally:
         if reporter is not None:
             reporter.close()
+        if pending is not None and not pending.done():  # overlap: a stop or failure leaves one step in flight
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(pending)
         with contextlib.suppress(Exception):
             loop.run_until_complete(session.aclose())
         if "engine" in locals() and hasattr(engine, "close"):
@@ -252,6 +297,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             pool.shutdown()
         loop.close()
         store.close()
+        distributed.cleanup(owns_group)
 
 
 def make_engine(cfg: TrainConfig, policy, tag: str = ""):
@@ -260,6 +306,13 @@ def make_engine(cfg: TrainConfig, policy, tag: str = ""):
     if cfg.engine == "hf":
         from rlft.engines.hf import HFEngine
 
+        if cfg.overlap:  # it samples while the trainer steps: its own snapshot, refreshed by each sync
+            import copy
+
+            engine = HFEngine(copy.deepcopy(policy.model).requires_grad_(False), policy.tokenizer,
+                              max_batch_size=cfg.max_concurrency)
+            engine.source_model, engine.owns_copy = policy.model, True  # sync_weights copies the weights in
+            return engine
         return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency)
     from rlft.engines.hf import end_of_turn_ids
 

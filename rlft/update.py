@@ -5,7 +5,11 @@ that every completion ends at the last position and the model computes logits on
 completion window: ``logits_to_keep``). Only sampled tokens (mask 1) carry loss. Micro-batches
 are length-bucketed under a token budget and their losses use the whole batch's normalizer, so
 accumulation gives the same gradient as one big batch. With ``epochs > 1`` the importance
-ratio is against the trainer's own logprobs of the first pass (the rollout-time policy).
+ratio is against the trainer's own logprobs of the first pass (the rollout-time policy); for a
+rollout sampled by older weights (``policy_version`` below the current one: overlap) it is against
+the sampler's logprobs. Distributed (``model`` a DDP/FSDP2 wrapper, see ``rlft.distributed``): the
+normalizer and metrics are summed over ranks and the loss scaled so that the gradient is the
+single-process one.
 Left out: the loss math itself (``rlft.grpo``) and anything about where rollouts came from.
 """
 
@@ -16,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rlft import grpo
+from rlft import distributed, grpo
 from rlft.config import TrainConfig
 from rlft.types import Group, Rollout
 
@@ -93,9 +97,14 @@ def completion_logits(model: Any, ids, attn, pos, C: int):
     return out.logits[:, -(C + 1):-1]
 
 
-def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """One optimizer step per epoch over the rollouts of ``groups``; returns metrics."""
-    model = policy.model
+def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer: torch.optim.Optimizer, *,
+                  model: Any = None, policy_version: int | None = None) -> dict[str, float]:
+    """One optimizer step per epoch over the rollouts of ``groups``; returns metrics.
+    ``model``: the module to run forward/backward through (default ``policy.model``; the DDP
+    wrapper under torchrun). ``policy_version``: the version of the weights being updated; rollouts
+    sampled by an older version take the sampler's logprobs as the old policy's."""
+    model = model if model is not None else policy.model
+    dev = policy.device
     pad_id = policy.tokenizer.pad_token_id if policy.tokenizer.pad_token_id is not None else 0
     rollouts = [r for g in groups for r in g.rollouts if r.completion_ids]
     if cfg.overlong == "filter":  # truncated rollouts teach nothing about how to finish
@@ -111,22 +120,25 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
         normalizer = float(sum(1 for n in mask_counts if n) * cfg.max_seq_len)
     items = [_Item(r, len(r.prompt_ids) + len(r.completion_ids)) for r in rollouts
              if sum(r.mask) and (r.advantage != 0.0 or cfg.beta > 0)]
+    # the whole batch's counts, over ranks (identity in one process)
+    normalizer, n_items = distributed.all_reduce_sum([normalizer, float(len(items))])
     stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "policy/clip_ratio": 0.0, "policy/entropy": 0.0,
-                               "optim/grad_norm": 0.0, "batch/trained_sequences": float(len(items))}
-    if not items or normalizer == 0:
+                               "optim/grad_norm": 0.0, "batch/trained_sequences": n_items}
+    if not n_items or normalizer == 0:
         optimizer.step()  # no gradients: a no-op that keeps the scheduler's step count honest
         return stats
     autocast = torch.autocast("cuda" if policy.device.type == "cuda" else "cpu", dtype=torch.bfloat16,
                               enabled=(not policy.is_lora and cfg.dtype == "bfloat16"))
     micro = _micro_batches(items, cfg.micro_batch_tokens)
+    scale = distributed.grad_scale(model)  # DDP averages gradients over ranks; the loss is a sum
     diffs: list[torch.Tensor] = []
     ent_sum = ent_n = 0.0
     model.train()
     for epoch in range(cfg.epochs):
         optimizer.zero_grad(set_to_none=True)
         clip_sum = kl_sum = loss_sum = n_tokens = 0.0
-        for mb in micro:
-            ids, attn, pos, tokens, mask, sampler_logp, adv = _tensors(mb, pad_id)
+        for mb in distributed.micro_steps(model, micro):  # the same number of passes on every rank
+            ids, attn, pos, tokens, mask, sampler_logp, adv = (t.to(dev) for t in _tensors(mb, pad_id))
             C = tokens.shape[1]
             with autocast:
                 logits = completion_logits(model, ids, attn, pos, C)  # (B, C, V)
@@ -138,7 +150,8 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
                     ent_n += float(mask.sum())
                     for b, it in enumerate(mb):
                         c = len(it.rollout.completion_ids)
-                        it.old_logp = logp[b, C - c:].detach().clone()
+                        stale = policy_version is not None and it.rollout.policy_version < policy_version
+                        it.old_logp = (sampler_logp if stale else logp.detach())[b, C - c:].clone()
                     diffs.append(((logp.detach() - sampler_logp).abs() * mask)[mask.bool()])
                     if cfg.beta > 0:
                         with policy.reference() as ref, autocast:
@@ -146,14 +159,14 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
                             ref_lp = grpo.token_logprobs(ref_logits, tokens, cfg.temperature)
                         for b, it in enumerate(mb):
                             it.ref_logp = ref_lp[b, C - len(it.rollout.completion_ids):]
-            old_logp = _window([it.old_logp for it in mb], C)
-            ref_logp = _window([it.ref_logp for it in mb], C) if cfg.beta > 0 else None
+            old_logp = _window([it.old_logp for it in mb], C).to(dev)
+            ref_logp = _window([it.ref_logp for it in mb], C).to(dev) if cfg.beta > 0 else None
             is_w = grpo.tis_weights(old_logp, sampler_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
             loss, st = grpo.policy_loss(
                 logp, old_logp, adv, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_level=cfg.ratio_level,
                 loss_agg=cfg.loss_agg, max_tokens=cfg.max_seq_len, normalizer=normalizer,
                 ref_logp_BT=ref_logp, beta=cfg.beta, kl_estimator=cfg.kl_estimator, is_weights_BT=is_w)
-            loss.backward()
+            (loss * scale).backward()
             n = float(mask.sum())
             n_tokens += n
             loss_sum += float(loss.detach())
@@ -163,14 +176,16 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         if epoch == 0:
+            loss_sum, clip_sum, kl_sum, n_tokens = distributed.all_reduce_sum([loss_sum, clip_sum, kl_sum, n_tokens])
             stats.update({"loss/policy": loss_sum, "policy/clip_ratio": clip_sum / max(n_tokens, 1),
                           "loss/kl": kl_sum / max(n_tokens, 1), "optim/grad_norm": float(norm)})
     model.eval()
     optimizer.zero_grad(set_to_none=True)
-    d = torch.cat(diffs) if diffs else torch.zeros(1)
+    d = torch.cat(diffs) if diffs else torch.zeros(0)
+    ent_sum, ent_n, d_sum, d_n = distributed.all_reduce_sum([ent_sum, ent_n, float(d.sum()), float(d.numel())])
     stats["policy/entropy"] = ent_sum / max(ent_n, 1)
-    stats["sync/logprob_diff_mean"] = float(d.mean()) if d.numel() else 0.0
-    stats["sync/logprob_diff_max"] = float(d.max()) if d.numel() else 0.0
+    stats["sync/logprob_diff_mean"] = d_sum / d_n if d_n else 0.0
+    stats["sync/logprob_diff_max"] = distributed.all_reduce_max(float(d.max()) if d.numel() else 0.0)
     return stats
 
 
