@@ -280,19 +280,12 @@ def cmd_eval(args) -> int:
 
 def _load_checkpoint(cfg, args, policy, sampler):
     """Load a run's checkpoint (``--step N`` or latest) into the session's policy."""
-    from rlft.checkpoint import checkpoint_dir, latest_checkpoint, load_weights
+    from rlft.checkpoint import load_weights, resolve_checkpoint
     from rlft.store import RunStore
 
     store = RunStore(cfg.runs_dir)
     run_id = store.resolve(args.run)
-    run_dir = store.run_dir(run_id)
-    if args.step == "latest":
-        found = latest_checkpoint(run_dir)
-        if not found:
-            raise SystemExit(f"run {run_id} has no checkpoint yet")
-        step, path = found
-    else:
-        step, path = int(args.step), checkpoint_dir(run_dir, int(args.step))
+    step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
     if not policy.is_lora and (path / "adapter_config.json").exists():
         from rlft.policy import load_policy
         from rlft.train import make_engine
