@@ -295,7 +295,8 @@ def test_engine_on_shared_lora_policy_sees_adapter_updates_without_sync(tmp_path
         with eng.paused():  # what a trainer does around its optimizer step
             policy.model.train()
         after = gather(eng, [prompt], params)[0]
-        assert policy.model.training  # the engine restored train mode after each step
+        with eng.paused():  # results are delivered inside the step; the mode is restored before the lock is free
+            assert policy.model.training  # the engine restored train mode after each step
         policy.model.eval()
         assert after.tokens != before.tokens
         torch.testing.assert_close(torch.tensor(after.logprobs),
