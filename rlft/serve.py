@@ -358,6 +358,15 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
             raise APIError(404, f"no LoRA adapter named {body.lora_name!r}", param="lora_name", code="model_not_found")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+    async def acquire(model: str):
+        """The loaded model for a request's name, or an OpenAI-style 404/500."""
+        try:
+            return await registry.acquire(model)
+        except ModelNotFoundError as e:
+            raise APIError(404, str(e), param="model", code="model_not_found")
+        except Exception as e:
+            raise APIError(500, f"could not load model {model!r}: {type(e).__name__}: {e}", type="server_error")
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         if req.stream or req.echo:
@@ -365,12 +374,7 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
                            param="stream" if req.stream else "echo")
         if req.logprobs:
             raise APIError(400, "only the sampled token's logprob is returned: use logprobs=0", param="logprobs")
-        try:
-            entry, served = await registry.acquire(req.model)
-        except ModelNotFoundError as e:
-            raise APIError(404, str(e), param="model", code="model_not_found")
-        except Exception as e:
-            raise APIError(500, f"could not load model {req.model!r}: {type(e).__name__}: {e}", type="server_error")
+        entry, served = await acquire(req.model)
         try:
             prompts = _completion_prompts(served.renderer.tokenizer, req.prompt)
             if len(prompts) * req.n > max_n:
@@ -409,12 +413,7 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
                            param="top_logprobs")
         tools, instruction, parse = tool_setup(req)
         messages = chat_messages(req.messages, instruction)
-        try:
-            entry, served = await registry.acquire(req.model)
-        except ModelNotFoundError as e:
-            raise APIError(404, str(e), param="model", code="model_not_found")
-        except Exception as e:
-            raise APIError(500, f"could not load model {req.model!r}: {type(e).__name__}: {e}", type="server_error")
+        entry, served = await acquire(req.model)
         released = []
 
         def release() -> None:
