@@ -205,6 +205,12 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 engine_version = step
             if step == start:
                 report = signal_report(all_groups, cfg.success_threshold)
+                m = report.metrics
+                line = (f"[signal] step {step + 1}: mean reward {m.get('reward/mean', 0):.3f}, pass@{cfg.group_size} "
+                        f"{m.get('pass@k', 0):.2f}, max@{cfg.group_size} {m.get('max@k', 0):.3f}, "
+                        f"tied groups {report.zero_variance_share:.0%}")
+                progress.note(line)
+                store.add_log(run_id, line, step=step, source="signal")
                 for w in report.warnings:
                     progress.note(f"[signal] {w}")
                     store.add_log(run_id, w, level="warning", step=step, source="signal")

@@ -90,6 +90,8 @@ def test_train_then_inspect_eval_and_export(project, capsys, tmp_path):
     assert len(json.loads(capsys.readouterr().out)) == 8
     assert main(["runs", "show", "cli-run", "--runs", runs]) == 0
     assert "completed at step 2" in capsys.readouterr().out
+    assert main(["runs", "logs", "cli-run", "--runs", runs]) == 0
+    assert "[signal] step 1: mean reward" in capsys.readouterr().out  # train prints the signal figures
     assert main(["eval", str(project / "config.toml"), "--run", "cli-run", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["model"].endswith(":2") and ev["k"] == 2 and "pass@k" in ev["metrics"]
