@@ -52,6 +52,8 @@ from typing import Any, Iterable
 import torch
 
 from rlft.engines.base import Sample, SamplingParams
+from rlft.engines.kv_cache import EngineCache, HFCache
+from rlft.engines.sampling import sample_tokens
 
 __all__ = ["HFEngine", "EngineStats", "ContextLengthError", "sample_tokens", "end_of_turn_ids"]
 
@@ -81,178 +83,7 @@ class EngineStats:
         return self.prefill_batches + self.decode_steps
 
 
-# -----------------------------------------------------------------------------------------------
-# sampling
-# -----------------------------------------------------------------------------------------------
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
-    top_k: torch.Tensor,
-    uniform: torch.Tensor,
-    *,
-    topk_cap: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row; return ``(tokens [B], logprobs [B])``.
-
-    ``logits`` [B, V] (any float dtype; computed in float32). Per-row ``temperature`` (<= 0 =
-    greedy), ``top_p`` (>= 1 = off), ``top_k`` (<= 0 = off) and ``uniform`` (in [0, 1): the
-    random draw used by the inverse CDF). The logprob is ``log_softmax(logits / T)`` at the
-    token, before truncation (``T = 1`` for greedy rows). Nucleus sampling first tries the
-    ``topk_cap`` most likely tokens and falls back to a full sort only when they do not hold
-    ``top_p`` of the mass, so the common case avoids sorting the vocabulary.
-    """
-    logits = logits.float()
-    bsz, vocab = logits.shape
-    greedy = temperature <= 0
-    temp = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits.dtype)
-    logp = torch.log_softmax(logits / temp[:, None], dim=-1)
-
-    k_row = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
-    truncate = ~greedy & ((k_row < vocab) | (top_p < 1.0))
-    plain = ~greedy & ~truncate
-
-    if bool(greedy.all()):
-        tokens = logits.argmax(dim=-1)
-        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
-
-    tokens = torch.empty(bsz, dtype=torch.long, device=logits.device)
-    if bool(plain.all()):
-        tokens = _inverse_cdf(logp.exp(), uniform)
-    else:
-        if bool(greedy.any()):
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if bool(plain.any()):
-            tokens[plain] = _inverse_cdf(logp[plain].exp(), uniform[plain])
-        if bool(truncate.any()):
-            tokens[truncate] = _truncated(logp[truncate].exp(), top_p[truncate], k_row[truncate], uniform[truncate],
-                                          topk_cap)
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
-
-
-def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Index i with cdf[i-1] <= u * total < cdf[i]: never a zero-probability entry."""
-    cdf = probs.cumsum(dim=-1)
-    target = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return idx.clamp_(max=probs.shape[-1] - 1)
-
-
-def _truncated(probs: torch.Tensor, top_p: torch.Tensor, k_row: torch.Tensor, uniform: torch.Tensor,
-               topk_cap: int) -> torch.Tensor:
-    vocab = probs.shape[-1]
-    k = int(k_row.max())
-    needs_p = top_p < 1.0
-    if bool(needs_p.any()):
-        k_try = min(k, topk_cap)
-        vals, idx = torch.topk(probs, k_try, dim=-1)
-        # rows whose nucleus may extend past the first k_try tokens need the full sort
-        short = needs_p & (k_row > k_try) & (vals.sum(-1) < top_p)
-        if k_try < k and bool(short.any()):
-            vals, idx = torch.sort(probs, dim=-1, descending=True)
-            vals, idx = vals[:, :k], idx[:, :k]
-    elif k < vocab:
-        vals, idx = torch.topk(probs, k, dim=-1)
-    else:  # pragma: no cover - callers only pass rows that truncate
-        vals, idx = torch.sort(probs, dim=-1, descending=True)
-    width = vals.shape[-1]
-    keep = torch.arange(width, device=probs.device)[None, :] < k_row[:, None]
-    cum = vals.cumsum(dim=-1)
-    keep &= (cum - vals) < top_p[:, None].to(vals.dtype)  # smallest prefix whose mass reaches top_p
-    keep[:, 0] = True
-    j = _inverse_cdf(vals * keep, uniform)
-    return idx.gather(1, j[:, None]).squeeze(1)
-
-
-# -----------------------------------------------------------------------------------------------
-# the KV cache: growable buffers + batch surgery (select rows, left-pad, merge, trim)
-# -----------------------------------------------------------------------------------------------
-
-try:  # transformers >= 4.56: Cache made of per-layer objects
-    from transformers.cache_utils import Cache as _HFCache
-    from transformers.cache_utils import DynamicLayer as _HFDynamicLayer
-except ImportError:  # pragma: no cover
-    _HFCache = _HFDynamicLayer = None
-
-
-_GROW = 128  # sequence slots added at a time
 _IDLE_EXIT_S = 30.0  # an idle worker thread ends after this long (a new one starts on demand)
-
-
-if _HFDynamicLayer is not None:
-
-    class _GrowLayer(_HFDynamicLayer):
-        """A full-attention cache layer whose K/V live in buffers with spare sequence slots.
-
-        ``keys``/``values`` are views ``[B, H, L, D]`` of the buffers, so appending a token writes
-        one slot instead of concatenating the whole cache (HF's ``DynamicLayer`` copies it all at
-        every step: ~0.3 GB per step for SmolLM2 at batch 64 and 200 tokens).
-        """
-
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            self.device = key_states.device
-            self.kbuf: torch.Tensor | None = None
-            self.vbuf: torch.Tensor | None = None
-            self.length = 0
-            self.is_initialized = True
-
-        def _set(self, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int) -> None:
-            self.kbuf, self.vbuf, self.length = kbuf, vbuf, length
-            self.keys = kbuf[:, :, :length]
-            self.values = vbuf[:, :, :length]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n = key_states.shape[-2]
-            need = self.length + n
-            if self.kbuf is None or need > self.kbuf.shape[-2]:
-                self._grow(need, key_states, value_states)
-            self.kbuf[:, :, self.length:need] = key_states
-            self.vbuf[:, :, self.length:need] = value_states
-            self._set(self.kbuf, self.vbuf, need)
-            return self.keys, self.values
-
-        def _grow(self, need: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            cap = need + _GROW
-            kbuf = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
-            vbuf = v.new_zeros(v.shape[0], v.shape[1], cap, v.shape[3])
-            if self.kbuf is not None and self.length:
-                kbuf[:, :, : self.length] = self.kbuf[:, :, : self.length]
-                vbuf[:, :, : self.length] = self.vbuf[:, :, : self.length]
-            self.kbuf, self.vbuf = kbuf, vbuf
-
-        def get_seq_length(self) -> int:
-            return self.length if self.is_initialized and self.kbuf is not None else 0
-
-        # batch surgery, used by the engine between steps
-        def select(self, rows: torch.Tensor) -> None:
-            if self.kbuf is not None:
-                self._set(self.kbuf[rows], self.vbuf[rows], self.length)
-
-        def trim_left(self, n: int) -> None:
-            if self.kbuf is not None and n > 0:
-                self._set(self.kbuf[:, :, n:], self.vbuf[:, :, n:], self.length - n)
-
-        def merged_with(self, other: "_GrowLayer") -> None:
-            """Stack ``other``'s rows under ours, both right-aligned (the shorter is left-padded)."""
-            length = max(self.length, other.length)
-            ka, kb = self.kbuf, other.kbuf
-            cap = length + _GROW
-            kbuf = ka.new_zeros(ka.shape[0] + kb.shape[0], ka.shape[1], cap, ka.shape[3])
-            vbuf = torch.zeros_like(kbuf)
-            na = ka.shape[0]
-            kbuf[:na, :, length - self.length: length] = self.keys
-            vbuf[:na, :, length - self.length: length] = self.values
-            kbuf[na:, :, length - other.length: length] = other.keys
-            vbuf[na:, :, length - other.length: length] = other.values
-            self._set(kbuf, vbuf, length)
-
-    class _EngineCache(_HFCache):
-        def __init__(self, num_layers: int):
-            super().__init__(layers=[_GrowLayer() for _ in range(num_layers)])
 
 
 @dataclass
@@ -322,7 +153,7 @@ class HFEngine:
             model, tokenizer = model.model, model.tokenizer  # a Policy
         if tokenizer is None:
             raise ValueError("HFEngine needs the tokenizer (for end-of-turn ids and stop strings).")
-        if _HFCache is None:  # pragma: no cover
+        if HFCache is None:  # pragma: no cover
             raise RuntimeError("HFEngine needs transformers >= 4.56 (per-layer Cache objects).")
         self.tokenizer = tokenizer
         self.source_model = model
@@ -555,7 +386,7 @@ class HFEngine:
         rows = [unique.setdefault(tuple(r.prompt), len(unique)) for r in reqs]
         prompts = list(unique)
         n = len(prompts)
-        cache = _EngineCache(self.num_layers)
+        cache = EngineCache(self.num_layers)
         # a prefix shared by all prompts (system prompt, tool schemas) is prefilled once too
         shared = _common_prefix_len(prompts) if n > 1 else 0
         shared = min(shared, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 token of its own
