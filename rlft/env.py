@@ -125,6 +125,19 @@ class Environment:
                 self._shared_tools = {}
                 await stack.aclose()
 
+    async def open_tools(self, stack: contextlib.AsyncExitStack) -> dict[str, Tool]:
+        """The tools one rollout (or one chat) sees: shared ones, plus its own connections to
+        isolated MCP servers, closed with ``stack``. Opens a session first when none is open."""
+        if self._session_depth == 0:  # called outside a session: open one just for this caller
+            await stack.enter_async_context(self.session())
+        tools = dict(self._shared_tools)
+        for server in self._servers:
+            if server.isolated:
+                conn = await stack.enter_async_context(server.connect())
+                for t in conn.tools:
+                    self._add_tool(tools, t)
+        return tools
+
     def tool_schemas(self, tools: dict[str, Tool]) -> list[dict]:
         return [t.schema() for t in tools.values()]
 
@@ -175,15 +188,7 @@ class Environment:
         t0 = time.perf_counter()
         async with contextlib.AsyncExitStack() as stack:
             try:
-                if self._session_depth == 0:  # called outside a session: open one just for us
-                    await stack.enter_async_context(self.session())
-                tools = dict(self._shared_tools)
-                for server in self._servers:
-                    if server.isolated:
-                        conn = await stack.enter_async_context(server.connect())
-                        for t in conn.tools:
-                            self._add_tool(tools, t)
-                ro.state["_tools"] = tools
+                ro.state["_tools"] = await self.open_tools(stack)
                 ro.messages = self.initial_messages(example)
                 if self.setup is not None:
                     await _maybe_await(self.setup, ro)

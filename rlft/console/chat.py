@@ -180,12 +180,7 @@ class ChatProxy:
                     from rlft.types import Rollout  # light: dataclasses only
 
                     await stack.enter_async_context(env.session())
-                    tools = dict(env._shared_tools)
-                    for server in env._servers:
-                        if server.isolated:
-                            conn = await stack.enter_async_context(server.connect())
-                            for t in conn.tools:
-                                env._add_tool(tools, t)
+                    tools = await env.open_tools(stack)
                     if tools and "tools" not in payload:
                         payload["tools"] = env.tool_schemas(tools)
                     rollout = Rollout(example={}, messages=payload["messages"])
