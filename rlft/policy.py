@@ -417,8 +417,6 @@ def load_policy(
     Raises :class:`PolicyLoadError` (what was tried, what to do) when the model cannot be loaded,
     and :class:`ChatTemplateError` when the tokenizer has no chat template and none was passed.
     """
-    import torch
-
     spec = os.fspath(model)
     tdtype = _torch_dtype(dtype)
     dev = _resolve_device(device)

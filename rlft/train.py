@@ -27,7 +27,6 @@ from typing import Any
 
 from rlft.config import TrainConfig, load_config
 from rlft.metrics import group_metrics
-from rlft.types import Group
 
 
 def _as_config(config: Any, overrides: dict[str, Any]) -> TrainConfig:
@@ -81,7 +80,6 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     from rlft.policy import LoraSpec, load_policy
     from rlft.progress import Progress
     from rlft.reporting import Reporter
-    from rlft.store import RunStore
     from rlft.sync import WeightSync, policy_lag
     from rlft.update import policy_update, select_groups
 
@@ -339,4 +337,4 @@ def make_engine(cfg: TrainConfig, policy, tag: str = ""):
     raise NotImplementedError(f"engine {cfg.engine!r} is not available; use hf, vllm or openai")
 
 
-__all__ = ["train", "Group"]
+__all__ = ["train", "make_engine"]
