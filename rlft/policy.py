@@ -460,6 +460,9 @@ def load_policy(
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf_model.config.use_cache = False  # the engine passes use_cache=True itself
 
+    from rlft.attention import use_fast_attention
+
+    use_fast_attention(hf_model)  # CPU: rlft's attention instead of the slow CPU sdpa kernel
     final_model = hf_model
     if lora is not None:
         try:

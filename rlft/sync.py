@@ -91,12 +91,12 @@ def probe_prompt(renderer: Any) -> list[int]:
 def trainer_logprobs(policy: Any, prompt_ids: list[int], tokens: list[int], *, temperature: float = 1.0,
                      autocast: bool = False) -> list[float]:
     """The trainer's logprobs of ``tokens`` after ``prompt_ids``, computed as the policy update
-    computes them (same forward, same temperature convention; ``autocast``: bf16 autocast, as the
-    update uses for full finetunes in bf16)."""
+    computes them (same forward, same temperature convention; ``autocast``: the update's bf16 precision,
+    as it computes whenever the run's dtype is bfloat16)."""
     import torch
 
     from rlft import grpo
-    from rlft.update import completion_logits
+    from rlft.update import completion_logits, training_precision
 
     if not tokens:
         return []
@@ -108,7 +108,7 @@ def trainer_logprobs(policy: Any, prompt_ids: list[int], tokens: list[int], *, t
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad(), training_precision(policy, autocast):
             logits = completion_logits(model, ids, attn, pos, len(tokens))
             lp = grpo.token_logprobs(logits, ids[:, -len(tokens):], temperature)
     finally:
@@ -182,7 +182,7 @@ class WeightSync:
     """The trainer's side of weight sync: push weights to the engine, check them, keep metrics.
 
     ``loop``: the event loop the engine's requests run on (the training loop's). ``autocast``:
-    whether the policy update computes under bf16 autocast (full finetunes in bf16).
+    whether the policy update computes in bf16 (``update.training_precision``).
     """
 
     def __init__(self, policy: Any, engine: Any, renderer: Any, run_dir: str | Path, loop: Any, *,

@@ -146,7 +146,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         # the engine must serve the trainer's weights: pushed after every step, then probed (rlft.sync)
         sync_root = run_dir if distributed.is_main() else run_dir / f"rank{distributed.rank()}"  # each rank's own pushes
         syncer = WeightSync(policy, engine, renderer, sync_root, loop, check=cfg.sync_check,
-                            tolerance=cfg.sync_tolerance, autocast=not policy.is_lora and cfg.dtype == "bfloat16")
+                            tolerance=cfg.sync_tolerance, autocast=cfg.dtype == "bfloat16")
         store.log_metrics(run_id, start, syncer.start(start))
         loop.run_until_complete(session.enter_async_context(env.session()))
 
@@ -310,6 +310,9 @@ def make_engine(cfg: TrainConfig, policy, tag: str = ""):
     if cfg.engine == "hf":
         from rlft.engines.hf import HFEngine
 
+        if policy.is_lora:  # a merged copy: fast sampling, refreshed by each sync (overlap needs a snapshot too)
+            return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency, merge_lora=True,
+                            inline=not cfg.overlap)
         if cfg.overlap:  # it samples while the trainer steps: its own snapshot, refreshed by each sync
             import copy
 
@@ -317,7 +320,9 @@ def make_engine(cfg: TrainConfig, policy, tag: str = ""):
                               max_batch_size=cfg.max_concurrency)
             engine.source_model, engine.owns_copy = policy.model, True  # sync_weights copies the weights in
             return engine
-        return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency)
+        # sampling and training take turns: the forward passes run on the training loop's thread
+        # (one OpenMP team; a second thread doing torch work slows both, see HFEngine)
+        return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency, inline=True)
     from rlft.engines.hf import end_of_turn_ids
 
     if cfg.engine == "openai":

@@ -302,7 +302,17 @@ def test_on_policy_run_has_zero_lag(project, tiny_dir):
     run_id = train(_config(project, tiny_dir, run_name="onpolicy"))
     store = RunStore(project / "runs", readonly=True)
     assert store.metrics(run_id, ["sync/policy_lag"])["sync/policy_lag"] == [(1, 0.0), (2, 0.0)]
-    # the default engine runs the trainer's own module: no probe to run
+    # with LoRA the default engine samples from a merged copy of the weights, probed after every sync
+    probe = store.metrics(run_id, ["sync/probe_logprob_diff"])["sync/probe_logprob_diff"]
+    assert [s for s, _ in probe] == [0, 1, 2] and all(v < 1e-4 for _, v in probe)  # float32: merged == adapted
+
+
+def test_full_finetune_engine_runs_the_trainers_module_so_nothing_is_probed(project, tiny_dir):
+    from rlft.train import train
+
+    run_id = train(_config(project, tiny_dir, run_name="shared", lora=False, steps=1))
+    store = RunStore(project / "runs", readonly=True)
+    assert store.metrics(run_id, ["sync/policy_lag"])["sync/policy_lag"] == [(1, 0.0)]
     assert "sync/probe_logprob_diff" not in store.metric_keys(run_id)
 
 

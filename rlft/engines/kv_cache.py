@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover
     HFCache = HFDynamicLayer = None
 
 
-_GROW = 128  # sequence slots added at a time
+_GROW = 32  # sequence slots added at a time (decode attends over them all: rlft.attention)
 
 
 if HFDynamicLayer is not None:
@@ -44,6 +44,10 @@ if HFDynamicLayer is not None:
             self.kbuf, self.vbuf, self.length = kbuf, vbuf, length
             self.keys = kbuf[:, :, :length]
             self.values = vbuf[:, :, :length]
+            # rlft.attention reads these: on decode steps it attends over the whole contiguous
+            # buffers (unwritten slots masked) rather than copy the strided views
+            if kbuf.is_contiguous() and vbuf.is_contiguous():
+                self.keys._rlft_buffer, self.values._rlft_buffer = kbuf, vbuf
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -75,8 +79,8 @@ if HFDynamicLayer is not None:
                 self._set(self.kbuf[rows], self.vbuf[rows], self.length)
 
         def trim_left(self, n: int) -> None:
-            if self.kbuf is not None and n > 0:
-                self._set(self.kbuf[:, :, n:], self.vbuf[:, :, n:], self.length - n)
+            if self.kbuf is not None and n > 0:  # a contiguous copy (see _set); only when sequences leave
+                self._set(self.kbuf[:, :, n:].contiguous(), self.vbuf[:, :, n:].contiguous(), self.length - n)
 
         def merged_with(self, other: "GrowLayer") -> None:
             """Stack ``other``'s rows under ours, both right-aligned (the shorter is left-padded)."""

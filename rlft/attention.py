@@ -1,0 +1,129 @@
+"""CPU attention for the shapes RL finetuning runs: one-token decode steps and short sequences.
+
+PyTorch's CPU ``scaled_dot_product_attention`` (the flash kernel for CPU) is slow for both of
+the shapes that dominate a small-model RL step on CPU (measured on SmolLM2-135M, bf16, 2 cores,
+``benchmarks/README.md``): a batch-64 decode step spent 72 % of its time in it (125 ms per
+step; 57 ms with this module), and a LoRA forward+backward over 32 x 150 tokens ran 1.15x
+slower through it than through plain matmul + softmax. This module registers an attention
+implementation named ``"rlft"`` with transformers' ``AttentionInterface`` that computes
+
+    softmax(q k^T * scale + mask) v      # softmax in float32, matmuls in the input dtype
+
+with grouped-query heads folded into the matmul (no ``repeat_kv`` copy of the cache), for
+
+- short queries (decode, ``q_len <= 16``), always;
+- longer ones (prefill, training) while the float32 score tensor stays under
+  ``_MAX_SCORE_BYTES`` per layer; beyond that it defers to transformers' sdpa path, whose
+  memory does not grow with ``q_len * kv_len``.
+
+It also defers to sdpa for anything it does not implement: attention dropout, soft-capping,
+attention sinks, position biases, sliding windows without a mask, non-causal modules. The mask
+format is the sdpa one (boolean ``[B, 1, q, kv]`` or None for plain causal). GPUs keep sdpa:
+their fused kernels are fast, so :func:`use_fast_attention` only switches CPU models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["NAME", "rlft_attention", "use_fast_attention"]
+
+NAME = "rlft"
+_MAX_SCORE_BYTES = 48 << 20  # float32 scores per layer above which sdpa's memory-lean path is used
+_NEG = torch.finfo(torch.float32).min
+_SHORT_QUERY = 16  # queries up to this long always take the matmul path
+# keyword arguments whose presence (non-None) means a feature only sdpa / eager implement
+_DEFER_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
+
+
+def rlft_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                   is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: query (B, H, q, D), key/value (B, KV, L, D) ->
+    output (B, q, H, D) and no attention weights."""
+    B, H, q, D = query.shape
+    KV, L = key.shape[1], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    defer = (dropout > 0 or H % KV or any(kwargs.get(k) is not None for k in _DEFER_KWARGS)
+             or (not causal and attention_mask is None and q > 1)
+             or (q > _SHORT_QUERY and B * H * q * L * 4 > _MAX_SCORE_BYTES))
+    if defer:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    G = H // KV  # query heads per key/value head: head h reads kv head h // G
+    scale = scaling if scaling is not None else D ** -0.5
+    mask = attention_mask
+    if q <= _SHORT_QUERY and (mask is None or mask.dtype == torch.bool):
+        key, value, mask = _whole_buffers(key, value, mask, q)
+    q_grouped = query.reshape(B, KV, G * q, D)
+    L = key.shape[2]
+    scores = torch.matmul(q_grouped, key.transpose(-1, -2)).float().mul_(scale)  # (B, KV, G*q, L)
+    scores = scores.view(B, KV, G, q, L)
+    if mask is not None:
+        m = mask[:, :, None]  # (B, 1|KV, 1, q, L): the same for every head of a group
+        # a finite minimum, not -inf: a padding query with no visible key gets a harmless uniform
+        # row instead of NaN (which would reach real tokens through the next layer's values)
+        scores = scores.masked_fill(~m, _NEG) if m.dtype == torch.bool else scores + m
+    elif q > 1 and causal:  # no mask given: plain causal, the queries are the last q positions
+        allowed = torch.ones(q, L, dtype=torch.bool, device=query.device).tril(L - q)
+        scores = scores.masked_fill(~allowed, _NEG)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(B, KV, G * q, L)
+    out = torch.matmul(probs, value)  # (B, KV, G*q, D)
+    return out.view(B, KV, G, q, D).reshape(B, H, q, D).transpose(1, 2).contiguous(), None
+
+
+def _whole_buffers(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, q: int):
+    """Decode steps: attend over the KV cache's whole contiguous buffers, masking the slots not
+    written yet. The cache hands out ``buffer[:, :, :L]`` views (``rlft.engines.kv_cache``), and
+    a bf16 batched matmul on CPU copies a strided operand first: copying each layer's K and V
+    cost ~1.6 ms of a ~2 ms layer at batch 64 (measured), while the extra masked slots cost
+    far less than that copy."""
+    kbuf, vbuf = getattr(key, "_rlft_buffer", None), getattr(value, "_rlft_buffer", None)
+    if kbuf is None or vbuf is None or kbuf.shape[2] == key.shape[2]:
+        return key, value, mask
+    L, cap = key.shape[2], kbuf.shape[2]
+    if mask is None:  # every written slot is visible to every query (q <= L) up to causality
+        mask = torch.ones(q, L, dtype=torch.bool, device=key.device).tril(L - q)[None, None]
+    pad = torch.zeros(*mask.shape[:-1], cap - L, dtype=torch.bool, device=mask.device)
+    return kbuf, vbuf, torch.cat([mask, pad], dim=-1)
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, rlft_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def use_fast_attention(model: Any) -> bool:
+    """Switch a CPU model that uses sdpa to the ``"rlft"`` attention; True when it did (or
+    already had it). GPU models, and models on eager / flash / custom attention, are left alone."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:
+        return True
+    try:
+        device = next(base.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return False
+    if current != "sdpa" or device.type != "cpu" or not hasattr(base, "set_attn_implementation"):
+        return False
+    _register()
+    try:
+        base.set_attn_implementation(NAME)
+    except (ValueError, NotImplementedError, AttributeError):  # an architecture that cannot switch
+        return False
+    return getattr(base.config, "_attn_implementation", None) == NAME

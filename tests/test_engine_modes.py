@@ -1,0 +1,138 @@
+"""HFEngine's inline mode (forward passes on the event loop's thread) and merged-LoRA sampling."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import warnings
+
+import pytest
+import torch
+
+from rlft.allocator import keep_freed_memory
+from rlft.engines.base import SamplingParams
+from rlft.engines.hf import HFEngine
+from rlft.testing_models import build_tiny_model, save_tiny_model
+from tests.test_hf_engine import PROMPTS, chat, full_forward_logprobs, gather
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_model(seed=0)
+
+
+def test_inline_engine_runs_forwards_on_the_loop_thread_and_matches_the_threaded_engine(tiny):
+    model, tok = tiny
+    prompts = [chat(tok, f"{PROMPTS[i % len(PROMPTS)]} {i}") for i in range(12)]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=3 + i) for i in range(12)]
+    threads: set[str] = set()
+    hook = model.register_forward_pre_hook(lambda *_: threads.add(threading.current_thread().name))
+    inline, threaded = HFEngine(model, tok, seed=0, inline=True), HFEngine(model, tok, seed=0)
+    try:
+        a = gather(inline, prompts, params)
+        assert threads == {threading.current_thread().name}  # asyncio.run's loop runs on this thread
+        assert inline.stats.max_running > 1 and inline.stats.prefill_batches < len(prompts)
+        threads.clear()
+        b = gather(threaded, prompts, params)
+        assert threads == {"rlft-hf-engine"}
+    finally:
+        hook.remove()
+        inline.close()
+        threaded.close()
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+
+
+def test_inline_engine_serves_a_second_event_loop_through_its_worker_thread(tiny):
+    model, tok = tiny
+    eng = HFEngine(model, tok, seed=0, inline=True)
+    prompt, greedy = chat(tok, PROMPTS[0]), SamplingParams(temperature=0.0, max_new_tokens=6)
+    other: list = []
+
+    async def main():
+        first = asyncio.ensure_future(eng.generate(prompt, greedy))
+        await asyncio.sleep(0)  # the inline driver now belongs to this loop
+        t = threading.Thread(target=lambda: other.append(asyncio.run(eng.generate(prompt, greedy))))
+        t.start()
+        result = await first
+        while t.is_alive():
+            await asyncio.sleep(0.01)
+        return result
+
+    try:
+        mine = asyncio.run(main())
+    finally:
+        eng.close()
+    assert other and other[0].tokens == mine.tokens
+
+
+def test_closing_an_inline_engine_between_loop_runs_finishes_its_driver_cleanly(tiny):
+    model, tok = tiny
+    loop = asyncio.new_event_loop()
+    eng = HFEngine(model, tok, seed=0, inline=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = loop.run_until_complete(eng.generate(chat(tok, PROMPTS[1]), SamplingParams(max_new_tokens=4)))
+        assert eng._inline_task is not None and not eng._inline_task.done()  # idle, waiting for work
+        eng.close()
+        assert eng._inline_task is None
+        loop.close()
+        gc.collect()
+    assert len(s.tokens) <= 4
+    assert not [w for w in caught if "destroyed but it is pending" in str(w.message)]
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(eng.generate(chat(tok, PROMPTS[1]), SamplingParams(max_new_tokens=4)))
+
+
+def test_merged_lora_engine_samples_the_adapted_policy_and_refreshes_on_sync(tmp_path):
+    from rlft.policy import LoraSpec, load_policy
+
+    policy = load_policy(save_tiny_model(tmp_path), dtype="float32", lora=LoraSpec(rank=4))
+    with torch.no_grad():  # non-zero adapters, so that base and adapted policies differ
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    eng = HFEngine.from_policy(policy, seed=0, merge_lora=True)
+    try:
+        assert eng.owns_copy and eng.model is not policy.model
+        assert not any("lora" in n for n, _ in eng.model.named_parameters())  # a plain model: no peft layers
+        prompt = chat(policy.tokenizer, PROMPTS[0])
+        params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=3)
+        s = gather(eng, [prompt], params)[0]
+        torch.testing.assert_close(torch.tensor(s.logprobs),
+                                   full_forward_logprobs(policy.model, prompt, s.tokens, 1.0), atol=2e-4, rtol=1e-4)
+        with torch.no_grad():  # an optimizer step on the adapters
+            for name, p in policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-1.5)
+        stale = gather(eng, [prompt], params)[0]
+        assert stale.tokens == s.tokens  # the copy does not change until synced
+        eng.sync_weights(policy_version=1)
+        fresh = gather(eng, [prompt], params)[0]
+        assert fresh.policy_version == 1
+        torch.testing.assert_close(torch.tensor(fresh.logprobs),
+                                   full_forward_logprobs(policy.model, prompt, fresh.tokens, 1.0), atol=2e-4,
+                                   rtol=1e-4)
+        with pytest.raises(ValueError, match="cannot sync from another"):
+            eng.sync_weights(build_tiny_model(seed=1)[0])
+    finally:
+        eng.close()
+
+
+def test_merge_lora_on_a_plain_model_shares_the_model():
+    model, tok = build_tiny_model(seed=0)
+    eng = HFEngine(model, tok, merge_lora=True)
+    try:
+        assert eng.model is model and not eng.owns_copy
+    finally:
+        eng.close()
+
+
+def test_keep_freed_memory_applies_on_linux_glibc_and_is_idempotent():
+    import platform
+    import sys
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() is first
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert first is True
