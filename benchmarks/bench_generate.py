@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from rlft.attention import use_fast_attention  # noqa: E402
 from rlft.engines.base import SamplingParams  # noqa: E402
 from rlft.engines.hf import HFEngine  # noqa: E402
 from rlft.policy import load_policy  # noqa: E402
@@ -44,6 +45,7 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def bench_hf_generate(model, tokenizer, ids: list[list[int]], new: int) -> tuple[float, int]:
+    """Stock transformers: ``generate`` with the model's default attention (sdpa), not rlft's."""
     width = max(len(p) for p in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     x = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -51,11 +53,13 @@ def bench_hf_generate(model, tokenizer, ids: list[list[int]], new: int) -> tuple
     for i, p in enumerate(ids):
         x[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
+    model.set_attn_implementation("sdpa")
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=x, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                              max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
     dt = time.perf_counter() - t0
+    use_fast_attention(model)  # back to what the engine runs
     return dt, int((out.shape[1] - width) * len(ids))
 
 
@@ -80,6 +84,7 @@ def main() -> None:
     ap.add_argument("--skip-hf-generate", action="store_true", help="only time the engine")
     ap.add_argument("--no-sharing-row", action="store_true",
                     help="also time the engine with shared-prefix prefill turned off")
+    ap.add_argument("--lora", action="store_true", help="also time the engine on a LoRA policy, merged and not")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method, interleaved; the best is reported")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     args = ap.parse_args()
@@ -93,8 +98,10 @@ def main() -> None:
         policy = load_policy(args.model, dtype=dtype)
         model, tok = policy.model, policy.tokenizer
         ids = prompts(tok, args.batch)
-        engine = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0)
-        plain = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0, min_shared_prefix=10**9)
+        # inline: the forward passes on the event loop's thread, as the trainer runs them
+        engine = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0, inline=True)
+        plain = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0, min_shared_prefix=10**9,
+                         inline=True)
         bench_engine(engine, ids[:4], 4)  # warm-up (allocator, kernels)
         if not args.skip_hf_generate:
             bench_hf_generate(model, tok, ids[:4], 2)
@@ -103,6 +110,16 @@ def main() -> None:
             methods["HFEngine, no prefix"] = lambda: bench_engine(plain, ids, args.max_new_tokens)
         if not args.skip_hf_generate:
             methods["HF model.generate"] = lambda: bench_hf_generate(model, tok, ids, args.max_new_tokens)
+        if args.lora:  # what training samples from: LoRA r=16 on all projections, merged copy vs through peft
+            from rlft.policy import LoraSpec
+
+            lora_policy = load_policy(args.model, dtype=dtype, lora=LoraSpec(rank=16, alpha=32))
+            merged = HFEngine(lora_policy.model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0,
+                              inline=True, merge_lora=True)
+            through = HFEngine(lora_policy.model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0,
+                               inline=True)
+            methods["HFEngine LoRA merged"] = lambda: bench_engine(merged, ids, args.max_new_tokens)
+            methods["HFEngine LoRA peft"] = lambda: bench_engine(through, ids, args.max_new_tokens)
         best: dict[str, tuple[float, int]] = {}
         for r in range(args.repeat):  # interleaved, best of N: contention only ever slows a run down
             for name, fn in methods.items():
@@ -110,7 +127,8 @@ def main() -> None:
                 print(f"  [{r + 1}/{args.repeat}] {name} {dtype}: {n / dt:.0f} tok/s ({dt:.1f} s)", flush=True)
                 if name not in best or dt < best[name][0]:
                     best[name] = (dt, n)
-        for name in ("HF model.generate", "rlft HFEngine", "HFEngine, no prefix"):
+        for name in ("HF model.generate", "rlft HFEngine", "HFEngine, no prefix", "HFEngine LoRA merged",
+                     "HFEngine LoRA peft"):
             if name in best:
                 rows.append((name, dtype, args.batch, best[name][1], best[name][0]))
         print(f"  engine stats: {engine.stats}", flush=True)

@@ -22,7 +22,10 @@ Held-out reward is measured the same way for every run: rlft's evaluator (HF eng
 ``--eval-every`` steps and at the end; eval time is excluded from the training clock. Printed:
 seconds per step (mean over steps 2..N: step 1 includes warm-up), the ratio to rlft, held-out
 reward after N steps, and the training time to first reach ``--threshold`` held-out reward.
-Figures move by tens of percent on a shared CPU: compare rows of one invocation only.
+Figures move by tens of percent on a shared CPU: compare rows of one invocation only. rlft tunes
+glibc malloc for the whole process (``rlft.allocator``) and TRL's model is switched back to
+transformers' sdpa attention, so for TRL as shipped run it in its own invocation
+(``--only trl-default``); with ``rlft`` in the same invocation TRL inherits the malloc tuning.
 """
 
 from __future__ import annotations
@@ -105,6 +108,12 @@ def run_rlft(a, env, train_rows, eval_rows, model_path, lora) -> dict:
             "logprob_diff_mean": sum(diffs) / len(diffs) if diffs else None, "logprob_diff_max": max(dmax) if dmax else None}
 
 
+def _stock_attention(model) -> None:
+    """TRL runs as shipped: transformers' default sdpa attention, not rlft's CPU attention."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation("sdpa")
+
+
 def run_trl(a, variant, env, train_rows, eval_rows, model_path, lora, reward_fn) -> dict:
     import torch
     from datasets import Dataset
@@ -118,6 +127,7 @@ def run_trl(a, variant, env, train_rows, eval_rows, model_path, lora, reward_fn)
     # the same weights rlft trains (the GGUF dequantized), as a plain HF model
     policy = load_policy(model_path, dtype="bfloat16" if bf16 else "float32", lora=None)
     model, tok = policy.model, policy.tokenizer
+    _stock_attention(model)
     system = env.system_prompt
 
     def to_prompt(r):
@@ -158,6 +168,7 @@ def run_trl(a, variant, env, train_rows, eval_rows, model_path, lora, reward_fn)
             if (a.eval_every and s % a.eval_every == 0) or s == a.steps:
                 t = time.perf_counter()
                 evals[s] = heldout(model, tok, env, eval_rows)
+                _stock_attention(model)  # rlft's evaluator switched it to rlft's attention
                 eval_s[0] += time.perf_counter() - t
 
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**kw),
@@ -191,6 +202,10 @@ def main() -> None:
           f"model {a.model}, {a.steps} steps x {a.batch} prompts x {a.group} completions", flush=True)
     env, train_rows, eval_rows, reward_fn, model_path, lora = task(a.model, a.eval_size)
     print(f"max tokens {env.max_tokens}, lr {a.lr}, lora {lora}, held-out rows {len(eval_rows)}", flush=True)
+    if "rlft" not in a.only.split(","):
+        import rlft.allocator
+
+        rlft.allocator._done = False  # TRL alone: glibc malloc as shipped (rlft's evaluator would tune it)
     results = {}
     for name in a.only.split(","):
         t = time.perf_counter()

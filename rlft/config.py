@@ -38,6 +38,7 @@ class TrainConfig:
     # -- model ---------------------------------------------------------------------------
     model: str = "smollm2"  # HF id, local dir, a .gguf file, or "smollm2" (the bundled SmolLM2-135M-Instruct)
     dtype: str = "bfloat16"  # frozen weights and compute: bfloat16 | float32 | float16 | auto
+    device: str = "auto"  # the trainer's device: auto (cuda when available) | cpu | cuda | cuda:N (torchrun: per rank)
     lora: bool = True  # train LoRA adapters (False = full finetune, fp32 master weights)
     lora_rank: int = 16  # LoRA rank r
     lora_alpha: int = 32  # LoRA alpha (scale = alpha / r)

@@ -330,7 +330,11 @@ def _resolve_device(device: Any) -> Any:
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PolicyLoadError(f"device {str(device)!r} was asked for, but this torch ({torch.__version__}) sees no CUDA "
+                              "GPU: set device = \"cpu\" (or \"auto\"), or install a CUDA build of torch.")
+    return dev
 
 
 def _load_tokenizer(name: str, gguf_file: str | None, trust_remote_code: bool, tried: list[str]):

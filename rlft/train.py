@@ -120,7 +120,9 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                         target_modules=None if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(","))
         # full finetunes keep fp32 master weights and compute under bf16 autocast instead
         weights_dtype = cfg.dtype if cfg.lora else "float32"
-        policy = load_policy(cfg.model, dtype=weights_dtype, lora=lora if cfg.lora else None,
+        # under torchrun each rank takes its own device (distributed.device()); else the configured one
+        device = distributed.device() if distributed.is_distributed() else cfg.device
+        policy = load_policy(cfg.model, dtype=weights_dtype, lora=lora if cfg.lora else None, device=device,
                              gradient_checkpointing=cfg.gradient_checkpointing, chat_template=cfg.chat_template or None)
         train_model = distributed.wrap(policy.model, cfg.distributed)  # DDP under torchrun; else policy.model
         if cfg.beta > 0 and not policy.is_lora:

@@ -228,3 +228,20 @@ def test_smollm2_gguf_loads_dequantized_with_chat_template_and_answers():
     finally:
         eng.close()
     assert "Paris" in p.tokenizer.decode(s.tokens) and s.finish_reason == "stop"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu_fails_before_loading_with_what_to_do(tiny_dir):
+    with pytest.raises(PolicyLoadError, match='no CUDA GPU: set device = "cpu"'):
+        load_policy(tiny_dir, device="cuda")
+
+
+def test_auto_device_and_cpu_models_get_rlft_attention(tiny_dir):
+    from rlft.config import TrainConfig
+
+    assert TrainConfig().device == "auto"
+    policy = load_policy(tiny_dir, dtype="float32", device="auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert policy.device.type == expected
+    if expected == "cpu":  # transformers' CPU sdpa kernel is replaced (rlft.attention)
+        assert policy.model.config._attn_implementation == "rlft"

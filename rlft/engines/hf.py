@@ -45,8 +45,7 @@ import copy
 import inspect
 import os
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -57,6 +56,7 @@ from rlft.engines.base import Sample, SamplingParams
 from rlft.engines.kv_cache import EngineCache, HFCache
 from rlft.engines.lora_merge import MergedCopy, is_lora_model
 from rlft.engines.sampling import sample_tokens
+from rlft.engines.scheduler import EngineStats, Scheduler, _Request
 
 __all__ = ["HFEngine", "EngineStats", "ContextLengthError", "sample_tokens", "end_of_turn_ids"]
 
@@ -68,40 +68,6 @@ _END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_te
 class ContextLengthError(ValueError):
     """The prompt does not fit the model's context window (``max_position_embeddings``)."""
 
-
-@dataclass
-class EngineStats:
-    """Counters since the engine was built (read them for metrics and tests)."""
-
-    requests: int = 0  # generate() calls that reached the worker
-    prefill_batches: int = 0  # prefill forward passes (one per group of admitted requests)
-    decode_steps: int = 0  # decode forward passes (one token for every running sequence)
-    prefill_tokens: int = 0  # prompt tokens run through prefill (identical prompts count once)
-    tokens_generated: int = 0
-    max_running: int = 0  # largest number of sequences decoded together
-    busy_s: float = 0.0  # wall time the worker spent in forward passes and sampling
-
-    @property
-    def forward_batches(self) -> int:
-        return self.prefill_batches + self.decode_steps
-
-
-_IDLE_EXIT_S = 30.0  # an idle worker thread ends after this long (a new one starts on demand)
-
-
-@dataclass
-class _Request:
-    prompt: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop | None
-    future: Any  # asyncio.Future (or concurrent.futures.Future for sync callers)
-    generator: torch.Generator | None = None
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish: str | None = None
-    cancelled: bool = False
-    policy_version: int = 0
-    stop_window: int = 0  # tokens to decode when checking stop strings
 
 
 @dataclass
@@ -118,7 +84,7 @@ class _Batch:
     top_k: torch.Tensor  # [B] long
 
 
-class HFEngine:
+class HFEngine(Scheduler):
     """Engine over a Hugging Face causal LM (or a peft model) in this process.
 
     ``model``: a ``PreTrainedModel`` / ``PeftModel`` (or a :class:`rlft.policy.Policy`, whose
@@ -314,145 +280,6 @@ class HFEngine:
         if params.max_new_tokens <= 0:
             req.finish = "length"
         return req
-
-    def _submit(self, req: _Request) -> None:
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("HFEngine is closed")
-            self._pending.append(req)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._worker, name="rlft-hf-engine", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-
-    def _sample_of(self, req: _Request) -> Sample:
-        return Sample(tokens=list(req.tokens), logprobs=list(req.logprobs), finish_reason=req.finish or "stop",
-                      policy_version=req.policy_version)
-
-    def _deliver(self, req: _Request, result: Any = None, error: BaseException | None = None) -> None:
-        fut = req.future
-        if req.loop is None:  # concurrent.futures.Future
-            if not fut.done():
-                fut.set_exception(error) if error is not None else fut.set_result(result)
-            return
-
-        def _set() -> None:
-            if not fut.done():
-                fut.set_exception(error) if error is not None else fut.set_result(result)
-
-        try:
-            req.loop.call_soon_threadsafe(_set)
-        except RuntimeError:  # the caller's loop is closed: nobody is waiting any more
-            pass
-
-    # -- the worker ----------------------------------------------------------------------------
-    def _worker(self) -> None:
-        batch: _Batch | None = None
-        while True:
-            with self._cv:
-                while not self._pending and batch is None and not self._closed:
-                    if not self._cv.wait(timeout=_IDLE_EXIT_S) and not self._pending:
-                        self._thread = None  # idle: let the thread end; the next submit starts one
-                        return
-                if self._closed:
-                    leftover = list(self._pending) + (batch.reqs if batch else [])
-                    self._pending.clear()
-                    for r in leftover:
-                        self._deliver(r, error=RuntimeError("HFEngine was closed"))
-                    return
-            if batch is None:
-                self._gather_window()
-            new = self._take(self.max_batch_size - (len(batch.reqs) if batch else 0))
-            batch = self._advance(batch, new)
-
-    def _advance(self, batch: _Batch | None, new: list[_Request]) -> _Batch | None:
-        """Admit ``new`` and decode one step; a failure fails what was running (the engine goes on)."""
-        try:
-            t0 = time.perf_counter()
-            with self.lock, torch.inference_mode(), _eval_mode(self.model):
-                if new:
-                    batch = self._admit(batch, new)
-                if batch is not None:
-                    batch = self._step(batch)
-            self.stats.busy_s += time.perf_counter() - t0
-            return batch
-        except Exception as e:  # fail what was running, keep serving
-            failed = (batch.reqs if batch else []) + [r for r in new if r.finish is None]
-            for r in failed:
-                if r.finish is None:
-                    r.finish = "error"
-                    self._deliver(r, error=e)
-            return None
-
-    # -- inline mode: the scheduling loop as a task on the caller's event loop -----------------
-    def _submit_inline(self, req: _Request, loop: asyncio.AbstractEventLoop) -> None:
-        if self._closed:
-            raise RuntimeError("HFEngine is closed")
-        self._inline_pending.append(req)
-        if self._inline_task is None or self._inline_task.done():
-            self._inline_loop, self._inline_wake = loop, asyncio.Event()
-            self._inline_task = loop.create_task(self._drive_inline(), name="rlft-hf-engine-inline")
-        self._inline_wake.set()
-
-    async def _drive_inline(self) -> None:
-        batch: _Batch | None = None
-        pending, wake = self._inline_pending, self._inline_wake
-        try:
-            while not self._closed:
-                if not pending and batch is None:
-                    wake.clear()
-                    try:
-                        await asyncio.wait_for(wake.wait(), timeout=_IDLE_EXIT_S)
-                    except asyncio.TimeoutError:
-                        if not pending:
-                            return
-                    continue
-                if batch is None:  # from idle: let concurrent callers submit, to share one prefill
-                    seen = -1
-                    for _ in range(10):
-                        if len(pending) >= self.max_batch_size or len(pending) == seen:
-                            break
-                        seen = len(pending)
-                        await asyncio.sleep(self.batch_wait_s)
-                new: list[_Request] = []
-                while pending and len(new) < self.max_batch_size - (len(batch.reqs) if batch else 0):
-                    r = pending.popleft()
-                    if not r.cancelled:
-                        new.append(r)
-                self.stats.requests += len(new)
-                batch = self._advance(batch, new)
-                await asyncio.sleep(0)  # let rollouts run their tools and submit their next turns
-        finally:
-            left = list(pending) + (batch.reqs if batch else [])
-            pending.clear()
-            for r in left:
-                if r.finish is None:
-                    r.finish = "error"
-                    self._deliver(r, error=RuntimeError("HFEngine was closed"))
-            self._inline_task = None
-            self._inline_loop = None
-
-    def _gather_window(self) -> None:
-        """From idle: give concurrent callers a moment to submit, so they share one prefill."""
-        deadline = time.perf_counter() + 10 * self.batch_wait_s
-        seen = -1
-        while time.perf_counter() < deadline:
-            with self._cv:
-                n = len(self._pending)
-            if n >= self.max_batch_size or n == seen:
-                return
-            seen = n
-            time.sleep(self.batch_wait_s)
-
-    def _take(self, room: int) -> list[_Request]:
-        out: list[_Request] = []
-        with self._cv:
-            while self._pending and len(out) < room:
-                r = self._pending.popleft()
-                if not r.cancelled:
-                    out.append(r)
-        self.stats.requests += len(out)
-        return out
 
     # -- model calls -----------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -683,15 +510,3 @@ def _as_dtype(dtype: Any) -> torch.dtype | None:
     if key not in table:
         raise ValueError(f"Unknown dtype {dtype!r}")
     return table[key]
-
-
-@contextlib.contextmanager
-def _eval_mode(model: Any):
-    was_training = model.training
-    if was_training:
-        model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
