@@ -36,27 +36,32 @@ def sample_tokens(
     bsz, vocab = logits.shape
     greedy = temperature <= 0
     temp = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits.dtype)
-    logp = torch.log_softmax(logits / temp[:, None], dim=-1)
-
     k_row = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
     truncate = ~greedy & ((k_row < vocab) | (top_p < 1.0))
     plain = ~greedy & ~truncate
+    if bool(plain.all()):  # the common case (RL sampling at T, no truncation): two passes, no log_softmax
+        z = logits if bool((temp == 1).all()) else logits / temp[:, None]  # (B, V)
+        zmax = z.amax(dim=-1, keepdim=True)
+        cdf = (z - zmax).exp_().cumsum_(dim=-1)  # unnormalised: the last entry is the partition sum
+        total = cdf[:, -1]
+        tokens = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * total)[:, None], right=True).squeeze(1)
+        tokens.clamp_(max=vocab - 1)
+        return tokens, z.gather(1, tokens[:, None]).squeeze(1) - zmax.squeeze(1) - total.log()
+
+    logp = torch.log_softmax(logits / temp[:, None], dim=-1)
 
     if bool(greedy.all()):
         tokens = logits.argmax(dim=-1)
         return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
     tokens = torch.empty(bsz, dtype=torch.long, device=logits.device)
-    if bool(plain.all()):
-        tokens = _inverse_cdf(logp.exp(), uniform)
-    else:
-        if bool(greedy.any()):
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if bool(plain.any()):
-            tokens[plain] = _inverse_cdf(logp[plain].exp(), uniform[plain])
-        if bool(truncate.any()):
-            tokens[truncate] = _truncated(logp[truncate].exp(), top_p[truncate], k_row[truncate], uniform[truncate],
-                                          topk_cap)
+    if bool(greedy.any()):
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    if bool(plain.any()):
+        tokens[plain] = _inverse_cdf(logp[plain].exp(), uniform[plain])
+    if bool(truncate.any()):
+        tokens[truncate] = _truncated(logp[truncate].exp(), top_p[truncate], k_row[truncate], uniform[truncate],
+                                      topk_cap)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
