@@ -7,7 +7,8 @@ whose adapted weights hold ``W + scale * B @ A`` (computed in float32, stored in
 dtype), built once and refreshed after every optimizer step by :meth:`MergedCopy.refresh`:
 each refresh recomputes from the trainer's own unmerged base weights, so rounding never
 accumulates. Costs one more copy of the weights in memory.
-Left out: LoRA variants without an additive delta (peft raises for those on merge).
+Left out: LoRA variants without an additive delta (peft raises for those on merge), and
+peft's ``modules_to_save`` (fully trained extra modules: rlft's LoraSpec does not use them).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class MergedCopy:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Copy the source's current weights in: ``W + delta`` for adapted layers, ``W`` elsewhere."""
+        """Copy the source's current adapted weights in (``W + delta``); the rest is frozen."""
         for name, layer in self._layers.items():
             target = self._targets[name]
             w = layer.get_base_layer().weight.float()
@@ -57,12 +58,3 @@ class MergedCopy:
                 if adapter in getattr(layer, "lora_A", {}) or adapter in getattr(layer, "lora_embedding_A", {}):
                     w = w + layer.get_delta_weight(adapter).float()
             target.weight.copy_(w.to(target.weight.dtype))
-        # weights the adapters do not cover only change when the user trains them too (modules_to_save)
-        src = dict(self.source.get_base_model().named_parameters())
-        for name, p in self.model.named_parameters():
-            owner = name.rsplit(".", 1)[0]
-            if owner in self._targets:
-                continue
-            s = src.get(name)
-            if s is not None and s.requires_grad and s.shape == p.shape:
-                p.copy_(s.to(p.dtype))
