@@ -1,8 +1,10 @@
 """In-process Hugging Face engine: batched, KV-cached sampling on CPU (and CUDA when present).
 
 Many rollouts call :meth:`HFEngine.generate` concurrently from one asyncio event loop (or from
-several). Requests go to one worker thread, so the event loop stays free while the model runs.
-The worker keeps one running batch and does *continuous batching*: a request that arrives
+several). Requests go to one worker thread, so the event loop stays free while the model runs,
+or, with ``inline=True`` (what the trainer uses), to a task on the caller's event loop that runs
+the model between the rollouts' own steps (``rlft.engines.scheduler``; why: HFEngine's
+docstring). The scheduling loop keeps one running batch and does *continuous batching*: a request that arrives
 while a batch is decoding is prefilled on its own and joins the batch at the next step, and a
 sequence that finishes (end-of-turn token, stop string, ``max_new_tokens``) leaves the batch at
 once: its rows of the KV cache are dropped, so no compute is spent on finished sequences.
