@@ -164,12 +164,7 @@ class Scheduler:
                             break
                         seen = len(pending)
                         await asyncio.sleep(self.batch_wait_s)
-                new: list[_Request] = []
-                while pending and len(new) < self.max_batch_size - (len(batch.reqs) if batch else 0):
-                    r = pending.popleft()
-                    if not r.cancelled:
-                        new.append(r)
-                self.stats.requests += len(new)
+                new = self._take(self.max_batch_size - (len(batch.reqs) if batch else 0), pending)
                 batch = self._advance(batch, new)
                 await asyncio.sleep(0)  # let rollouts run their tools and submit their next turns
         finally:
@@ -194,16 +189,18 @@ class Scheduler:
             seen = n
             time.sleep(self.batch_wait_s)
 
-    def _take(self, room: int) -> list[_Request]:
+    def _take(self, room: int, queue: Any = None) -> list[_Request]:
+        """Up to ``room`` live requests from ``queue`` (default: the worker thread's, under its lock)."""
+        if queue is None:
+            with self._cv:
+                return self._take(room, self._pending)
         out: list[_Request] = []
-        with self._cv:
-            while self._pending and len(out) < room:
-                r = self._pending.popleft()
-                if not r.cancelled:
-                    out.append(r)
+        while queue and len(out) < room:
+            r = queue.popleft()
+            if not r.cancelled:
+                out.append(r)
         self.stats.requests += len(out)
         return out
-
 
 
 @contextlib.contextmanager
