@@ -179,12 +179,16 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         if start == 0:
             base_eval = run_eval(0)
 
-        def sample_step(at_step: int):
-            """This rank's share of the step's prompts, G rollouts each: a coroutine (overlap makes it a task)."""
+        async def sample_step(at_step: int):
+            """This rank's share of the step's prompts, G rollouts each, and the seconds sampling took
+            (overlap runs it as a task beside the update, so its own clock, not the wait for it)."""
+            t0 = time.perf_counter()
             examples = distributed.shard(train_set.batch(at_step, cfg.batch_size, cfg.seed))
             step_sampler = replace(sampler, policy_version=at_step,
                                    params=replace(params, seed=derive_seed(cfg.seed, "train", at_step)))
-            return (pool or env).run_groups(examples, step_sampler, cfg.group_size, max_concurrency=cfg.max_concurrency)
+            groups = await (pool or env).run_groups(examples, step_sampler, cfg.group_size,
+                                                    max_concurrency=cfg.max_concurrency)
+            return groups, time.perf_counter() - t0
 
         local_batch = cfg.batch_size // distributed.world_size()
         engine_version = start  # the weights the engine serves
@@ -194,9 +198,8 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             # -- 1. sample: G rollouts for each of the step's P prompts (this rank's share) -------
             sampler.policy_version = step
             sampler.params = replace(params, seed=derive_seed(cfg.seed, "train", step))
-            t0 = time.perf_counter()
-            groups = loop.run_until_complete(pending if pending is not None else sample_step(step))
-            pending, t_generate = None, time.perf_counter() - t0
+            groups, t_generate = loop.run_until_complete(pending if pending is not None else sample_step(step))
+            pending = None
             all_groups = distributed.gather_groups(groups)  # rank 0: the whole batch (for metrics)
             metrics = group_metrics(all_groups, cfg.success_threshold)
             metrics.update(policy_lag(all_groups, step))

