@@ -5,7 +5,10 @@ Hugging Face files (a LoRA adapter loadable by ``peft``, or full weights loadabl
 ``transformers``, both safetensors, plus the tokenizer) and ``trainer_state.pt`` (optimizer,
 scheduler, RNG states, step and data cursor). It is written to a temporary directory and
 renamed into place, so a kill mid-write never leaves a half checkpoint that looks complete.
-Left out: sharded/distributed optimizer states.
+Under torchrun every rank calls :func:`save_checkpoint` (an FSDP2-sharded model's weights and
+optimizer state are gathered to rank 0 first, a collective) and rank 0 alone writes, so a
+checkpoint has the same files whatever the number of ranks. Left out: per-rank sharded files
+(``torch.distributed.checkpoint``), which only pay off for models far larger than rlft targets.
 """
 
 from __future__ import annotations
@@ -59,17 +62,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, policy: Any, optimizer: Any, scheduler: Any,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write the checkpoint for ``step`` atomically (temp dir + rename) and return its path."""
+                    extra: dict[str, Any] | None = None, model: Any = None) -> Path:
+    """Write the checkpoint for ``step`` atomically (temp dir + rename) and return its path.
+    ``model``: the module the update runs through (``rlft.distributed.wrap``'s result); when it
+    is sharded every rank must call this (the gathers are collectives); only rank 0 writes."""
     import torch
 
+    from rlft import distributed
+
     final = checkpoint_dir(run_dir, step)
+    sharded = model is not None and distributed.is_sharded(model)
+    weights = distributed.full_state_dict(model, rank0_only=True) if sharded else None
+    optim = distributed.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+    if not distributed.is_main():
+        return final
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    policy.save(tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), **(extra or {})}
+    policy.save(tmp, state_dict=weights)
+    # "by_name": a full optimizer state keyed by parameter name (gathered from FSDP2 shards)
+    state = {"step": step, "optimizer": optim, "optimizer_format": "by_name" if sharded else "torch",
+             "scheduler": scheduler.state_dict(), "rng": rng_state(), **(extra or {})}
     torch.save(state, tmp / STATE_FILE)
     if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
         shutil.rmtree(final)
@@ -98,9 +111,15 @@ def load_weights(policy: Any, path: str | Path) -> None:
             model.load_state_dict(load_file(f), strict=False)
 
 
-def load_checkpoint(path: str | Path, policy: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG states; returns the saved state dict."""
+def load_checkpoint(path: str | Path, policy: Any, optimizer: Any, scheduler: Any, *, weights: bool = True,
+                    model: Any = None) -> dict[str, Any]:
+    """Restore weights (unless ``weights=False``: they were loaded before sharding, see
+    ``rlft.train``), optimizer, scheduler and RNG states; returns the saved state dict. ``model``:
+    the module the update runs through (a sharded one takes its shard of the optimizer state;
+    a run resumes under FSDP2 or not, whichever it was saved under)."""
     import torch
+
+    from rlft import distributed
 
     state_file = Path(path) / STATE_FILE
     try:
@@ -108,8 +127,10 @@ def load_checkpoint(path: str | Path, policy: Any, optimizer: Any, scheduler: An
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
                            "delete it to resume from the previous one") from e
-    load_weights(policy, path)
-    optimizer.load_state_dict(state["optimizer"])
+    if weights:
+        load_weights(policy, path)
+    distributed.load_optimizer_state(model if model is not None else policy.model, optimizer, state["optimizer"],
+                                     by_name=state.get("optimizer_format") == "by_name")
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state

@@ -98,7 +98,7 @@ class TrainConfig:
     adam_beta2: float = 0.99  # AdamW beta2
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     micro_batch_tokens: int = 4096  # tokens per forward/backward micro-batch (length-bucketed)
-    distributed: str = "ddp"  # multi-process strategy under torchrun: ddp (gloo on CPU, NCCL on GPU) | fsdp2 (GPU)
+    distributed: str = "ddp"  # multi-process strategy under torchrun: ddp | fsdp2 (sharded); gloo on CPU, NCCL on GPU
     seed: int = 0  # seeds data order, sampling and init
     # -- run, checkpoints, eval ----------------------------------------------------------
     runs_dir: str = "runs"  # workspace: the run store and per-run directories

@@ -27,8 +27,15 @@ How a step splits (``rlft.train`` calls these; nothing else in rlft knows about 
   Resume: every rank loads the same checkpoint.
 
 FSDP2 (``distributed = "fsdp2"``): :func:`wrap` shards every decoder layer and the root with
-``fully_shard`` (GPU only; a clear error on CPU). Checkpoints and the weight push to an engine
-need full-state gathers that are not written yet, so :func:`check` refuses it in ``train`` for now.
+``fully_shard`` (gloo on CPU, NCCL on GPU; bf16 all-gathers with float32 gradient reductions on
+GPU when ``dtype = "bfloat16"``). Each rank keeps only its shard of the trained weights, their
+gradients and optimizer state. The engine samples from its own full copy (built before sharding,
+refreshed after each step from :func:`full_state_dict`, a collective every rank runs), since ranks
+decode different numbers of tokens and a sharded forward pass is a collective. Checkpoints gather
+the full weights and optimizer state (:func:`full_state_dict`, :func:`full_optimizer_state`) and
+rank 0 writes them in the same format as one process, so they load with plain ``transformers`` /
+``peft`` and resume on any number of ranks. Left out: sharded (per-rank) checkpoint files, CPU
+offload of parameters, and an engine that samples from the shards themselves.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from typing import Any, Iterator, Sequence, TypeVar
 
 __all__ = ["init", "cleanup", "is_distributed", "world_size", "rank", "local_rank", "is_main", "device", "check",
            "shard", "all_reduce_sum", "all_reduce_max", "broadcast_object", "gather_groups", "wrap", "unwrap",
-           "grad_scale", "micro_steps", "barrier", "run_store", "ReplicaStore", "Silent", "launch", "torchrun_command"]
+           "is_sharded", "full_state_dict", "full_optimizer_state", "load_optimizer_state", "full_tensor", "grad_scale", "micro_steps", "barrier", "run_store", "ReplicaStore", "Silent", "launch", "torchrun_command"]
 
 T = TypeVar("T")
 STRATEGIES = ("ddp", "fsdp2")
@@ -114,31 +121,16 @@ def device() -> Any:
 
 def check(cfg: Any) -> None:
     """Fail before any compute when ``cfg`` cannot run on this world: the batch must split evenly
-    over the ranks; FSDP2 needs CUDA and is not wired end to end yet."""
+    over the ranks."""
     strategy = getattr(cfg, "distributed", "ddp")
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed = {strategy!r} is not one of: {', '.join(STRATEGIES)}")
-    if strategy == "fsdp2":
-        _require_cuda_for_fsdp2()
     if not is_distributed():
         return
     w = world_size()
     if cfg.batch_size % w:
         raise ValueError(f"batch_size = {cfg.batch_size} prompts cannot be split evenly over {w} ranks: "
                          f"use a multiple of {w} (each rank samples batch_size / world_size prompts)")
-    if strategy == "fsdp2":
-        raise NotImplementedError(
-            "distributed = \"fsdp2\": rlft.distributed.wrap shards the model with fully_shard, but checkpoints and "
-            "the weight push to the engine need full-state gathers (torch.distributed.checkpoint.state_dict) that "
-            "are not implemented yet, and this path has never run on a GPU; use distributed = \"ddp\"")
-
-
-def _require_cuda_for_fsdp2() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("distributed = \"fsdp2\" shards weights across GPUs with fully_shard and needs CUDA "
-                           "(NCCL); on CPU use distributed = \"ddp\" (gloo)")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -209,12 +201,15 @@ def barrier() -> None:
 # -- the model ---------------------------------------------------------------------------------
 
 
-def wrap(model: Any, strategy: str = "ddp") -> Any:
+def wrap(model: Any, strategy: str = "ddp", bf16: bool = False) -> Any:
     """The module the policy update runs forward/backward through. One process: ``model`` itself.
     DDP (gloo on CPU, NCCL on ``cuda:LOCAL_RANK``): ``DistributedDataParallel(model)``, which
     broadcasts rank 0's weights at construction; ``model`` stays the plain module (the engine,
     reference, saving and probes use it) and shares its parameters with the wrapper. FSDP2:
-    ``fully_shard`` on every decoder layer, then on the root (in place; GPU only)."""
+    ``fully_shard`` on every decoder layer, then on the root, in place (every rank must hold the
+    same weights before: they load the same files with the same seed). ``bf16``: on GPU, FSDP2
+    gathers parameters in bf16 and reduces gradients in float32 (on CPU the update's bf16 autocast
+    does the casting and gloo moves float32)."""
     if not is_distributed():
         return model
     import torch
@@ -223,10 +218,10 @@ def wrap(model: Any, strategy: str = "ddp") -> Any:
     if next(model.parameters()).device != dev:
         model.to(dev)
     if strategy == "fsdp2":
-        _require_cuda_for_fsdp2()
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if bf16 and dev.type == "cuda" else MixedPrecisionPolicy())
         for m in list(model.modules()):
             if type(m).__name__.endswith("DecoderLayer"):
                 fully_shard(m, mp_policy=mp)
@@ -265,6 +260,56 @@ def _is_fsdp(model: Any) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def is_sharded(model: Any) -> bool:
+    """True for a module sharded by FSDP2 (its parameters are DTensor shards)."""
+    return _is_fsdp(model)
+
+
+def full_tensor(t: Any) -> Any:
+    """A DTensor's whole value (a collective: every rank must call it in the same order); any
+    other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") and hasattr(t, "placements") else t
+
+
+def full_state_dict(model: Any, rank0_only: bool = False) -> dict[str, Any]:
+    """``model``'s state dict with whole tensors. Sharded (FSDP2): gathered from every rank, a
+    collective every rank must call; ``rank0_only``: gathered to rank 0 only, on the CPU (other
+    ranks get an empty dict). Otherwise ``model.state_dict()``."""
+    if not _is_fsdp(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
+
+
+def full_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """The optimizer's state dict with whole tensors. Sharded: gathered to rank 0 on the CPU
+    (keyed by parameter name; a collective every rank must call). Otherwise ``state_dict()``."""
+    if not _is_fsdp(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any], by_name: bool) -> None:
+    """Restore an optimizer state saved by one process (``by_name=False``: torch's own format,
+    keyed by parameter index) or gathered from FSDP2 shards (``by_name=True``: keyed by
+    parameter name) into ``model``'s optimizer, sharded or not, so that a run resumes under
+    either strategy. ``model``: the module the update runs through."""
+    model = unwrap(model)
+    if not by_name and not _is_fsdp(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not by_name:  # indices follow the trainable parameters' order (Policy.trainable_parameters)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        state = {"state": {names[i]: v for i, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
 def grad_scale(model: Any) -> float:
     """What to multiply each rank's loss by so that the wrapper's gradient *average* becomes the
     *sum* over ranks (each rank's loss already divides by the global normalizer): the world size
@@ -299,11 +344,13 @@ def _zero_pass(model: Any) -> None:
     (out.logits.float().sum() * 0.0).backward()
 
 
-def micro_steps(model: Any, micro_batches: Sequence[T]) -> Iterator[T]:
+def micro_steps(model: Any, micro_batches: Sequence[T], pad: Any = None) -> Iterator[T]:
     """Yield the micro-batches of one optimizer step; run each one's forward and backward in the
     loop body. Distributed: every rank runs the same number of passes (the most any rank has;
     missing ones are zero-loss passes run here) and gradients are synced on the last pass only
-    (DDP ``no_sync`` / FSDP2 ``set_requires_gradient_sync`` before it). One process: a plain loop."""
+    (DDP ``no_sync`` / FSDP2 ``set_requires_gradient_sync`` before it). ``pad``: called before each
+    zero-loss pass, for the other collectives a real pass runs (FSDP2: a forward of any module
+    sharing the sharded weights, such as the LoRA reference). One process: a plain loop."""
     if not (_is_ddp(model) or _is_fsdp(model)):
         yield from micro_batches
         return
@@ -313,6 +360,8 @@ def micro_steps(model: Any, micro_batches: Sequence[T]) -> Iterator[T]:
             if i < len(micro_batches):
                 yield micro_batches[i]
             else:
+                if pad is not None:
+                    pad()
                 _zero_pass(model)
 
 

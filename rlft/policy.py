@@ -191,7 +191,7 @@ class Policy:
         return next(self.model.parameters()).device
 
     # -- saving -------------------------------------------------------------------------------
-    def save(self, out_dir: str | os.PathLike, *, merged: bool = False) -> str:
+    def save(self, out_dir: str | os.PathLike, *, merged: bool = False, state_dict: dict | None = None) -> str:
         """Save to ``out_dir`` in safetensors, with the tokenizer (and its chat template).
 
         LoRA: the adapter only (``adapter_model.safetensors`` + ``adapter_config.json``, loadable
@@ -199,16 +199,25 @@ class Policy:
         ``merged=True``, which writes full weights with the adapters merged in (the training
         model is not modified). Full finetuning: full weights. A small ``rlft_policy.json`` records
         the base model so that ``load_policy(out_dir)`` can rebuild a LoRA policy, GGUF bases included.
+        ``state_dict``: the model's whole weights when they are sharded (FSDP2); when it is None
+        for a sharded model they are gathered here, a collective every rank must call.
         """
+        from rlft import distributed
+
         out_dir = os.fspath(out_dir)
         os.makedirs(out_dir, exist_ok=True)
+        if state_dict is None and distributed.is_sharded(self.model):
+            state_dict = distributed.full_state_dict(self.model)
+        kw = {"state_dict": state_dict} if state_dict is not None else {}
         if self.is_lora and merged:
+            if kw:
+                raise ValueError("merged=True needs the unsharded model: export from a checkpoint (rlft export)")
             merged_model = copy.deepcopy(self.model).merge_and_unload()
             merged_model.save_pretrained(out_dir)
         elif self.is_lora:
-            self.model.save_pretrained(out_dir, safe_serialization=True)
+            self.model.save_pretrained(out_dir, safe_serialization=True, **kw)
         else:
-            self.model.save_pretrained(out_dir)
+            self.model.save_pretrained(out_dir, **kw)
         self.tokenizer.save_pretrained(out_dir)
         meta = {
             "format": "rlft-policy/1",

@@ -72,7 +72,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
 
     from rlft import distributed
     from rlft.chat import Renderer
-    from rlft.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+    from rlft.checkpoint import latest_checkpoint, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
     from rlft.engines.base import SamplingParams
     from rlft.env import Sampler, derive_seed
     from rlft.evaluate import evaluate, format_transcript, signal_report, validate
@@ -124,11 +124,15 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         device = distributed.device() if distributed.is_distributed() else cfg.device
         policy = load_policy(cfg.model, dtype=weights_dtype, lora=lora if cfg.lora else None, device=device,
                              gradient_checkpointing=cfg.gradient_checkpointing, chat_template=cfg.chat_template or None)
-        train_model = distributed.wrap(policy.model, cfg.distributed)  # DDP under torchrun; else policy.model
         if cfg.beta > 0 and not policy.is_lora:
-            policy.freeze_reference()
+            policy.freeze_reference()  # the base weights, not a resumed checkpoint's
+        ckpt = latest_checkpoint(run_dir) if resume else None
+        if ckpt:  # weights first: the engine copies them and FSDP2 shards them
+            load_weights(policy, ckpt[1])
         renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
-        engine = make_engine(cfg, policy, tag=run_id)
+        engine = make_engine(cfg, policy, tag=run_id)  # before sharding: an FSDP2 engine copies the whole model
+        # DDP / FSDP2 under torchrun; else policy.model itself
+        train_model = distributed.wrap(policy.model, cfg.distributed, bf16=cfg.dtype == "bfloat16")
         if cfg.rollout_workers > 0:  # Ray is imported only here
             from rlft.ray_workers import pool_from_config
 
@@ -140,8 +144,8 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
         reporter = Reporter(cfg.report_to if distributed.is_main() else "", run_id, run_dir, cfg.to_dict())
         start = 0
-        if resume and (ckpt := latest_checkpoint(run_dir)):
-            state = load_checkpoint(ckpt[1], policy, optimizer, scheduler)
+        if ckpt:
+            state = load_checkpoint(ckpt[1], policy, optimizer, scheduler, weights=False, model=train_model)
             start = state["step"]
             store.add_log(run_id, f"resumed from checkpoint at step {start}", step=start, source="trainer")
         store.truncate_after(run_id, start)  # rows of steps after the checkpoint are redone
@@ -262,11 +266,14 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             progress.update(step + 1, metrics)
             done = step + 1 == cfg.steps
             stop = distributed.broadcast_object(store.stop_requested(run_id))  # all ranks stop together
-            if distributed.is_main() and (done or stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
-                path = save_checkpoint(run_dir, step + 1, policy, optimizer, scheduler, {"config": cfg.to_dict()})
-                store.add_checkpoint(run_id, step + 1, str(path), metrics={"reward/mean": metrics.get("reward/mean")})
-                for removed in prune_checkpoints(run_dir, cfg.keep_checkpoints):
-                    store.remove_checkpoint(run_id, removed)
+            if done or stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+                # every rank: FSDP2 gathers the weights to rank 0, which alone writes
+                path = save_checkpoint(run_dir, step + 1, policy, optimizer, scheduler, {"config": cfg.to_dict()},
+                                       model=train_model)
+                if distributed.is_main():
+                    store.add_checkpoint(run_id, step + 1, str(path), metrics={"reward/mean": metrics.get("reward/mean")})
+                    for removed in prune_checkpoints(run_dir, cfg.keep_checkpoints):
+                        store.remove_checkpoint(run_id, removed)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
                 if pending is not None:  # overlap: eval the new weights: let the engine finish, then push them
                     loop.run_until_complete(pending)
@@ -318,12 +325,18 @@ def make_engine(cfg: TrainConfig, policy, tag: str = ""):
         if policy.is_lora:  # a merged copy: fast sampling, refreshed by each sync (overlap needs a snapshot too)
             return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency, merge_lora=True,
                             inline=not cfg.overlap)
-        if cfg.overlap:  # it samples while the trainer steps: its own snapshot, refreshed by each sync
+        from rlft import distributed
+
+        sharded = cfg.distributed == "fsdp2" and distributed.is_distributed()
+        if cfg.overlap or sharded:
+            # overlap: it samples while the trainer steps; FSDP2: the trainer's module becomes shards
+            # (each forward a collective). Either way the engine keeps its own whole copy,
+            # refreshed by each sync (sync_weights copies the weights in)
             import copy
 
             engine = HFEngine(copy.deepcopy(policy.model).requires_grad_(False), policy.tokenizer,
-                              max_batch_size=cfg.max_concurrency)
-            engine.source_model, engine.owns_copy = policy.model, True  # sync_weights copies the weights in
+                              max_batch_size=cfg.max_concurrency, inline=not cfg.overlap)
+            engine.source_model, engine.owns_copy = policy.model, True
             return engine
         # sampling and training take turns: the forward passes run on the training loop's thread
         # (one OpenMP team; a second thread doing torch work slows both, see HFEngine)

@@ -141,7 +141,10 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
     for epoch in range(cfg.epochs):
         optimizer.zero_grad(set_to_none=True)
         clip_sum = kl_sum = loss_sum = n_tokens = 0.0
-        for mb in distributed.micro_steps(model, micro):  # the same number of passes on every rank
+        # FSDP2 + LoRA: the reference forward (adapters off) is a collective too: padding passes run one
+        pad = ((lambda: _reference_pad(policy, dev, cfg)) if epoch == 0 and cfg.beta > 0 and policy.is_lora
+               and distributed.is_sharded(model) else None)
+        for mb in distributed.micro_steps(model, micro, pad=pad):  # the same number of passes on every rank
             ids, attn, pos, tokens, mask, sampler_logp, adv = (t.to(dev) for t in _tensors(mb, pad_id))
             C = tokens.shape[1]
             with training_precision(policy, cfg.dtype == "bfloat16"):
@@ -178,6 +181,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
             kl_sum += float(st["kl"]) * n
         params = [p for p in model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        norm = distributed.full_tensor(norm)  # FSDP2: a DTensor over the shards' norms
         optimizer.step()
         if epoch == 0:
             loss_sum, clip_sum, kl_sum, n_tokens = distributed.all_reduce_sum([loss_sum, clip_sum, kl_sum, n_tokens])
@@ -191,6 +195,13 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
     stats["sync/logprob_diff_mean"] = d_sum / d_n if d_n else 0.0
     stats["sync/logprob_diff_max"] = distributed.all_reduce_max(float(d.max()) if d.numel() else 0.0)
     return stats
+
+
+def _reference_pad(policy: Any, dev: Any, cfg: TrainConfig) -> None:
+    """The reference forward of a zero-loss padding pass (its result is not used)."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=dev)
+    with policy.reference() as ref, training_precision(policy, cfg.dtype == "bfloat16"):
+        ref(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
 
 @contextlib.contextmanager

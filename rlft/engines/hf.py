@@ -239,8 +239,10 @@ class HFEngine(Scheduler):
                     raise ValueError("this engine merges the LoRA model it was built from; it cannot sync from another")
                 self._merged.refresh()
             elif self.owns_copy:
+                from rlft.distributed import full_state_dict  # the whole weights of an FSDP2-sharded source
+
                 src = model if model is not None else self.source_model
-                self.model.load_state_dict(src.state_dict())
+                self.model.load_state_dict(full_state_dict(src))
             if policy_version is not None:
                 self.policy_version = int(policy_version)
 

@@ -51,10 +51,14 @@ class MergedCopy:
     @torch.no_grad()
     def refresh(self) -> None:
         """Copy the source's current adapted weights in (``W + delta``); the rest is frozen."""
+        from rlft.distributed import full_tensor
+
+        # a source sharded by FSDP2 holds DTensor shards: full_tensor gathers each (every rank
+        # refreshes its own copy, in the same order)
         for name, layer in self._layers.items():
             target = self._targets[name]
-            w = layer.get_base_layer().weight.float()
+            w = full_tensor(layer.get_base_layer().weight).float()
             for adapter in layer.active_adapters:
                 if adapter in getattr(layer, "lora_A", {}) or adapter in getattr(layer, "lora_embedding_A", {}):
-                    w = w + layer.get_delta_weight(adapter).float()
+                    w = w + full_tensor(layer.get_delta_weight(adapter)).float()
             target.weight.copy_(w.to(target.weight.dtype))
