@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--skip-hf-generate", action="store_true", help="only time the engine")
     ap.add_argument("--no-sharing-row", action="store_true",
                     help="also time the engine with shared-prefix prefill turned off")
+    ap.add_argument("--unpacked-row", action="store_true",
+                    help="also time the engine sharing the model's modules (plain F.linear, no packed weights)")
     ap.add_argument("--lora", action="store_true", help="also time the engine on a LoRA policy, merged and not")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method, interleaved; the best is reported")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
@@ -98,14 +100,21 @@ def main() -> None:
         policy = load_policy(args.model, dtype=dtype)
         model, tok = policy.model, policy.tokenizer
         ids = prompts(tok, args.batch)
-        # inline: the forward passes on the event loop's thread, as the trainer runs them
-        engine = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0, inline=True)
+        # inline: the forward passes on the event loop's thread, as the trainer runs them; its own
+        # copy of the weights, as the trainer's engines have (LoRA merged, or bf16 of fp32 masters),
+        # which makes its linear layers run on oneDNN-packed weights (rlft.engines.packed_linear)
+        engine = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0, inline=True,
+                          copy_weights=True)
+        shared = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0, inline=True)
         plain = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0, min_shared_prefix=10**9,
-                         inline=True)
+                         inline=True, copy_weights=True)
         bench_engine(engine, ids[:4], 4)  # warm-up (allocator, kernels)
+        bench_engine(shared, ids[:4], 4)
         if not args.skip_hf_generate:
             bench_hf_generate(model, tok, ids[:4], 2)
         methods = {"rlft HFEngine": lambda: bench_engine(engine, ids, args.max_new_tokens)}
+        if args.unpacked_row:  # the model's own modules: no packed weights
+            methods["HFEngine, not packed"] = lambda: bench_engine(shared, ids, args.max_new_tokens)
         if args.no_sharing_row:  # every prompt prefilled in full
             methods["HFEngine, no prefix"] = lambda: bench_engine(plain, ids, args.max_new_tokens)
         if not args.skip_hf_generate:
@@ -127,14 +136,15 @@ def main() -> None:
                 print(f"  [{r + 1}/{args.repeat}] {name} {dtype}: {n / dt:.0f} tok/s ({dt:.1f} s)", flush=True)
                 if name not in best or dt < best[name][0]:
                     best[name] = (dt, n)
-        for name in ("HF model.generate", "rlft HFEngine", "HFEngine, no prefix", "HFEngine LoRA merged",
+        for name in ("HF model.generate", "rlft HFEngine", "HFEngine, not packed", "HFEngine, no prefix", "HFEngine LoRA merged",
                      "HFEngine LoRA peft"):
             if name in best:
                 rows.append((name, dtype, args.batch, best[name][1], best[name][0]))
         print(f"  engine stats: {engine.stats}", flush=True)
         engine.close()
         plain.close()
-        del policy, model, engine, plain
+        shared.close()
+        del policy, model, engine, plain, shared
 
     print()
     print(f"| {'method':<20} | {'dtype':<9} | {'batch':>5} | {'tokens':>6} | {'seconds':>7} | {'tok/s':>6} |")

@@ -328,16 +328,14 @@ def make_engine(cfg: TrainConfig, policy, tag: str = ""):
         from rlft import distributed
 
         sharded = cfg.distributed == "fsdp2" and distributed.is_distributed()
-        if cfg.overlap or sharded:
-            # overlap: it samples while the trainer steps; FSDP2: the trainer's module becomes shards
-            # (each forward a collective). Either way the engine keeps its own whole copy,
-            # refreshed by each sync (sync_weights copies the weights in)
-            import copy
-
-            engine = HFEngine(copy.deepcopy(policy.model).requires_grad_(False), policy.tokenizer,
-                              max_batch_size=cfg.max_concurrency, inline=not cfg.overlap)
-            engine.source_model, engine.owns_copy = policy.model, True
-            return engine
+        bf16 = cfg.dtype == "bfloat16"
+        if cfg.overlap or sharded or bf16:
+            # its own copy of the weights, refreshed by each sync: overlap samples while the trainer
+            # steps; under FSDP2 the trainer's module becomes shards (each forward a collective);
+            # bf16: the trainer keeps float32 master weights, the engine decodes a bf16 copy
+            # (2.7x the float32 speed on CPU, with oneDNN-packed weights)
+            return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency,
+                            dtype="bfloat16" if bf16 else None, copy_weights=True, inline=not cfg.overlap)
         # sampling and training take turns: the forward passes run on the training loop's thread
         # (one OpenMP team; a second thread doing torch work slows both, see HFEngine)
         return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency, inline=True)

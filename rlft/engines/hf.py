@@ -57,6 +57,7 @@ from rlft.attention import use_fast_attention
 from rlft.engines.base import Sample, SamplingParams
 from rlft.engines.kv_cache import EngineCache, HFCache
 from rlft.engines.lora_merge import MergedCopy, is_lora_model
+from rlft.engines.packed_linear import can_pack, pack_linears, repack_linears
 from rlft.engines.sampling import sample_tokens
 from rlft.engines.scheduler import EngineStats, Scheduler, _Request
 
@@ -103,6 +104,10 @@ class HFEngine(Scheduler):
     ``merge_lora``: with a peft LoRA model, sample from a merged copy of the weights
     (:class:`rlft.engines.lora_merge.MergedCopy`: 2x faster decoding on SmolLM2, one more copy of
     the weights in memory) that :meth:`sync_weights` refreshes after each optimizer step.
+    ``copy_weights``: keep an own copy of the model even in the same dtype and device (refreshed
+    by :meth:`sync_weights`). ``prepack``: when the engine has its own copy, on the CPU in bf16,
+    its linear layers run on weights pre-packed for oneDNN (:mod:`rlft.engines.packed_linear`:
+    bit-identical, ~20 % faster decoding on SmolLM2), re-packed by :meth:`sync_weights`.
 
     Threads: by default a worker thread runs the model, so the event loop stays responsive. On a
     CPU that costs more than it saves when the same process also trains: each thread that runs
@@ -135,6 +140,8 @@ class HFEngine(Scheduler):
         min_shared_prefix: int = 16,
         inline: bool = False,
         merge_lora: bool = False,
+        copy_weights: bool = False,
+        prepack: bool = True,
     ):
         if tokenizer is None and hasattr(model, "tokenizer") and hasattr(model, "model"):
             model, tokenizer = model.model, model.tokenizer  # a Policy
@@ -150,13 +157,16 @@ class HFEngine(Scheduler):
         if merge_lora and is_lora_model(model):  # sample from W + BA, not through peft's adapter layers
             self._merged = MergedCopy(model, dtype=want, device=self.device)
             self.model, self.owns_copy = self._merged.model, True
-        elif (want is not None and want != _param(model).dtype) or self.device != _param(model).device:
+        elif copy_weights or (want is not None and want != _param(model).dtype) or self.device != _param(model).device:
             self.model = copy.deepcopy(model).to(device=self.device, dtype=want or _param(model).dtype)
             self.owns_copy = True
         else:
             self.model = model
             self.owns_copy = False
         use_fast_attention(self.model)  # CPU: the sdpa kernel costs 2x on decode steps (rlft.attention)
+        # an own copy on the CPU in bf16: linear weights pre-packed for oneDNN (rlft.engines.packed_linear);
+        # never a shared model's, whose packed copy would go stale under the trainer
+        self.prepacked = bool(prepack and self.owns_copy and can_pack(self.model) and pack_linears(self.model))
         if self.device.type == "cpu":
             keep_freed_memory()  # sampling allocates ~12 MiB per step: no page faults each time (rlft.allocator)
         self.dtype = _param(self.model).dtype
@@ -238,11 +248,15 @@ class HFEngine(Scheduler):
                 if model is not None and model is not self._merged.source:
                     raise ValueError("this engine merges the LoRA model it was built from; it cannot sync from another")
                 self._merged.refresh()
+                if self.prepacked:
+                    repack_linears(self.model)
             elif self.owns_copy:
                 from rlft.distributed import full_state_dict  # the whole weights of an FSDP2-sharded source
 
                 src = model if model is not None else self.source_model
                 self.model.load_state_dict(full_state_dict(src))
+                if self.prepacked:
+                    repack_linears(self.model)
             if policy_version is not None:
                 self.policy_version = int(policy_version)
 
