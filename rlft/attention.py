@@ -24,6 +24,7 @@ their fused kernels are fast, so :func:`use_fast_attention` only switches CPU mo
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -57,13 +58,17 @@ def rlft_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     G = H // KV  # query heads per key/value head: head h reads kv head h // G
     scale = scaling if scaling is not None else D ** -0.5
     mask = attention_mask
+    bias = None
     if q <= _SHORT_QUERY and (mask is None or mask.dtype == torch.bool):
-        key, value, mask = _whole_buffers(key, value, mask, q)
+        key, value, bias = _whole_buffers(key, value, mask, q)
+        mask = mask if bias is None else None
     q_grouped = query.reshape(B, KV, G * q, D)
     L = key.shape[2]
     scores = torch.matmul(q_grouped, key.transpose(-1, -2)).float().mul_(scale)  # (B, KV, G*q, L)
     scores = scores.view(B, KV, G, q, L)
-    if mask is not None:
+    if bias is not None:
+        scores.add_(bias[:, :, None])
+    elif mask is not None:
         m = mask[:, :, None]  # (B, 1|KV, 1, q, L): the same for every head of a group
         # a finite minimum, not -inf: a padding query with no visible key gets a harmless uniform
         # row instead of NaN (which would reach real tokens through the next layer's values)
@@ -76,20 +81,29 @@ def rlft_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     return out.view(B, KV, G, q, D).reshape(B, H, q, D).transpose(1, 2).contiguous(), None
 
 
+_bias_cache = threading.local()  # the decode step's additive mask, shared by all its layers
+
+
 def _whole_buffers(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, q: int):
     """Decode steps: attend over the KV cache's whole contiguous buffers, masking the slots not
-    written yet. The cache hands out ``buffer[:, :, :L]`` views (``rlft.engines.kv_cache``), and
-    a bf16 batched matmul on CPU copies a strided operand first: copying each layer's K and V
-    cost ~1.6 ms of a ~2 ms layer at batch 64 (measured), while the extra masked slots cost
-    far less than that copy."""
+    written yet; returns (key buffer, value buffer, additive float32 mask [B, 1|KV, q, cap]), or
+    the inputs and None when the cache is not rlft's. The cache hands out ``buffer[:, :, :L]``
+    views (``rlft.engines.kv_cache``), and a bf16 batched matmul on CPU copies a strided operand
+    first: copying each layer's K and V cost ~1.6 ms of a ~2 ms layer at batch 64 (measured),
+    while the extra masked slots cost far less than that copy. Every layer of a forward pass gets
+    the same mask tensor, so its additive form is built once per step, not once per layer."""
     kbuf, vbuf = getattr(key, "_rlft_buffer", None), getattr(value, "_rlft_buffer", None)
     if kbuf is None or vbuf is None or kbuf.shape[2] == key.shape[2]:
-        return key, value, mask
+        return key, value, None
     L, cap = key.shape[2], kbuf.shape[2]
-    if mask is None:  # every written slot is visible to every query (q <= L) up to causality
-        mask = torch.ones(q, L, dtype=torch.bool, device=key.device).tril(L - q)[None, None]
-    pad = torch.zeros(*mask.shape[:-1], cap - L, dtype=torch.bool, device=mask.device)
-    return kbuf, vbuf, torch.cat([mask, pad], dim=-1)
+    cached = getattr(_bias_cache, "entry", None)
+    if cached is not None and cached[0] is mask and cached[1] == (cap, L, q):
+        return kbuf, vbuf, cached[2]
+    allowed = mask if mask is not None else torch.ones(q, L, dtype=torch.bool, device=key.device).tril(L - q)[None, None]
+    bias = torch.full((*allowed.shape[:-1], cap), _NEG, dtype=torch.float32, device=key.device)
+    bias[..., :L].masked_fill_(allowed, 0.0)
+    _bias_cache.entry = (mask, (cap, L, q), bias)  # holds the mask: its id is not reused meanwhile
+    return kbuf, vbuf, bias
 
 
 _registered = False

@@ -344,6 +344,27 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[tokens])
 
 
+@pytest.mark.parametrize("vocab", [4096, 5000])  # a whole number of blocks, and a padded last block
+def test_two_level_inverse_cdf_on_large_vocabularies_matches_the_distribution(vocab):
+    # mass on a few entries spread over blocks (one at the very end); the rest exactly zero
+    probs = torch.zeros(vocab)
+    hot = {3: 0.4, 700: 0.25, 701: 0.15, 2049: 0.1, vocab - 1: 0.1}
+    for i, v in hot.items():
+        probs[i] = v
+    logits = torch.log(probs)  # -inf off the hot entries: weight exactly 0
+    tokens, logprobs = _draw(logits, 20000)
+    freq = torch.bincount(tokens, minlength=vocab).float() / 20000
+    assert set(tokens.tolist()) <= set(hot)  # a zero-weight entry is never drawn
+    for i, v in hot.items():
+        assert abs(float(freq[i]) - v) < 0.015, (i, float(freq[i]))
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[tokens])
+    # u at the edges: the first hot entry for u = 0, the last for u -> 1
+    t = torch.ones(2)
+    u = torch.tensor([0.0, 1.0 - 2 ** -24])
+    edge, _ = sample_tokens(logits.repeat(2, 1), t, t, torch.zeros(2, dtype=torch.long), u)
+    assert edge.tolist() == [3, vocab - 1]
+
+
 @pytest.mark.parametrize("topk_cap", [1024, 2])  # 2 forces the full-sort fallback for top_p
 def test_top_p_and_top_k_restrict_draws_but_logprobs_are_untruncated(topk_cap):
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])

@@ -2,8 +2,9 @@
 
 ``sample_tokens`` draws one token per row of a logits batch and returns its logprob under
 ``log_softmax(logits / T)`` on the full vocabulary, before truncation (the convention the
-trainer reproduces; see ``rlft.engines.hf``). The inverse CDF (``cumsum`` + ``searchsorted``)
-replaces ``torch.multinomial``, which costs ~50 ms per call at a 49k vocabulary on a small CPU.
+trainer reproduces; see ``rlft.engines.hf``). The inverse CDF (``cumsum`` + ``searchsorted``,
+in two levels over large vocabularies) replaces ``torch.multinomial``, which costs ~50 ms per
+call at a 49k vocabulary on a small CPU.
 Left out: beam search, repetition penalties, logit processors.
 """
 
@@ -39,13 +40,17 @@ def sample_tokens(
     k_row = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
     truncate = ~greedy & ((k_row < vocab) | (top_p < 1.0))
     plain = ~greedy & ~truncate
-    if bool(plain.all()):  # the common case (RL sampling at T, no truncation): two passes, no log_softmax
+    if bool(plain.all()):  # the common case (RL sampling at T, no truncation): no log_softmax
         z = logits if bool((temp == 1).all()) else logits / temp[:, None]  # (B, V)
         zmax = z.amax(dim=-1, keepdim=True)
-        cdf = (z - zmax).exp_().cumsum_(dim=-1)  # unnormalised: the last entry is the partition sum
-        total = cdf[:, -1]
-        tokens = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * total)[:, None], right=True).squeeze(1)
-        tokens.clamp_(max=vocab - 1)
+        weights = (z - zmax).exp_()  # unnormalised probabilities
+        if vocab >= 4 * _BLOCK:
+            tokens, total = _two_level_inverse_cdf(weights, uniform)
+        else:
+            cdf = weights.cumsum_(dim=-1)  # the last entry is the partition sum
+            total = cdf[:, -1]
+            tokens = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * total)[:, None], right=True).squeeze(1)
+            tokens.clamp_(max=vocab - 1)
         return tokens, z.gather(1, tokens[:, None]).squeeze(1) - zmax.squeeze(1) - total.log()
 
     logp = torch.log_softmax(logits / temp[:, None], dim=-1)
@@ -63,6 +68,34 @@ def sample_tokens(
         tokens[truncate] = _truncated(logp[truncate].exp(), top_p[truncate], k_row[truncate], uniform[truncate],
                                       topk_cap)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+_BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF
+
+
+def _two_level_inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse CDF in two levels: pick a block of ``_BLOCK`` entries from the block sums, then an
+    entry inside it. A cumulative sum is a sequential scan; over a 49k vocabulary it cost more than
+    the exp before it, while block sums are a parallel reduction and the scans left are 192 and
+    256 long (64 rows: 2.8 -> 1.5 ms per step). Returns (tokens [B], partition sums [B]); never
+    draws a zero-weight entry."""
+    B, V = weights.shape
+    nb = -(-V // _BLOCK)
+    if V % _BLOCK:
+        weights = torch.nn.functional.pad(weights, (0, nb * _BLOCK - V))  # zero weight: never drawn
+    blocks = weights.view(B, nb, _BLOCK)
+    block_sum = blocks.sum(-1)  # (B, nb)
+    block_cdf = block_sum.cumsum(-1)
+    total = block_cdf[:, -1]
+    target = uniform.to(total.dtype) * total  # (B,)
+    blk = torch.searchsorted(block_cdf, target[:, None], right=True).squeeze(1).clamp_(max=nb - 1)
+    inner_cdf = blocks.gather(1, blk[:, None, None].expand(B, 1, _BLOCK)).squeeze(1).cumsum(-1)  # (B, _BLOCK)
+    before = (block_cdf.gather(1, blk[:, None]) - block_sum.gather(1, blk[:, None])).squeeze(1)
+    # rounding can put the residual at or past the block's own sum: stay strictly below it, so the
+    # entry found has cdf[j] > r >= cdf[j-1], i.e. a positive weight
+    rest = torch.minimum((target - before).clamp_(min=0), torch.nextafter(inner_cdf[:, -1], torch.zeros(())))
+    j = torch.searchsorted(inner_cdf, rest[:, None], right=True).squeeze(1)
+    return blk * _BLOCK + j, total
 
 
 def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
