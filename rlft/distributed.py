@@ -67,14 +67,22 @@ def _dist():
 
 def init(backend: str | None = None) -> bool:
     """Join the torchrun process group when ``WORLD_SIZE`` > 1. ``backend``: gloo | nccl (default:
-    nccl when CUDA is present, else gloo). Returns True when this call created the group (then
-    :func:`cleanup` destroys it); False in a single process or when the group already exists."""
+    nccl when this machine has a GPU for each of its ranks, else gloo on the CPU: NCCL cannot put
+    two ranks on one GPU). Returns True when this call created the group (then :func:`cleanup`
+    destroys it); False in a single process or when the group already exists."""
     td = _dist()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not td.is_available() or td.is_initialized():
         return False
     import torch
 
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend is None and 0 < gpus < local_ranks:
+        import warnings
+
+        warnings.warn(f"{local_ranks} ranks on this machine but {gpus} GPU(s): training on the CPU with gloo "
+                      f"(NCCL needs one GPU per rank; use --nproc {gpus})", stacklevel=2)
+    backend = backend or ("nccl" if gpus >= local_ranks else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     td.init_process_group(backend=backend)
@@ -218,14 +226,18 @@ def wrap(model: Any, strategy: str = "ddp", bf16: bool = False) -> Any:
     if next(model.parameters()).device != dev:
         model.to(dev)
     if strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if bf16 and dev.type == "cuda" else MixedPrecisionPolicy())
+        # the mesh on this rank's device: fully_shard's default mesh takes the GPU whenever one is
+        # present, also for CPU ranks (more ranks than GPUs: gloo, see init)
+        mesh = init_device_mesh(dev.type, (world_size(),))
         for m in list(model.modules()):
             if type(m).__name__.endswith("DecoderLayer"):
-                fully_shard(m, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+                fully_shard(m, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
     if strategy != "ddp":
         raise ValueError(f"distributed = {strategy!r} is not one of: {', '.join(STRATEGIES)}")

@@ -25,7 +25,8 @@ METRIC_RTOL = 1e-5  # loss/policy, optim/grad_norm: all-reduced float64 sums of 
 STEPS = 2
 CFG = dict(steps=STEPS, batch_size=4, group_size=4, checkpoint_every=1, keep_checkpoints=5, dtype="float32",
            lora=False, eval_fraction=0.0, validate=False, progress=False, learning_rate=1e-3, seed=3,
-           micro_batch_tokens=48)  # several micro-batches per rank, and different counts per rank
+           micro_batch_tokens=48,  # several micro-batches per rank, and different counts per rank
+           device="cpu")  # the single-process run too, on a machine with a GPU (gloo ranks run on the CPU)
 ENV = '''
 from rlft.env import Environment
 
