@@ -59,14 +59,10 @@ from rlft.engines.kv_cache import EngineCache, HFCache
 from rlft.engines.lora_merge import MergedCopy, is_lora_model
 from rlft.engines.packed_linear import can_pack, pack_linears, repack_linears
 from rlft.engines.sampling import sample_tokens
+from rlft.engines.tokens import pad_id, end_of_turn_ids
 from rlft.engines.scheduler import EngineStats, Scheduler, _Request
 
 __all__ = ["HFEngine", "EngineStats", "ContextLengthError", "sample_tokens", "end_of_turn_ids"]
-
-# end-of-turn / end-of-text markers of common chat formats, used when present in the vocabulary
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>",
-                       "<|eom_id|>")
-
 
 class ContextLengthError(ValueError):
     """The prompt does not fit the model's context window (``max_position_embeddings``)."""
@@ -189,7 +185,7 @@ class HFEngine(Scheduler):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_kw = "logits_to_keep" if "logits_to_keep" in params else (
             "num_logits_to_keep" if "num_logits_to_keep" in params else None)
-        self._pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_id(tokenizer)
 
         self._rng = torch.Generator()
         self._rng.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
@@ -348,7 +344,7 @@ class HFEngine(Scheduler):
                 layer.select(torch.zeros(n, dtype=torch.long, device=dev))
             self.stats.prefill_tokens += shared
         width = max(len(p) for p in prompts) - shared
-        ids = torch.full((n, width), self._pad_id, dtype=torch.long)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.bool)
         for i, p in enumerate(prompts):
             ids[i, width - len(p) + shared:] = torch.tensor(p[shared:], dtype=torch.long)
@@ -471,33 +467,6 @@ class HFEngine(Scheduler):
 # -----------------------------------------------------------------------------------------------
 
 
-def end_of_turn_ids(tokenizer: Any, model: Any = None) -> set[int]:
-    """Token ids that end a turn: the tokenizer's eos, the generation config's eos ids, and
-    ``<|im_end|>`` (and the other common end-of-turn markers) when in the vocabulary."""
-    ids: set[int] = set()
-
-    def add(x: Any) -> None:
-        if x is None:
-            return
-        if isinstance(x, (list, tuple, set)):
-            for y in x:
-                add(y)
-        else:
-            ids.add(int(x))
-
-    add(getattr(tokenizer, "eos_token_id", None))
-    gen = getattr(model, "generation_config", None) if model is not None else None
-    if gen is not None:
-        add(getattr(gen, "eos_token_id", None))
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    for tok in _END_OF_TURN_TOKENS:
-        if tok in vocab:
-            ids.add(int(vocab[tok]))
-    if not ids:
-        raise ValueError("The tokenizer has no eos token and no known end-of-turn token: pass stop_token_ids=.")
-    return ids
-
-
 def _common_prefix_len(seqs: list[tuple[int, ...]]) -> int:
     first, n = seqs[0], min(len(s) for s in seqs)
     for i in range(n):
@@ -505,14 +474,6 @@ def _common_prefix_len(seqs: list[tuple[int, ...]]) -> int:
         if any(s[i] != t for s in seqs):
             return i
     return n
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            return v
-    return 0
 
 
 def _param(model: Any) -> torch.Tensor:
