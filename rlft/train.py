@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import random
 import time
@@ -283,6 +284,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             if stop:
                 store.set_status(run_id, "stopped")
                 progress.note(f"stopped at step {step + 1} (checkpoint saved)")
+                distributed.barrier()  # every rank tears down together (see finally)
                 return run_id
         final_eval = run_eval(cfg.steps)
         progress.finish()
@@ -290,6 +292,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             progress.note(f"held-out reward {base_eval['reward/mean']:.3f} -> {final_eval['reward/mean']:.3f}, "
                           f"pass@{cfg.eval_k} {base_eval['pass@k']:.2f} -> {final_eval['pass@k']:.2f}")
         store.set_status(run_id, "completed")
+        distributed.barrier()  # every rank tears down together (see finally)
         return run_id
     except BaseException as e:
         progress.finish()
@@ -313,6 +316,12 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             pool.shutdown()
         loop.close()
         store.close()
+        if owns_group:
+            # the DDP/FSDP wrapper holds the process group; freed at interpreter exit instead, gloo's
+            # worker threads were once destroyed unjoined there (SIGABRT on a rank after a run
+            # that had completed)
+            train_model = None  # noqa: F841
+            gc.collect()
         distributed.cleanup(owns_group)
 
 
