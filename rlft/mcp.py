@@ -71,6 +71,7 @@ from datetime import timedelta
 from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from rlft.mcp_stderr import STDERR_TAIL_BYTES, StderrTail
 from rlft.tools import FatalToolError, Tool
 
 __all__ = ["MCPConnectError", "MCPConnection", "MCPServer", "MCPToolError"]
@@ -78,7 +79,6 @@ __all__ = ["MCPConnectError", "MCPConnection", "MCPServer", "MCPToolError"]
 log = logging.getLogger(__name__)
 
 _LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mcp_launch.py")
-_STDERR_TAIL_BYTES = 8192  # quoted in startup errors
 _FATAL_TAIL_CHARS = 1500  # quoted in FatalToolError: it is stored on every affected rollout
 _CONNECTION_CLOSED = -32000  # mcp.types.CONNECTION_CLOSED (not defined in every SDK version)
 _REQUEST_TIMEOUT = 408  # the code the SDK's send_request uses for a read timeout
@@ -216,7 +216,7 @@ class MCPConnection:
         self._owner: asyncio.Task[None] | None = None
         self._closed: asyncio.Event | None = None  # set once no call can succeed any more
         self._reason = ""
-        self._stderr = _StderrTail(server.name or "mcp")
+        self._stderr = StderrTail(server.name or "mcp")
 
     # -- lifecycle -----------------------------------------------------------------------
     async def __aenter__(self) -> MCPConnection:
@@ -348,7 +348,7 @@ class MCPConnection:
                     what = f"no answer to the MCP handshake within {max(self.server.timeout, self.server.startup_timeout):g}s"
                 else:
                     what = _describe(failure)
-                ready.set_exception(MCPConnectError(self._message(f"failed to start: {what}", _STDERR_TAIL_BYTES)))
+                ready.set_exception(MCPConnectError(self._message(f"failed to start: {what}", STDERR_TAIL_BYTES)))
             self._stderr.close()
 
     async def _open_transport(self, stack: contextlib.AsyncExitStack) -> tuple[Any, Any]:
@@ -475,83 +475,6 @@ class MCPConnection:
 
     def _gone_message(self, tool: str) -> str:
         return self._message(f"is gone, cannot call {tool!r}: {self._reason or 'connection closed'}", _FATAL_TAIL_CHARS)
-
-
-class _StderrTail:
-    """The read end of a stdio server's stderr pipe: logs each line at DEBUG and keeps the
-    last few KB for error messages. POSIX only; elsewhere the server writes to our stderr."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._tail = bytearray()
-        self._partial = b""
-        self._child_fd: int | None = None
-        self._transport: asyncio.BaseTransport | None = None
-        self._eof: asyncio.Event | None = None
-
-    async def open(self) -> Any:
-        if os.name != "posix":
-            return sys.stderr
-        r, w = os.pipe()
-        self._child_fd = w
-        self._eof = asyncio.Event()
-        try:
-            self._transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-                lambda: _StderrProtocol(self), os.fdopen(r, "rb", buffering=0))
-        except BaseException:
-            os.close(r)
-            self.child_started()
-            raise
-        return w  # subprocess accepts a file descriptor for stderr
-
-    def child_started(self) -> None:
-        """Close our copy of the write end, so the pipe ends when the server does."""
-        if self._child_fd is not None:
-            os.close(self._child_fd)
-            self._child_fd = None
-
-    def feed(self, data: bytes) -> None:
-        self._tail += data
-        del self._tail[:-_STDERR_TAIL_BYTES]
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        if len(self._partial) > _STDERR_TAIL_BYTES:
-            lines.append(self._partial)
-            self._partial = b""
-        if log.isEnabledFor(logging.DEBUG):
-            for line in lines:
-                log.debug("[mcp %s] %s", self._name, line.decode("utf-8", "replace").rstrip())
-
-    def eof(self) -> None:
-        if self._eof is not None:
-            self._eof.set()
-
-    async def wait_eof(self, timeout: float) -> None:
-        if self._eof is not None and self._transport is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._eof.wait(), timeout)
-
-    def text(self) -> str:
-        return self._tail.decode("utf-8", "replace")
-
-    def close(self) -> None:
-        self.child_started()
-        if self._transport is not None:
-            self._transport.close()
-
-
-class _StderrProtocol(asyncio.Protocol):
-    def __init__(self, sink: _StderrTail) -> None:
-        self._sink = sink
-
-    def data_received(self, data: bytes) -> None:
-        self._sink.feed(data)
-
-    def eof_received(self) -> bool | None:
-        self._sink.eof()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._sink.eof()
 
 
 # -- helpers -------------------------------------------------------------------------------
