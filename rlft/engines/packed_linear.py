@@ -7,8 +7,9 @@ calling ``torch.ops.mkldnn._linear_pointwise`` gives bit-identical outputs, meas
 every batch size on this CPU (SmolLM2 shapes, 64 rows: 712 -> 587 us per decoder layer and
 6.5 -> 4.2 ms for the 49k-vocabulary head; 1 row: 71 -> 26 us per 576x1536 projection).
 
-Only for modules nobody trains: the packed weight is a separate copy, so it is stale until
-:func:`repack` runs after the weights change (the engine does it in ``sync_weights``). A forward
+Only for modules nobody trains: the packed weight is a separate copy (one more copy of the
+linear weights in memory), so it is stale until :func:`repack_linears` runs after the weights
+change (the engine does it in ``sync_weights``: 55-60 ms for SmolLM2's 211 layers). A forward
 that needs gradients, or gets an input that is not bf16, falls back to ``F.linear`` on the
 module's own weight. Left out: fp32 weights (the CPU engine decodes in bf16; fp32 was not
 measured), CUDA (cuBLAS takes plain weights), quantized weights.
