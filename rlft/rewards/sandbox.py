@@ -62,6 +62,9 @@ harness or its tests (e.g. return an object whose ``__eq__`` is always True, pat
 ``AssertionError``) -- treat scores as rewards, not proofs; reading world-readable files;
 kernel exploits. Without namespaces and as root the filesystem is protected only by file
 permissions and the uid switch.
+
+This file imports nothing from rlft (the child's two programs are strings in it): the tests run
+it as a standalone file under an unprivileged user that cannot read the installed package.
 """
 
 from __future__ import annotations
