@@ -54,6 +54,7 @@ def bench_hf_generate(model, tokenizer, ids: list[list[int]], new: int) -> tuple
         x[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     model.set_attn_implementation("sdpa")
+    x, mask = x.to(model.device), mask.to(model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=x, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
@@ -88,6 +89,7 @@ def main() -> None:
                     help="also time the engine sharing the model's modules (plain F.linear, no packed weights)")
     ap.add_argument("--lora", action="store_true", help="also time the engine on a LoRA policy, merged and not")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method, interleaved; the best is reported")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the engine runs where the model is)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -97,7 +99,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
-        policy = load_policy(args.model, dtype=dtype)
+        policy = load_policy(args.model, dtype=dtype, device=args.device)
         model, tok = policy.model, policy.tokenizer
         ids = prompts(tok, args.batch)
         # inline: the forward passes on the event loop's thread, as the trainer runs them; its own
@@ -122,7 +124,7 @@ def main() -> None:
         if args.lora:  # what training samples from: LoRA r=16 on all projections, merged copy vs through peft
             from rlft.policy import LoraSpec
 
-            lora_policy = load_policy(args.model, dtype=dtype, lora=LoraSpec(rank=16, alpha=32))
+            lora_policy = load_policy(args.model, dtype=dtype, lora=LoraSpec(rank=16, alpha=32), device=args.device)
             merged = HFEngine(lora_policy.model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0,
                               inline=True, merge_lora=True)
             through = HFEngine(lora_policy.model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0,

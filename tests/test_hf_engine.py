@@ -365,6 +365,17 @@ def test_two_level_inverse_cdf_on_large_vocabularies_matches_the_distribution(vo
     assert edge.tolist() == [3, vocab - 1]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="checks the sampler on a CUDA device")
+def test_two_level_sampling_runs_on_the_logits_device():
+    # the two-level path (large vocabularies) once built a CPU scalar next to CUDA tensors
+    logits = torch.randn(4, 49152, device="cuda")
+    t = torch.ones(4, device="cuda")
+    tokens, lp = sample_tokens(logits, t, t, torch.zeros(4, dtype=torch.long, device="cuda"),
+                               torch.rand(4, device="cuda"))
+    assert tokens.device.type == "cuda" and bool((tokens < 49152).all())
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
+
+
 @pytest.mark.parametrize("topk_cap", [1024, 2])  # 2 forces the full-sort fallback for top_p
 def test_top_p_and_top_k_restrict_draws_but_logprobs_are_untruncated(topk_cap):
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])

@@ -93,7 +93,7 @@ def _two_level_inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> tupl
     before = (block_cdf.gather(1, blk[:, None]) - block_sum.gather(1, blk[:, None])).squeeze(1)
     # rounding can put the residual at or past the block's own sum: stay strictly below it, so the
     # entry found has cdf[j] > r >= cdf[j-1], i.e. a positive weight
-    rest = torch.minimum((target - before).clamp_(min=0), torch.nextafter(inner_cdf[:, -1], torch.zeros(())))
+    rest = torch.minimum((target - before).clamp_(min=0), torch.nextafter(inner_cdf[:, -1], inner_cdf.new_zeros(())))
     j = torch.searchsorted(inner_cdf, rest[:, None], right=True).squeeze(1)
     return blk * _BLOCK + j, total
 
