@@ -189,8 +189,11 @@ def cmd_doctor(args) -> int:
     def torch_info():
         import torch
 
-        dev = "cuda " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        return f"{torch.__version__} on {dev}"
+        if torch.cuda.is_available():
+            return f"{torch.__version__} on cuda {torch.cuda.get_device_name(0)}"
+        bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        # the CPU engine's packed bf16 path (rlft.engines.packed_linear) needs oneDNN's bf16 kernels
+        return f"{torch.__version__} on cpu ({'with' if bf16 else 'without'} oneDNN bf16 kernels)"
 
     print(f"python {sys.version.split()[0]}")
     check("torch", torch_info, "bash scripts/setup.sh (installs the CPU wheel torch==2.13.0)")
