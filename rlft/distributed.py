@@ -50,7 +50,8 @@ from typing import Any, Iterator, Sequence, TypeVar
 
 __all__ = ["init", "cleanup", "is_distributed", "world_size", "rank", "local_rank", "is_main", "device", "check",
            "shard", "all_reduce_sum", "all_reduce_max", "broadcast_object", "gather_groups", "wrap", "unwrap",
-           "is_sharded", "full_state_dict", "full_optimizer_state", "load_optimizer_state", "full_tensor", "grad_scale", "micro_steps", "barrier", "run_store", "ReplicaStore", "Silent", "launch", "torchrun_command"]
+           "is_sharded", "full_state_dict", "full_optimizer_state", "load_optimizer_state", "full_tensor",
+           "grad_scale", "micro_steps", "barrier", "run_store", "ReplicaStore", "Silent", "launch", "torchrun_command"]
 
 T = TypeVar("T")
 STRATEGIES = ("ddp", "fsdp2")

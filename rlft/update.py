@@ -133,6 +133,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
     if not n_items or normalizer == 0:
         optimizer.step()  # no gradients: a no-op that keeps the scheduler's step count honest
         return stats
+    bf16 = cfg.dtype == "bfloat16"  # the forward passes' precision (training_precision)
     micro = _micro_batches(items, cfg.micro_batch_tokens)
     scale = distributed.grad_scale(model)  # DDP averages gradients over ranks; the loss is a sum
     diffs: list[torch.Tensor] = []
@@ -142,12 +143,12 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
         optimizer.zero_grad(set_to_none=True)
         clip_sum = kl_sum = loss_sum = n_tokens = 0.0
         # FSDP2 + LoRA: the reference forward (adapters off) is a collective too: padding passes run one
-        pad = ((lambda: _reference_pad(policy, dev, cfg)) if epoch == 0 and cfg.beta > 0 and policy.is_lora
+        pad = ((lambda: _reference_pad(policy, dev, bf16)) if epoch == 0 and cfg.beta > 0 and policy.is_lora
                and distributed.is_sharded(model) else None)
         for mb in distributed.micro_steps(model, micro, pad=pad):  # the same number of passes on every rank
             ids, attn, pos, tokens, mask, sampler_logp, adv = (t.to(dev) for t in _tensors(mb, pad_id))
             C = tokens.shape[1]
-            with training_precision(policy, cfg.dtype == "bfloat16"):
+            with training_precision(policy, bf16):
                 logits = completion_logits(model, ids, attn, pos, C)  # (B, C, V)
                 logp = grpo.token_logprobs(logits, tokens, cfg.temperature)  # (B, C)
             if epoch == 0:
@@ -161,7 +162,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
                         it.old_logp = (sampler_logp if stale else logp.detach())[b, C - c:].clone()
                     diffs.append(((logp.detach() - sampler_logp).abs() * mask)[mask.bool()])
                     if cfg.beta > 0:
-                        with policy.reference() as ref, training_precision(policy, cfg.dtype == "bfloat16"):
+                        with policy.reference() as ref, training_precision(policy, bf16):
                             ref_logits = completion_logits(ref, ids, attn, pos, C)
                             ref_lp = grpo.token_logprobs(ref_logits, tokens, cfg.temperature)
                         for b, it in enumerate(mb):
@@ -197,10 +198,10 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
     return stats
 
 
-def _reference_pad(policy: Any, dev: Any, cfg: TrainConfig) -> None:
+def _reference_pad(policy: Any, dev: Any, bf16: bool) -> None:
     """The reference forward of a zero-loss padding pass (its result is not used)."""
     ids = torch.zeros((1, 2), dtype=torch.long, device=dev)
-    with policy.reference() as ref, training_precision(policy, cfg.dtype == "bfloat16"):
+    with policy.reference() as ref, training_precision(policy, bf16):
         ref(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
 

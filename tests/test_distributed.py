@@ -6,8 +6,9 @@ within ``WEIGHT_ATOL`` (fp32; measured max difference 8.6e-7, from the order of 
 Rank 1's two prompts of step 1 have a constant reward (tied groups: no gradient), so rank 1 has no
 micro-batch at all while rank 0 has several: the ranks must still run matching passes. Resume
 under torchrun redoes a step identically. FSDP2 (``fully_shard``) matches the same single-process
-run, with LoRA and a KL term too, writes whole checkpoints, and resumes on 2 ranks or 1. Also: ``rlft train --nproc 2`` is the launcher, rank 0
-alone writes the store and checkpoints, and the helpers' single-process behaviour.
+run, with LoRA and a KL term too, writes whole checkpoints, and resumes on 2 ranks or 1. Also:
+``rlft train --nproc 2`` is the launcher, rank 0 alone writes the store and checkpoints, and the
+helpers' single-process behaviour.
 """
 
 import glob

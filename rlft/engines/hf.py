@@ -59,8 +59,8 @@ from rlft.engines.kv_cache import EngineCache, HFCache
 from rlft.engines.lora_merge import MergedCopy, is_lora_model
 from rlft.engines.packed_linear import can_pack, pack_linears, repack_linears
 from rlft.engines.sampling import sample_tokens
-from rlft.engines.tokens import pad_id, end_of_turn_ids
 from rlft.engines.scheduler import EngineStats, Scheduler, _Request
+from rlft.engines.tokens import end_of_turn_ids, pad_id
 
 __all__ = ["HFEngine", "EngineStats", "ContextLengthError", "sample_tokens", "end_of_turn_ids"]
 
@@ -244,15 +244,13 @@ class HFEngine(Scheduler):
                 if model is not None and model is not self._merged.source:
                     raise ValueError("this engine merges the LoRA model it was built from; it cannot sync from another")
                 self._merged.refresh()
-                if self.prepacked:
-                    repack_linears(self.model)
             elif self.owns_copy:
                 from rlft.distributed import full_state_dict  # the whole weights of an FSDP2-sharded source
 
                 src = model if model is not None else self.source_model
                 self.model.load_state_dict(full_state_dict(src))
-                if self.prepacked:
-                    repack_linears(self.model)
+            if self.prepacked:  # only an own copy is packed: its new weights, packed again
+                repack_linears(self.model)
             if policy_version is not None:
                 self.policy_version = int(policy_version)
 

@@ -44,13 +44,8 @@ def sample_tokens(
         z = logits if bool((temp == 1).all()) else logits / temp[:, None]  # (B, V)
         zmax = z.amax(dim=-1, keepdim=True)
         weights = (z - zmax).exp_()  # unnormalised probabilities
-        if vocab >= 4 * _BLOCK:
-            tokens, total = _two_level_inverse_cdf(weights, uniform)
-        else:
-            cdf = weights.cumsum_(dim=-1)  # the last entry is the partition sum
-            total = cdf[:, -1]
-            tokens = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * total)[:, None], right=True).squeeze(1)
-            tokens.clamp_(max=vocab - 1)
+        inverse_cdf = _two_level_inverse_cdf if vocab >= 4 * _BLOCK else _inverse_cdf
+        tokens, total = inverse_cdf(weights, uniform)  # total: the partition sum
         return tokens, z.gather(1, tokens[:, None]).squeeze(1) - zmax.squeeze(1) - total.log()
 
     logp = torch.log_softmax(logits / temp[:, None], dim=-1)
@@ -63,7 +58,7 @@ def sample_tokens(
     if bool(greedy.any()):
         tokens[greedy] = logits[greedy].argmax(dim=-1)
     if bool(plain.any()):
-        tokens[plain] = _inverse_cdf(logp[plain].exp(), uniform[plain])
+        tokens[plain] = _inverse_cdf(logp[plain].exp(), uniform[plain])[0]
     if bool(truncate.any()):
         tokens[truncate] = _truncated(logp[truncate].exp(), top_p[truncate], k_row[truncate], uniform[truncate],
                                       topk_cap)
@@ -98,12 +93,13 @@ def _two_level_inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> tupl
     return blk * _BLOCK + j, total
 
 
-def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Index i with cdf[i-1] <= u * total < cdf[i]: never a zero-probability entry."""
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index i with cdf[i-1] <= u * total < cdf[i] (never a zero-probability entry), and the
+    total (``probs`` may be unnormalised)."""
     cdf = probs.cumsum(dim=-1)
-    target = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return idx.clamp_(max=probs.shape[-1] - 1)
+    total = cdf[:, -1]
+    idx = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * total)[:, None], right=True).squeeze(1)
+    return idx.clamp_(max=probs.shape[-1] - 1), total
 
 
 def _truncated(probs: torch.Tensor, top_p: torch.Tensor, k_row: torch.Tensor, uniform: torch.Tensor,
@@ -128,5 +124,5 @@ def _truncated(probs: torch.Tensor, top_p: torch.Tensor, k_row: torch.Tensor, un
     cum = vals.cumsum(dim=-1)
     keep &= (cum - vals) < top_p[:, None].to(vals.dtype)  # smallest prefix whose mass reaches top_p
     keep[:, 0] = True
-    j = _inverse_cdf(vals * keep, uniform)
+    j = _inverse_cdf(vals * keep, uniform)[0]
     return idx.gather(1, j[:, None]).squeeze(1)

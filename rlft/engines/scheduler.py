@@ -22,7 +22,7 @@ import torch
 
 from rlft.engines.base import Sample, SamplingParams
 
-__all__ = ["EngineStats", "Scheduler"]
+__all__ = ["EngineStats", "Scheduler", "enqueue"]
 
 
 @dataclass
@@ -61,19 +61,26 @@ class _Request:
     stop_window: int = 0  # tokens to decode when checking stop strings
 
 
+def enqueue(engine: Any, req: Any, thread_name: str) -> None:
+    """Queue ``req`` for ``engine``'s worker thread, starting the thread when none is running.
+    ``engine`` has ``_cv`` (a Condition), ``_closed``, ``_pending`` (a deque), ``_thread`` and
+    ``_worker``: HFEngine (through :class:`Scheduler`) and VLLMEngine."""
+    with engine._cv:
+        if engine._closed:
+            raise RuntimeError(f"{type(engine).__name__} is closed")
+        engine._pending.append(req)
+        if engine._thread is None or not engine._thread.is_alive():
+            engine._thread = threading.Thread(target=engine._worker, name=thread_name, daemon=True)
+            engine._thread.start()
+        engine._cv.notify()
+
+
 class Scheduler:
     """Request queueing and the scheduling loop; HFEngine supplies ``_admit``, ``_step``, ``model``,
     ``lock``, ``stats``, ``max_batch_size``, ``batch_wait_s`` and the queues set up in its ``__init__``."""
 
     def _submit(self, req: _Request) -> None:
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("HFEngine is closed")
-            self._pending.append(req)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._worker, name="rlft-hf-engine", daemon=True)
-                self._thread.start()
-            self._cv.notify()
+        enqueue(self, req, "rlft-hf-engine")
 
     def _sample_of(self, req: _Request) -> Sample:
         return Sample(tokens=list(req.tokens), logprobs=list(req.logprobs), finish_reason=req.finish or "stop",

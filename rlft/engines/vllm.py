@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from rlft.engines.base import Sample, SamplingParams
+from rlft.engines.scheduler import enqueue
 
 __all__ = ["VLLMEngine", "vllm_model_path", "lora_rank_for_vllm"]
 
@@ -205,14 +206,7 @@ class VLLMEngine:
             return Sample([], [], "length", self.policy_version)
         loop = asyncio.get_running_loop()
         req = _Request(prompt, params, loop, loop.create_future())
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("VLLMEngine is closed")
-            self._pending.append(req)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._worker, name="rlft-vllm-engine", daemon=True)
-                self._thread.start()
-            self._cv.notify()
+        enqueue(self, req, "rlft-vllm-engine")
         try:
             return await req.future
         except asyncio.CancelledError:
