@@ -1,0 +1,170 @@
+"""Seeded tiny-model runs give the same metrics and the same sampled text as recorded.
+
+The expectations in ``tests/golden/runs.json`` were recorded from the trainer before the
+architecture refactor (issue 13) and guard it: a change that alters what a seeded run samples,
+scores or trains on fails here. Four runs, each a few seconds on the tiny models:
+
+- ``fp32``: full finetune in float32 of the random tiny model, evals every 2 steps;
+- ``overlap``: the same with ``overlap = true`` (sampling one version behind);
+- ``lora_bf16``: the default path (LoRA, bfloat16, merged-copy engine);
+- ``mcp_tools``: the pretrained tiny model that calls ``max_of``, served by a stdio MCP server,
+  up to 3 turns.
+
+Compared: every stored metric except wall-clock ones (``time/``, throughput, latency in the key), to
+1e-5 (the engine batches concurrent rollouts as they arrive, so logprobs carry fp32 noise of
+~1e-6 between runs: ``sync/logprob_diff_max`` moved by 2e-6 with MCP tool latency); and every rollout (train and eval): its decoded messages, token counts, reward,
+advantage, termination, turns, tool calls and policy version. The store keeps decoded text, not
+token ids; equal text and equal counts stand for equal tokens. Intra-op threads are pinned to 1
+(fp32 reductions depend on the thread count). Re-record, only for an intended change of
+behaviour: ``RLFT_RECORD_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden_runs.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+GOLDEN = Path(__file__).parent / "golden" / "runs.json"
+RECORD = os.environ.get("RLFT_RECORD_GOLDEN") == "1"
+MAX_SERVER = Path(__file__).parent / "mcp_servers" / "max_server.py"
+
+VARIETY_ENV = textwrap.dedent('''
+    from rlft import Environment
+
+    def variety(ro):
+        return len(set(ro.completion)) / 16
+
+    env = Environment(rewards=[variety], max_tokens=12)
+    dataset = [{"prompt": f"write something {i}"} for i in range(40)]
+''')
+
+MCP_ENV = textwrap.dedent(f'''
+    import sys
+    from rlft import Environment, MCPServer
+    from rlft.tinylm import correct_answer, task_environment
+
+    _, rows = task_environment("max", n=48, seed=3)
+    env = Environment(system_prompt="Reply with the largest number.",
+                      tools=[MCPServer(command=sys.executable, args=[{str(MAX_SERVER)!r}])],
+                      rewards=[correct_answer], max_tokens=64, max_turns=3, max_tool_calls=2)
+    dataset = rows
+''')
+
+BASE = dict(steps=3, batch_size=2, group_size=4, eval_size=2, eval_k=2, eval_every=2, validate=False,
+            progress=False, learning_rate=1e-3, seed=1, checkpoint_every=0)
+RUNS = {
+    "fp32": dict(env="variety", dtype="float32", lora=False),
+    "overlap": dict(env="variety", dtype="float32", lora=False, overlap=True),
+    "lora_bf16": dict(env="variety", dtype="bfloat16", lora=True, lora_rank=4, learning_rate=5e-3),
+    "mcp_tools": dict(env="mcp", model="pretrained_tools", dtype="float32", lora=True, lora_rank=4,
+                      steps=2, max_seq_len=512, learning_rate=5e-3),
+}
+WALL_CLOCK = ("time/", "throughput/", "latency")  # keys holding any of these are not compared
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, one_thread):
+    from rlft.testing_models import save_tiny_model
+    from rlft.tinylm import build_pretrained_tiny
+
+    d = tmp_path_factory.mktemp("golden")
+    save_tiny_model(str(d / "tiny"))
+    (d / "variety.py").write_text(VARIETY_ENV)
+    (d / "mcp.py").write_text(MCP_ENV)
+    return {"dir": d, "tiny": str(d / "tiny"), "pretrained_tools": build_pretrained_tiny(task="max", seed=0, tools=True)}
+
+
+def _snapshot(runs_dir: Path, run_id: str) -> dict:
+    from rlft.store import RunStore
+
+    store = RunStore(runs_dir, readonly=True)
+    try:
+        run = store.get_run(run_id)
+        assert run["status"] == "completed", run.get("error")
+        metrics = {k: [[s, v] for s, v in series] for k, series in store.metrics(run_id).items()
+                   if not any(w in k for w in WALL_CLOCK)}
+        rollouts = []
+        for split in ("train", "eval"):
+            for r in store.rollouts(run_id, split=split, limit=100_000):
+                rollouts.append({k: r[k] for k in ("step", "split", "example_id", "group_index", "messages",
+                                                   "num_completion_tokens", "num_sampled_tokens", "reward",
+                                                   "advantage", "termination", "turns", "tool_calls",
+                                                   "policy_version")})
+        for r in rollouts:  # call ids are random per run: compare the calls, not their ids
+            for m in r["messages"]:
+                m.pop("tool_call_id", None)
+                for c in m.get("tool_calls") or []:
+                    c.pop("id", None)
+        rollouts.sort(key=lambda r: (r["split"], r["step"], r["example_id"], r["group_index"]))
+        return {"metrics": metrics, "rollouts": rollouts}
+    finally:
+        store.close()
+
+
+def _run(workdir, name: str) -> dict:
+    from rlft.train import train
+
+    opts = dict(BASE)
+    opts.update(RUNS[name])
+    opts["env"] = str(workdir["dir"] / f"{opts['env']}.py")
+    opts["model"] = workdir[opts.get("model", "tiny")]
+    runs_dir = workdir["dir"] / f"runs-{name}"
+    run_id = train(**opts, runs_dir=str(runs_dir))
+    return json.loads(json.dumps(_snapshot(runs_dir, run_id)))  # the JSON round trip the file takes
+
+
+def _close(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def _compare(got: dict, want: dict) -> list[str]:
+    problems = []
+    if set(got["metrics"]) != set(want["metrics"]):
+        problems.append(f"metric keys differ: new {sorted(set(got['metrics']) - set(want['metrics']))}, "
+                        f"missing {sorted(set(want['metrics']) - set(got['metrics']))}")
+    for key in sorted(set(got["metrics"]) & set(want["metrics"])):
+        g, w = got["metrics"][key], want["metrics"][key]
+        if [s for s, _ in g] != [s for s, _ in w] or not all(_close(a, b) for (_, a), (_, b) in zip(g, w)):
+            problems.append(f"metric {key}: got {g}, recorded {w}")
+    if len(got["rollouts"]) != len(want["rollouts"]):
+        problems.append(f"{len(got['rollouts'])} rollouts, recorded {len(want['rollouts'])}")
+    for g, w in zip(got["rollouts"], want["rollouts"]):
+        where = f"{w['split']} step {w['step']} example {w['example_id']} #{w['group_index']}"
+        for k in w:
+            same = _close(g[k], w[k]) if isinstance(w[k], float) else g[k] == w[k]
+            if not same:
+                problems.append(f"rollout {where}: {k} = {g[k]!r}, recorded {w[k]!r}")
+    return problems
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_seeded_run_matches_the_recorded_metrics_and_samples(workdir, name):
+    got = _run(workdir, name)
+    if RECORD:
+        recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+        recorded[name] = got
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        pytest.skip(f"recorded {name}")
+    want = json.loads(GOLDEN.read_text())[name]
+    assert got["rollouts"], "the run stored no rollouts"
+    problems = _compare(got, want)
+    assert not problems, "\n".join(problems[:20])
