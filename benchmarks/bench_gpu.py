@@ -3,7 +3,7 @@
     python benchmarks/bench_gpu.py                     # every setting below, 20 steps each
     python benchmarks/bench_gpu.py --only lora-bf16 --steps 10
 
-The model is ``rlft.tinylm``'s pretrained tiny Llama for the "max of a list" task (built offline
+The model is ``rlft.testing.pretrained``'s pretrained tiny Llama for the "max of a list" task (built offline
 in seconds; the same as the CPU learning test), so this runs on a machine that cannot download
 weights. Each setting trains with the learning test's hyperparameters (8 prompts x 8 samples a
 step, lr 1e-3) and prints the held-out reward before and after, the mean seconds per step (steps
@@ -42,8 +42,8 @@ def main() -> int:
         print("no CUDA device: nothing measured (this benchmark is for GPU machines)")
         return 0
     from rlft.store import RunStore
-    from rlft.tinylm import build_pretrained_tiny, task_environment
-    from rlft.train import train
+    from rlft.testing.pretrained import build_pretrained_tiny, task_environment
+    from rlft.training.loop import train
 
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     model = build_pretrained_tiny(task="max", seed=0)

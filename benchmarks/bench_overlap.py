@@ -33,7 +33,7 @@ ENV = textwrap.dedent('''
 
 def run(workdir: Path, model: str, overlap: bool, tag: str, args: argparse.Namespace) -> dict[str, float]:
     from rlft.store import RunStore
-    from rlft.train import train
+    from rlft.training.loop import train
 
     base = dict(steps=args.steps, batch_size=args.batch_size, group_size=args.group_size, eval_fraction=0.0,
                 validate=False, progress=False, checkpoint_every=0, keep_checkpoints=1, seed=0)
@@ -67,7 +67,7 @@ def main() -> None:
         (workdir / "env.py").write_text(ENV.format(max_tokens=args.max_tokens))
         model = args.model
         if model == "tiny":
-            from rlft.testing_models import save_tiny_model
+            from rlft.testing.models import save_tiny_model
 
             model = str(workdir / "model")
             save_tiny_model(model)

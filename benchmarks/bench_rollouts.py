@@ -11,10 +11,10 @@ import argparse
 import asyncio
 import time
 
-from rlft.chat import Renderer
+from rlft.renderer import Renderer
 from rlft.env import Environment, Sampler
 from rlft.testing import ScriptedPolicy
-from rlft.tiny import build_tiny_tokenizer
+from rlft.testing.tokenizer import build_tiny_tokenizer
 from rlft.tools import tool
 
 

@@ -1,13 +1,13 @@
 """rlft vs TRL's GRPOTrainer: same model, data, reward, group size, batch, max tokens and steps, on CPU.
 
-    python benchmarks/bench_vs_trl.py --model tiny --steps 10            # rlft.tinylm "max" task, full finetune
+    python benchmarks/bench_vs_trl.py --model tiny --steps 10            # rlft.testing.pretrained "max" task, full finetune
     python benchmarks/bench_vs_trl.py --model smollm2 --steps 5          # the demo task, LoRA r16
     python benchmarks/bench_vs_trl.py --model smollm2 --only rlft,trl-bf16 --steps 3
 
 TRL is a benchmark-only dependency (``pip install trl``; check with ``--dry-run`` that it keeps the
 installed torch). Runs, one after the other in this process:
 
-- ``rlft``: ``rlft.train`` with the model in bf16 (LoRA) / fp32 (tiny full finetune), its defaults.
+- ``rlft``: ``rlft.training.loop`` with the model in bf16 (LoRA) / fp32 (tiny full finetune), its defaults.
 - ``trl-default``: ``GRPOTrainer`` with ``GRPOConfig``'s defaults for everything not listed below
   (fp32 weights, gradient checkpointing on, ``model.generate`` sampling, loss "dapo").
 - ``trl-bf16``: the fastest TRL configuration found here: bf16 weights, ``bf16=True``, gradient
@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def task(model: str, n_eval: int):
     """(env, train rows, eval rows, reward_fn, model path/name, lora)."""
     if model == "tiny":
-        from rlft.tinylm import build_pretrained_tiny, correct_answer, task_environment
+        from rlft.testing.pretrained import build_pretrained_tiny, correct_answer, task_environment
 
         env, rows = task_environment("max", n=512)
         return env, rows[n_eval:], rows[:n_eval], correct_answer, build_pretrained_tiny(task="max", seed=0), False
@@ -61,7 +61,7 @@ def task(model: str, n_eval: int):
 
 def heldout(model, tokenizer, env, rows, seed: int = 1234) -> float:
     """Mean reward over ``rows`` at temperature 1, k=1, through rlft's engine and evaluator."""
-    from rlft.chat import Renderer
+    from rlft.renderer import Renderer
     from rlft.engines.base import SamplingParams
     from rlft.engines.hf import HFEngine
     from rlft.env import Sampler
@@ -83,7 +83,7 @@ def heldout(model, tokenizer, env, rows, seed: int = 1234) -> float:
 
 def run_rlft(a, env, train_rows, eval_rows, model_path, lora) -> dict:
     from rlft.store import RunStore
-    from rlft.train import train
+    from rlft.training.loop import train
 
     runs = tempfile.mkdtemp(prefix="bench-rlft-")
     def row(r, split):  # the held-out rows are fixed by the "split" field, not by a new seeded split

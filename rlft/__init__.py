@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 
 
 def train(config=None, **kwargs):
-    """Train a policy (see ``rlft.train.train``); returns the run id."""
-    from rlft.train import train as _train
+    """Train a policy (see ``rlft.training.loop.train``); returns the run id."""
+    from rlft.training.loop import train as _train
 
     return _train(config, **kwargs)
 

@@ -8,7 +8,7 @@ process group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RAN
 Without torchrun (``WORLD_SIZE`` unset or 1) every function here is the single-process identity,
 so the trainer has one code path.
 
-How a step splits (``rlft.train`` calls these; nothing else in rlft knows about ranks):
+How a step splits (``rlft.training.loop`` calls these; nothing else in rlft knows about ranks):
 
 - **Data**: the step's P prompts are a pure function of (step, seed) on every rank;
   :func:`shard` gives rank r the contiguous slice ``P/W * r ..``. Each rank samples its own prompts'
@@ -51,7 +51,7 @@ from typing import Any, Iterator, Sequence, TypeVar
 __all__ = ["init", "cleanup", "is_distributed", "world_size", "rank", "local_rank", "is_main", "device", "check",
            "shard", "all_reduce_sum", "all_reduce_max", "broadcast_object", "gather_groups", "wrap", "unwrap",
            "is_sharded", "full_state_dict", "full_optimizer_state", "load_optimizer_state", "full_tensor",
-           "grad_scale", "micro_steps", "barrier", "run_store", "ReplicaStore", "Silent", "launch", "torchrun_command"]
+           "grad_scale", "micro_steps", "barrier", "Silent", "launch", "torchrun_command"]
 
 T = TypeVar("T")
 STRATEGIES = ("ddp", "fsdp2")
@@ -386,42 +386,6 @@ class Silent:
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
-
-
-class ReplicaStore:
-    """The run store as a rank other than 0 sees it: reads go to the store (read-only, opened on
-    first use, after rank 0 has created it); writes are dropped, since rank 0 writes for all."""
-
-    WRITES = frozenset({"create_run", "update_run", "set_status", "log_metrics", "add_rollouts", "add_log",
-                        "add_checkpoint", "remove_checkpoint", "add_eval", "truncate_after", "delete_run",
-                        "request_stop"})
-
-    def __init__(self, runs_dir: str | os.PathLike[str]):
-        self.runs_dir = runs_dir
-        self._store: Any = None
-
-    def stop_requested(self, run_id: str) -> bool:
-        return False  # rank 0 reads it and broadcasts its answer
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ReplicaStore.WRITES:
-            return lambda *args, **kwargs: None
-        if self._store is None:
-            from rlft.store import RunStore
-
-            self._store = RunStore(self.runs_dir, readonly=True)
-        return getattr(self._store, name)
-
-
-def run_store(runs_dir: str | os.PathLike[str]) -> Any:
-    """The run store on rank 0 (and in one process); a :class:`ReplicaStore` on other ranks."""
-    from rlft.store import RunStore
-
-    return RunStore(runs_dir) if is_main() else ReplicaStore(runs_dir)
 
 
 # -- launching -----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from rlft.chat import Renderer
+from rlft.renderer import Renderer
 from rlft.engines.base import Engine, SamplingParams
 from rlft.rewards import Reward, as_reward, score_group
 from rlft.tools import Tool, execute_tool_call, tool

@@ -333,7 +333,7 @@ def _ensure_chat_template(tokenizer: Any, model: str, chat_template: str | None)
             f"The tokenizer of {model!r} has no chat template, so conversations cannot be turned into tokens. "
             "Fix: use an instruct/chat model (e.g. 'smollm2' or a '...-Instruct' checkpoint), or pass "
             "chat_template=<a Jinja template string or a path to a .jinja file> to load_policy "
-            "(e.g. rlft.tiny.CHATML_TOOLS_TEMPLATE for ChatML models)."
+            "(e.g. rlft.testing.tokenizer.CHATML_TOOLS_TEMPLATE for ChatML models)."
         )
 
 

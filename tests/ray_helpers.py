@@ -58,9 +58,9 @@ def script(prompt_text: str, turn: int) -> str:
 
 def scripted():
     """The engine factory: (ScriptedPolicy, renderer) over the tiny tokenizer."""
-    from rlft.chat import Renderer
+    from rlft.renderer import Renderer
     from rlft.testing import ScriptedPolicy
-    from rlft.tiny import build_tiny_tokenizer
+    from rlft.testing.tokenizer import build_tiny_tokenizer
 
     renderer = Renderer(build_tiny_tokenizer())
     return ScriptedPolicy(renderer, script), renderer

@@ -9,7 +9,7 @@ import torch
 
 from rlft import attention
 from rlft.engines.kv_cache import EngineCache
-from rlft.testing_models import build_tiny_model
+from rlft.testing.models import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from rlft.chat import Renderer, detect_parser, parse_hermes, parse_json, parse_llama3, parse_mistral
-from rlft.tiny import build_tiny_tokenizer
+from rlft.renderer import Renderer, detect_parser, parse_hermes, parse_json, parse_llama3, parse_mistral
+from rlft.testing.tokenizer import build_tiny_tokenizer
 
 SMOLLM_LIKE_TEMPLATE = (  # ChatML that ignores tools= and tool_calls, like SmolLM2's
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"

@@ -25,7 +25,7 @@ ENV = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from rlft.testing_models import save_tiny_model
+    from rlft.testing.models import save_tiny_model
 
     d = tmp_path_factory.mktemp("cli")
     save_tiny_model(str(d / "model"))
@@ -116,7 +116,7 @@ def test_failed_run_records_reason_and_traceback(project, capsys):
 
 def test_tensorboard_reporting_writes_event_files(project):
     pytest.importorskip("tensorboard", reason="tensorboard not installed (dev extra)")
-    from rlft.train import train
+    from rlft.training.loop import train
 
     run_id = train(str(project / "config.toml"), run_name="tb", report_to="tensorboard", steps=1)
     store = RunStore(project / "runs", readonly=True)
@@ -127,7 +127,7 @@ def test_tensorboard_reporting_writes_event_files(project):
 def test_bad_inputs_fail_before_training_with_advice(project):
     from rlft.data import DatasetError
     from rlft.policy import PolicyLoadError
-    from rlft.train import train
+    from rlft.training.loop import train
 
     cfg = str(project / "config.toml")
     with pytest.raises(PolicyLoadError):

@@ -83,8 +83,8 @@ def xss_rollouts() -> list[Rollout]:
 def build_workspace(d: Path) -> SimpleNamespace:
     """A run store with a completed tiny-model run (evals at 0, 2, 3; a checkpoint), a failed run,
     a 'running' run written by hand, XSS rollouts/logs and an external model's eval."""
-    from rlft.testing_models import save_tiny_model
-    from rlft.train import train
+    from rlft.testing.models import save_tiny_model
+    from rlft.training.loop import train
 
     save_tiny_model(str(d / "model"))
     (d / "env.py").write_text(ENV)
@@ -319,10 +319,10 @@ def test_the_console_opens_the_store_read_only_and_never_imports_the_trainer(ws)
         store.request_stop(ws.live_id)
     # (rlft/__init__.py itself loads rlft.env and rlft.tools for the public API: not counted here)
     # nor does loading a run's environment for the chat tab
-    code = ("import sys, rlft.console.app; from rlft.console.chat import EnvCache; "
+    code = ("import sys, rlft.console.app; from rlft.console.chat_proxy import EnvCache; "
             f"env, info = EnvCache().get('r', {{'env': {str(ws.dir / 'env.py') + ':tools_env'!r}}}); assert info['loaded'], info; "
-            "bad = [m for m in ('torch', 'transformers', 'rlft.train', 'rlft.policy', "
-            "'rlft.update', 'rlft.serve') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+            "bad = [m for m in ('torch', 'transformers', 'rlft.training.loop', 'rlft.policy', "
+            "'rlft.training.update', 'rlft.serve') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -492,7 +492,7 @@ def test_security_headers_and_no_html_sinks_in_the_page(client):
 def test_cli_settings_generate_a_token_off_loopback():
     import argparse
 
-    from rlft.cli_console import add_console_command, console_settings, console_url
+    from rlft.cli.console import add_console_command, console_settings, console_url
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")

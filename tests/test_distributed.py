@@ -47,8 +47,8 @@ dataset = [{{"prompt": f"{{i}}" if i in TIED else f"write something about {{i}},
 def runs(tmp_path_factory):
     """A single-process run and a 2-process run of the same config (the latter via the CLI)."""
     from rlft.data import load_dataset
-    from rlft.testing_models import save_tiny_model
-    from rlft.train import train
+    from rlft.testing.models import save_tiny_model
+    from rlft.training.loop import train
 
     d = tmp_path_factory.mktemp("ddp")
     save_tiny_model(str(d / "model"))
@@ -169,7 +169,7 @@ def fsdp_runs(runs):
     """The same config sharded with FSDP2 over 2 gloo processes; and a LoRA + KL (beta > 0) pair,
     one process and FSDP2, where rank 1 has no micro-batch at step 1 and must still run the
     reference forward that rank 0's passes run (a collective once the weights are shards)."""
-    from rlft.train import train
+    from rlft.training.loop import train
 
     d, _ = runs
     proc = _rlft(d, "train", str(d / "config.toml"), "--nproc", "2", "--set", f"runs_dir={d / 'fsdp'}",

@@ -13,7 +13,7 @@ import torch
 from rlft.allocator import keep_freed_memory
 from rlft.engines.base import SamplingParams
 from rlft.engines.hf import HFEngine
-from rlft.testing_models import build_tiny_model, save_tiny_model
+from rlft.testing.models import build_tiny_model, save_tiny_model
 from tests.test_hf_engine import PROMPTS, chat, full_forward_logprobs, gather
 
 

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from rlft.chat import Renderer
+from rlft.renderer import Renderer
 from rlft.engines.base import Sample, SamplingParams
 from rlft.env import Environment, Sampler
 from rlft.rewards import Reward
 from rlft.testing import ScriptedPolicy
-from rlft.tiny import build_tiny_tokenizer
+from rlft.testing.tokenizer import build_tiny_tokenizer
 from rlft.tools import tool
 from rlft.types import Rollout, Termination
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from rlft.chat import Renderer
+from rlft.renderer import Renderer
 from rlft.env import Environment, Sampler
 from rlft.mcp import MCPServer
 from rlft.testing import ScriptedPolicy
-from rlft.tiny import build_tiny_tokenizer
+from rlft.testing.tokenizer import build_tiny_tokenizer
 from rlft.types import Termination
 
 DEMO = str(Path(__file__).parent / "mcp_servers" / "demo_server.py")

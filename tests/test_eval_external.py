@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 
-from rlft.chat import Renderer
+from rlft.renderer import Renderer
 from rlft.cli import main
 from rlft.testing import ScriptedPolicy
-from rlft.tiny import build_tiny_tokenizer
+from rlft.testing.tokenizer import build_tiny_tokenizer
 
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")

@@ -49,7 +49,7 @@ VARIETY_ENV = textwrap.dedent('''
 MCP_ENV = textwrap.dedent(f'''
     import sys
     from rlft import Environment, MCPServer
-    from rlft.tinylm import correct_answer, task_environment
+    from rlft.testing.pretrained import correct_answer, task_environment
 
     _, rows = task_environment("max", n=48, seed=3)
     env = Environment(system_prompt="Reply with the largest number.",
@@ -80,8 +80,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, one_thread):
-    from rlft.testing_models import save_tiny_model
-    from rlft.tinylm import build_pretrained_tiny
+    from rlft.testing.models import save_tiny_model
+    from rlft.testing.pretrained import build_pretrained_tiny
 
     d = tmp_path_factory.mktemp("golden")
     save_tiny_model(str(d / "tiny"))
@@ -118,7 +118,7 @@ def _snapshot(runs_dir: Path, run_id: str) -> dict:
 
 
 def _run(workdir, name: str) -> dict:
-    from rlft.train import train
+    from rlft.training.loop import train
 
     opts = dict(BASE)
     opts.update(RUNS[name])

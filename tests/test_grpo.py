@@ -1,12 +1,12 @@
-"""rlft.grpo against values worked out by hand in the comments beside each check."""
+"""rlft.training.grpo against values worked out by hand in the comments beside each check."""
 
 import math
 
 import pytest
 import torch
 
-from rlft import grpo
-from rlft.grpo import (
+from rlft.training import grpo
+from rlft.training.grpo import (
     entropy_from_logits,
     group_advantages,
     keep_groups,

@@ -9,7 +9,7 @@ import torch
 
 from rlft.engines.base import Engine, SamplingParams
 from rlft.engines.hf import ContextLengthError, HFEngine, end_of_turn_ids, sample_tokens
-from rlft.testing_models import build_tiny_model
+from rlft.testing.models import build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +278,7 @@ def test_prompt_longer_than_context_is_rejected(tiny):
 
 def test_engine_on_shared_lora_policy_sees_adapter_updates_without_sync(tmp_path):
     from rlft.policy import LoraSpec, load_policy
-    from rlft.testing_models import save_tiny_model
+    from rlft.testing.models import save_tiny_model
 
     policy = load_policy(save_tiny_model(tmp_path), dtype="float32", lora=LoraSpec(rank=4))
     tok = policy.tokenizer

@@ -14,13 +14,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
-from rlft.chat import Renderer  # noqa: E402
+from rlft.renderer import Renderer  # noqa: E402
 from rlft.env import Environment, Sampler  # noqa: E402
 from rlft.rewards import Reward, score_group  # noqa: E402
 from rlft.rewards.judge import Judge, JudgeParseError, Rubric, parse_ranking, parse_score  # noqa: E402
 from rlft.serve import BackgroundServer, create_app  # noqa: E402
 from rlft.testing import ScriptedPolicy  # noqa: E402
-from rlft.tiny import build_tiny_tokenizer  # noqa: E402
+from rlft.testing.tokenizer import build_tiny_tokenizer  # noqa: E402
 from rlft.types import Rollout, Termination  # noqa: E402
 
 RENDERER = Renderer(build_tiny_tokenizer())
@@ -322,7 +322,7 @@ def hf_server(tmp_path_factory):
         import rlft.engines.hf  # noqa: F401
     except Exception as e:  # being finalized elsewhere
         pytest.skip(f"rlft.engines.hf is not importable: {type(e).__name__}: {e}")
-    from rlft.testing_models import save_tiny_model
+    from rlft.testing.models import save_tiny_model
 
     path = save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
     with BackgroundServer(create_app(path, dtype="float32", device="cpu", preload=True)) as srv:

@@ -1,6 +1,6 @@
 """Learning tests: GRPO makes a partly-trained tiny model clearly better on held-out prompts.
 
-The model is ``rlft.tinylm``'s SFT-pretrained tiny Llama for the "max of a list" task: it follows
+The model is ``rlft.testing.pretrained``'s SFT-pretrained tiny Llama for the "max of a list" task: it follows
 the chat format and is right ~30% of the time at temperature 1. Built once per machine (~20 s
 on 2 busy cores from an empty cache; see ``RLFT_CACHE``), then 20 GRPO steps take seconds.
 Measured with this test over seeds 0, 1, 2 (model and run seed alike): held-out reward
@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rlft.tinylm import build_pretrained_tiny, task_environment  # noqa: E402
+from rlft.testing.pretrained import build_pretrained_tiny, task_environment  # noqa: E402
 
 SEED = 0
 MARGIN = 0.25  # measured gains: +0.48, +0.63, +0.56 (seeds 0-2); no learning: -0.04
@@ -41,7 +41,7 @@ def tiny_model(one_thread) -> str:
 def test_pretrained_tiny_follows_the_format_and_partly_solves_the_task(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlft.chat import Renderer
+    from rlft.renderer import Renderer
     from rlft.engines.base import SamplingParams
     from rlft.engines.hf import HFEngine
     from rlft.env import Sampler
@@ -75,7 +75,7 @@ def test_pretrained_tiny_follows_the_format_and_partly_solves_the_task(tiny_mode
 
 def test_grpo_improves_heldout_reward(tiny_model, tmp_path):
     from rlft.store import RunStore
-    from rlft.train import train
+    from rlft.training.loop import train
 
     env, rows = task_environment("max", n=512)
     runs = str(tmp_path / "runs")

@@ -278,7 +278,7 @@ asyncio.run(main())
 @pytest.mark.skipif(not LINUX, reason="PR_SET_PDEATHSIG is Linux-only")
 def test_server_process_dies_with_a_sigkilled_parent(tmp_path):
     # DEMO_LINGER keeps the server alive for 2 minutes after its stdin closes, so only the
-    # parent-death signal set by rlft/_mcp_launch.py can stop it within the few seconds allowed.
+    # parent-death signal set by rlft/mcp/launch.py can stop it within the few seconds allowed.
     script = tmp_path / "parent.py"
     script.write_text(PARENT)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -301,7 +301,7 @@ def test_server_process_dies_with_a_sigkilled_parent(tmp_path):
 
 @pytest.mark.skipif(not LINUX, reason="the launcher exists for PR_SET_PDEATHSIG, Linux-only")
 def test_launcher_refuses_to_start_a_server_whose_parent_already_died():
-    launcher = REPO / "rlft" / "_mcp_launch.py"
+    launcher = REPO / "rlft" / "mcp" / "launch.py"
     ok = subprocess.run([sys.executable, "-I", "-S", str(launcher), "--parent", str(os.getpid()), "--", "echo",
                          "started"], capture_output=True, text=True, timeout=10)
     orphan = subprocess.run([sys.executable, "-I", "-S", str(launcher), "--parent", "999999999", "--", "echo",

@@ -30,7 +30,7 @@ CFG = dict(steps=STEPS, batch_size=2, group_size=4, dtype="float32", eval_size=2
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from rlft.testing_models import save_tiny_model
+    from rlft.testing.models import save_tiny_model
 
     d = tmp_path_factory.mktemp("overlap")
     save_tiny_model(str(d / "model"))
@@ -39,7 +39,7 @@ def workdir(tmp_path_factory):
 
 
 def _run(d, overlap: bool):
-    from rlft.train import train
+    from rlft.training.loop import train
 
     runs = d / f"runs-{overlap}"
     run_id = train(**CFG, env=str(d / "env.py"), model=str(d / "model"), runs_dir=str(runs), overlap=overlap)
@@ -77,9 +77,9 @@ def test_stale_rollouts_use_the_samplers_logprobs_in_the_ratio(workdir):
 
     from rlft.config import load_config
     from rlft.policy import load_policy
-    from rlft.sync import trainer_logprobs
+    from rlft.training.sync import trainer_logprobs
     from rlft.types import Group, Rollout
-    from rlft.update import policy_update
+    from rlft.training.update import policy_update
 
     policy = load_policy(str(workdir / "model"), dtype="float32")
     prompt = policy.tokenizer.encode("count to ten")

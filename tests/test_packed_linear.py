@@ -10,7 +10,7 @@ import torch
 from rlft.engines.base import SamplingParams
 from rlft.engines.hf import HFEngine
 from rlft.engines.packed_linear import can_pack, is_packed, pack_linears
-from rlft.testing_models import build_tiny_model
+from rlft.testing.models import build_tiny_model
 from tests.test_hf_engine import PROMPTS, chat, gather
 
 
@@ -96,8 +96,8 @@ def test_sync_weights_repacks_so_the_engine_follows_new_weights(tiny_bf16):
 
 def test_bf16_full_finetune_samples_from_a_packed_bf16_copy_checked_every_step(tmp_path):
     from rlft.store import RunStore
-    from rlft.testing_models import save_tiny_model
-    from rlft.train import train
+    from rlft.testing.models import save_tiny_model
+    from rlft.training.loop import train
 
     save_tiny_model(str(tmp_path / "model"))
     (tmp_path / "env.py").write_text(

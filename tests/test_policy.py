@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rlft.policy import ChatTemplateError, LoraSpec, PolicyLoadError, load_policy, resolve_model
-from rlft.testing_models import build_tiny_model, save_tiny_model
-from rlft.tiny import CHATML_TOOLS_TEMPLATE
+from rlft.testing.models import build_tiny_model, save_tiny_model
+from rlft.testing.tokenizer import CHATML_TOOLS_TEMPLATE
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 2, 7, 8, 9, 10]])
 

@@ -167,7 +167,7 @@ def test_config_keys_default_in_process_and_remote_engine_required():
     assert target == "rlft.ray_workers:remote_engine"
     assert kwargs["base_url"] == "http://h:8000" and kwargs["stop_token_ids"] == [1, 2] and kwargs["tag"] == "run1"
     # the default path never imports Ray
-    code = "import sys, rlft, rlft.train, rlft.env, rlft.loader; assert 'ray' not in sys.modules"
+    code = "import sys, rlft, rlft.training.loop, rlft.env, rlft.loader; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -175,7 +175,7 @@ def test_remote_engine_factory_builds_from_plain_values(tmp_path):
     import pickle
 
     from rlft.ray_workers import build_engine
-    from rlft.tiny import build_tiny_tokenizer
+    from rlft.testing.tokenizer import build_tiny_tokenizer
 
     build_tiny_tokenizer().save_pretrained(tmp_path)
     spec = pickle.loads(pickle.dumps(("rlft.ray_workers:remote_engine", {

@@ -19,7 +19,7 @@ RECIPES = ["search", "tool_use", "structured/json", "structured/sql", "mcp"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from rlft.testing_models import save_tiny_model
+    from rlft.testing.models import save_tiny_model
 
     d = tmp_path_factory.mktemp("recipes_a")
     save_tiny_model(str(d / "model"))
@@ -56,7 +56,7 @@ def test_recipe_validates_and_trains_two_steps(recipe, tiny, capsys):
 
 def _scripted(recipe, example, script):
     """Run the recipe's environment on one example with scripted assistant turns."""
-    from rlft.chat import Renderer
+    from rlft.renderer import Renderer
     from rlft.env import Sampler
     from rlft.testing import ScriptedPolicy, build_tiny_tokenizer
 

@@ -30,7 +30,7 @@ def done(text: str, **row) -> Rollout:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from rlft.testing_models import save_tiny_model
+    from rlft.testing.models import save_tiny_model
 
     path = tmp_path_factory.mktemp("recipes_b") / "tiny"
     save_tiny_model(str(path))
@@ -43,10 +43,10 @@ def judge_url():
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("openai")
-    from rlft.chat import Renderer
+    from rlft.renderer import Renderer
     from rlft.serve import BackgroundServer, create_app
     from rlft.testing import ScriptedPolicy
-    from rlft.tiny import build_tiny_tokenizer
+    from rlft.testing.tokenizer import build_tiny_tokenizer
 
     renderer = Renderer(build_tiny_tokenizer())
     verdict = ScriptedPolicy(renderer, ['{"reasoning": "sounds like a pirate", "score": "partly"}'])

@@ -22,7 +22,7 @@ from rlft.engines.base import SamplingParams  # noqa: E402
 from rlft.engines.remote import RemoteEngine, RemoteEngineError, version_of  # noqa: E402
 from rlft.serve import BackgroundServer, create_app  # noqa: E402
 from rlft.store import RunStore  # noqa: E402
-from rlft.sync import WeightSyncError  # noqa: E402
+from rlft.training.sync import WeightSyncError  # noqa: E402
 
 ENV = textwrap.dedent('''
     from rlft.env import Environment
@@ -37,7 +37,7 @@ ENV = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from rlft.testing_models import save_tiny_model
+    from rlft.testing.models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
 
@@ -231,12 +231,12 @@ def test_pushed_adapter_serves_the_new_version_and_the_old_one_is_unloaded(serve
 def test_training_run_samples_only_from_the_server_and_pushes_each_step(project, tiny_dir, subprocess_server,
                                                                         monkeypatch):
     import rlft.engines.hf
-    import rlft.train
-    from rlft.train import train
+    import rlft.training.loop
+    from rlft.training.loop import train
 
     url, log, _ = subprocess_server
     made = []
-    real = rlft.train.make_engine
+    real = rlft.training.loop.make_engine
 
     def capture(cfg, policy, tag=""):
         made.append(real(cfg, policy, tag=tag))
@@ -245,7 +245,7 @@ def test_training_run_samples_only_from_the_server_and_pushes_each_step(project,
     def no_local_engine(*a, **k):
         raise AssertionError("engine = openai must not build an in-process engine")
 
-    monkeypatch.setattr(rlft.train, "make_engine", capture)
+    monkeypatch.setattr(rlft.training.loop, "make_engine", capture)
     monkeypatch.setattr(rlft.engines.hf.HFEngine, "__init__", no_local_engine)
     before = completions_answered(log)
     run_id = train(_config(project, tiny_dir, engine="openai", engine_url=url + "/v1", run_name="remote"))
@@ -275,8 +275,8 @@ def test_training_run_samples_only_from_the_server_and_pushes_each_step(project,
 
 def test_a_remote_engine_that_ignores_sync_is_caught_at_the_next_step(project, tiny_dir, subprocess_server,
                                                                       monkeypatch):
-    import rlft.train
-    from rlft.train import train
+    import rlft.training.loop
+    from rlft.training.loop import train
 
     class Stale(RemoteEngine):
         def sync_weights(self, policy_version=None, adapter_dir=None):
@@ -285,7 +285,7 @@ def test_a_remote_engine_that_ignores_sync_is_caught_at_the_next_step(project, t
     def make(cfg, policy, tag=""):
         return Stale(cfg.engine_url, cfg.model, tag=tag)
 
-    monkeypatch.setattr(rlft.train, "make_engine", make)
+    monkeypatch.setattr(rlft.training.loop, "make_engine", make)
     with pytest.raises(WeightSyncError, match="stale weights: after the sync to policy version 1 the engine "
                                               "answered with version 0"):
         train(_config(project, tiny_dir, engine="openai", engine_url=subprocess_server[0], run_name="stale"))
@@ -297,7 +297,7 @@ def test_a_remote_engine_that_ignores_sync_is_caught_at_the_next_step(project, t
 # -- in-process engines ------------------------------------------------------------------------------
 
 def test_on_policy_run_has_zero_lag(project, tiny_dir):
-    from rlft.train import train
+    from rlft.training.loop import train
 
     run_id = train(_config(project, tiny_dir, run_name="onpolicy"))
     store = RunStore(project / "runs", readonly=True)
@@ -308,7 +308,7 @@ def test_on_policy_run_has_zero_lag(project, tiny_dir):
 
 
 def test_full_finetune_engine_runs_the_trainers_module_so_nothing_is_probed(project, tiny_dir):
-    from rlft.train import train
+    from rlft.training.loop import train
 
     run_id = train(_config(project, tiny_dir, run_name="shared", lora=False, steps=1))
     store = RunStore(project / "runs", readonly=True)
@@ -317,16 +317,16 @@ def test_full_finetune_engine_runs_the_trainers_module_so_nothing_is_probed(proj
 
 
 def test_an_engine_with_its_own_copy_is_probed_after_every_sync(project, tiny_dir, monkeypatch):
-    import rlft.train
+    import rlft.training.loop
     from rlft.engines.hf import HFEngine
-    from rlft.train import train
+    from rlft.training.loop import train
 
     def copy_engine(cfg, policy, tag=""):
         engine = HFEngine(copy.deepcopy(policy.model), policy.tokenizer)
         engine.source_model, engine.owns_copy = policy.model, True  # sync_weights copies the weights in
         return engine
 
-    monkeypatch.setattr(rlft.train, "make_engine", copy_engine)
+    monkeypatch.setattr(rlft.training.loop, "make_engine", copy_engine)
     run_id = train(_config(project, tiny_dir, run_name="copy", learning_rate=5e-3, sync_tolerance=1e-3))
     m = RunStore(project / "runs", readonly=True).metrics(run_id, ["sync/probe_logprob_diff"])
     assert [s for s, _ in m["sync/probe_logprob_diff"]] == [0, 1, 2]
@@ -356,10 +356,10 @@ class LabelOnly:
 
 
 def test_old_weights_under_a_new_label_are_caught_by_the_probe(project, tiny_dir, monkeypatch):
-    import rlft.train
-    from rlft.train import train
+    import rlft.training.loop
+    from rlft.training.loop import train
 
-    monkeypatch.setattr(rlft.train, "make_engine", lambda cfg, policy, tag="": LabelOnly(policy))
+    monkeypatch.setattr(rlft.training.loop, "make_engine", lambda cfg, policy, tag="": LabelOnly(policy))
     # fp32: a fresh engine differs by ~1e-7; one step at this learning rate moves the probe by ~1e-2
     with pytest.raises(WeightSyncError, match="mismatched weights at policy version 1"):
         train(_config(project, tiny_dir, run_name="label-only", learning_rate=5e-3, sync_tolerance=1e-3))
@@ -368,10 +368,10 @@ def test_old_weights_under_a_new_label_are_caught_by_the_probe(project, tiny_dir
 
 
 def test_sync_check_can_be_turned_off(project, tiny_dir, monkeypatch):
-    import rlft.train
-    from rlft.train import train
+    import rlft.training.loop
+    from rlft.training.loop import train
 
-    monkeypatch.setattr(rlft.train, "make_engine", lambda cfg, policy, tag="": LabelOnly(policy))
+    monkeypatch.setattr(rlft.training.loop, "make_engine", lambda cfg, policy, tag="": LabelOnly(policy))
     run_id = train(_config(project, tiny_dir, run_name="unchecked", steps=1, learning_rate=5e-3,
                            sync_tolerance=1e-3, sync_check=False))
     store = RunStore(project / "runs", readonly=True)

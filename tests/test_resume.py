@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rlft.checkpoint import list_checkpoints
+from rlft.training.checkpoint import list_checkpoints
 from rlft.store import RunStore
 
 ENV = textwrap.dedent('''
@@ -31,7 +31,7 @@ CFG = dict(steps=STEPS, batch_size=2, group_size=4, checkpoint_every=3, keep_che
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from rlft.testing_models import save_tiny_model
+    from rlft.testing.models import save_tiny_model
 
     d = tmp_path_factory.mktemp("resume")
     save_tiny_model(str(d / "model"))
@@ -44,11 +44,11 @@ def _args(d, runs, name):
 
 
 def test_sigkilled_run_resumes_at_the_next_step_without_duplicates(workdir):
-    from rlft.train import train
+    from rlft.training.loop import train
 
     ref_id = train(**_args(workdir, workdir / "ref", "ref"))
     runs = workdir / "killed"
-    code = f"from rlft.train import train; train(**{_args(workdir, runs, 'victim')!r})"
+    code = f"from rlft.training.loop import train; train(**{_args(workdir, runs, 'victim')!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 600  # a loaded machine starts Python slowly

@@ -9,10 +9,10 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from rlft.chat import Renderer  # noqa: E402
+from rlft.renderer import Renderer  # noqa: E402
 from rlft.serve import BackgroundServer, create_app  # noqa: E402
 from rlft.testing import ScriptedPolicy  # noqa: E402
-from rlft.tiny import build_tiny_tokenizer  # noqa: E402
+from rlft.testing.tokenizer import build_tiny_tokenizer  # noqa: E402
 
 HI = [{"role": "user", "content": "what is the capital of france"}]
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
@@ -23,7 +23,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from rlft.testing_models import save_tiny_model
+    from rlft.testing.models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
 
@@ -44,7 +44,7 @@ def write_checkpoint(tiny_dir, workspace):
     written the way the trainer writes them."""
     import torch
 
-    from rlft.checkpoint import save_checkpoint
+    from rlft.training.checkpoint import save_checkpoint
     from rlft.policy import LoraSpec, load_policy
 
     policy = load_policy(tiny_dir, dtype="float32", lora=LoraSpec(rank=4))
@@ -225,7 +225,7 @@ def test_retrieving_latest_names_the_concrete_step(client, tiny_dir, demo_run):
 
 
 def test_run_filter_serves_only_that_runs_checkpoints(tiny_dir, workspace, demo_run):
-    from rlft.serve_models import ModelRegistry
+    from rlft.serve.models import ModelRegistry
 
     workspace[1].create_run(name="other", model=tiny_dir)
     names = [e.name for e in ModelRegistry(runs_dir=workspace[0], run="demo").entries()]
@@ -233,7 +233,7 @@ def test_run_filter_serves_only_that_runs_checkpoints(tiny_dir, workspace, demo_
 
 
 def test_run_dirs_without_a_store_are_served_under_their_recorded_base(tmp_path):
-    from rlft.serve_models import ModelRegistry
+    from rlft.serve.models import ModelRegistry
 
     ckpt = tmp_path / "r1" / "checkpoints" / "step-000004"
     ckpt.mkdir(parents=True)

@@ -27,7 +27,7 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_VLLM),
 
 @pytest.fixture(scope="module")
 def gpu_tiny(tmp_path_factory):
-    from rlft.testing_models import save_tiny_model
+    from rlft.testing.models import save_tiny_model
 
     # head_dim 64: vLLM's attention kernels do not take the default tiny model's head_dim of 16
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", hidden=256, heads=4, kv_heads=2)
@@ -42,11 +42,11 @@ def _free(engine):
 
 @gpu
 def test_vllm_lora_engine_matches_the_trainer_and_follows_pushed_adapters(gpu_tiny, tmp_path):
-    from rlft.chat import Renderer
+    from rlft.renderer import Renderer
     from rlft.config import load_config
     from rlft.engines.vllm import VLLMEngine
     from rlft.policy import LoraSpec, load_policy
-    from rlft.sync import WeightSyncError, probe, probe_check, probe_prompt
+    from rlft.training.sync import WeightSyncError, probe, probe_check, probe_prompt
 
     policy = load_policy(gpu_tiny, dtype="bfloat16", lora=LoraSpec(rank=8), device="cuda")
     cfg = load_config(overrides=dict(model=gpu_tiny, lora_rank=8, max_seq_len=512, runs_dir=str(tmp_path),
@@ -77,11 +77,11 @@ def test_vllm_lora_engine_matches_the_trainer_and_follows_pushed_adapters(gpu_ti
 
 @gpu
 def test_vllm_full_finetune_weights_load_in_place(gpu_tiny, tmp_path):
-    from rlft.chat import Renderer
+    from rlft.renderer import Renderer
     from rlft.config import load_config
     from rlft.engines.vllm import VLLMEngine
     from rlft.policy import load_policy
-    from rlft.sync import probe, probe_prompt
+    from rlft.training.sync import probe, probe_prompt
 
     policy = load_policy(gpu_tiny, dtype="float32", device="cuda")
     cfg = load_config(overrides=dict(model=gpu_tiny, lora=False, dtype="float32", max_seq_len=512,

@@ -13,7 +13,7 @@ Routes (all GET unless said; ``{run}`` is a run id, name or unique id prefix):
   (level, after_id, limit; termination counts), ``/config`` (resolved config, environment source);
 - ``/api/compare?runs=a,b&keys=...`` several runs' series and the config keys that differ;
 - ``/api/chat/models?run=...`` and ``POST /api/chat`` (JSON) proxied to ``serve_url``
-  (:mod:`rlft.console.chat`), the latter streaming SSE. With ``"run"`` in the body the run's
+  (:mod:`rlft.console.chat_proxy`), the latter streaming SSE. With ``"run"`` in the body the run's
   environment is loaded (from its config's ``env``, once per run) and its tools are executed in
   the console process, up to its ``max_turns``: tool calls and results stream as their own
   events; an environment that cannot be loaded means plain chat, and the stream says why.
@@ -48,7 +48,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from rlft.console import views
-from rlft.console.chat import ChatError, ChatProxy, EnvCache
+from rlft.console.chat_proxy import ChatError, ChatProxy, EnvCache
 from rlft.store import RunStore
 
 STATIC_DIR = Path(__file__).parent / "static"

@@ -102,7 +102,7 @@ def run_demo(overrides: list[str] | None = None) -> int:
 
     from rlft.config import load_config
     from rlft.store import RunStore
-    from rlft.train import train
+    from rlft.training.loop import train
 
     cfg = load_config(overrides={**DEMO_CONFIG, **dict(o.split("=", 1) for o in (overrides or []))})
     t0 = time.time()

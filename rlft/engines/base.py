@@ -3,7 +3,7 @@
 Every generator (the in-process Hugging Face engine, vLLM, a remote OpenAI-compatible server,
 the ScriptedPolicy used in tests) implements this one async method. Rollouts call it once per
 assistant turn, concurrently; an engine is free to batch concurrent calls. It knows nothing of
-chats, tools or rewards: rendering and parsing live in ``rlft.chat``.
+chats, tools or rewards: rendering and parsing live in ``rlft.renderer``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 MCP for the golden tool-use run (tests/test_golden_runs.py).
 
 Written with the SDK's low-level server so that the tool's input schema is exactly the one
-``rlft.tinylm`` rendered when it taught the tiny model to call ``max_of`` (FastMCP would add
+``rlft.testing.pretrained`` rendered when it taught the tiny model to call ``max_of`` (FastMCP would add
 titles, and the tiny model, trained on one schema text, garbles its calls under another)."""
 
 import asyncio

@@ -2,7 +2,7 @@
 
 Every command that takes a config accepts a TOML file and ``--set key=value`` overrides, so one
 config drives train, eval and validate. Commands that print data have ``--json``. Run
-inspection lives in ``rlft.cli_runs``; this file parses arguments and dispatches.
+inspection lives in ``rlft.cli.runs``; this file parses arguments and dispatches.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("--seed", type=int, default=0)
 
-    from rlft.cli_console import add_console_command
-    from rlft.cli_runs import add_run_commands
+    from rlft.cli.console import add_console_command
+    from rlft.cli.runs import add_run_commands
 
     add_run_commands(cmd)
     add_console_command(cmd)
@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handler = globals().get(f"cmd_{args.command}")
     if args.command == "console":
-        from rlft.cli_console import cmd_console
+        from rlft.cli.console import cmd_console
 
         handler = cmd_console
     if handler is None:
-        from rlft import cli_runs
+        from rlft.cli import runs as cli_runs
 
         handler = getattr(cli_runs, f"cmd_{args.command.replace('-', '_')}")
     from rlft.config import ConfigError
@@ -140,7 +140,7 @@ def cmd_train(args) -> int:
         argv = ["train", *([args.config] if args.config else []), *[a for kv in args.overrides for a in ("--set", kv)],
                 *(["--resume", args.resume] if args.resume else [])]
         return launch(args.nproc, argv)
-    from rlft.train import train
+    from rlft.training.loop import train
 
     run_id = train(_config(args), resume=args.resume)  # resuming: the run's saved config wins
     if os.environ.get("RANK", "0") == "0":
@@ -167,12 +167,12 @@ def _toml(cfg) -> str:
 
 def _session(cfg):
     """(environment, train split, eval split, sampler) for a config, model loaded."""
-    from rlft.chat import Renderer
+    from rlft.renderer import Renderer
     from rlft.engines.base import SamplingParams
     from rlft.env import Sampler
     from rlft.loader import load_data, load_environment
     from rlft.policy import load_policy
-    from rlft.train import make_engine
+    from rlft.training.loop import make_engine
 
     env, module, _ = load_environment(cfg.env)
     train_set, eval_set = load_data(cfg, module)
@@ -229,7 +229,7 @@ def cmd_eval(args) -> int:
     label, step, run_id = cfg.model, None, None
     if args.base_url:  # an external model: message-level rollouts, usage and cost recorded
         from rlft.engines.base import SamplingParams
-        from rlft.engines.chat import ChatEngine
+        from rlft.engines.external_chat import ChatEngine
         from rlft.env import Sampler
         from rlft.loader import load_data, load_environment
 
@@ -270,7 +270,7 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps({"eval_id": eval_id, "model": label, "k": k, "metrics": metrics}, indent=2))
         return 0
-    from rlft.cli_runs import print_table
+    from rlft.cli.runs import print_table
 
     rows = [(key, f"{v:.4f}") for key, v in sorted(metrics.items())]
     print(f"eval of {label}: {len(examples)} prompts x {k} samples (stored as eval {eval_id})")
@@ -280,7 +280,7 @@ def cmd_eval(args) -> int:
 
 def _load_checkpoint(cfg, args, policy, sampler):
     """Load a run's checkpoint (``--step N`` or latest) into the session's policy."""
-    from rlft.checkpoint import load_weights, resolve_checkpoint
+    from rlft.training.checkpoint import load_weights, resolve_checkpoint
     from rlft.store import RunStore
 
     store = RunStore(cfg.runs_dir)
@@ -288,7 +288,7 @@ def _load_checkpoint(cfg, args, policy, sampler):
     step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
     if not policy.is_lora and (path / "adapter_config.json").exists():
         from rlft.policy import load_policy
-        from rlft.train import make_engine
+        from rlft.training.loop import make_engine
 
         policy = load_policy(str(path), dtype=cfg.dtype)
         sampler.engine = make_engine(cfg, policy)
@@ -312,7 +312,7 @@ def cmd_init(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from rlft.tinylm import build_pretrained_tiny
+    from rlft.testing.pretrained import build_pretrained_tiny
 
     path = build_pretrained_tiny(args.out, seed=args.seed)
     print(f"tiny model written to {path}")

@@ -1,8 +1,8 @@
 """A tiny model that already half-knows a task: the smallest honest test that RL learns.
 
 ``build_pretrained_tiny(task="max")`` makes a small Llama-style model with the tiny ChatML
-tokenizer (:mod:`rlft.testing_models`) and SFT-pretrains it in plain PyTorch on synthetic chats
-rendered with the tokenizer's own chat template, through :class:`rlft.chat.Renderer` (so it
+tokenizer (:mod:`rlft.testing.models`) and SFT-pretrains it in plain PyTorch on synthetic chats
+rendered with the tokenizer's own chat template, through :class:`rlft.renderer.Renderer` (so it
 learns exactly the tokens a rollout renders and samples). It returns a directory that
 ``AutoModelForCausalLM.from_pretrained`` and :func:`rlft.policy.load_policy` load.
 
@@ -183,7 +183,7 @@ def sft_data(task: str, n: int, seed: int, tokenizer, *, p_correct: float = 1.0,
              with_tools: bool = False) -> list[tuple[list[int], list[int]]]:
     """``n`` SFT chats as (ids, loss mask) on ``part="sft"`` rows: plain chats whose answer is
     right with probability ``p_correct``, or (``with_tools``) tool-call chats."""
-    from rlft.chat import Renderer
+    from rlft.renderer import Renderer
     from rlft.tools import tool
 
     t = _task(task)
@@ -273,7 +273,7 @@ def _build(out: Path, task: str, seed: int, recipe: dict[str, Any], verbose: boo
 def _sft(out: Path, task: str, seed: int, r: dict[str, Any], verbose: bool) -> None:
     import torch
 
-    from rlft.testing_models import build_tiny_model
+    from rlft.testing.models import build_tiny_model
 
     t0 = time.perf_counter()
     model, tokenizer = build_tiny_model(seed=seed, hidden=r["hidden"], layers=r["layers"], heads=r["heads"],

@@ -2,7 +2,7 @@
 
 Usage (``rlft.mcp`` builds this command line; it is not meant to be typed)::
 
-    python -I -S /path/to/rlft/_mcp_launch.py --parent PID -- COMMAND [ARGS...]
+    python -I -S /path/to/rlft/mcp/launch.py --parent PID -- COMMAND [ARGS...]
 
 On Linux it asks the kernel for ``PR_SET_PDEATHSIG = SIGTERM`` and then ``execvp``s the
 server, so the server keeps this process's PID, stdin/stdout and environment, and receives
@@ -13,7 +13,7 @@ GPUs, ports or databases until the machine reboots.
 
 Why a separate script and these flags: ``subprocess``'s ``preexec_fn`` is not safe with
 threads and the SDK's ``stdio_client`` offers no hook, so the child sets the flag on itself.
-It is run as a file path with ``-I -S`` (not ``-m rlft._mcp_launch``) so that starting a
+It is run as a file path with ``-I -S`` (not ``-m rlft.mcp.launch``) so that starting a
 server imports neither the ``rlft`` package (whose ``__init__`` may pull in torch) nor
 site-packages, and so that ``rlft/`` is not put on ``sys.path`` (``rlft/types.py`` would
 shadow the standard library's ``types``). It costs one short Python start-up per server.
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
         parent = int(argv[1])
         argv = argv[2:]
     if argv[:1] != ["--"] or len(argv) < 2:
-        print("usage: _mcp_launch.py [--parent PID] -- COMMAND [ARGS...]", file=sys.stderr)
+        print("usage: launch.py [--parent PID] -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     command = argv[1:]
 

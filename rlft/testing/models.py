@@ -1,7 +1,7 @@
 """Tiny, randomly initialised Llama-style models for tests and offline experiments.
 
 ``build_tiny_model()`` gives a ``LlamaForCausalLM`` of a few hundred thousand parameters paired
-with the tiny byte-level BPE + ChatML tokenizer of :mod:`rlft.tiny`. It is deterministic: the same
+with the tiny byte-level BPE + ChatML tokenizer of :mod:`rlft.testing.tokenizer`. It is deterministic: the same
 arguments give the same weights and the same vocabulary on every machine, and it never touches
 the network. ``save_tiny_model(dir)`` writes it so that plain
 ``AutoModelForCausalLM.from_pretrained(dir)`` / ``AutoTokenizer.from_pretrained(dir)`` (and
@@ -88,7 +88,7 @@ _TOKENIZER: Any = None
 def _tokenizer() -> Any:
     """The tiny tokenizer, trained once per process (about a second) and copied for each caller."""
     global _TOKENIZER
-    from rlft.tiny import build_tiny_tokenizer
+    from rlft.testing.tokenizer import build_tiny_tokenizer
 
     if _TOKENIZER is None:
         _TOKENIZER = build_tiny_tokenizer()

@@ -1,12 +1,10 @@
-"""Test helpers for users and for our own tests: a scripted policy and tiny offline models.
+"""ScriptedPolicy: an Engine that replays scripted assistant turns, for tests with no model.
 
 ``ScriptedPolicy`` is an Engine that replays assistant messages you write, so an environment's
 tools, rewards and multi-turn control can be unit-tested with no model at all. Its tokens are
 real tokens of the given tokenizer (the text plus the end-of-turn token), so everything
 downstream (parsing, token masks, the run store) runs exactly as in training.
-
-``build_tiny_tokenizer`` (and ``build_tiny_model`` from ``rlft.testing_models``) build small
-models offline from synthetic data. Left out: anything that needs a download.
+Left out: real models (``rlft.testing.models`` and ``rlft.testing.pretrained`` build tiny ones).
 """
 
 from __future__ import annotations
@@ -14,9 +12,9 @@ from __future__ import annotations
 import asyncio
 from typing import Callable, Sequence
 
-from rlft.chat import Renderer
+from rlft.renderer import Renderer
 from rlft.engines.base import Sample, SamplingParams
-from rlft.tiny import build_tiny_tokenizer
+from rlft.testing.tokenizer import build_tiny_tokenizer
 
 Script = Sequence[str] | Callable[[str, int], str]
 
@@ -62,11 +60,4 @@ class ScriptedPolicy:
                       policy_version=self.policy_version)
 
 
-def build_tiny_model(*args, **kwargs):
-    """A small random-initialised Llama-style model + the tiny tokenizer (see rlft.testing_models)."""
-    from rlft.testing_models import build_tiny_model as build
-
-    return build(*args, **kwargs)
-
-
-__all__ = ["ScriptedPolicy", "build_tiny_tokenizer", "build_tiny_model"]
+__all__ = ["ScriptedPolicy"]

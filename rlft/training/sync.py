@@ -95,8 +95,8 @@ def trainer_logprobs(policy: Any, prompt_ids: list[int], tokens: list[int], *, t
     as it computes whenever the run's dtype is bfloat16)."""
     import torch
 
-    from rlft import grpo
-    from rlft.update import completion_logits, training_precision
+    from rlft.training import grpo
+    from rlft.training.update import completion_logits, training_precision
 
     if not tokens:
         return []

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from rlft.chat import Renderer
+from rlft.renderer import Renderer
 from rlft.engines.base import Sample, SamplingParams
 
 __all__ = ["APIError", "FT_PREFIX", "ModelEntry", "ModelNotFoundError", "ModelRegistry", "ServedModel", "as_served", "chat_messages", "cut_stop",
@@ -114,7 +114,7 @@ def _mtime(path: str | Path) -> int:
 
 def _recorded_base(run_dir: Path) -> str | None:
     """The base model recorded in a run's newest checkpoint (``rlft_policy.json``)."""
-    from rlft.checkpoint import list_checkpoints
+    from rlft.training.checkpoint import list_checkpoints
     from rlft.policy import POLICY_META_FILE
 
     ckpts = list_checkpoints(run_dir)
@@ -188,7 +188,7 @@ class ModelRegistry:
 
     def entries(self) -> list[ModelEntry]:
         """Every servable name, re-scanning the run store and run directories."""
-        from rlft.checkpoint import list_checkpoints
+        from rlft.training.checkpoint import list_checkpoints
 
         out = []
         if self.model:
@@ -220,7 +220,7 @@ class ModelRegistry:
                                  + (", ".join(available) or "none"), available)
 
     def _resolve_ft(self, name: str) -> ModelEntry | None:
-        from rlft.checkpoint import list_checkpoints
+        from rlft.training.checkpoint import list_checkpoints
 
         try:
             base, ref, step = name[len(FT_PREFIX):].rsplit(":", 2)

@@ -33,7 +33,7 @@ Cleanup (the part that is easy to get wrong)
   ``__aexit__`` waits for that even if cancelled again, because it is bounded and a
   half-closed server is an orphan.
 - When the Python process is SIGKILLed no cleanup code runs. On Linux stdio servers are
-  therefore started through ``rlft/_mcp_launch.py``, which sets ``PR_SET_PDEATHSIG=SIGTERM``
+  therefore started through ``rlft/mcp/launch.py``, which sets ``PR_SET_PDEATHSIG=SIGTERM``
   and then execs the server (same PID, stdio and environment): the kernel signals the server
   when its parent dies. See that file for the limits (parent *thread*, grandchildren).
   Elsewhere the server is started directly and relies on the EOF of its stdin.
@@ -71,14 +71,14 @@ from datetime import timedelta
 from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from rlft.mcp_stderr import STDERR_TAIL_BYTES, StderrTail
+from rlft.mcp.stderr import STDERR_TAIL_BYTES, StderrTail
 from rlft.tools import FatalToolError, Tool
 
 __all__ = ["MCPConnectError", "MCPConnection", "MCPServer", "MCPToolError"]
 
 log = logging.getLogger(__name__)
 
-_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mcp_launch.py")
+_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch.py")
 _FATAL_TAIL_CHARS = 1500  # quoted in FatalToolError: it is stored on every affected rollout
 _CONNECTION_CLOSED = -32000  # mcp.types.CONNECTION_CLOSED (not defined in every SDK version)
 _REQUEST_TIMEOUT = 408  # the code the SDK's send_request uses for a read timeout

@@ -114,7 +114,7 @@ def load_weights(policy: Any, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, policy: Any, optimizer: Any, scheduler: Any, *, weights: bool = True,
                     model: Any = None) -> dict[str, Any]:
     """Restore weights (unless ``weights=False``: they were loaded before sharding, see
-    ``rlft.train``), optimizer, scheduler and RNG states; returns the saved state dict. ``model``:
+    ``rlft.training.loop``), optimizer, scheduler and RNG states; returns the saved state dict. ``model``:
     the module the update runs through (a sharded one takes its shard of the optimizer state;
     a run resumes under FSDP2 or not, whichever it was saved under)."""
     import torch

@@ -4,7 +4,7 @@ Each step: take the step's P prompts (a pure function of step and seed, so resum
 sample G rollouts per prompt through the engine (concurrently, tools and rewards included),
 turn rewards into group-relative advantages, update the policy on the sampled tokens only, and
 record metrics and rollouts in the run store; checkpoint every N steps. The math lives in
-``rlft.grpo``; batching for the forward pass in ``rlft.batching``. A failure at any point marks
+``rlft.training.grpo``; batching for the forward pass in ``rlft.batching``. A failure at any point marks
 the run failed with its reason and traceback before the exception propagates.
 Multi-process (torchrun): ``rlft.distributed`` holds all of it; here it is called where the model
 is wrapped, the prompts are sharded, metrics and rollouts are gathered and rank 0 writes. Overlap
@@ -72,21 +72,22 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     import torch
 
     from rlft import distributed
-    from rlft.chat import Renderer
-    from rlft.checkpoint import latest_checkpoint, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
+    from rlft.renderer import Renderer
+    from rlft.training.checkpoint import latest_checkpoint, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
     from rlft.engines.base import SamplingParams
     from rlft.env import Sampler, derive_seed
     from rlft.evaluate import evaluate, format_transcript, signal_report, validate
     from rlft.loader import load_data, load_environment
     from rlft.policy import LoraSpec, load_policy
     from rlft.progress import Progress
+    from rlft.store.replica import run_store
     from rlft.reporting import Reporter
-    from rlft.sync import WeightSync, policy_lag
-    from rlft.update import policy_update, select_groups
+    from rlft.training.sync import WeightSync, policy_lag
+    from rlft.training.update import policy_update, select_groups
 
     cfg = _as_config(config, overrides)
     owns_group = distributed.init()  # under torchrun: join the process group; one process: nothing
-    store = distributed.run_store(cfg.runs_dir)  # rank 0 writes; the other ranks only read
+    store = run_store(cfg.runs_dir)  # rank 0 writes; the other ranks only read (rlft.store.replica)
     if resume:  # the run's own resolved config wins over the one given
         run = store.get_run(resume)
         run_id = run["id"]
@@ -150,7 +151,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             start = state["step"]
             store.add_log(run_id, f"resumed from checkpoint at step {start}", step=start, source="trainer")
         store.truncate_after(run_id, start)  # rows of steps after the checkpoint are redone
-        # the engine must serve the trainer's weights: pushed after every step, then probed (rlft.sync)
+        # the engine must serve the trainer's weights: pushed after every step, then probed (rlft.training.sync)
         sync_root = run_dir if distributed.is_main() else run_dir / f"rank{distributed.rank()}"  # each rank's own pushes
         syncer = WeightSync(policy, engine, renderer, sync_root, loop, check=cfg.sync_check,
                             tolerance=cfg.sync_tolerance, autocast=cfg.dtype == "bfloat16")

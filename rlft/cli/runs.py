@@ -156,7 +156,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from rlft.checkpoint import resolve_checkpoint
+    from rlft.training.checkpoint import resolve_checkpoint
     from rlft.policy import load_policy
 
     store = _store(args)

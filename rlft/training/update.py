@@ -10,7 +10,7 @@ rollout sampled by older weights (``policy_version`` below the current one: over
 the sampler's logprobs. Distributed (``model`` a DDP/FSDP2 wrapper, see ``rlft.distributed``): the
 normalizer and metrics are summed over ranks and the loss scaled so that the gradient is the
 single-process one.
-Left out: the loss math itself (``rlft.grpo``) and anything about where rollouts came from.
+Left out: the loss math itself (``rlft.training.grpo``) and anything about where rollouts came from.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from rlft import distributed, grpo
+from rlft import distributed
+from rlft.training import grpo
 from rlft.config import TrainConfig
 from rlft.types import Group, Rollout
 

@@ -1,6 +1,6 @@
 """``rlft serve``: an OpenAI-compatible HTTP server for a base model or any checkpoint of a run.
 
-Routes (FastAPI + uvicorn; names, loading and the request/sample translation: :mod:`rlft.serve_models`):
+Routes (FastAPI + uvicorn; names, loading and the request/sample translation: :mod:`rlft.serve.models`):
 
 - ``GET /v1/models`` (and ``/v1/models/{name}``): the base model (named as given),
   ``ft:<base>:<run>:<step>`` and ``ft:<base>:<run>:latest`` for the run store's checkpoints (new
@@ -69,7 +69,7 @@ except ImportError:  # pragma: no cover
     FastAPI = None  # type: ignore[assignment,misc]
 
 from rlft.engines.base import Sample, SamplingParams
-from rlft.serve_models import (APIError, ModelNotFoundError, ModelRegistry, ServedModel, chat_messages, cut_stop,
+from rlft.serve.models import (APIError, ModelNotFoundError, ModelRegistry, ServedModel, chat_messages, cut_stop,
                                 final_choice, held_text, token_logprobs, token_stream, tool_setup)
 
 __all__ = ["APIError", "BackgroundServer", "ChatRequest", "CompletionRequest", "add_serve_arguments", "create_app",
