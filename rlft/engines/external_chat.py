@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlft.engines.base import SamplingParams
+from rlft.engines.base import ChatReply, SamplingParams
 from rlft.types import Message, ToolCall
 
 # USD per million tokens (prompt, completion). Extend with --price MODEL=IN,OUT or prices=.
@@ -29,17 +29,6 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "gpt-4.1-mini": (0.40, 1.60),
     "gpt-4.1-nano": (0.10, 0.40),
 }
-
-
-@dataclass
-class ChatReply:
-    message: Message
-    calls: list[ToolCall]
-    finish_reason: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-    latency: float = 0.0
 
 
 @dataclass
