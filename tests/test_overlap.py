@@ -79,6 +79,7 @@ def test_stale_rollouts_use_the_samplers_logprobs_in_the_ratio(workdir):
     from rlft.policy import load_policy
     from rlft.training.sync import trainer_logprobs
     from rlft.types import Group, Rollout
+    from rlft.training.run import update_config
     from rlft.training.update import policy_update
 
     policy = load_policy(str(workdir / "model"), dtype="float32")
@@ -93,7 +94,8 @@ def test_stale_rollouts_use_the_samplers_logprobs_in_the_ratio(workdir):
                             mask=[1] * len(tokens), advantage=a, policy_version=0, group_index=i)
                     for i, a in enumerate((1.0, -1.0))]
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
-        return policy_update(policy, [Group(example={}, rollouts=rollouts)], cfg, opt, policy_version=policy_version)
+        return policy_update(policy, [Group(example={}, rollouts=rollouts)], update_config(cfg), opt,
+                             policy_version=policy_version)
 
     on_policy = update(policy_version=0)  # version 0 rollouts at version 0: ratio vs the trainer's own pass = 1
     assert on_policy["policy/clip_ratio"] == 0.0 and on_policy["loss/policy"] == pytest.approx(0.0, abs=1e-6)

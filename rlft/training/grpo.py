@@ -34,12 +34,29 @@ distribution (before top-k/top-p truncation), or the ratio is biased even on-pol
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 LossAgg = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The arguments of `policy_loss` (and `token_logprobs`' temperature) that a run fixes,
+    resolved: no "auto", no sentinels (``TrainConfig`` presets resolve into this)."""
+
+    loss_agg: LossAgg = "token_mean"
+    ratio_level: Literal["token", "sequence"] = "token"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    beta: float = 0.0  # KL to the reference; 0 = no reference forward at all
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    tis_cap: float = 0.0  # truncated importance sampling vs the sampler's logprobs; 0 = off
+    temperature: float = 1.0  # the sampling temperature: logits are divided by it
+    max_tokens: int = 2048  # Dr.GRPO's constant (seq_mean_token_sum_norm): the context limit
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: beyond this a token is garbage, not a policy update
 _CHUNK_ELEMS = 1 << 25  # float32 elements per (chunk, V) slice in token_logprobs / entropy
 

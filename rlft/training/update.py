@@ -23,32 +23,56 @@ import torch
 
 from rlft import distributed
 from rlft.training import grpo
-from rlft.config import TrainConfig
 from rlft.types import Group, Rollout
 
 
-def select_groups(groups: list[Group], cfg: TrainConfig, max_len: int) -> tuple[list[Group], int]:
-    """Set each rollout's advantage; drop tied groups when dynamic sampling is on.
-    ``max_len`` is the rollout token budget the overlong penalty measures against.
-    Returns (groups to train on, number of groups skipped)."""
-    if cfg.overlong == "penalty":  # DAPO soft penalty, recorded as its own reward component
+def select_groups(groups: list[Group], *, baseline: str, std_normalize: bool, drop_tied: bool,
+                  overlong_penalty: tuple[int, int] | None = None) -> tuple[list[Group], int]:
+    """Set each rollout's advantage; with ``drop_tied`` (dynamic sampling) leave out the groups
+    whose rewards are all equal. ``overlong_penalty``: (the rollout token budget, the soft cache
+    before it) for DAPO's length penalty, added to the reward as its own component first.
+    Returns (groups to train on, number of groups left out)."""
+    if overlong_penalty is not None:
+        max_len, cache = overlong_penalty
         for g in groups:
             for r in g.rollouts:
-                length = torch.tensor([float(r.num_sampled_tokens)])
-                pen = float(grpo.overlong_penalty(length, max_len, cfg.overlong_cache)[0])
+                pen = float(grpo.overlong_penalty(torch.tensor([float(r.num_sampled_tokens)]), max_len, cache)[0])
                 r.rewards["overlong_penalty"] = pen
                 r.reward += pen
-    kept, skipped = [], 0
+    if not groups:
+        return [], 0
     for g in groups:
         rewards_G = torch.tensor([r.reward for r in g.rollouts], dtype=torch.float32)
-        adv_G = grpo.group_advantages(rewards_G, baseline=cfg.baseline, std_normalize=cfg.std_normalize == "true")
+        adv_G = grpo.group_advantages(rewards_G, baseline=baseline, std_normalize=std_normalize)
         for r, a in zip(g.rollouts, adv_G.tolist()):
             r.advantage = a
-        if cfg.dynamic_sampling != "off" and bool(grpo.zero_variance_mask(rewards_G[None])[0]):
-            skipped += 1
-            continue
-        kept.append(g)
-    return kept, skipped
+    if not drop_tied:
+        return list(groups), 0
+    kept = _untied(groups)
+    return [groups[i] for i in kept], len(groups) - len(kept)
+
+
+def _untied(groups: list[Group]) -> list[int]:
+    """Indices of the groups whose rewards vary (``grpo.keep_groups``; groups of equal size are
+    one (P, G) tensor, the normal case; a ragged batch is checked group by group)."""
+    sizes = {len(g.rollouts) for g in groups}
+    if len(sizes) == 1:
+        rewards_PG = torch.tensor([[r.reward for r in g.rollouts] for g in groups], dtype=torch.float32)
+        return grpo.keep_groups(rewards_PG).tolist()
+    return [i for i, g in enumerate(groups)
+            if grpo.keep_groups(torch.tensor([[r.reward for r in g.rollouts]], dtype=torch.float32)).numel()]
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """What one policy update needs beyond the loss: passes, micro-batching, clipping, precision."""
+
+    loss: grpo.LossConfig
+    epochs: int = 1  # optimizer steps per batch (ratios vs the first pass's logprobs)
+    micro_batch_tokens: int = 4096  # padded tokens per forward/backward
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    bf16: bool = False  # forward passes under bf16 autocast (training_precision)
+    filter_truncated: bool = False  # DAPO overlong filtering: truncated rollouts get no loss
 
 
 @dataclass
@@ -104,7 +128,7 @@ def completion_logits(model: Any, ids, attn, pos, C: int):
     return out.logits
 
 
-def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer: torch.optim.Optimizer, *,
+def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer: torch.optim.Optimizer, *,
                   model: Any = None, policy_version: int | None = None) -> dict[str, float]:
     """One optimizer step per epoch over the rollouts of ``groups``; returns metrics.
     ``model``: the module to run forward/backward through (default ``policy.model``; the DDP
@@ -113,20 +137,22 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
     model = model if model is not None else policy.model
     dev = policy.device
     pad_id = policy.tokenizer.pad_token_id if policy.tokenizer.pad_token_id is not None else 0
+    loss_cfg = cfg.loss
     rollouts = [r for g in groups for r in g.rollouts if r.completion_ids]
-    if cfg.overlong == "filter":  # truncated rollouts teach nothing about how to finish
-        rollouts = [r for r in rollouts if not r.truncated]
+    if cfg.filter_truncated and rollouts:  # truncated rollouts teach nothing about how to finish
+        keep_B = grpo.overlong_filter_mask(torch.tensor([r.truncated for r in rollouts]))
+        rollouts = [r for r, keep in zip(rollouts, keep_B.tolist()) if keep]
     # the normalizer counts every candidate token; rollouts with zero advantage and no KL term
     # contribute exactly zero gradient, so they are left out of the forward pass entirely
     mask_counts = [sum(r.mask) for r in rollouts]
-    if cfg.loss_agg == "token_mean":
+    if loss_cfg.loss_agg == "token_mean":
         normalizer = float(sum(mask_counts))
-    elif cfg.loss_agg == "seq_mean_token_mean":
+    elif loss_cfg.loss_agg == "seq_mean_token_mean":
         normalizer = float(sum(1 for n in mask_counts if n))
     else:
-        normalizer = float(sum(1 for n in mask_counts if n) * cfg.max_seq_len)
+        normalizer = float(sum(1 for n in mask_counts if n) * loss_cfg.max_tokens)
     items = [_Item(r, len(r.prompt_ids) + len(r.completion_ids)) for r in rollouts
-             if sum(r.mask) and (r.advantage != 0.0 or cfg.beta > 0)]
+             if sum(r.mask) and (r.advantage != 0.0 or loss_cfg.beta > 0)]
     # the whole batch's counts, over ranks (identity in one process)
     normalizer, n_items = distributed.all_reduce_sum([normalizer, float(len(items))])
     stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "policy/clip_ratio": 0.0, "policy/entropy": 0.0,
@@ -134,7 +160,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
     if not n_items or normalizer == 0:
         optimizer.step()  # no gradients: a no-op that keeps the scheduler's step count honest
         return stats
-    bf16 = cfg.dtype == "bfloat16"  # the forward passes' precision (training_precision)
+    bf16 = cfg.bf16
     micro = _micro_batches(items, cfg.micro_batch_tokens)
     scale = distributed.grad_scale(model)  # DDP averages gradients over ranks; the loss is a sum
     diffs: list[torch.Tensor] = []
@@ -144,17 +170,17 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
         optimizer.zero_grad(set_to_none=True)
         clip_sum = kl_sum = loss_sum = n_tokens = 0.0
         # FSDP2 + LoRA: the reference forward (adapters off) is a collective too: padding passes run one
-        pad = ((lambda: _reference_pad(policy, dev, bf16)) if epoch == 0 and cfg.beta > 0 and policy.is_lora
+        pad = ((lambda: _reference_pad(policy, dev, bf16)) if epoch == 0 and loss_cfg.beta > 0 and policy.is_lora
                and distributed.is_sharded(model) else None)
         for mb in distributed.micro_steps(model, micro, pad=pad):  # the same number of passes on every rank
             ids, attn, pos, tokens, mask, sampler_logp, adv = (t.to(dev) for t in _tensors(mb, pad_id))
             C = tokens.shape[1]
             with training_precision(policy, bf16):
                 logits = completion_logits(model, ids, attn, pos, C)  # (B, C, V)
-                logp = grpo.token_logprobs(logits, tokens, cfg.temperature)  # (B, C)
+                logp = grpo.token_logprobs(logits, tokens, loss_cfg.temperature)  # (B, C)
             if epoch == 0:
                 with torch.no_grad():
-                    ent = grpo.entropy_from_logits(logits.detach(), cfg.temperature)
+                    ent = grpo.entropy_from_logits(logits.detach(), loss_cfg.temperature)
                     ent_sum += float((ent * mask).sum())
                     ent_n += float(mask.sum())
                     for b, it in enumerate(mb):
@@ -162,19 +188,20 @@ def policy_update(policy: Any, groups: list[Group], cfg: TrainConfig, optimizer:
                         stale = policy_version is not None and it.rollout.policy_version < policy_version
                         it.old_logp = (sampler_logp if stale else logp.detach())[b, C - c:].clone()
                     diffs.append(((logp.detach() - sampler_logp).abs() * mask)[mask.bool()])
-                    if cfg.beta > 0:
+                    if loss_cfg.beta > 0:
                         with policy.reference() as ref, training_precision(policy, bf16):
                             ref_logits = completion_logits(ref, ids, attn, pos, C)
-                            ref_lp = grpo.token_logprobs(ref_logits, tokens, cfg.temperature)
+                            ref_lp = grpo.token_logprobs(ref_logits, tokens, loss_cfg.temperature)
                         for b, it in enumerate(mb):
                             it.ref_logp = ref_lp[b, C - len(it.rollout.completion_ids):]
             old_logp = _window([it.old_logp for it in mb], C).to(dev)
-            ref_logp = _window([it.ref_logp for it in mb], C).to(dev) if cfg.beta > 0 else None
-            is_w = grpo.tis_weights(old_logp, sampler_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
+            ref_logp = _window([it.ref_logp for it in mb], C).to(dev) if loss_cfg.beta > 0 else None
+            is_w = grpo.tis_weights(old_logp, sampler_logp, loss_cfg.tis_cap) if loss_cfg.tis_cap > 0 else None
             loss, st = grpo.policy_loss(
-                logp, old_logp, adv, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_level=cfg.ratio_level,
-                loss_agg=cfg.loss_agg, max_tokens=cfg.max_seq_len, normalizer=normalizer,
-                ref_logp_BT=ref_logp, beta=cfg.beta, kl_estimator=cfg.kl_estimator, is_weights_BT=is_w)
+                logp, old_logp, adv, mask, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
+                ratio_level=loss_cfg.ratio_level, loss_agg=loss_cfg.loss_agg, max_tokens=loss_cfg.max_tokens,
+                normalizer=normalizer, ref_logp_BT=ref_logp, beta=loss_cfg.beta, kl_estimator=loss_cfg.kl_estimator,
+                is_weights_BT=is_w)
             (loss * scale).backward()
             n = float(mask.sum())
             n_tokens += n
@@ -237,4 +264,4 @@ def _window(parts: list[torch.Tensor | None], C: int) -> torch.Tensor:
     return out
 
 
-__all__ = ["select_groups", "policy_update", "completion_logits", "training_precision"]
+__all__ = ["UpdateConfig", "completion_logits", "policy_update", "select_groups", "training_precision"]
