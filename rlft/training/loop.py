@@ -116,7 +116,8 @@ def advantages(run: Run, groups: list[Group], step: int) -> tuple[list[Group], i
     """Set every rollout's advantage; returns (groups to train on, groups left out). Dynamic
     sampling: ``skip`` leaves tied groups out; ``refill`` also samples up to 3 more batches of
     prompts (a seeded side stream of the data, and its own sampling seeds) to replace them. The
-    refilled groups are appended to ``groups``, so they are recorded with the step."""
+    refilled groups are appended to ``groups``, so they are recorded with the step; their
+    ``group_index`` continues after the step's own (refill n: n*G..n*G+G-1)."""
     from rlft.training.update import select_groups
 
     cfg = run.cfg
@@ -133,6 +134,9 @@ def advantages(run: Run, groups: list[Group], step: int) -> tuple[list[Group], i
         # its own seed stream: an example drawn again would otherwise sample the very same tokens
         more = run.wait(run.rollouts.run_groups(extra, run.sampler_at(step, "refill", refill, distributed.rank()),
                                                 cfg.group_size, max_concurrency=cfg.max_concurrency))
+        for g in more:  # numbered after the step's own samples of the example, so none is overwritten in the store
+            for r in g.rollouts:
+                r.group_index += cfg.group_size * refill
         more_groups, _ = select_groups(more, **select)
         train_groups += more_groups
         groups += more
