@@ -52,10 +52,10 @@ def task(model: str, n_eval: int):
     import rlft.demo as demo
 
     from rlft.config import load_config
-    from rlft.loader import load_data
+    from rlft.loader import load_splits
 
     cfg = load_config(overrides={**demo.DEMO_CONFIG, "eval_size": n_eval, "eval_max_examples": n_eval}).resolved()
-    train_set, eval_set = load_data(cfg, demo)
+    train_set, eval_set = load_splits(cfg, demo)
     return demo.env, list(train_set), list(eval_set), demo.extraction, "smollm2", True
 
 

@@ -64,9 +64,13 @@ def load_environment(spec: str) -> tuple[Environment, Any, str]:
     return env, module, source
 
 
-def load_data(cfg: TrainConfig, module: Any = None, dataset: Any = None) -> tuple[Dataset, Dataset]:
-    """(train split, eval split) from the config, the env module's `dataset`, or a given dataset."""
-    source = dataset if dataset is not None else (cfg.data or getattr(module, "dataset", None))
+def load_data(source: Any = None, *, module: Any = None, eval_data: str = "", eval_size: int = 0,
+              eval_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train split, eval split). ``source``: a file, rows or a dataset; None = the environment
+    module's ``dataset`` (a relative path there is relative to the module's file). The eval split
+    is ``eval_data`` when given, else the rows' own ``split`` field, else ``eval_size`` rows or an
+    ``eval_fraction`` of them, drawn with ``seed``."""
+    source = source if source is not None else getattr(module, "dataset", None)
     if source is None:
         raise ConfigError("no dataset: set `data` to a file, or define `dataset` in the environment module")
     if isinstance(source, (str, Path)) and module is not None and not Path(source).is_absolute():
@@ -74,12 +78,19 @@ def load_data(cfg: TrainConfig, module: Any = None, dataset: Any = None) -> tupl
         if mod_file and not Path(source).exists() and (Path(mod_file).parent / source).exists():
             source = Path(mod_file).parent / source
     data = load_dataset(source)
-    if cfg.eval_data:
-        return data, load_dataset(cfg.eval_data)
+    if eval_data:
+        return data, load_dataset(eval_data)
     if any(ex.get("split") is not None for ex in data.examples):  # the rows decide
-        return data.split(seed=cfg.seed)
-    if cfg.eval_size > 0:
-        return data.split(eval_size=cfg.eval_size, seed=cfg.seed)
-    if cfg.eval_fraction <= 0:
+        return data.split(seed=seed)
+    if eval_size > 0:
+        return data.split(eval_size=eval_size, seed=seed)
+    if eval_fraction <= 0:
         return data, Dataset([], name="<no eval>")
-    return data.split(eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    return data.split(eval_fraction=eval_fraction, seed=seed)
+
+
+def load_splits(cfg: TrainConfig, module: Any = None, dataset: Any = None) -> tuple[Dataset, Dataset]:
+    """:func:`load_data` with a run config's data keys (``data``, ``eval_data``, ``eval_size``,
+    ``eval_fraction``, ``seed``); ``dataset`` (an object) wins over ``data``."""
+    return load_data(dataset if dataset is not None else (cfg.data or None), module=module, eval_data=cfg.eval_data,
+                     eval_size=cfg.eval_size, eval_fraction=cfg.eval_fraction, seed=cfg.seed)

@@ -8,7 +8,7 @@ import pytest
 
 import rlft.demo as demo
 from rlft.config import load_config
-from rlft.loader import load_data
+from rlft.loader import load_splits
 from rlft.types import Rollout
 
 GT = {"name": "Alice", "age": 30, "city": "Paris"}
@@ -54,7 +54,7 @@ def test_rows_are_well_formed_and_deterministic():
 
 def test_train_and_eval_rows_are_disjoint():
     cfg = load_config(overrides=demo.DEMO_CONFIG).resolved()
-    train, held_out = load_data(cfg, demo)
+    train, held_out = load_splits(cfg, demo)
     assert len(held_out) == cfg.eval_size
     assert len(train) + len(held_out) == len(demo.dataset)
     assert len(train) >= cfg.batch_size * cfg.steps  # no prompt is trained on twice

@@ -34,11 +34,11 @@ def _overrides(tiny, extra=()):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_data_has_train_rows_and_a_held_out_split(recipe):
     from rlft.config import load_config
-    from rlft.loader import load_data
+    from rlft.loader import load_splits
 
     cfg = load_config(str(ROOT / recipe / "config.toml"))
     _, module, _ = load_environment(cfg.env)
-    train, held_out = load_data(cfg, module)
+    train, held_out = load_splits(cfg, module)
     assert len(train) >= 200 and len(held_out) >= 32
 
 

@@ -170,12 +170,12 @@ def _session(cfg):
     from rlft.renderer import Renderer
     from rlft.engines.base import SamplingParams
     from rlft.env import Sampler
-    from rlft.loader import load_data, load_environment
+    from rlft.loader import load_environment, load_splits
     from rlft.policy import load_policy
     from rlft.training.loop import make_engine
 
     env, module, _ = load_environment(cfg.env)
-    train_set, eval_set = load_data(cfg, module)
+    train_set, eval_set = load_splits(cfg, module)
     policy = load_policy(cfg.model, dtype=cfg.dtype, chat_template=cfg.chat_template or None)
     renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
@@ -231,12 +231,12 @@ def cmd_eval(args) -> int:
         from rlft.engines.base import SamplingParams
         from rlft.engines.external_chat import ChatEngine
         from rlft.env import Sampler
-        from rlft.loader import load_data, load_environment
+        from rlft.loader import load_environment, load_splits
 
         if not args.external_model:
             raise SystemExit("--base-url needs --model NAME")
         env, module, _ = load_environment(cfg.env)
-        _, eval_set = load_data(cfg, module)
+        _, eval_set = load_splits(cfg, module)
         prices = {}
         if args.price:
             pin, pout = (float(x) for x in args.price.split(","))

@@ -135,7 +135,7 @@ def open_run(cfg: TrainConfig, *, environment: Environment | None = None, datase
              resume: str | None = None) -> Iterator[Run]:
     """Open everything a run needs (see the module docstring); ``resume``: a run id or name whose
     own resolved config then replaces ``cfg``."""
-    from rlft.loader import load_data, load_environment
+    from rlft.loader import load_environment, load_splits
     from rlft.store.replica import run_store
 
     with contextlib.ExitStack() as stack:
@@ -149,7 +149,7 @@ def open_run(cfg: TrainConfig, *, environment: Environment | None = None, datase
             cfg = as_config(store.get_run(run_id)["config"], {})
         seed_everything(cfg.seed)
         env, module, env_source = (environment, None, "") if environment is not None else load_environment(cfg.env)
-        train_set, eval_set = load_data(cfg, module, dataset)
+        train_set, eval_set = load_splits(cfg, module, dataset)
         train_set.check_batch_size(cfg.batch_size)
         distributed.check(cfg)
         if run_id is None:
