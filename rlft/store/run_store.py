@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator
 from rlft.types import Rollout
 
 DB_NAME = "rlft.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("created", "running", "completed", "failed", "stopped")
 LEVELS = ("debug", "info", "warning", "error", "critical")
 BUSY_TIMEOUT_MS = 10_000
@@ -78,7 +78,15 @@ _SCHEMA_V1 = [
 ]
 # Full-text search over message text; left out when this SQLite has no FTS5 (search then uses LIKE).
 _FTS_V1 = "CREATE VIRTUAL TABLE IF NOT EXISTS rollouts_fts USING fts5(text)"
-MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1}
+# v2: a run has at most one eval row per (step, split): resumes re-run a missing eval and
+# overwrite a partial one instead of adding a duplicate (duplicates of older stores: the newest kept)
+_SCHEMA_V2 = [
+    """DELETE FROM evals WHERE run_id IS NOT NULL AND step IS NOT NULL AND id NOT IN (
+        SELECT MAX(id) FROM evals WHERE run_id IS NOT NULL AND step IS NOT NULL GROUP BY run_id, step, split)""",
+    """CREATE UNIQUE INDEX IF NOT EXISTS evals_run_step ON evals(run_id, step, split)
+        WHERE run_id IS NOT NULL AND step IS NOT NULL""",
+]
+MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 _JSON_COLS = {"config", "messages", "rewards", "errors", "example", "logs", "metrics"}
 _RUN_FIELDS = {"name", "status", "model", "environment", "config", "env_source", "started_at",
@@ -346,21 +354,28 @@ class RunStore:
     def add_eval(self, run_id: str | None = None, *, model: str = "", split: str = "eval", k: int = 1,
                  metrics: dict[str, Any] | None = None, step: int | None = None,
                  checkpoint: str | os.PathLike[str] | None = None) -> int:
+        """Record an eval; a run's eval at a step and split replaces any earlier one (exactly once
+        across resumes). Evals of external models (no run, no step) accumulate."""
         with self._tx() as c:
+            if run_id is not None and step is not None:
+                c.execute("DELETE FROM evals WHERE run_id=? AND step=? AND split=?", (run_id, int(step), split))
             cur = c.execute("INSERT INTO evals (run_id, step, checkpoint, model, split, k, metrics, created_at) "
                             "VALUES (?,?,?,?,?,?,?,?)", (run_id, step, os.fspath(checkpoint) if checkpoint else None,
                                                          model, split, int(k), _dumps(metrics or {}), time.time()))
             return int(cur.lastrowid)
 
     def truncate_after(self, run_id: str, step: int) -> None:
-        """Before resuming from ``step``: drop metrics and rollouts logged after it (logs, checkpoints
-        and evals are kept) and set the run's step back to it if it was ahead."""
+        """Before resuming from ``step``: drop what was recorded after it (metrics, rollouts of
+        both splits, evals, checkpoint rows) and set the run's step back to it if it was ahead.
+        Logs are kept: they are the run's journal, interruptions included."""
         with self._tx() as c:
             if self._fts:
                 c.execute("DELETE FROM rollouts_fts WHERE rowid IN (SELECT id FROM rollouts WHERE run_id=? AND step>?)",
                           (run_id, step))
             c.execute("DELETE FROM rollouts WHERE run_id=? AND step>?", (run_id, step))
             c.execute("DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, step))
+            c.execute("DELETE FROM evals WHERE run_id=? AND step>?", (run_id, step))
+            c.execute("DELETE FROM checkpoints WHERE run_id=? AND step>?", (run_id, step))
             c.execute("UPDATE runs SET step=MIN(step, ?), updated_at=? WHERE id=?", (step, time.time(), run_id))
 
     def delete_run(self, run_id: str) -> None:
@@ -505,6 +520,10 @@ class RunStore:
 
     def checkpoints(self, run_id: str) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM checkpoints WHERE run_id=? ORDER BY step", (run_id,))
+
+    def has_eval(self, run_id: str, step: int, split: str = "eval") -> bool:
+        return bool(self._rows("SELECT 1 FROM evals WHERE run_id=? AND step=? AND split=? LIMIT 1",
+                               (run_id, int(step), split)))
 
     def evals(self, run_id: str | None = None) -> list[dict[str, Any]]:
         if run_id is None:

@@ -47,6 +47,8 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             if cfg.validate:
                 validate_environment(run)
             base_eval = evaluate(run, 0)
+        elif eval_due(cfg, run.start_step) and not run.store.has_eval(run.run_id, run.start_step):
+            evaluate(run, run.start_step)  # the run was killed between this step's checkpoint and its eval
         with SampleAhead(run) as ahead:
             run.progress.start(run.start_step)
             for step in range(run.start_step, cfg.steps):
@@ -70,7 +72,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 stop = distributed.broadcast_object(run.store.stop_requested(run.run_id))  # all ranks stop together
                 if done or stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
                     checkpoint(run, step + 1, metrics)  # 5. checkpoint
-                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+                if eval_due(cfg, step + 1):
                     ahead.drain(step + 1)  # evaluate the new weights, not the ones sampling ahead
                     evaluate(run, step + 1)  # 6. evaluate
                 if stop:
@@ -199,14 +201,20 @@ def evaluate(run: Run, at_step: int) -> dict[str, float] | None:
     metrics, groups = run.wait(run_eval(run.env, examples, run.sampler_at(at_step, "eval"), k=cfg.eval_k,
                                         temperature=cfg.eval_temperature, success_threshold=cfg.success_threshold,
                                         max_concurrency=cfg.max_concurrency))
-    run.store.add_eval(run.run_id, model=f"{cfg.model}@{at_step}", split="eval", k=cfg.eval_k, metrics=metrics,
-                       step=at_step)
     run.store.add_rollouts(run.run_id, at_step, [r for g in groups for r in g.rollouts], split="eval")
     run.store.log_metrics(run.run_id, at_step, {f"eval/{k}": v for k, v in metrics.items()})
     run.reporter.log(at_step, {f"eval/{k}": v for k, v in metrics.items()})
+    # the eval row last: it marks the eval done (the rows above are upserts a re-run overwrites)
+    run.store.add_eval(run.run_id, model=f"{cfg.model}@{at_step}", split="eval", k=cfg.eval_k, metrics=metrics,
+                       step=at_step)
     run.progress.note(f"eval @ step {at_step}: reward {metrics['reward/mean']:.3f}, pass@{cfg.eval_k} "
                       f"{metrics['pass@k']:.2f}")
     return metrics
+
+
+def eval_due(cfg: TrainConfig, step: int) -> bool:
+    """Whether the held-out eval runs after ``step`` within the loop (the final one runs after it)."""
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0 and step != cfg.steps
 
 
 def validate_environment(run: Run) -> None:
@@ -329,5 +337,5 @@ def make_engine(cfg: TrainConfig, policy, tag: str = ""):
     raise NotImplementedError(f"engine {cfg.engine!r} is not available; use hf, vllm or openai")
 
 
-__all__ = ["SampleAhead", "advantages", "batch_metrics", "checkpoint", "evaluate", "make_engine", "record",
+__all__ = ["SampleAhead", "advantages", "batch_metrics", "checkpoint", "eval_due", "evaluate", "make_engine", "record",
            "report_signal", "sample", "train", "update", "validate_environment"]

@@ -186,7 +186,7 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     from rlft.renderer import Renderer
     from rlft.reporting import Reporter
     from rlft.training import loop as _loop  # make_engine, looked up at call time (tests replace it)
-    from rlft.training.checkpoint import latest_checkpoint, load_checkpoint, load_weights
+    from rlft.training.checkpoint import load_checkpoint
     from rlft.training.sync import WeightSync
 
     run_dir = store.run_dir(run_id)
@@ -208,9 +208,8 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
                          gradient_checkpointing=cfg.gradient_checkpointing, chat_template=cfg.chat_template or None)
     if cfg.beta > 0 and not policy.is_lora:
         policy.freeze_reference()  # the base weights, not a resumed checkpoint's
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt:  # weights first: the engine copies them and FSDP2 shards them
-        load_weights(policy, ckpt[1])
+    # weights first: the engine copies them and FSDP2 shards them
+    ckpt = _resume_checkpoint(store, run_id, run_dir, policy, progress) if resume else None
     renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
     engine = _loop.make_engine(cfg, policy, tag=run_id)  # before sharding: an FSDP2 engine copies the whole model
     stack.callback(engine.close)
@@ -253,6 +252,39 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     # a run that had completed).
     stack.callback(_release_wrapper, run)
     return run
+
+
+def _resume_checkpoint(store: Any, run_id: str, run_dir: Path, policy: Any, progress: Any) -> tuple[int, Path] | None:
+    """The newest good checkpoint of the run, its weights loaded into ``policy``. First the run
+    store's checkpoint rows are repaired from the directory (rank 0; ``checkpoint.reconcile``),
+    then checkpoints are tried newest first: one that fails to load is skipped with a warning."""
+    from rlft.training.checkpoint import CheckpointError, good_checkpoints, load_weights, reconcile
+
+    def warn(message: str) -> None:
+        progress.note(f"[checkpoint] {message}")
+        store.add_log(run_id, message, level="warning", source="checkpoint")
+
+    if distributed.is_main():
+        recorded = {int(c["step"]): c["path"] for c in store.checkpoints(run_id)}
+        good, notes = reconcile(run_dir, recorded)
+        for step in sorted(set(recorded) - {s for s, _ in good}):
+            store.remove_checkpoint(run_id, step)
+        for step, path in good:
+            if step not in recorded:
+                store.add_checkpoint(run_id, step, str(path))
+        for note in notes:
+            warn(note)
+    distributed.barrier()  # the other ranks read the repaired directory
+    good, _ = good_checkpoints(run_dir)
+    for step, path in reversed(good):
+        try:
+            load_weights(policy, path)
+            return step, path
+        except CheckpointError as e:
+            warn(f"{e}; falling back to the previous checkpoint")
+    if good:
+        warn("no checkpoint of this run could be loaded: it starts again from step 0")
+    return None
 
 
 def _close_quietly(loop: asyncio.AbstractEventLoop, session: contextlib.AsyncExitStack) -> None:
