@@ -356,3 +356,31 @@ def test_a_batch_of_rollouts_is_stored_all_or_nothing(store):
     assert store.count_rollouts(run_id) == 0
     store.add_rollouts(run_id, 1, [make_rollout(0, 0)])  # the store is still usable
     assert store.count_rollouts(run_id) == 1
+
+
+def test_a_runs_eval_at_a_step_is_stored_once_however_often_it_is_recorded(store):
+    run_id = store.create_run()
+    for value in (0.1, 0.2, 0.3):  # e.g. the base eval re-run by two resumes
+        store.add_eval(run_id, model="m@0", step=0, metrics={"reward/mean": value})
+    store.add_eval(run_id, model="m@5", step=5, metrics={"reward/mean": 0.5})
+    store.add_eval(model="gpt-x", metrics={"reward/mean": 0.9})  # external evals accumulate
+    store.add_eval(model="gpt-x", metrics={"reward/mean": 0.8})
+    assert [(e["step"], e["metrics"]["reward/mean"]) for e in store.evals(run_id)] == [(0, 0.3), (5, 0.5)]
+    assert len(store.evals()) == 4
+    store.truncate_after(run_id, 3)  # a resume from step 3 redoes the eval at 5
+    assert [e["step"] for e in store.evals(run_id)] == [0] and store.has_eval(run_id, 0)
+
+
+def test_upgrading_a_store_removes_duplicate_eval_rows_keeping_the_newest(tmp_path):
+    store = RunStore(tmp_path)
+    run_id = store.create_run()
+    conn = store._conn()
+    conn.execute("DROP INDEX evals_run_step")
+    for value in (0.1, 0.2):
+        conn.execute("INSERT INTO evals (run_id, step, model, split, k, metrics, created_at) VALUES (?,?,?,?,?,?,?)",
+                     (run_id, 0, "m", "eval", 1, json.dumps({"v": value}), 0.0))
+    conn.execute("PRAGMA user_version=1")
+    store.close()
+    store = RunStore(tmp_path)
+    assert [e["metrics"]["v"] for e in store.evals(run_id)] == [0.2]
+    store.close()

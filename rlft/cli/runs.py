@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 
 def add_run_commands(cmd) -> None:
@@ -163,9 +164,34 @@ def cmd_export(args) -> int:
     run_id = store.resolve(args.run)
     step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
     policy = load_policy(str(path), dtype="float32")
-    out = policy.save(args.merge, merged=True) if policy.is_lora else policy.save(args.merge)
+    out = _replace_dir(Path(args.merge), lambda tmp: policy.save(tmp, merged=True) if policy.is_lora
+                       else policy.save(tmp), step)
     print(f"exported run {run_id} step {step} to {out} (plain transformers: AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _replace_dir(out: Path, write, step: int) -> Path:
+    """Write a directory with ``write(tmp)`` next to ``out``, then rename it into place: a kill
+    midway leaves ``out`` as it was (or absent), never half-written."""
+    import os
+
+    from rlft.faults import kill_point
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    write(tmp)
+    kill_point("export", step)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
 
 
 def cmd_serve(args) -> int:

@@ -27,6 +27,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlft.faults import kill_point
+
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 
@@ -97,6 +99,7 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: Any, optimizer: Any,
     state = {"step": step, "optimizer": optim, "optimizer_format": "by_name" if sharded else "torch",
              "scheduler": scheduler.state_dict(), "rng": rng_state(), **(extra or {})}
     torch.save(state, tmp / STATE_FILE)
+    kill_point("checkpoint_write", step)
     _write_manifest(tmp)
     if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
         _remove(final)
@@ -245,17 +248,18 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[int]:
     removed = []
     ckpts = list_checkpoints(run_dir)
     for step, p in ckpts[: max(len(ckpts) - keep, 0)]:
-        _remove(p)
+        _remove(p, step)
         removed.append(step)
     return removed
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path, step: int | None = None) -> None:
     """Delete a checkpoint so that a kill midway leaves no directory that looks complete: rename
     first (atomic), then remove."""
     doomed = path.with_name(path.name + ".deleting")
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
+    kill_point("prune", step)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

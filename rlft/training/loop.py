@@ -28,6 +28,7 @@ from typing import Any
 
 from rlft import distributed
 from rlft.config import TrainConfig
+from rlft.faults import kill_point
 from rlft.metrics import group_metrics
 from rlft.training.run import Run, as_config, open_run, update_config
 from rlft.types import Group
@@ -59,6 +60,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 if step == run.start_step:
                     report_signal(run, groups, step)
                 train_groups, skipped = advantages(run, groups, step)  # 2. advantages (+ refill)
+                kill_point("mid_step", step + 1)
                 ahead.start(step + 1)  # overlap: the next step samples meanwhile, with these weights
                 t0 = time.perf_counter()
                 metrics.update(update(run, train_groups, step, in_thread=ahead.running))  # 3. update
@@ -73,6 +75,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 if done or stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
                     checkpoint(run, step + 1, metrics)  # 5. checkpoint
                 if eval_due(cfg, step + 1):
+                    kill_point("before_eval", step + 1)
                     ahead.drain(step + 1)  # evaluate the new weights, not the ones sampling ahead
                     evaluate(run, step + 1)  # 6. evaluate
                 if stop:
@@ -183,7 +186,8 @@ def checkpoint(run: Run, at_step: int, metrics: dict[str, float]) -> None:
 
     path = save_checkpoint(run.run_dir, at_step, run.policy, run.optimizer, run.scheduler,
                            {"config": run.cfg.to_dict()}, model=run.train_model)
-    if distributed.is_main():
+    kill_point("checkpoint_unrecorded", at_step)
+    if distributed.is_main():  # a kill between these writes is repaired on resume (checkpoint.reconcile)
         run.store.add_checkpoint(run.run_id, at_step, str(path), metrics={"reward/mean": metrics.get("reward/mean")})
         for removed in prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints):
             run.store.remove_checkpoint(run.run_id, removed)
