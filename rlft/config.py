@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from rlft.errors import UserError
+
 # Each preset sets the loss fields left at "auto". Defaults for small models on small data:
 # - token-mean aggregation (DAPO): long and short answers weigh per token, no length bias;
 # - no std normalization (Dr.GRPO): dividing by a group's std up-weights nearly-solved and
@@ -155,8 +157,8 @@ class TrainConfig:
         Path(path).write_text(to_toml(self.to_dict()))
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config that cannot be used; the message names the key (or file) and the valid choices."""
 
 
 def _check_choice(cfg: TrainConfig, key: str, choices: tuple[str, ...]) -> None:

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rlft.errors import UserError
 from rlft.types import Message
 
 __all__ = ["Dataset", "DatasetError", "initial_messages", "load_dataset"]
@@ -51,7 +52,7 @@ _NOTES = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be used; the message names the source, row and field, and the fix."""
 
 

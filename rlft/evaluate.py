@@ -89,8 +89,9 @@ def signal_report(groups: list[Group], success_threshold: float = 0.0, threshold
     return SignalReport(metrics=metrics, zero_variance_share=share, warnings=warnings)
 
 
-def format_transcript(ro) -> str:
-    """Plain-text transcript of one rollout (for the terminal)."""
+def format_transcript(ro, *, tracebacks: bool = True) -> str:
+    """Plain-text transcript of one rollout (for the terminal); ``tracebacks=False``: errors by
+    their message only (the run's logs keep the tracebacks)."""
     lines = [f"--- rollout {ro.group_index}: {ro.termination}, reward {ro.reward:.3f} {ro.rewards}"]
     for m in ro.messages:
         role = m.get("role", "?")
@@ -101,7 +102,7 @@ def format_transcript(ro) -> str:
             lines.append(f"  -> call {fn.get('name')}({fn.get('arguments')})")
     for err in ro.errors:
         lines.append(f"!! {err.where}: {err.message}")
-        if err.traceback:
+        if err.traceback and tracebacks:
             lines.append(err.traceback.rstrip())
     return "\n".join(lines)
 

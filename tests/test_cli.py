@@ -105,8 +105,12 @@ def test_train_then_inspect_eval_and_export(project, capsys, tmp_path):
 
 
 def test_failed_run_records_reason_and_traceback(project, capsys):
-    with pytest.raises(RuntimeError, match="validation failed"):
-        main(["train", str(project / "config.toml"), "--set", f"env={project / 'env.py'}:bad_env", "--set", "run_name=doomed"])
+    # a user error: one message with what to do, exit code 2, no traceback (it is in the run's logs)
+    assert main(["train", str(project / "config.toml"), "--set", f"env={project / 'env.py'}:bad_env",
+                 "--set", "run_name=doomed"]) == 2
+    err = capsys.readouterr().err
+    assert "validation failed" in err and "What to do" in err and "validate = false" in err
+    assert "Traceback" not in err
     store = RunStore(project / "runs", readonly=True)
     run = store.get_run("doomed")
     assert run["status"] == "failed" and "validation failed" in run["error"] and "ZeroDivisionError" in run["traceback"]

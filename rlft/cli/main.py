@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlft", description="Reinforcement-learning finetuning of language models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of user errors too (bugs always print one)")
     sub = parser.add_subparsers(dest="command")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -113,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         from rlft.cli import runs as cli_runs
 
         handler = getattr(cli_runs, f"cmd_{args.command.replace('-', '_')}")
-    from rlft.config import ConfigError
+    from rlft.errors import UserError
 
     try:
         return int(handler(args) or 0)
-    except ConfigError as e:
+    except UserError as e:  # one message naming the file, row, field or run; --debug: the traceback too
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"rlft {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,6 +35,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from rlft.errors import UnknownRunError
 from rlft.types import Rollout
 
 DB_NAME = "rlft.db"
@@ -413,7 +414,8 @@ class RunStore:
         ids = [r[0] for r in c.execute("SELECT id FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 6", (_like(ref) + "%",))]
         if len(ids) == 1:
             return ids[0]
-        raise KeyError(f"no run {ref!r}" if not ids else f"run {ref!r} is ambiguous: {', '.join(ids[:5])}")
+        raise UnknownRunError(f"no run {ref!r} in {self.path}" if not ids
+                              else f"run {ref!r} is ambiguous: {', '.join(ids[:5])}")
 
     def get_run(self, ref: str) -> dict[str, Any]:
         """The full run row; ``ref`` as in ``resolve``. Raises ``KeyError`` if none or ambiguous."""

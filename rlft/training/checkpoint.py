@@ -27,13 +27,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlft.errors import UserError
 from rlft.faults import kill_point
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: corrupt, truncated or incomplete (the path and the reason)."""
 
 

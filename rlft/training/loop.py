@@ -28,6 +28,7 @@ from typing import Any
 
 from rlft import distributed
 from rlft.config import TrainConfig
+from rlft.errors import ValidationError
 from rlft.faults import kill_point
 from rlft.metrics import group_metrics
 from rlft.training.run import Run, as_config, open_run, update_config
@@ -229,8 +230,13 @@ def validate_environment(run: Run) -> None:
     for ro in report.groups[0].rollouts:
         run.store.add_log(run.run_id, format_transcript(ro), source="validate")
     if not report.ok:
-        raise RuntimeError("validation failed before step 1:\n- " + "\n- ".join(report.problems)
-                           + "\n" + "\n".join(format_transcript(r) for r in report.groups[0].rollouts))
+        raise ValidationError(
+            "validation failed before step 1 (one group of 2 rollouts on the first training row):\n- "
+            + "\n- ".join(report.problems) + "\n"
+            + "\n".join(format_transcript(r, tracebacks=False) for r in report.groups[0].rollouts)
+            + f"\nWhat to do: fix what is named above (the tracebacks are in `rlft runs logs {run.run_id}`), check "
+              "one row by hand with `rlft validate CONFIG`, or set validate = false to start anyway (failing "
+              "rewards then score 0 and are counted in rollout/errors).")
 
 
 def report_signal(run: Run, groups: list[Group], step: int) -> None:
