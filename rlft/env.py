@@ -224,6 +224,7 @@ class Environment:
         renderer, tools = sampler.renderer, ro.state["_tools"]
         schemas = self.tool_schemas(tools) or None
         ro.prompt_ids = renderer.render_prompt(ro.messages, schemas)
+        ro.prompt_text = renderer.decode(ro.prompt_ids)  # what the model saw, for transcripts
         budget = self.max_tokens
         while True:
             if ro.turns >= self.max_turns:

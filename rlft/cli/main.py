@@ -189,7 +189,7 @@ def _session(cfg):
 
 
 def cmd_validate(args) -> int:
-    from rlft.evaluate import format_transcript, signal_report, validate
+    from rlft.evaluate import format_transcript, signal_report, tool_warnings, validate
 
     cfg = _config(args)
     env, train_set, _, sampler, _ = _session(cfg)
@@ -197,10 +197,11 @@ def cmd_validate(args) -> int:
         g = args.group_size or cfg.group_size
         examples = list(train_set)[: args.prompts]
         groups = asyncio.run(env.run_groups(examples, sampler, g, max_concurrency=cfg.max_concurrency))
-        report = signal_report(groups, cfg.success_threshold)
+        report = signal_report(groups, cfg.success_threshold, tools=len(env.tools))
+        audit = _audit(env, groups)
         if args.json:
             print(json.dumps({"metrics": report.metrics, "zero_variance_share": report.zero_variance_share,
-                              "warnings": report.warnings}, indent=2))
+                              "warnings": report.warnings, "reward_audit": audit.to_dict()}, indent=2))
         else:
             m = report.metrics
             print(f"signal check: {len(examples)} prompts x {g} rollouts with {cfg.model} (temperature {cfg.temperature})")
@@ -210,18 +211,49 @@ def cmd_validate(args) -> int:
                 print("  WARNING: " + textwrap.fill(w, 96, subsequent_indent="           "))
             if not report.warnings:
                 print("  looks learnable: groups disagree, so GRPO has a gradient")
+            _print_audit(audit)
         return 0
     report = asyncio.run(validate(env, train_set[0], sampler))
+    audit = _audit(env, report.groups)
+    warnings = tool_warnings(report.groups, len(env.tools))
     if args.json:
-        print(json.dumps({"ok": report.ok, "problems": report.problems,
+        print(json.dumps({"ok": report.ok, "problems": report.problems, "warnings": warnings,
+                          "reward_audit": audit.to_dict(),
                           "rollouts": [{"termination": str(r.termination), "rewards": r.rewards, "reward": r.reward,
-                                        "messages": r.messages, "errors": [e.__dict__ for e in r.errors]}
+                                        "prompt_text": r.prompt_text, "messages": r.messages,
+                                        "errors": [e.__dict__ for e in r.errors]}
                                        for r in report.groups[0].rollouts]}, indent=2, default=str))
     else:
         for ro in report.groups[0].rollouts:
             print(format_transcript(ro))
+        _print_audit(audit, note="2 rollouts of one prompt: `rlft validate --signal` audits more")
+        for w in warnings:
+            print("WARNING: " + textwrap.fill(w, 96, subsequent_indent="         "))
         print("\nvalidation " + ("passed" if report.ok else "FAILED:\n- " + "\n- ".join(report.problems)))
     return 0 if report.ok else 1
+
+
+def _audit(env, groups):
+    from rlft.health.audit import audit_rewards, reward_weights
+
+    rollouts = [r for g in groups for r in g.rollouts]
+    weights, judges = reward_weights(env.rewards, rollouts)
+    return audit_rewards([g.rollouts for g in groups], weights, judges)
+
+
+def _print_audit(audit, note: str = "") -> None:
+    """The reward audit as a table, then one line of advice per flag (docs/health.md)."""
+    from rlft.health.audit import audit_table
+
+    print(f"\nreward audit over {audit.rollouts} rollouts (total reward std {audit.total_std:.3f})"
+          + (f"; {note}" if note else "") + ":")
+    headers, rows = audit_table(audit)
+    # plain columns, not a rich table: it must stay readable in a log at any terminal width
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for r in [headers, *rows]:
+        print("  " + "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+    for w in audit.warnings:
+        print("  AUDIT: " + textwrap.fill(w, 96, subsequent_indent="         "))
 
 
 def cmd_eval(args) -> int:
@@ -272,15 +304,30 @@ def cmd_eval(args) -> int:
         metrics["tokens/completion"] = float(sum(r.num_sampled_tokens for r in rollouts))
     store = RunStore(cfg.runs_dir)
     eval_id = store.add_eval(run_id, model=label, split="eval", k=k, metrics=metrics, step=step)
+    from rlft.health import Context, diagnose_eval
+
+    findings = diagnose_eval(metrics, Context(tools=len(env.tools), top_error=lambda *_: _top_error(rollouts)))
     if args.json:
-        print(json.dumps({"eval_id": eval_id, "model": label, "k": k, "metrics": metrics}, indent=2))
+        print(json.dumps({"eval_id": eval_id, "model": label, "k": k, "metrics": metrics,
+                          "findings": [f.to_dict() for f in findings]}, indent=2))
         return 0
     from rlft.cli.runs import print_table
 
     rows = [(key, f"{v:.4f}") for key, v in sorted(metrics.items())]
     print(f"eval of {label}: {len(examples)} prompts x {k} samples (stored as eval {eval_id})")
     print_table(["metric", "value"], rows)
+    for f in findings:  # the health checks that apply to one eval (docs/health.md)
+        print(textwrap.fill(f.line().replace(" (step 0)", ""), 110, subsequent_indent="    "))
     return 0
+
+
+def _top_error(rollouts) -> tuple[str, int, int] | None:
+    """The most common error message among rollouts, its count, and the rollouts with any error."""
+    from collections import Counter
+
+    counts = Counter(f"{e.where}: {e.message}" for r in rollouts for e in {e.where: e for e in r.errors}.values())
+    with_errors = sum(bool(r.errors) for r in rollouts)
+    return (*counts.most_common(1)[0], with_errors) if counts else None
 
 
 def _load_checkpoint(cfg, args, policy, sampler):
