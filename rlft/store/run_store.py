@@ -221,7 +221,11 @@ class RunStore:
                 raise RuntimeError(f"{self.path} has schema version {version}; this rlft knows up to {SCHEMA_VERSION}")
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 for stmt in MIGRATIONS[v]:
-                    conn.execute(stmt)
+                    try:
+                        conn.execute(stmt)
+                    except sqlite3.OperationalError as e:  # a column added by an earlier run of this step
+                        if not (stmt.startswith("ALTER TABLE") and "duplicate column" in str(e)):
+                            raise
                 if v == 1:
                     try:
                         conn.execute(_FTS_V1)
