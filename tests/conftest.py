@@ -5,6 +5,7 @@ its own name:
   models (``rlft.testing.tokenizer``) and a Renderer over it: no model at all;
 - ``tiny_model_dir``: a random-initialised tiny Llama saved once per session
   (``rlft.testing.models.save_tiny_model``, default shape and seed): its outputs are noise;
+  ``tiny_model``: the same model and tokenizer in memory, fresh per module;
 - ``pretrained_tiny_dir`` / ``pretrained_tiny_tools_dir``: the tiny model SFT-trained on the
   "max of a list" task (seed 0), without and with ``max_of`` tool calls
   (``rlft.testing.pretrained``; cached per machine, so built once, not per session).
@@ -69,6 +70,15 @@ def pretrained_tiny_tools_dir() -> str:
     return build_pretrained_tiny(task="max", seed=0, tools=True)
 
 
+@pytest.fixture(scope="session")
+def console_workspace(tmp_path_factory, tiny_model_dir):
+    """The console tests' run store (a trained tiny run, a failed one, a live one, XSS payloads),
+    built once for the API and the browser tests (test_console_api.build_workspace)."""
+    from test_console_api import build_workspace
+
+    return build_workspace(tmp_path_factory.mktemp("console"), tiny_model_dir)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Pins torch to one intra-op thread for a module: tiny models gain nothing from more, on
@@ -80,3 +90,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """(model, tokenizer): the random-initialised tiny model in memory (seed 0), built per module,
+    not per session: engines hold it and some tests change its weights."""
+    from rlft.testing.models import build_tiny_model
+
+    return build_tiny_model(seed=0)
