@@ -16,8 +16,8 @@ except ImportError:  # the config checks below still run
     ray = None
 needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip install 'rlft[ray]')")
 
-from rlft.env import Sampler  # noqa: E402
 from rlft.engines.base import SamplingParams  # noqa: E402
+from rlft.env import Sampler  # noqa: E402
 from rlft.types import Termination  # noqa: E402
 
 HELPERS = Path(__file__).with_name("ray_helpers.py")
@@ -52,7 +52,7 @@ def content(groups):
         for ro in g.rollouts:
             ids = {}
             msgs = repr(ro.messages)
-            msgs = re.sub(r"call_[0-9a-f]{12}", lambda m: ids.setdefault(m.group(0), f"call{len(ids)}"), msgs)
+            msgs = re.sub(r"call_[0-9a-f]{12}", lambda m, ids=ids: ids.setdefault(m.group(0), f"call{len(ids)}"), msgs)
             sampled = [t for t, m in zip(ro.completion_ids, ro.mask) if m]
             out.append((g.example_id, ro.group_index, msgs, ro.prompt_ids, sampled, len(ro.completion_ids), ro.mask,
                         ro.logprobs, ro.rewards, ro.reward, ro.termination, [(e.where, e.message) for e in ro.errors],

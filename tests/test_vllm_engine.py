@@ -42,10 +42,10 @@ def _free(engine):
 
 @gpu
 def test_vllm_lora_engine_matches_the_trainer_and_follows_pushed_adapters(gpu_tiny, tmp_path):
-    from rlft.renderer import Renderer
     from rlft.config import load_config
     from rlft.engines.vllm import VLLMEngine
     from rlft.policy import LoraSpec, load_policy
+    from rlft.renderer import Renderer
     from rlft.training.sync import WeightSyncError, probe, probe_check, probe_prompt
 
     policy = load_policy(gpu_tiny, dtype="bfloat16", lora=LoraSpec(rank=8), device="cuda")
@@ -77,10 +77,10 @@ def test_vllm_lora_engine_matches_the_trainer_and_follows_pushed_adapters(gpu_ti
 
 @gpu
 def test_vllm_full_finetune_weights_load_in_place(gpu_tiny, tmp_path):
-    from rlft.renderer import Renderer
     from rlft.config import load_config
     from rlft.engines.vllm import VLLMEngine
     from rlft.policy import load_policy
+    from rlft.renderer import Renderer
     from rlft.training.sync import probe, probe_prompt
 
     policy = load_policy(gpu_tiny, dtype="float32", device="cuda")
@@ -89,10 +89,9 @@ def test_vllm_full_finetune_weights_load_in_place(gpu_tiny, tmp_path):
     eng = VLLMEngine.from_policy(policy, cfg, tag="t", dtype="float32")
     pid = probe_prompt(Renderer(policy.tokenizer))
     try:
-        with eng.paused():  # level-2 sleep: weights discarded, then replaced
-            with torch.no_grad():
-                for p in policy.model.parameters():
-                    p.add_(torch.randn_like(p) * 0.05)
+        with eng.paused(), torch.no_grad():  # level-2 sleep: weights discarded, then replaced
+            for p in policy.model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
         with pytest.raises(RuntimeError, match="asleep or its weights were discarded"):
             asyncio.run(eng.generate(pid, SamplingParams(max_new_tokens=4)))
         eng.sync_weights(model=policy.model, policy_version=1)

@@ -34,9 +34,10 @@ import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rlft.env import Environment
 
@@ -309,9 +310,11 @@ def _sft(out: Path, task: str, seed: int, r: dict[str, Any], verbose: bool) -> N
             opt.step()
             sched.step()
             if verbose and (step % 20 == 0 or step == steps - 1):
-                print(f"sft step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+                print(f"sft step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.1f}s)",
+                      flush=True)
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "rlft_tiny.json").write_text(json.dumps(
-        {"task": task, "seed": seed, "version": VERSION, "recipe": r, "build_s": round(time.perf_counter() - t0, 1)}) + "\n")
+        {"task": task, "seed": seed, "version": VERSION, "recipe": r,
+         "build_s": round(time.perf_counter() - t0, 1)}) + "\n")
