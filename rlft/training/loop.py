@@ -75,6 +75,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     from rlft.renderer import Renderer
     from rlft.training.checkpoint import latest_checkpoint, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
     from rlft.engines.base import SamplingParams
+    from rlft.engines.factory import engine_options, make_engine  # looked up per run: tests patch the factory's
     from rlft.env import Sampler, derive_seed
     from rlft.evaluate import evaluate, format_transcript, signal_report, validate
     from rlft.loader import load_data, load_environment
@@ -132,13 +133,14 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         if ckpt:  # weights first: the engine copies them and FSDP2 shards them
             load_weights(policy, ckpt[1])
         renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
-        engine = make_engine(cfg, policy, tag=run_id)  # before sharding: an FSDP2 engine copies the whole model
+        # before sharding: an FSDP2 engine copies the whole model
+        engine = make_engine(engine_options(cfg), policy, tag=run_id)
         # DDP / FSDP2 under torchrun; else policy.model itself
         train_model = distributed.wrap(policy.model, cfg.distributed, bf16=cfg.dtype == "bfloat16")
         if cfg.rollout_workers > 0:  # Ray is imported only here
             from rlft.ray_workers import pool_from_config
 
-            pool = pool_from_config(cfg, engine, tag=run_id)
+            pool = pool_from_config(cfg, engine)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         sampler = Sampler(engine, renderer, params, max_seq_len=cfg.max_seq_len)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate,
@@ -326,46 +328,4 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         distributed.cleanup(owns_group)
 
 
-def make_engine(cfg: TrainConfig, policy, tag: str = ""):
-    """The generation engine named by ``cfg.engine``; in-process HF by default. ``tag`` (the run
-    id) names the weight versions pushed to a remote server."""
-    if cfg.engine == "hf":
-        from rlft.engines.hf import HFEngine
-
-        if policy.is_lora:  # a merged copy: fast sampling, refreshed by each sync (overlap needs a snapshot too)
-            return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency, merge_lora=True,
-                            inline=not cfg.overlap)
-        from rlft import distributed
-
-        sharded = cfg.distributed == "fsdp2" and distributed.is_distributed()
-        bf16 = cfg.dtype == "bfloat16"
-        if cfg.overlap or sharded or bf16:
-            # its own copy of the weights, refreshed by each sync: overlap samples while the trainer
-            # steps; under FSDP2 the trainer's module becomes shards (each forward a collective);
-            # bf16: the trainer keeps float32 master weights, the engine decodes a bf16 copy
-            # (batch-64 SmolLM2 on CPU: ~1,100 tok/s packed bf16 vs ~365 float32, benchmarks/README.md)
-            return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency,
-                            dtype="bfloat16" if bf16 else None, copy_weights=True, inline=not cfg.overlap)
-        # sampling and training take turns: the forward passes run on the training loop's thread
-        # (one OpenMP team; a second thread doing torch work slows both, see HFEngine)
-        return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency, inline=True)
-    from rlft.engines.hf import end_of_turn_ids
-
-    if cfg.engine == "openai":
-        import os
-
-        from rlft.engines.remote import RemoteEngine
-
-        engine = RemoteEngine(cfg.engine_url, cfg.engine_model or cfg.model, tag=tag,
-                              api_key=os.environ.get("RLFT_ENGINE_API_KEY"), max_concurrency=cfg.max_concurrency,
-                              stop_token_ids=end_of_turn_ids(policy.tokenizer, policy.base_model))
-        engine.health()
-        return engine
-    if cfg.engine == "vllm":
-        from rlft.engines.vllm import VLLMEngine
-
-        return VLLMEngine.from_policy(policy, cfg, tag=tag)
-    raise NotImplementedError(f"engine {cfg.engine!r} is not available; use hf, vllm or openai")
-
-
-__all__ = ["train", "make_engine"]
+__all__ = ["train"]
