@@ -185,19 +185,18 @@ class WeightSync:
         self.sync_dir = Path(run_dir) / "sync"
         self.enabled, self.tolerance, self.autocast, self.keep = check, float(tolerance), autocast, max(1, keep)
         self.probe_ids = probe_prompt(renderer)
-        self.format = engine.weight_format
-        if self.format is WeightFormat.ADAPTER and not policy.is_lora:
+        if engine.weight_format is WeightFormat.ADAPTER and not policy.is_lora:
             raise ValueError(f"{type(engine).__name__} takes new weights as LoRA adapters only: train with lora = true")
         self.last: ProbeResult | None = None
 
     @property
     def shared(self) -> bool:
         """The engine runs the trainer's own module: it cannot disagree with it, so it is not probed."""
-        return self.format is WeightFormat.SHARED
+        return self.engine.weight_format is WeightFormat.SHARED
 
     def push(self, version: int) -> None:
         """Give the engine the trainer's current weights as ``version``, in its weight format."""
-        if self.format is WeightFormat.ADAPTER:
+        if self.engine.weight_format is WeightFormat.ADAPTER:
             update = WeightUpdate(version, adapter_dir=self._save_adapter(version))
         else:  # MODULE copies it; SHARED already runs it (passed for reference)
             update = WeightUpdate(version, model=self.policy.model)
