@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlft.allocator import keep_freed_memory
-from rlft.engines.base import SamplingParams
+from rlft.engines.base import SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.hf import HFEngine
 from rlft.testing.models import build_tiny_model
 from tests.test_hf_engine import PROMPTS, chat, full_forward_logprobs, gather
@@ -89,7 +89,7 @@ def test_merged_lora_engine_samples_the_adapted_policy_and_refreshes_on_sync(tin
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     eng = HFEngine.from_policy(policy, seed=0, merge_lora=True)
     try:
-        assert eng.owns_copy and eng.model is not policy.model
+        assert eng.weight_format is WeightFormat.MODULE and eng.model is not policy.model
         assert not any("lora" in n for n, _ in eng.model.named_parameters())  # a plain model: no peft layers
         prompt = chat(policy.tokenizer, PROMPTS[0])
         params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=3)
@@ -102,14 +102,14 @@ def test_merged_lora_engine_samples_the_adapted_policy_and_refreshes_on_sync(tin
                     p.mul_(-1.5)
         stale = gather(eng, [prompt], params)[0]
         assert stale.tokens == s.tokens  # the copy does not change until synced
-        eng.sync_weights(policy_version=1)
+        eng.sync_weights(WeightUpdate(1))
         fresh = gather(eng, [prompt], params)[0]
         assert fresh.policy_version == 1
         torch.testing.assert_close(torch.tensor(fresh.logprobs),
                                    full_forward_logprobs(policy.model, prompt, fresh.tokens, 1.0), atol=2e-4,
                                    rtol=1e-4)
         with pytest.raises(ValueError, match="cannot sync from another"):
-            eng.sync_weights(build_tiny_model(seed=1)[0])
+            eng.sync_weights(WeightUpdate(1, model=build_tiny_model(seed=1)[0]))
     finally:
         eng.close()
 
@@ -118,7 +118,7 @@ def test_merge_lora_on_a_plain_model_shares_the_model():
     model, tok = build_tiny_model(seed=0)
     eng = HFEngine(model, tok, merge_lora=True)
     try:
-        assert eng.model is model and not eng.owns_copy
+        assert eng.model is model and eng.weight_format is WeightFormat.SHARED
     finally:
         eng.close()
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from rlft.engines.base import Engine, SamplingParams
+from rlft.engines.base import SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.hf import ContextLengthError, HFEngine, end_of_turn_ids, sample_tokens
 from rlft.testing.models import build_tiny_model
 
@@ -52,8 +52,9 @@ def full_forward_logprobs(model, prompt, tokens, temperature):
     return logp[pos, torch.tensor(tokens)]
 
 
-def test_engine_implements_the_protocol(engine):
-    assert isinstance(engine, Engine)
+def test_an_engine_on_the_given_model_shares_it_so_a_sync_only_moves_the_version(engine, tiny):
+    # the TrainableEngine contract (signatures: tests/test_engine_contract.py); no copy, nothing to refresh
+    assert engine.weight_format is WeightFormat.SHARED and engine.model is tiny[0] and not engine.prepacked
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 20), (0.0, 1.0, 0)])
@@ -237,7 +238,7 @@ def test_request_arriving_mid_batch_joins_and_matches_solo_output(tiny_model):
 
 def test_policy_version_is_copied_into_samples(engine, tiny_model):
     _, tok = tiny_model
-    engine.sync_weights(policy_version=5)
+    engine.sync_weights(WeightUpdate(5))
     try:
         s = gather(engine, [chat(tok, "hi")], SamplingParams(max_new_tokens=2))[0]
     finally:
@@ -277,7 +278,7 @@ def test_engine_on_shared_lora_policy_sees_adapter_updates_without_sync(tiny_mod
     tok = policy.tokenizer
     eng = HFEngine.from_policy(policy, seed=0)
     try:
-        assert not eng.owns_copy and eng.model is policy.model
+        assert eng.weight_format is WeightFormat.SHARED and eng.model is policy.model
         prompt = chat(tok, PROMPTS[0])
         params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
         before = gather(eng, [prompt], params)[0]
@@ -302,13 +303,13 @@ def test_bf16_engine_copy_runs_in_bf16_and_follows_sync_weights(tiny_model):
     model, tok = tiny_model
     eng = HFEngine(model, tok, dtype="bfloat16", seed=0)
     try:
-        assert eng.owns_copy and eng.dtype == torch.bfloat16 and model.dtype == torch.float32
+        assert eng.weight_format is WeightFormat.MODULE and eng.dtype == torch.bfloat16 and model.dtype == torch.float32
         prompt = chat(tok, PROMPTS[0])
         s = gather(eng, [prompt], SamplingParams(temperature=1.0, max_new_tokens=8, seed=1))[0]
         ref = full_forward_logprobs(model, prompt, s.tokens, 1.0)
         assert torch.allclose(torch.tensor(s.logprobs), ref, atol=0.1)  # bf16 vs fp32: close, not equal
         src = build_tiny_model(seed=1)[0]
-        eng.sync_weights(src, policy_version=1)
+        eng.sync_weights(WeightUpdate(1, model=src))
         w = eng.model.lm_head.weight
         assert torch.equal(w, src.lm_head.weight.to(torch.bfloat16)) and eng.policy_version == 1
     finally:

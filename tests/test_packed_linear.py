@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from rlft.engines.base import SamplingParams
+from rlft.engines.base import SamplingParams, WeightUpdate
 from rlft.engines.hf import HFEngine
 from rlft.engines.packed_linear import can_pack, is_packed, pack_linears
 from rlft.testing.models import build_tiny_model
@@ -81,7 +81,7 @@ def test_sync_weights_repacks_so_the_engine_follows_new_weights(tiny_bf16):
             for name, p in source.named_parameters():
                 if name.endswith("proj.weight"):
                     p.add_(torch.randn_like(p) * 0.5)
-        engine.sync_weights(policy_version=1)
+        engine.sync_weights(WeightUpdate(1))
         after = _sample(engine, tok)
         fresh = HFEngine(source, tok, seed=0, inline=True)  # the new weights, unpacked
         try:

@@ -18,7 +18,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("peft")
 
-from rlft.engines.base import SamplingParams  # noqa: E402
+from rlft.engines.base import SamplingParams, WeightFormat, WeightUpdate  # noqa: E402
 from rlft.engines.remote import RemoteEngine, RemoteEngineError, version_of  # noqa: E402
 from rlft.serve import BackgroundServer, create_app  # noqa: E402
 from rlft.store import RunStore  # noqa: E402
@@ -158,6 +158,24 @@ def test_version_names():
     assert version_of("m@vx", "m") is None
 
 
+def test_requests_go_to_the_adapter_of_the_engines_policy_version():
+    eng = RemoteEngine("http://127.0.0.1:1", "m", tag="run1")
+    body = lambda: eng.request_body([1], SamplingParams())["model"]  # noqa: E731
+    assert body() == "m"  # version 0: the base model
+    eng.policy_version = 3  # what a Ray worker does to follow the trainer's engine: nothing is pushed
+    assert body() == "m@run1@v3" and version_of(body(), "m", "run1") == 3 and eng.stats.adapters_loaded == 0
+
+
+def test_remote_engine_sync_needs_an_adapter_except_for_the_base_model(tmp_path):
+    eng = RemoteEngine("http://127.0.0.1:1", "m")
+    with pytest.raises(RemoteEngineError, match="adapter_dir"):
+        eng.sync_weights(WeightUpdate(1))
+    with pytest.raises(ValueError, match="version 0 is the base model"):
+        eng.sync_weights(WeightUpdate(0, adapter_dir=str(tmp_path)))
+    eng.sync_weights(WeightUpdate(0))  # the base model: nothing to push, nothing to unload
+    assert eng.served_name == "m" and eng.stats.adapters_loaded == eng.stats.adapters_unloaded == 0
+
+
 def test_remote_engine_fails_loudly_without_token_ids_or_with_an_unknown_model(tiny_model_dir):
     eng = RemoteEngine("http://127.0.0.1:1/v1", tiny_model_dir)
     assert eng.base_url == "http://127.0.0.1:1"
@@ -204,7 +222,7 @@ def test_pushed_adapter_serves_the_new_version_and_the_old_one_is_unloaded(serve
                 if "lora_" in n:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         policy.save(tmp_path / f"v{version}")
-        eng.sync_weights(policy_version=version, adapter_dir=tmp_path / f"v{version}")
+        eng.sync_weights(WeightUpdate(version, adapter_dir=tmp_path / f"v{version}"))
         got = asyncio.run(eng.generate(prompt, greedy))
         want = asyncio.run(local_engine.generate(prompt, greedy))
         assert got.policy_version == version and got.tokens == want.tokens
@@ -213,7 +231,7 @@ def test_pushed_adapter_serves_the_new_version_and_the_old_one_is_unloaded(serve
     served = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
     assert names[1] in served and names[0] not in served  # the old version was unloaded
     assert eng.stats.adapters_loaded == 2 and eng.stats.adapters_unloaded == 1
-    eng.sync_weights(policy_version=2, adapter_dir=tmp_path / "v2")  # re-pushing a name replaces it
+    eng.sync_weights(WeightUpdate(2, adapter_dir=tmp_path / "v2"))  # re-pushing a name replaces it
     assert asyncio.run(eng.generate(prompt, greedy)).policy_version == 2
     local_engine.close()
     eng.close()
@@ -223,22 +241,22 @@ def test_pushed_adapter_serves_the_new_version_and_the_old_one_is_unloaded(serve
 
 def test_training_run_samples_only_from_the_server_and_pushes_each_step(project, tiny_model_dir, subprocess_server,
                                                                         monkeypatch):
+    import rlft.engines.factory
     import rlft.engines.hf
-    import rlft.training.loop
     from rlft.training.loop import train
 
     url, log, _ = subprocess_server
     made = []
-    real = rlft.training.loop.make_engine
+    real = rlft.engines.factory.make_engine
 
-    def capture(cfg, policy, tag=""):
-        made.append(real(cfg, policy, tag=tag))
+    def capture(options, policy, tag=""):
+        made.append(real(options, policy, tag=tag))
         return made[-1]
 
     def no_local_engine(*a, **k):
         raise AssertionError("engine = openai must not build an in-process engine")
 
-    monkeypatch.setattr(rlft.training.loop, "make_engine", capture)
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", capture)
     monkeypatch.setattr(rlft.engines.hf.HFEngine, "__init__", no_local_engine)
     before = completions_answered(log)
     run_id = train(_config(project, tiny_model_dir, engine="openai", engine_url=url + "/v1", run_name="remote"))
@@ -268,17 +286,17 @@ def test_training_run_samples_only_from_the_server_and_pushes_each_step(project,
 
 def test_a_remote_engine_that_ignores_sync_is_caught_at_the_next_step(project, tiny_model_dir, subprocess_server,
                                                                       monkeypatch):
-    import rlft.training.loop
+    import rlft.engines.factory
     from rlft.training.loop import train
 
     class Stale(RemoteEngine):
-        def sync_weights(self, policy_version=None, adapter_dir=None):
+        def sync_weights(self, update):
             pass  # keeps serving the weights it had
 
-    def make(cfg, policy, tag=""):
-        return Stale(cfg.engine_url, cfg.model, tag=tag)
+    def make(options, policy, tag=""):
+        return Stale(options.url, options.served_model, tag=tag)
 
-    monkeypatch.setattr(rlft.training.loop, "make_engine", make)
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", make)
     with pytest.raises(WeightSyncError, match="stale weights: after the sync to policy version 1 the engine "
                                               "answered with version 0"):
         train(_config(project, tiny_model_dir, engine="openai", engine_url=subprocess_server[0], run_name="stale"))
@@ -310,16 +328,16 @@ def test_full_finetune_engine_runs_the_trainers_module_so_nothing_is_probed(proj
 
 
 def test_an_engine_with_its_own_copy_is_probed_after_every_sync(project, tiny_model_dir, monkeypatch):
-    import rlft.training.loop
+    import rlft.engines.factory
     from rlft.engines.hf import HFEngine
     from rlft.training.loop import train
 
-    def copy_engine(cfg, policy, tag=""):
+    def copy_engine(options, policy, tag=""):
         engine = HFEngine(copy.deepcopy(policy.model), policy.tokenizer)
-        engine.source_model, engine.owns_copy = policy.model, True  # sync_weights copies the weights in
+        engine.source_model, engine.weight_format = policy.model, WeightFormat.MODULE  # sync_weights copies them in
         return engine
 
-    monkeypatch.setattr(rlft.training.loop, "make_engine", copy_engine)
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", copy_engine)
     run_id = train(_config(project, tiny_model_dir, run_name="copy", learning_rate=5e-3, sync_tolerance=1e-3))
     m = RunStore(project / "runs", readonly=True).metrics(run_id, ["sync/probe_logprob_diff"])
     assert [s for s, _ in m["sync/probe_logprob_diff"]] == [0, 1, 2]
@@ -328,6 +346,8 @@ def test_an_engine_with_its_own_copy_is_probed_after_every_sync(project, tiny_mo
 
 class LabelOnly:
     """Reports the new version after a sync but keeps its own copy of the old weights."""
+
+    weight_format = WeightFormat.MODULE
 
     def __init__(self, policy):
         from rlft.engines.hf import HFEngine
@@ -341,18 +361,18 @@ class LabelOnly:
     def paused(self):
         return self.inner.paused()
 
-    def sync_weights(self, policy_version=None):
-        self.inner.policy_version = self.policy_version = policy_version
+    def sync_weights(self, update):
+        self.inner.policy_version = self.policy_version = update.version
 
     def close(self):
         self.inner.close()
 
 
 def test_old_weights_under_a_new_label_are_caught_by_the_probe(project, tiny_model_dir, monkeypatch):
-    import rlft.training.loop
+    import rlft.engines.factory
     from rlft.training.loop import train
 
-    monkeypatch.setattr(rlft.training.loop, "make_engine", lambda cfg, policy, tag="": LabelOnly(policy))
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", lambda options, policy, tag="": LabelOnly(policy))
     # fp32: a fresh engine differs by ~1e-7; one step at this learning rate moves the probe by ~1e-2
     with pytest.raises(WeightSyncError, match="mismatched weights at policy version 1"):
         train(_config(project, tiny_model_dir, run_name="label-only", learning_rate=5e-3, sync_tolerance=1e-3))
@@ -361,10 +381,10 @@ def test_old_weights_under_a_new_label_are_caught_by_the_probe(project, tiny_mod
 
 
 def test_sync_check_can_be_turned_off(project, tiny_model_dir, monkeypatch):
-    import rlft.training.loop
+    import rlft.engines.factory
     from rlft.training.loop import train
 
-    monkeypatch.setattr(rlft.training.loop, "make_engine", lambda cfg, policy, tag="": LabelOnly(policy))
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", lambda options, policy, tag="": LabelOnly(policy))
     run_id = train(_config(project, tiny_model_dir, run_name="unchecked", steps=1, learning_rate=5e-3,
                            sync_tolerance=1e-3, sync_check=False))
     store = RunStore(project / "runs", readonly=True)

@@ -177,14 +177,14 @@ def _session(cfg):
     from rlft.env import Sampler
     from rlft.loader import load_environment, load_splits
     from rlft.policy import load_policy
-    from rlft.training.loop import make_engine
+    from rlft.engines.factory import engine_options, make_engine
 
     env, module, _ = load_environment(cfg.env)
     train_set, eval_set = load_splits(cfg, module)
     policy = load_policy(cfg.model, dtype=cfg.dtype, chat_template=cfg.chat_template or None)
     renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-    sampler = Sampler(make_engine(cfg, policy), renderer, params, max_seq_len=cfg.max_seq_len)
+    sampler = Sampler(make_engine(engine_options(cfg), policy), renderer, params, max_seq_len=cfg.max_seq_len)
     return env, train_set, eval_set, sampler, policy
 
 
@@ -293,10 +293,10 @@ def _load_checkpoint(cfg, args, policy, sampler):
     step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
     if not policy.is_lora and (path / "adapter_config.json").exists():
         from rlft.policy import load_policy
-        from rlft.training.loop import make_engine
+        from rlft.engines.factory import engine_options, make_engine
 
         policy = load_policy(str(path), dtype=cfg.dtype)
-        sampler.engine = make_engine(cfg, policy)
+        sampler.engine = make_engine(engine_options(cfg), policy)
     else:
         load_weights(policy, path)
     return run_id, step, policy

@@ -48,13 +48,13 @@ import inspect
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 import torch
 
 from rlft.allocator import keep_freed_memory
 from rlft.attention import use_fast_attention
-from rlft.engines.base import Sample, SamplingParams
+from rlft.engines.base import Sample, SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.kv_cache import EngineCache, HFCache
 from rlft.engines.lora_merge import MergedCopy, is_lora_model
 from rlft.engines.packed_linear import can_pack, pack_linears, repack_linears
@@ -90,6 +90,8 @@ class HFEngine(Scheduler):
     model and tokenizer are used). ``dtype``: run generation in this dtype; when it differs from
     the model's, the engine keeps its own cast copy and :meth:`sync_weights` refreshes it from
     the source model (``None`` = use the model as is, sharing its weights: nothing to sync).
+    ``weight_format`` (the :class:`~rlft.engines.base.TrainableEngine` contract) says which:
+    MODULE for an own copy (cast, copied or merged), SHARED for the model itself.
     ``max_batch_size``: most sequences decoded together. ``stop_token_ids``: end-of-turn ids
     (default: the tokenizer's ``eos_token_id``, the generation config's eos ids, and
     ``<|im_end|>`` & co. when in the vocabulary). ``policy_version``: copied into every Sample
@@ -150,19 +152,22 @@ class HFEngine(Scheduler):
         self.device = torch.device(device) if device is not None else _param(model).device
         want = _as_dtype(dtype)
         self._merged = None
+        # MODULE: an own copy (or a merged LoRA copy) that sync_weights refreshes from the source;
+        # SHARED: the source module itself, so a sync only moves the version
+        self.weight_format = WeightFormat.MODULE
         if merge_lora and is_lora_model(model):  # sample from W + BA, not through peft's adapter layers
             self._merged = MergedCopy(model, dtype=want, device=self.device)
-            self.model, self.owns_copy = self._merged.model, True
+            self.model = self._merged.model
         elif copy_weights or (want is not None and want != _param(model).dtype) or self.device != _param(model).device:
             self.model = copy.deepcopy(model).to(device=self.device, dtype=want or _param(model).dtype)
-            self.owns_copy = True
         else:
             self.model = model
-            self.owns_copy = False
+            self.weight_format = WeightFormat.SHARED
         use_fast_attention(self.model)  # CPU: the sdpa kernel costs 2x on decode steps (rlft.attention)
         # an own copy on the CPU in bf16: linear weights pre-packed for oneDNN (rlft.engines.packed_linear);
         # never a shared model's, whose packed copy would go stale under the trainer
-        self.prepacked = bool(prepack and self.owns_copy and can_pack(self.model) and pack_linears(self.model))
+        owns_copy = self.weight_format is WeightFormat.MODULE
+        self.prepacked = bool(prepack and owns_copy and can_pack(self.model) and pack_linears(self.model))
         if self.device.type == "cpu":
             keep_freed_memory()  # sampling allocates ~12 MiB per step: no page faults each time (rlft.allocator)
         self.dtype = _param(self.model).dtype
@@ -220,6 +225,33 @@ class HFEngine(Scheduler):
             req.cancelled = True  # the worker drops it at the next step
             raise
 
+    async def generate_stream(self, prompt_ids: list[int], params: SamplingParams, *,
+                              poll_s: float = 0.02) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
+        """Like :meth:`generate`, yielding the cumulative ``(tokens, logprobs)`` of the running
+        request every ``poll_s`` seconds while it grows, then the finished Sample (``rlft serve``
+        streams with it). Leaving early cancels the request."""
+        loop = asyncio.get_running_loop()
+        req = self._make_request(prompt_ids, params, loop, loop.create_future())
+        if req.finish is not None:
+            yield self._sample_of(req)
+            return
+        if self.inline and self._inline_loop in (None, loop):
+            self._submit_inline(req, loop)
+        else:
+            self._submit(req)
+        seen = 0
+        try:
+            while not req.future.done():
+                await asyncio.wait([req.future], timeout=poll_s)
+                k = min(len(req.tokens), len(req.logprobs))
+                if k > seen and not req.future.done():
+                    seen = k
+                    yield req.tokens[:k], req.logprobs[:k]
+            yield req.future.result()
+        finally:
+            if not req.future.done():
+                req.cancelled = True  # the client went away: the engine drops it at its next step
+
     def generate_sync(self, prompt_ids: list[int], params: SamplingParams) -> Sample:
         """Blocking variant for scripts (not from inside an event loop's thread)."""
         import concurrent.futures
@@ -236,23 +268,23 @@ class HFEngine(Scheduler):
         with self.lock:
             yield
 
-    def sync_weights(self, model: Any = None, policy_version: int | None = None) -> None:
-        """After an optimizer step: copy weights into the engine's own copy (if it has one) and
-        set ``policy_version``. With a shared model (no copy) only the version changes."""
+    def sync_weights(self, update: WeightUpdate) -> None:
+        """After an optimizer step: refresh the engine's own copy (MODULE) from ``update.model``
+        (default: the model it was built from) and serve it as ``update.version``. A SHARED engine
+        runs the trainer's module itself: only the version moves."""
         with self.lock:
             if self._merged is not None:
-                if model is not None and model is not self._merged.source:
+                if update.model is not None and update.model is not self._merged.source:
                     raise ValueError("this engine merges the LoRA model it was built from; it cannot sync from another")
                 self._merged.refresh()
-            elif self.owns_copy:
+            elif self.weight_format is WeightFormat.MODULE:
                 from rlft.distributed import full_state_dict  # the whole weights of an FSDP2-sharded source
 
-                src = model if model is not None else self.source_model
+                src = update.model if update.model is not None else self.source_model
                 self.model.load_state_dict(full_state_dict(src))
             if self.prepacked:  # only an own copy is packed: its new weights, packed again
                 repack_linears(self.model)
-            if policy_version is not None:
-                self.policy_version = int(policy_version)
+            self.policy_version = int(update.version)
 
     def close(self) -> None:
         """Stop the worker thread; pending and running requests fail with RuntimeError."""

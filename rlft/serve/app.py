@@ -33,10 +33,11 @@ show them and parses nothing; "required" and a named function are a best effort,
 constrained decoding: an instruction to call a tool (that one; only its schema is then shown) is
 added to the system prompt, and a reply without a call comes back as text.
 
-Streaming sends content deltas as tokens are sampled: an engine with ``generate_stream(prompt,
-params)`` (an async iterator of cumulative ``(tokens, logprobs)`` snapshots ending with the
-``Sample``) streams natively, the in-process HFEngine's running request is polled every 20 ms,
-and any other engine's finished sample is sent in per-token chunks. With tools active a reply is
+Streaming sends content deltas as tokens are sampled: every served engine has
+``generate_stream(prompt, params)`` (``rlft.serve.models.ServedEngine``: an async iterator of
+cumulative ``(tokens, logprobs)`` snapshots ending with the ``Sample``); the in-process HFEngine's
+polls its running request every 20 ms, and a plain engine plugged in with ``engines=`` sends its
+finished sample in per-token chunks. With tools active a reply is
 sent when complete (a call is recognisable only whole), as one content and/or tool_calls delta.
 
 Left out: streaming and ``echo`` on ``/v1/completions``, embeddings, ``top_logprobs`` > 0, images/audio
@@ -74,6 +75,7 @@ from rlft.serve.models import (
     APIError,
     ModelNotFoundError,
     ModelRegistry,
+    ServedEngine,
     ServedModel,
     chat_messages,
     cut_stop,
@@ -281,14 +283,14 @@ def _engine_error(e: BaseException) -> APIError:
 # -- the app ------------------------------------------------------------------------------------------
 
 def create_app(model: str | None = None, *, runs_dir: str | None = None, run: str | None = None,
-               engines: dict[str, Any] | None = None, engine_factory: Callable[[Any], Any] | None = None,
+               engines: dict[str, Any] | None = None, engine_factory: Callable[[Any], ServedEngine] | None = None,
                api_key: str | None = None, dtype: Any = "bfloat16", device: Any = "auto", max_loaded: int = 3,
                max_batch_size: int = 32, max_n: int = 16, default_max_tokens: int = 1024,
                preload: bool = False) -> FastAPI:
     """The FastAPI app. ``model``: a base model (hub id, alias, directory or checkpoint dir);
     ``runs_dir``/``run``: serve the checkpoints of the run store there (one run only with ``run``);
     ``engines``: ``{name: ServedModel | (engine, renderer_or_tokenizer)}`` served as is (tests,
-    custom backends); ``engine_factory(policy)``: the engine for loaded policies (default HFEngine);
+    custom backends); ``engine_factory(policy)``: the ServedEngine for loaded policies (default HFEngine);
     ``preload``: load ``model`` at startup (errors then stop the server at once)."""
     if FastAPI is None:
         raise ImportError("rlft serve needs fastapi and uvicorn: pip install 'rlft[serve]'")
