@@ -52,9 +52,9 @@ def full_forward_logprobs(model, prompt, tokens, temperature):
     return logp[pos, torch.tensor(tokens)]
 
 
-def test_an_engine_on_the_given_model_shares_it_so_a_sync_only_moves_the_version(engine, tiny):
+def test_an_engine_on_the_given_model_shares_it_so_a_sync_only_moves_the_version(engine, tiny_model):
     # the TrainableEngine contract (signatures: tests/test_engine_contract.py); no copy, nothing to refresh
-    assert engine.weight_format is WeightFormat.SHARED and engine.model is tiny[0] and not engine.prepacked
+    assert engine.weight_format is WeightFormat.SHARED and engine.model is tiny_model[0] and not engine.prepacked
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 20), (0.0, 1.0, 0)])
