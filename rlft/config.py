@@ -116,7 +116,7 @@ class TrainConfig:
     progress: bool = True  # rich progress bar
 
     # -- resolution ----------------------------------------------------------------------
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with the algorithm preset applied to the fields left at auto."""
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm {self.algorithm!r} is not one of: {', '.join(ALGORITHMS)}")

@@ -93,9 +93,9 @@ def remote_engine(base_url: str, model: str, tokenizer: str, *, chat_template: s
                   stop_token_ids: list[int] | None = None) -> tuple[Any, Any]:
     """The engine factory for ``engine = "openai"``: a RemoteEngine and a renderer for the
     policy's tokenizer (``tokenizer``: the trainer's ``model``; only the tokenizer is loaded)."""
-    from rlft.renderer import Renderer
     from rlft.engines.remote import RemoteEngine
     from rlft.policy import _ensure_chat_template, _load_tokenizer, resolve_model
+    from rlft.renderer import Renderer
 
     if os.path.isfile(os.path.join(os.path.expanduser(tokenizer), "tokenizer_config.json")):
         name, gguf = os.path.expanduser(tokenizer), None  # a tokenizer-only directory

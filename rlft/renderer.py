@@ -31,7 +31,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rlft.types import Message, ToolCall
 

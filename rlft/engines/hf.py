@@ -47,8 +47,9 @@ import copy
 import inspect
 import os
 import threading
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterable
+from typing import Any
 
 import torch
 
@@ -183,7 +184,7 @@ class HFEngine(Scheduler):
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = base.config
-        self.num_layers = int(getattr(config, "num_hidden_layers"))
+        self.num_layers = int(config.num_hidden_layers)
         self.vocab_size = int(base.get_input_embeddings().num_embeddings)
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         params = inspect.signature(base.forward).parameters
@@ -206,7 +207,7 @@ class HFEngine(Scheduler):
 
     # -- public API ----------------------------------------------------------------------------
     @classmethod
-    def from_policy(cls, policy: Any, **kwargs: Any) -> "HFEngine":
+    def from_policy(cls, policy: Any, **kwargs: Any) -> HFEngine:
         return cls(policy.model, policy.tokenizer, **kwargs)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Sample:
@@ -435,13 +436,9 @@ class HFEngine(Scheduler):
     def _check_finished(self, r: _Request, token: int) -> None:
         if r.cancelled:
             r.finish = "cancelled"
-        elif token in self.stop_token_ids:
+        elif token in self.stop_token_ids or (r.stop_window and self._hits_stop(r)):
             r.finish = "stop"
-        elif r.stop_window and self._hits_stop(r):
-            r.finish = "stop"
-        elif len(r.tokens) >= r.params.max_new_tokens:
-            r.finish = "length"
-        elif self.max_context is not None and len(r.prompt) + len(r.tokens) >= self.max_context:
+        elif len(r.tokens) >= r.params.max_new_tokens or (self.max_context is not None and len(r.prompt) + len(r.tokens) >= self.max_context):
             r.finish = "length"
         if r.finish is not None and r.finish != "cancelled":
             self._deliver(r, result=self._sample_of(r))

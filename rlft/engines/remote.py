@@ -30,8 +30,9 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from rlft.engines.base import Sample, SamplingParams, WeightFormat, WeightUpdate
 

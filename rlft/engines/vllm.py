@@ -46,8 +46,9 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from rlft.engines.base import Sample, SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.scheduler import enqueue
@@ -189,7 +190,7 @@ class VLLMEngine:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_policy(cls, policy: Any, settings: VLLMSettings, *, tag: str = "", **kwargs: Any) -> "VLLMEngine":
+    def from_policy(cls, policy: Any, settings: VLLMSettings, *, tag: str = "", **kwargs: Any) -> VLLMEngine:
         """The engine for a training run: the policy's base model, colocated as ``settings`` say
         (``kwargs`` override the constructor's arguments)."""
         import torch

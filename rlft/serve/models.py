@@ -36,12 +36,13 @@ import json
 import os
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, Protocol
 
-from rlft.renderer import Renderer
 from rlft.engines.base import Engine, Sample, SamplingParams
+from rlft.renderer import Renderer
 
 __all__ = ["APIError", "FT_PREFIX", "ModelEntry", "ModelNotFoundError", "ModelRegistry", "ServedEngine", "ServedModel",
            "Unstreamed", "as_served", "chat_messages", "cut_stop", "final_choice", "held_text", "token_logprobs",
@@ -158,8 +159,8 @@ def _mtime(path: str | Path) -> int:
 
 def _recorded_base(run_dir: Path) -> str | None:
     """The base model recorded in a run's newest checkpoint (``rlft_policy.json``)."""
-    from rlft.training.checkpoint import list_checkpoints
     from rlft.policy import POLICY_META_FILE
+    from rlft.training.checkpoint import list_checkpoints
 
     ckpts = list_checkpoints(run_dir)
     try:

@@ -22,8 +22,9 @@ algorithm presets (this loop uses rlft's default loss: token-mean, clip-higher, 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from rlft.data import load_dataset
 from rlft.engines.base import SamplingParams

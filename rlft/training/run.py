@@ -21,9 +21,10 @@ import gc
 import math
 import random
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rlft import distributed
 from rlft.config import TrainConfig
@@ -264,10 +265,10 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     """Everything after the run row exists, each closer registered on ``stack`` as it opens."""
     import torch
 
+    from rlft.engines import factory  # make_engine looked up at call time: tests replace it
     from rlft.policy import LoraSpec, load_policy
     from rlft.renderer import Renderer
     from rlft.reporting import Reporter
-    from rlft.engines import factory  # make_engine looked up at call time: tests replace it
     from rlft.training.checkpoint import load_checkpoint
     from rlft.training.sync import WeightSync
 
