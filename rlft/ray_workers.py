@@ -247,7 +247,8 @@ class RayRolloutPool:
                 try:
                     return await actor.run_group.remote(ex, eid, group_size, params, seq, version, engine_version)
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-                    tried.append(f"{self.describe(index)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    tried.append(f"{self.describe(index)}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}")
                     await self._replace(index, actor)
                     if attempt < self.retries:
                         self.retried_groups += 1

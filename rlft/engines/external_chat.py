@@ -49,7 +49,8 @@ class ChatEngine:
             from openai import AsyncOpenAI
 
             key = self.api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
-            self._clients[loop_id] = AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=2)
+            self._clients[loop_id] = AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout,
+                                                 max_retries=2)
             self._sems[loop_id] = asyncio.Semaphore(self.max_concurrency)
         return self._clients[loop_id], self._sems[loop_id]
 
@@ -58,7 +59,8 @@ class ChatEngine:
 
     async def chat(self, messages: list[Message], tools: list[dict] | None, params: SamplingParams) -> ChatReply:
         client, sem = self._client()
-        kwargs: dict[str, Any] = {"model": self.model, "messages": _to_api(messages), "max_tokens": params.max_new_tokens,
+        kwargs: dict[str, Any] = {"model": self.model, "messages": _to_api(messages),
+                                  "max_tokens": params.max_new_tokens,
                                   "temperature": params.temperature, "top_p": params.top_p}
         if tools:
             kwargs["tools"] = tools
@@ -77,7 +79,8 @@ class ChatEngine:
                 args = json.loads(tc.function.arguments or "{}")
                 calls.append(ToolCall(name=tc.function.name, arguments=args, id=tc.id))
             except json.JSONDecodeError as e:
-                calls.append(ToolCall(name=tc.function.name, arguments={}, id=tc.id, error=f"invalid JSON arguments: {e}"))
+                calls.append(ToolCall(name=tc.function.name, arguments={}, id=tc.id,
+                                      error=f"invalid JSON arguments: {e}"))
         message: Message = {"role": "assistant", "content": choice.message.content or ""}
         if any(c.error is None for c in calls):
             message["tool_calls"] = [c.to_openai() for c in calls if c.error is None]
@@ -97,7 +100,8 @@ def _to_api(messages: list[Message]) -> list[Message]:
         m = dict(m)
         if m.get("tool_calls"):
             m["tool_calls"] = [{**tc, "function": {**tc["function"], "arguments": tc["function"]["arguments"]
-                                if isinstance(tc["function"]["arguments"], str) else json.dumps(tc["function"]["arguments"])}}
+                                if isinstance(tc["function"]["arguments"], str)
+                                else json.dumps(tc["function"]["arguments"])}}
                                for tc in m["tool_calls"]]
         out.append(m)
     return out

@@ -438,7 +438,8 @@ class HFEngine(Scheduler):
             r.finish = "cancelled"
         elif token in self.stop_token_ids or (r.stop_window and self._hits_stop(r)):
             r.finish = "stop"
-        elif len(r.tokens) >= r.params.max_new_tokens or (self.max_context is not None and len(r.prompt) + len(r.tokens) >= self.max_context):
+        elif len(r.tokens) >= r.params.max_new_tokens or (
+                self.max_context is not None and len(r.prompt) + len(r.tokens) >= self.max_context):
             r.finish = "length"
         if r.finish is not None and r.finish != "cancelled":
             self._deliver(r, result=self._sample_of(r))

@@ -172,7 +172,7 @@ class RemoteEngine:
         if r.status_code != 200:
             try:
                 msg = r.json()["error"]["message"]
-            except Exception:
+            except Exception:  # noqa: BLE001 - an error body may be anything (not JSON, another shape): show its text
                 msg = r.text[:500]
             err = ValueError if r.status_code == 400 else RemoteEngineError  # 400: e.g. context length
             raise err(f"{self.base_url}{path} answered {r.status_code}: {msg}")
@@ -182,7 +182,8 @@ class RemoteEngine:
         try:
             choice = data["choices"][0]
         except (KeyError, IndexError, TypeError):
-            raise RemoteEngineError(f"{self.base_url}/v1/completions answered without choices: {str(data)[:300]}")
+            raise RemoteEngineError(
+                f"{self.base_url}/v1/completions answered without choices: {str(data)[:300]}") from None
         tokens = choice.get("token_ids")
         if tokens is None:
             raise RemoteEngineError(
@@ -279,5 +280,5 @@ class RemoteEngine:
         try:
             if loop is not None and not loop.is_closed() and not loop.is_running():
                 loop.run_until_complete(client.aclose())
-        except Exception:
+        except Exception:  # noqa: BLE001 - closing is best-effort: close() must not raise over a failed aclose
             pass

@@ -297,7 +297,7 @@ class VLLMEngine:
                 sample = self._sample(out, version)
                 self.stats.tokens_generated += len(sample.tokens)
                 self._deliver(r, sample)
-        except Exception as e:  # fail this batch, keep serving
+        except Exception as e:  # noqa: BLE001 - fail this batch, keep serving: the worker must outlive one failed batch
             for r in batch:
                 self._deliver(r, error=e)
 

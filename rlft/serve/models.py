@@ -206,7 +206,7 @@ class ModelRegistry:
 
             try:  # the store may appear after the server started: try again on each scan
                 self._store = RunStore(self.runs_dir, readonly=True)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a missing or half-written store is retried on the next scan
                 return None
         return self._store
 

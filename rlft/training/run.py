@@ -282,7 +282,8 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
 
     # -- model, engine, optimizer ----------------------------------------------------------------
     lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                    target_modules=None if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(","))
+                    target_modules=(None if cfg.lora_target_modules == "all-linear"
+                                    else cfg.lora_target_modules.split(",")))
     # full finetunes keep fp32 master weights and compute under bf16 autocast instead
     weights_dtype = cfg.dtype if cfg.lora else "float32"
     # under torchrun each rank takes its own device (distributed.device()); else the configured one
