@@ -28,11 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any
 
-from rlft.episode import ChatSampler, Episode, Sampler, TurnSampler, add_tool, derive_seed
+from rlft.episode import (
+    ChatSampler,
+    Episode,
+    Sampler,
+    TurnSampler,
+    add_tool,
+    derive_seed,
+)
 from rlft.mcp.client import MCPServer  # light: the MCP SDK loads when a server connects
 from rlft.rewards import Reward, as_reward, score_group
 from rlft.tools import Tool, tool

@@ -34,8 +34,9 @@ import contextvars
 import hashlib
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rlft.engines.base import ChatEngine, Engine, SamplingParams
 from rlft.renderer import Renderer

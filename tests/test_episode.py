@@ -195,15 +195,24 @@ def test_the_console_chat_runs_tools_through_the_training_loop(renderer):
     policy = ScriptedPolicy(renderer, adder_script)
     trained = run(env.rollout({"prompt": "what is 2+3?"}, Sampler(policy, renderer)))
 
-    async def chat(url):
+    async def chat(url, env):
         body = {"model": "scripted", "messages": [{"role": "user", "content": "what is 2+3?"}]}
         stream = await ChatProxy(url).open_stream(body, env, {"loaded": True})
         lines = b"".join([chunk async for chunk in stream]).decode().splitlines()
         return [json.loads(ln[6:]) for ln in lines if ln.startswith("data: ") and ln != "data: [DONE]"]
 
+    def broken_setup(ro):
+        raise ValueError("no workspace")
+
     with BackgroundServer(create_app(engines={"scripted": (policy, renderer)})) as srv:
-        events = run(chat(srv.url))
+        events = run(chat(srv.url, env))
+        one_turn = run(chat(srv.url, Environment(tools=[add], max_turns=1)))
+        failed = run(chat(srv.url, Environment(tools=[add], setup=broken_setup)))
     mine = [e["rlft"] for e in events if "rlft" in e]
     assert [e["type"] for e in mine] == ["env", "tool_call", "tool_result", "turn", "done"]
     assert transcript(mine[-1]["messages"]) == transcript(trained.messages[2:])  # after system + user
     assert mine[-1]["stopped"] is None and mine[2]["content"] == "5"
+    # the loop's limits and failures reach the page as the rollout's would end
+    assert one_turn[-1]["rlft"]["stopped"] == "max_turns (1) reached"
+    assert [m["role"] for m in one_turn[-1]["rlft"]["messages"]] == ["assistant", "tool"]
+    assert failed[-1] == {"error": {"message": "chat with the environment failed: ValueError: no workspace"}}

@@ -36,9 +36,16 @@ import contextlib
 import json
 import secrets
 import threading
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from rlft.engines.base import SamplingParams
+    from rlft.env import Environment
+    from rlft.episode import Episode, Turn
+    from rlft.types import Rollout
 
 ALLOWED_FIELDS = {"model", "messages", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens",
                   "stop", "seed", "tools", "tool_choice"}
@@ -118,7 +125,7 @@ class ChatProxy:
                             f"the model server answered {resp.status_code}: {_error_text(content)}")
         return resp
 
-    async def open_stream(self, body: dict[str, Any], env: Any = None,
+    async def open_stream(self, body: dict[str, Any], env: Environment | None = None,
                           env_info: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
         """Start the upstream request (errors raise here, before any byte is sent, unless the
         environment has MCP servers to start first) and return an iterator over the SSE bytes
@@ -171,7 +178,7 @@ class ChatProxy:
                 raise
         return self._converse(client, payload, env, env_info or {}, first)
 
-    async def _converse(self, client: httpx.AsyncClient, payload: dict[str, Any], env: Any,
+    async def _converse(self, client: httpx.AsyncClient, payload: dict[str, Any], env: Environment | None,
                         env_info: dict[str, Any], first: httpx.Response | None) -> AsyncIterator[bytes]:
         """The SSE stream of one chat: with an environment, an episode of it run through the
         training loop (``rlft.episode``) with turns streamed from the server; without one, one
@@ -180,25 +187,19 @@ class ChatProxy:
         turns = _StreamedTurns(self, client, payload, first, events.put_nowait, run_tools=env is not None)
         try:
             yield _sse({"rlft": {"type": "env", **env_info}})
-            if env is None:
-                task = asyncio.ensure_future(_one_turn(turns))
-                async with contextlib.aclosing(_relay_while(task, events)) as relayed:
-                    async for chunk in relayed:
-                        yield chunk
-                reply = task.result()
-                if reply is not None:
-                    stopped = "no environment: tool calls not run" if reply.calls else None
-                    yield _sse({"rlft": {"type": "done", "messages": [reply.message], "stopped": stopped}})
-            else:
-                first_messages = list(payload["messages"])
-                episode = env.episode({}, messages=first_messages)
-                turns.episode = episode
-                task = asyncio.ensure_future(episode.run(turns))
-                async with contextlib.aclosing(_relay_while(task, events)) as relayed:
-                    async for chunk in relayed:
-                        yield chunk
+            first_messages = list(payload["messages"])
+            episode = env.episode({}, messages=first_messages) if env is not None else None
+            turns.episode = episode
+            task = asyncio.ensure_future(episode.run(turns) if episode is not None else _one_turn(turns))
+            async with contextlib.aclosing(_relay_while(task, events)) as relayed:
+                async for chunk in relayed:
+                    yield chunk
+            if episode is not None:
                 for chunk in _outcome(env, episode, turns, len(first_messages)):
                     yield chunk
+            elif (reply := task.result()) is not None:
+                stopped = "no environment: tool calls not run" if reply.calls else None
+                yield _sse({"rlft": {"type": "done", "messages": [reply.message], "stopped": stopped}})
         except Exception as e:  # noqa: BLE001 - a bug below us: tell the page
             yield _sse({"error": {"message": f"chat with the environment failed: {type(e).__name__}: {e}"}})
         finally:
@@ -216,20 +217,20 @@ class _StreamedTurns:
     and seeds are not sent, and a streamed reply carries no usage, so ``sampled_tokens`` is 0."""
 
     def __init__(self, proxy: ChatProxy, client: httpx.AsyncClient, payload: dict[str, Any],
-                 first: httpx.Response | None, emit: Any, *, run_tools: bool):
+                 first: httpx.Response | None, emit: Callable[[bytes], None], *, run_tools: bool):
         from rlft.engines.base import SamplingParams
 
         self.params, self.policy_version = SamplingParams(), 0
         self.proxy, self.client, self.payload, self.emit = proxy, client, payload, emit
         self.response = first  # the first turn's request, sent before streaming began
         self.run_tools = run_tools
-        self.episode: Any = None  # the episode it serves (its tool results are streamed)
-        self.rollout: Any = None
+        self.episode: Episode | None = None  # the episode it serves (its tool results are streamed)
+        self.rollout: Rollout | None = None
         self.turns = 0
         self.failure: str | None = None  # why the last request failed, for the page
         self._shown_results = 0
 
-    def open(self, rollout: Any, schemas: list[dict] | None) -> _StreamedTurns:
+    def open(self, rollout: Rollout, schemas: list[dict] | None) -> _StreamedTurns:
         self.rollout = rollout
         if schemas and "tools" not in self.payload:  # a request's own tools win
             self.payload["tools"] = schemas
@@ -238,7 +239,7 @@ class _StreamedTurns:
     def room(self) -> int | None:
         return None  # the server enforces the model's context window
 
-    async def next_turn(self, params: Any) -> Any:
+    async def next_turn(self, params: SamplingParams) -> Turn:
         from rlft.episode import Turn
 
         if self.turns:
@@ -291,7 +292,7 @@ class _StreamedTurns:
             self.response = None
 
 
-async def _one_turn(turns: _StreamedTurns) -> Any:
+async def _one_turn(turns: _StreamedTurns) -> Turn | None:
     """One relayed turn (no environment); None when it failed (the page was told why)."""
     try:
         return await turns.next_turn(turns.params)
@@ -313,7 +314,7 @@ async def _relay_while(task: asyncio.Future[Any], events: asyncio.Queue[bytes | 
                 await task
 
 
-def _outcome(env: Any, episode: Any, turns: _StreamedTurns, n_first: int) -> list[bytes]:
+def _outcome(env: Environment, episode: Episode, turns: _StreamedTurns, n_first: int) -> list[bytes]:
     """The events that close an episode: the results not shown yet (a fatal one ends the loop
     before the answer), then ``done`` with the messages to append, or the error that ended it."""
     from rlft.types import Termination
