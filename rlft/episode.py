@@ -161,8 +161,9 @@ class _ChatTurns:
     async def next_turn(self, params: SamplingParams) -> Turn:
         ro = self.rollout
         reply = await self.engine.chat(ro.messages, self.schemas, params)
-        for key, value in (("usage/prompt_tokens", reply.prompt_tokens), ("usage/completion_tokens", reply.completion_tokens),
-                           ("usage/requests", 1), ("usage/cost", reply.cost), ("usage/latency", reply.latency)):
+        usage = (("usage/prompt_tokens", reply.prompt_tokens), ("usage/completion_tokens", reply.completion_tokens),
+                 ("usage/requests", 1), ("usage/cost", reply.cost), ("usage/latency", reply.latency))
+        for key, value in usage:
             ro.metrics[key] = ro.metrics.get(key, 0.0) + value
         return Turn(reply.message, reply.calls, reply.finish_reason, reply.completion_tokens)
 
@@ -239,7 +240,8 @@ class Episode:
                             await self._loop(sampler)
                     except asyncio.TimeoutError:
                         ro.termination = Termination.TIMEOUT
-                        ro.errors.append(RolloutError("rollout", f"rollout exceeded rollout_timeout={env.rollout_timeout}s"))
+                        message = f"rollout exceeded rollout_timeout={env.rollout_timeout}s"
+                        ro.errors.append(RolloutError("rollout", message))
                     except Exception as e:  # noqa: BLE001 - a custom step() that raised
                         ro.record_error("environment", e)
                         ro.termination = Termination.ERROR

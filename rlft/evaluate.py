@@ -46,7 +46,8 @@ class ValidationReport:
         return not self.problems
 
 
-async def validate(env: Environment, example: dict[str, Any], sampler: TurnSampler, group_size: int = 2) -> ValidationReport:
+async def validate(env: Environment, example: dict[str, Any], sampler: TurnSampler,
+                   group_size: int = 2) -> ValidationReport:
     """One group of ``group_size`` rollouts end to end; problems listed in plain words."""
     groups = await env.run_groups([example], sampler, group_size)
     problems = []

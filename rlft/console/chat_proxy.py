@@ -272,7 +272,8 @@ class _StreamedTurns:
         finish = reply.finish or "stop"
         if self.run_tools and finish != "length":
             for c, raw in zip(calls, reply.calls):
-                self.emit(_sse({"rlft": {"type": "tool_call", "id": c.id, "name": c.name, "arguments": raw["arguments"]}}))
+                event = {"type": "tool_call", "id": c.id, "name": c.name, "arguments": raw["arguments"]}
+                self.emit(_sse({"rlft": event}))
         return Turn(reply.message(), calls, finish, 0)
 
     def extend(self, history: list[dict[str, Any]], answer: list[dict[str, Any]]) -> None:
