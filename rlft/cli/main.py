@@ -234,8 +234,8 @@ def cmd_eval(args) -> int:
     label, step, run_id = cfg.model, None, None
     if args.base_url:  # an external model: message-level rollouts, usage and cost recorded
         from rlft.engines.base import SamplingParams
-        from rlft.engines.external_chat import ChatEngine
-        from rlft.env import Sampler
+        from rlft.engines.external_chat import OpenAIChatEngine
+        from rlft.env import ChatSampler
         from rlft.loader import load_environment, load_splits
 
         if not args.external_model:
@@ -246,8 +246,9 @@ def cmd_eval(args) -> int:
         if args.price:
             pin, pout = (float(x) for x in args.price.split(","))
             prices[args.external_model] = (pin, pout)
-        engine = ChatEngine(args.base_url, args.external_model, api_key=os.environ.get(args.api_key_env), prices=prices)
-        sampler = Sampler(engine, None, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p))
+        engine = OpenAIChatEngine(args.base_url, args.external_model, api_key=os.environ.get(args.api_key_env),
+                                  prices=prices)
+        sampler = ChatSampler(engine, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p))
         label = f"{args.external_model}@{args.base_url}"
     else:
         env, _, eval_set, sampler, policy = _session(cfg)

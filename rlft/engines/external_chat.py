@@ -1,11 +1,13 @@
-"""A chat-level engine for external OpenAI-compatible models (evals and baselines only).
+"""A chat engine for external OpenAI-compatible models (evals and baselines only).
 
 External models (hosted APIs, another team's server) take messages, not token ids, and their
-tokens are not ours to train on. ``ChatEngine`` therefore implements ``chat(messages, tools,
-params)`` instead of ``generate``; the rollout loop sees that method and keeps the conversation
-at the message level (no token ids, no logprobs: such rollouts are for ``rlft eval``, never for
-training). Tool calls come back in the API's native ``tool_calls`` field. Usage and cost per
-request (from a price table, USD per million tokens) are recorded on each rollout.
+tokens are not ours to train on. ``OpenAIChatEngine`` therefore implements the
+:class:`~rlft.engines.base.ChatEngine` contract (``chat(messages, tools, params)``) rather than
+``Engine.generate``; rollouts sample it through ``rlft.episode.ChatSampler``, which keeps the
+conversation at the message level (no token ids, no logprobs: such rollouts are for
+``rlft eval``, never for training). Tool calls come back in the API's native ``tool_calls``
+field. Usage and cost per request (from a price table, USD per million tokens) are recorded on
+each rollout.
 Left out: retries beyond the client's own, and streaming.
 """
 
@@ -32,14 +34,15 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 
 
 @dataclass
-class ChatEngine:
+class OpenAIChatEngine:
+    """An external model behind ``<base_url>/chat/completions`` (``openai`` client, one per event loop)."""
+
     base_url: str
     model: str
     api_key: str | None = None  # default: $OPENAI_API_KEY (a placeholder for local servers)
     timeout: float = 120.0
     max_concurrency: int = 16
     prices: dict[str, tuple[float, float]] = field(default_factory=dict)
-    policy_version: int = 0
     _clients: dict[int, Any] = field(default_factory=dict, repr=False)
     _sems: dict[int, asyncio.Semaphore] = field(default_factory=dict, repr=False)
 
