@@ -78,11 +78,8 @@ def _probes_an_engine(node: ast.AST) -> bool:
 
 
 def test_nothing_in_rlft_probes_an_engine_with_hasattr_or_getattr():
-    # two left, in files being rewritten for #13 by their owners: env.py's chat dispatch (to become
-    # the ChatEngine protocol) and the training loop's clean-up (every TrainableEngine has close)
-    allowed = {("rlft/env.py", "hasattr(sampler.engine, 'chat')")}  # removed by the one multi-turn loop (episode.py)
     probes = {(where, ast.unparse(n)) for where, tree in _sources() for n in ast.walk(tree) if _probes_an_engine(n)}
-    assert probes - allowed == set()
+    assert probes == set()
 
 
 # -- WeightSync pushes the form the engine declares -------------------------------------------------
