@@ -74,8 +74,8 @@ def test_stale_rollouts_use_the_samplers_logprobs_in_the_ratio(tiny_model_dir):
 
     from rlft.config import load_config
     from rlft.policy import load_policy
-    from rlft.training.sync import trainer_logprobs
     from rlft.training.run import update_config
+    from rlft.training.sync import trainer_logprobs
     from rlft.training.update import policy_update
     from rlft.types import Group, Rollout
 

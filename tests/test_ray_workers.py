@@ -178,7 +178,7 @@ def test_config_keys_default_in_process_and_remote_engine_required():
 def test_a_pool_refuses_an_in_process_engine_before_starting_ray():
     from rlft.ray_workers import rollout_pool
 
-    with pytest.raises(ValueError, match="engine = \"openai\".*not a ScriptedPolicy"):
+    with pytest.raises(ValueError, match=r'engine = "openai".*not a ScriptedPolicy'):
         rollout_pool(ENV_SPEC, 2, sampler().engine, tokenizer="m")
 
 

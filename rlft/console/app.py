@@ -265,7 +265,8 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
     @api.get("/api/runs/{ref}/rollouts")
     def run_rollouts(ref: str, split: str = "train", step: int | None = None, example: int | None = None,
                      min_reward: float | None = None, max_reward: float | None = None,
-                     termination: list[str] | None = Query(None), search: str | None = None,
+                     termination: list[str] | None = Query(None),  # noqa: B008 - FastAPI's way to take a list
+                     search: str | None = None,
                      component: str | None = None, cmin: float | None = None, cmax: float | None = None,
                      errors: bool | None = None, limit: int = 50, offset: int = 0):
         return views.rollouts(store(), rid(ref), split=None if split in ("", "all") else split, step=step,

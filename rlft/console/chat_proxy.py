@@ -421,7 +421,7 @@ class EnvCache:
                     from rlft.loader import load_environment
 
                     env = load_environment(spec)[0]
-                except BaseException as e:  # noqa: BLE001 - a user module may raise anything
+                except BaseException as e:
                     if isinstance(e, (KeyboardInterrupt, GeneratorExit)):
                         raise
                     return None, {"loaded": False, "run": run_id, "spec": spec,
@@ -429,9 +429,10 @@ class EnvCache:
                                              f"({type(e).__name__}: {str(e)[:300]}): plain chat, tools are not run"}
                 self.envs[run_id] = env
         names = sorted(env.function_tools) + [f"{type(s).__name__} (MCP)" for s in env.mcp_servers]
+        tools = f"tools {', '.join(names)} run here" if names else "no tools"
         return env, {"loaded": True, "run": run_id, "spec": spec, "name": env.name, "tools": names,
-                     "max_turns": env.max_turns, "message": f"environment {env.name!r}: "
-                     + (f"tools {', '.join(names)} run here" if names else "no tools") + f", up to {env.max_turns} turns"}
+                     "max_turns": env.max_turns,
+                     "message": f"environment {env.name!r}: {tools}, up to {env.max_turns} turns"}
 
 
 def _sse(obj: Any) -> bytes:
