@@ -10,8 +10,15 @@ import pytest
 from rlft.data import DatasetError
 from rlft.env import Environment, Sampler
 from rlft.renderer import Renderer
-from rlft.sft import (NotPrefixStable, ToolCallsNotParsed, Transcript, load_transcripts, render_transcript,
-                      render_transcripts, write_transcripts)
+from rlft.sft import (
+    NotPrefixStable,
+    ToolCallsNotParsed,
+    Transcript,
+    load_transcripts,
+    render_transcript,
+    render_transcripts,
+    write_transcripts,
+)
 from rlft.testing import ScriptedPolicy, build_tiny_tokenizer
 from rlft.testing.tokenizer import CHATML_TOOLS_TEMPLATE
 from rlft.tools import tool
@@ -54,8 +61,8 @@ def chat(weights=(1, 1, 1)):
 
 
 HERMES_TEXTS = ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>',
-                '<tool_call>{"name": "add", "arguments": {"a": 5, "b": 4}}</tool_call>'
-                '<tool_call>{"name": "add", "arguments": {"a": 4, "b": 5}}</tool_call>',
+                ('<tool_call>{"name": "add", "arguments": {"a": 5, "b": 4}}</tool_call>'
+                 '<tool_call>{"name": "add", "arguments": {"a": 4, "b": 5}}</tool_call>'),
                 "the sum is 9"]
 SYSTEM_TEXTS = [HERMES_TEXTS[0], HERMES_TEXTS[1].replace("</tool_call><", "</tool_call>\n<"), HERMES_TEXTS[2]]
 

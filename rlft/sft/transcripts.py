@@ -147,8 +147,7 @@ def load_transcripts(source: Any, *, name: str | None = None) -> list[Transcript
 def write_transcripts(path: str | os.PathLike, transcripts: list[Transcript]) -> None:
     """Write transcripts as JSONL rows that :func:`load_transcripts` reads back."""
     with open(path, "w", encoding="utf-8") as f:
-        for t in transcripts:
-            f.write(json.dumps(t.to_row(), ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(t.to_row(), ensure_ascii=False) + "\n" for t in transcripts)
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -220,7 +219,8 @@ def render_transcript(renderer, t: Transcript, *, index: int = -1) -> SFTExample
 def render_transcripts(renderer, transcripts: list[Transcript]) -> tuple[list[SFTExample], list[str]]:
     """(examples, problems): a transcript that is not prefix-stable, whose tool calls do not parse
     back, or that the template refuses, is reported in ``problems`` and left out."""
-    from jinja2.exceptions import TemplateError  # what templates' raise_exception raises
+    # what a template's raise_exception raises (e.g. "roles must alternate")
+    from jinja2.exceptions import TemplateError
 
     examples, problems = [], []
     for i, t in enumerate(transcripts):
