@@ -110,19 +110,23 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[str, Any]], list[s
     return _read_jsonl(text)
 
 
+def _as_score(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:  # OpenAI request metadata holds strings only
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _score(record: dict) -> float | None:
     nested = [part.get("metadata") for part in (record.get("request"), record.get("response")) if isinstance(part, dict)]
-    places = [record, record.get("metadata"), record.get("meta"), *nested]
-    for place in places:
-        if not isinstance(place, dict):
-            continue
-        for key in ("score", "reward"):
-            value = place.get(key)
-            try:  # OpenAI request metadata holds strings only
-                if value is not None and not isinstance(value, bool):
-                    return float(value)
-            except (TypeError, ValueError):
-                continue
+    for place in (record, record.get("metadata"), record.get("meta"), *nested):
+        if isinstance(place, dict):
+            for key in ("score", "reward"):
+                score = _as_score(place.get(key))
+                if score is not None:
+                    return score
     return None
 
 
@@ -201,7 +205,9 @@ def import_traces(source: str | os.PathLike | list, *, format: str = "auto", min
                 problems += bad
                 continue
             t.meta.setdefault("source", f"{label}:{where}")
-            score = t.meta.get("score", _score(record))
+            score = _as_score(t.meta.get("score"))  # an adapter's own score wins over the record's
+            score = _score(record) if score is None else score
+            t.meta.pop("score", None)
             if score is not None:
                 t.meta["score"] = score
             formats[adapter.name] = formats.get(adapter.name, 0) + 1
