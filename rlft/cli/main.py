@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_commands(cmd)
     add_console_command(cmd)
+    from rlft.cli.traces import add_traces_command
+
+    add_traces_command(sub)
     return parser
 
 
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    handler = globals().get(f"cmd_{args.command}")
+    handler = getattr(args, "handler", None) or globals().get(f"cmd_{args.command}")
     if args.command == "console":
         from rlft.cli.console import cmd_console
 
