@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from rlft.config import ConfigError, TrainConfig
-from rlft.errors import EnvironmentLoadError
 from rlft.data import Dataset, load_dataset
 from rlft.env import Environment
+from rlft.errors import EnvironmentLoadError
 
 
 def _user_frames(e: BaseException) -> str:
@@ -51,7 +51,7 @@ def load_environment(spec: str) -> tuple[Environment, Any, str]:
         except SyntaxError as e:
             raise EnvironmentLoadError(f"environment file {e.filename or path}, line {e.lineno}: {e.msg}\n"
                                        f"    {(e.text or '').strip()}") from e
-        except Exception as e:  # noqa: BLE001 - whatever the user's module raised while importing
+        except Exception as e:
             raise EnvironmentLoadError(f"environment file {path} failed to import: {type(e).__name__}: {e}\n"
                                        f"{_user_frames(e)}") from e
         finally:

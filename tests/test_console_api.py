@@ -1,6 +1,7 @@
 """rlft console: every JSON route, the chat proxy, and the security rules, over a run store made by
 a real tiny-model training run (plus a failed run, a live run and hand-written rollouts carrying
-XSS payloads). ``workspace()`` and ``BackgroundServer`` are shared with test_console_browser.py."""
+XSS payloads). ``build_workspace()`` (built once per session: conftest's ``console_workspace``) and
+``BackgroundServer`` are shared with test_console_browser.py."""
 
 import json
 import socket
@@ -53,7 +54,6 @@ ENV = textwrap.dedent('''
     dataset = [{"prompt": f"write {i}", "ground_truth": str(i)} for i in range(12)]
 ''') % XSS
 CHAT_REPLY = ["Hello", " from", " the", " fake", " model", " <img src=x onerror=\"alert('xss-chat')\">"]
-_CACHE: dict = {}
 
 
 def xss_rollouts() -> list[Rollout]:
@@ -80,13 +80,12 @@ def xss_rollouts() -> list[Rollout]:
                     turns=1, example_id=100, group_index=1)]
 
 
-def build_workspace(d: Path) -> SimpleNamespace:
+def build_workspace(d: Path, model: str) -> SimpleNamespace:
     """A run store with a completed tiny-model run (evals at 0, 2, 3; a checkpoint), a failed run,
     a 'running' run written by hand, XSS rollouts/logs and an external model's eval."""
-    from rlft.testing.models import save_tiny_model
     from rlft.training.loop import train
 
-    save_tiny_model(str(d / "model"))
+    (d / "model").symlink_to(model)  # the session's tiny model, at the path the runs record
     (d / "env.py").write_text(ENV)
     cfg = dict(env=str(d / "env.py"), model=str(d / "model"), dtype="float32", runs_dir=str(d / "runs"), steps=3,
                batch_size=2, group_size=4, eval_size=4, eval_k=2, eval_every=2, progress=False)
@@ -109,13 +108,6 @@ def build_workspace(d: Path) -> SimpleNamespace:
         store.log_metrics(live_id, step, {"reward/mean": 0.1 * step, "pass@k": 0.2 * step, "loss/policy": -0.01 * step})
     store.update_run(live_id, step=3)
     return SimpleNamespace(dir=d, runs=d / "runs", run_id=run_id, failed_id=failed_id, live_id=live_id, store=store)
-
-
-def workspace(tmp_path_factory) -> SimpleNamespace:
-    """Built once per test session, shared by the API and browser tests."""
-    if "ws" not in _CACHE:
-        _CACHE["ws"] = build_workspace(tmp_path_factory.mktemp("console"))
-    return _CACHE["ws"]
 
 
 class BackgroundServer:
@@ -201,8 +193,8 @@ def fake_names(ws) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return workspace(tmp_path_factory)
+def ws(console_workspace):  # the short name this module uses
+    return console_workspace
 
 
 @pytest.fixture(scope="module")

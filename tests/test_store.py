@@ -192,11 +192,11 @@ def test_logs_checkpoints_and_evals_round_trip(store):
     store.add_log(run_id, "slow judge", level="warning", step=3, source="reward:judge")
     store.add_log(run_id, "<b>crash</b>", level="error", step=4, traceback="Traceback...\nKeyError: 'x'")
     logs = store.logs(run_id)
-    assert [(l["level"], l["message"], l["step"]) for l in logs] == [
+    assert [(entry["level"], entry["message"], entry["step"]) for entry in logs] == [
         ("info", "starting", None), ("warning", "slow judge", 3), ("error", "<b>crash</b>", 4)]
     assert logs[2]["traceback"] == "Traceback...\nKeyError: 'x'" and logs[1]["source"] == "reward:judge"
-    assert [l["message"] for l in store.logs(run_id, level="warning")] == ["slow judge", "<b>crash</b>"]
-    assert [l["message"] for l in store.logs(run_id, after_id=logs[0]["id"], limit=1)] == ["slow judge"]
+    assert [entry["message"] for entry in store.logs(run_id, level="warning")] == ["slow judge", "<b>crash</b>"]
+    assert [entry["message"] for entry in store.logs(run_id, after_id=logs[0]["id"], limit=1)] == ["slow judge"]
 
     store.add_checkpoint(run_id, 10, "runs/x/step-10", metrics={"reward/mean": 0.5})
     store.add_checkpoint(run_id, 20, Path("runs/x/step-20"))
@@ -277,7 +277,7 @@ def test_store_is_usable_from_several_threads(store):
             for step in range(20):
                 store.log_metrics(run_id, step, {f"k{i}": float(step)})
                 store.add_log(run_id, f"t{i} s{step}")
-        except Exception as e:  # pragma: no cover - reported below
+        except Exception as e:  # pragma: no cover  # noqa: BLE001 - reported below
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]

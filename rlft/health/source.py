@@ -5,8 +5,9 @@ diagnosis fires) its rollouts' error messages, and returns the findings. ``error
 groups a run's rollout errors by message (``rlft runs logs``); ``status_label`` says
 "completed with errors" when rollouts' rewards failed. ``Monitor`` is the trainer's hook: it
 records which tools the environment offers and prints a line when a finding first appears.
-Imports only the standard library, ``rlft.metrics``-free parts of rlft and the store's reader
-API, so the console can use it. Left out: the diagnoses (``rlft.health.diagnoses``).
+Imports only the standard library and ``rlft.health``; the store is passed in and only its reader
+API is used (the trainer's ``Monitor`` also notes lines through ``run.note``), so the console can
+use this without torch. Left out: the diagnoses (``rlft.health.diagnoses``).
 """
 
 from __future__ import annotations

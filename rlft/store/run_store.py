@@ -30,10 +30,11 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from rlft.errors import UnknownRunError
 from rlft.types import Rollout
@@ -241,7 +242,7 @@ class RunStore:
             self._conns.clear()
         self._local = threading.local()
 
-    def __enter__(self) -> "RunStore":
+    def __enter__(self) -> RunStore:
         return self
 
     def __exit__(self, *exc: Any) -> None:

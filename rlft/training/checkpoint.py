@@ -181,7 +181,7 @@ def reconcile(run_dir: str | Path, recorded: dict[int, str]) -> tuple[list[tuple
             shutil.rmtree(p, ignore_errors=True)
             notes.append(f"removed {p.name}: left by an interrupted checkpoint write or delete")
     good, bad = good_checkpoints(run_dir)
-    for step, path, problem in bad:
+    for _step, path, problem in bad:
         dest = path.with_name(path.name + ".corrupt")
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(path, dest)

@@ -311,45 +311,5 @@ class SampleAhead:
         return metrics
 
 
-def make_engine(cfg: TrainConfig, policy, tag: str = ""):
-    """The generation engine named by ``cfg.engine``; in-process HF by default. ``tag`` (the run
-    id) names the weight versions pushed to a remote server."""
-    if cfg.engine == "hf":
-        from rlft.engines.hf import HFEngine
-
-        if policy.is_lora:  # a merged copy: fast sampling, refreshed by each sync (overlap needs a snapshot too)
-            return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency, merge_lora=True,
-                            inline=not cfg.overlap)
-        sharded = cfg.distributed == "fsdp2" and distributed.is_distributed()
-        bf16 = cfg.dtype == "bfloat16"
-        if cfg.overlap or sharded or bf16:
-            # its own copy of the weights, refreshed by each sync: overlap samples while the trainer
-            # steps; under FSDP2 the trainer's module becomes shards (each forward a collective);
-            # bf16: the trainer keeps float32 master weights, the engine decodes a bf16 copy
-            # (batch-64 SmolLM2 on CPU: ~1,100 tok/s packed bf16 vs ~365 float32, benchmarks/README.md)
-            return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency,
-                            dtype="bfloat16" if bf16 else None, copy_weights=True, inline=not cfg.overlap)
-        # sampling and training take turns: the forward passes run on the training loop's thread
-        # (one OpenMP team; a second thread doing torch work slows both, see HFEngine)
-        return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency, inline=True)
-    from rlft.engines.hf import end_of_turn_ids
-
-    if cfg.engine == "openai":
-        import os
-
-        from rlft.engines.remote import RemoteEngine
-
-        engine = RemoteEngine(cfg.engine_url, cfg.engine_model or cfg.model, tag=tag,
-                              api_key=os.environ.get("RLFT_ENGINE_API_KEY"), max_concurrency=cfg.max_concurrency,
-                              stop_token_ids=end_of_turn_ids(policy.tokenizer, policy.base_model))
-        engine.health()
-        return engine
-    if cfg.engine == "vllm":
-        from rlft.engines.vllm import VLLMEngine
-
-        return VLLMEngine.from_policy(policy, cfg, tag=tag)
-    raise NotImplementedError(f"engine {cfg.engine!r} is not available; use hf, vllm or openai")
-
-
-__all__ = ["SampleAhead", "advantages", "batch_metrics", "checkpoint", "eval_due", "evaluate", "make_engine", "record",
+__all__ = ["SampleAhead", "advantages", "batch_metrics", "checkpoint", "eval_due", "evaluate", "record",
            "report_signal", "sample", "train", "update", "validate_environment"]

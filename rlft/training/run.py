@@ -21,9 +21,10 @@ import gc
 import math
 import random
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rlft import distributed
 from rlft.config import TrainConfig
@@ -264,10 +265,10 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     """Everything after the run row exists, each closer registered on ``stack`` as it opens."""
     import torch
 
+    from rlft.engines import factory  # make_engine looked up at call time: tests replace it
     from rlft.policy import LoraSpec, load_policy
     from rlft.renderer import Renderer
     from rlft.reporting import Reporter
-    from rlft.training import loop as _loop  # make_engine, looked up at call time (tests replace it)
     from rlft.training.checkpoint import load_checkpoint
     from rlft.training.sync import WeightSync
 
@@ -281,7 +282,8 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
 
     # -- model, engine, optimizer ----------------------------------------------------------------
     lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                    target_modules=None if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(","))
+                    target_modules=(None if cfg.lora_target_modules == "all-linear"
+                                    else cfg.lora_target_modules.split(",")))
     # full finetunes keep fp32 master weights and compute under bf16 autocast instead
     weights_dtype = cfg.dtype if cfg.lora else "float32"
     # under torchrun each rank takes its own device (distributed.device()); else the configured one
@@ -293,7 +295,8 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     # weights first: the engine copies them and FSDP2 shards them
     ckpt = _resume_checkpoint(store, run_id, run_dir, policy, progress) if resume else None
     renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
-    engine = _loop.make_engine(cfg, policy, tag=run_id)  # before sharding: an FSDP2 engine copies the whole model
+    # before sharding: an FSDP2 engine copies the whole model
+    engine = factory.make_engine(factory.engine_options(cfg), policy, tag=run_id)
     stack.callback(engine.close)
     # DDP / FSDP2 under torchrun; else policy.model itself
     train_model = distributed.wrap(policy.model, cfg.distributed, bf16=cfg.dtype == "bfloat16")
@@ -301,7 +304,7 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     if cfg.rollout_workers > 0:  # Ray is imported only here
         from rlft.ray_workers import pool_from_config
 
-        rollouts = pool_from_config(cfg, engine, tag=run_id)
+        rollouts = pool_from_config(cfg, engine)
         stack.callback(rollouts.shutdown)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     sampler = Sampler(engine, renderer, params, max_seq_len=cfg.max_seq_len)
