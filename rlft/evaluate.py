@@ -137,4 +137,5 @@ def format_transcript(ro, *, tracebacks: bool = True) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "validate", "message_lines", "ValidationReport", "signal_report", "SignalReport", "format_transcript", "Termination"]
+__all__ = ["evaluate", "validate", "message_lines", "tool_warnings", "ValidationReport", "signal_report",
+           "SignalReport", "format_transcript", "Termination"]

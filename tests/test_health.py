@@ -7,10 +7,18 @@ from __future__ import annotations
 import pytest
 
 from rlft.health import Context, diagnose, diagnose_eval
-from rlft.health.diagnoses import (diagnose_entropy_collapse, diagnose_errors, diagnose_exploiting_subset,
-                                   diagnose_learning_stalled, diagnose_logprob_mismatch, diagnose_no_signal,
-                                   diagnose_reward_hacking, diagnose_tools_never_used, diagnose_trained_on_nothing,
-                                   diagnose_truncation)
+from rlft.health.diagnoses import (
+    diagnose_entropy_collapse,
+    diagnose_errors,
+    diagnose_exploiting_subset,
+    diagnose_learning_stalled,
+    diagnose_logprob_mismatch,
+    diagnose_no_signal,
+    diagnose_reward_hacking,
+    diagnose_tools_never_used,
+    diagnose_trained_on_nothing,
+    diagnose_truncation,
+)
 from rlft.health.thresholds import THRESHOLDS
 
 N = 12

@@ -17,7 +17,8 @@ from pathlib import Path
 
 
 def add_run_commands(cmd) -> None:
-    p = cmd("runs", "list runs and inspect one: runs list | show RUN | metrics RUN | rollouts RUN | logs RUN | health RUN")
+    p = cmd("runs", "list runs and inspect one: runs list | show RUN | metrics RUN | rollouts RUN | logs RUN | "
+                    "health RUN")
     p.add_argument("action", choices=["list", "show", "metrics", "rollouts", "logs", "health"])
     p.add_argument("run", nargs="?", help="run id, name or unique id prefix")
     p.add_argument("--runs", default="runs", help="workspace directory (default ./runs)")
@@ -172,8 +173,8 @@ def _logs(store, run_id: str, args) -> int:
     rows = store.logs(run_id, limit=args.limit)
     errors = {split: error_summary(store, run_id, split=split) for split in ("train", "eval")}
     if args.json:
-        print(json.dumps({"logs": rows, "rollout_errors": {k: {"top": v[0], "rollouts": v[1]} for k, v in errors.items()}},
-                         indent=2, default=str))
+        by_split = {k: {"top": v[0], "rollouts": v[1]} for k, v in errors.items()}
+        print(json.dumps({"logs": rows, "rollout_errors": by_split}, indent=2, default=str))
         return 0
     for r in rows:
         print(f"[{r['level']}] step {r.get('step')} {r.get('source')}: {r['message']}")

@@ -10,7 +10,8 @@ Routes (all GET unless said; ``{run}`` is a run id, name or unique id prefix):
   (:mod:`rlft.health`: name, severity, summary, advice, the chart key and step window, evidence);
 - ``/api/runs/{run}/metrics?keys=a,b&after_step=N``, ``/evals``, ``/rollouts`` (filters: step,
   split (train, eval or all), example, min_reward, max_reward, termination (repeatable), search,
-  component + cmin + cmax, errors, limit, offset), ``/rollouts/{id}``, ``/steps``, ``/heatmap`` (split train, eval or auto), ``/logs``
+  component + cmin + cmax, errors, limit, offset), ``/rollouts/{id}``, ``/steps``,
+  ``/heatmap`` (split train, eval or auto), ``/logs``
   (level, after_id, limit; termination counts), ``/config`` (resolved config, environment source);
 - ``/api/compare?runs=a,b&keys=...`` several runs' series and the config keys that differ;
 - ``/api/chat/models?run=...`` and ``POST /api/chat`` (JSON) proxied to ``serve_url``

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from statistics import fmean, pstdev
-from typing import Any, Iterable
+from typing import Any
 
 DUPLICATE_R = 0.95  # |correlation| at or above which two components say the same thing
 SMALL_SHARE = 0.02  # share of the total's variance below which a component barely steers training

@@ -11,9 +11,9 @@ the ones that apply to a single eval (an external model's, say). Thresholds live
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import fmean
-from typing import Callable
 
 from rlft.health.findings import Evidence, Finding, sort_findings
 from rlft.health.thresholds import MIN_STEPS, THRESHOLDS, WINDOW_FRACTION, WINDOW_MIN
@@ -87,8 +87,8 @@ def diagnose_no_signal(series: Series, ctx: Context) -> Finding | None:
         f"{share:.0%} of groups tied ({why})",
         "give the groups something to disagree on: easier/harder `data`, partial-credit rewards, a larger "
         "`group_size` or a higher `temperature`",
-        "reward/mean", _window(reward), [_ev("reward/mean", reward), _ev("pass@k", passk), _ev("batch/tied_share", tied)],
-        {"tied_share": share})
+        "reward/mean", _window(reward),
+        [_ev("reward/mean", reward), _ev("pass@k", passk), _ev("batch/tied_share", tied)], {"tied_share": share})
 
 
 def diagnose_exploiting_subset(series: Series, ctx: Context) -> Finding | None:
@@ -120,18 +120,17 @@ def diagnose_reward_hacking(series: Series, ctx: Context) -> Finding | None:
         if len(pts) >= MIN_STEPS:
             a, b = ends(pts)
             moves[key] = (mean(b) - mean(a), pts)
-    if len(moves) >= 2:
-        up = max(moves, key=lambda k: moves[k][0])
-        down = min(moves, key=lambda k: moves[k][0])
-        if moves[up][0] >= t["component_rise"] and moves[down][0] <= -t["component_fall"]:
-            pts_up, pts_down = moves[up][1], moves[down][1]
-            return Finding(
-                "reward_hacking", "critical", "one reward component up, another down",
-                f"{up} rose {moves[up][0]:+.3f} while {down} fell {moves[down][0]:+.3f}: the policy may be "
-                f"trading {down.split('/', 1)[1]} for {up.split('/', 1)[1]}",
-                f"read rollouts where {up} is high; lower that component's weight in the environment's rewards "
-                "or cap it (e.g. a length limit)", up, _window(pts_up), [_ev(up, pts_up), _ev(down, pts_down)],
-                {"rising": up, "falling": down})
+    up = max(moves, key=lambda k: moves[k][0]) if len(moves) >= 2 else None
+    down = min(moves, key=lambda k: moves[k][0]) if len(moves) >= 2 else None
+    if up and down and moves[up][0] >= t["component_rise"] and moves[down][0] <= -t["component_fall"]:
+        pts_up, pts_down = moves[up][1], moves[down][1]
+        return Finding(
+            "reward_hacking", "critical", "one reward component up, another down",
+            f"{up} rose {moves[up][0]:+.3f} while {down} fell {moves[down][0]:+.3f}: the policy may be "
+            f"trading {down.split('/', 1)[1]} for {up.split('/', 1)[1]}",
+            f"read rollouts where {up} is high; lower that component's weight in the environment's rewards "
+            "or cap it (e.g. a length limit)", up, _window(pts_up), [_ev(up, pts_up), _ev(down, pts_down)],
+            {"rising": up, "falling": down})
     train, held = points(series, "reward/mean"), points(series, "eval/reward/mean", from_step=0)
     if len(train) >= MIN_STEPS and len(held) >= 2:
         a, b = ends(train)
@@ -143,7 +142,8 @@ def diagnose_reward_hacking(series: Series, ctx: Context) -> Finding | None:
                 f"{held[-1][1]:.3f}: what it learns does not carry over (memorizing, or a reward it can game)",
                 "read train rollouts with high reward; check the reward cannot be met without solving the task, "
                 "or stop at the best held-out checkpoint (`eval_every`, `keep_checkpoints`)",
-                "eval/reward/mean", (held[0][0], held[-1][0]), [_ev("reward/mean", train), _ev("eval/reward/mean", held)])
+                "eval/reward/mean", (held[0][0], held[-1][0]),
+                [_ev("reward/mean", train), _ev("eval/reward/mean", held)])
     return None
 
 
@@ -166,7 +166,8 @@ def diagnose_entropy_collapse(series: Series, ctx: Context) -> Finding | None:
         "entropy_collapse", "critical", "entropy collapse",
         f"policy entropy {e0:.3f} -> {e1:.3f} nats/token{lr} while reward moved {gain:+.3f}: the policy stops "
         "exploring without getting better, and its groups tie",
-        "lower `learning_rate` (or add `warmup_steps`), raise `temperature`, or keep a KL penalty to the base model (`beta`)",
+        "lower `learning_rate` (or add `warmup_steps`), raise `temperature`, or keep a KL penalty to the base "
+        "model (`beta`)",
         "policy/entropy", _window(ent), [_ev("policy/entropy", ent)] + ([_ev("reward/mean", reward)] if reward else []),
         {"early": e0, "late": e1, "reward_gain": gain})
 
@@ -199,9 +200,9 @@ def diagnose_errors(series: Series, ctx: Context) -> Finding | None:
             continue
         a, b = ends(pts)
         s0, s1 = mean(a), mean(b)
-        if (s1 >= t["share"] and s1 - s0 >= t["rise"]) or s1 >= t["high"]:
-            if worst is None or s1 > worst[2]:
-                worst = (key, s0, s1, pts)
+        firing = (s1 >= t["share"] and s1 - s0 >= t["rise"]) or s1 >= t["high"]
+        if firing and (worst is None or s1 > worst[2]):
+            worst = (key, s0, s1, pts)
     if worst is None:
         return None
     key, s0, s1, pts = worst

@@ -38,9 +38,9 @@ def error_summary(store: Any, run_id: str, split: str | None = "train", first_st
         for err in {(e.get("where", "?"), _normal(e.get("message", ""))): e for e in row["errors"]}.items():
             (where, msg), e = err
             counts[(where, msg)] += 1
-            info = seen.setdefault((where, msg), {"where": where, "message": e.get("message", "").strip().splitlines()[0]
-                                                  if e.get("message", "").strip() else "", "first_step": row["step"],
-                                                  "example_id": row["example_id"]})
+            text = e.get("message", "").strip()
+            info = seen.setdefault((where, msg), {"where": where, "message": text.splitlines()[0] if text else "",
+                                                  "first_step": row["step"], "example_id": row["example_id"]})
             info["last_step"] = row["step"]
     out = [seen[k] | {"count": n} for k, n in counts.most_common(top)]
     return out, len(rows)

@@ -19,9 +19,10 @@ THRESHOLDS: dict[str, dict[str, float]] = {
     # reward and pass@k both move less than flat_range over the whole run, and at least tied_share
     # of the groups (on average) have identical rewards for every rollout: GRPO gets no gradient
     "no_signal": {"flat_range": 0.05, "tied_share": 0.5},
-    # late-minus-early mean reward >= reward_rise (0.1 is within the noise of a 4 x 4 batch) while pass@k moves <= pass_flat and stays below
-    # pass_ceiling (above it most prompts are within reach, and reward rising with pass@k flat is the
-    # healthy sharpening of pass@k into pass@1: the tiny run that learns has pass@8 0.85-0.95)
+    # late-minus-early mean reward >= reward_rise (0.1 is within the noise of a 4 x 4 batch) while
+    # pass@k moves <= pass_flat and stays below pass_ceiling (above it most prompts are within reach,
+    # and reward rising with pass@k flat is the healthy sharpening of pass@k into pass@1: the tiny
+    # run that learns has pass@8 0.85-0.95)
     "exploiting_subset": {"reward_rise": 0.2, "pass_flat": 0.02, "pass_ceiling": 0.7},
     # one reward component rises >= component_rise while another falls >= component_fall; or train
     # reward rises >= train_rise while the held-out reward falls >= eval_fall (first to last eval)

@@ -496,8 +496,8 @@ class RunStore:
             if val is not None:
                 where.append(cond)
                 args.append(val)
-        return self._rows(f"SELECT step, split, example_id, group_index, errors FROM rollouts WHERE {' AND '.join(where)} "
-                          "ORDER BY step, example_id, group_index LIMIT ?", [*args, int(limit)])
+        return self._rows(f"SELECT step, split, example_id, group_index, errors FROM rollouts WHERE "
+                          f"{' AND '.join(where)} ORDER BY step, example_id, group_index LIMIT ?", [*args, int(limit)])
 
     def rollout(self, rollout_id: int) -> dict[str, Any]:
         rows = self._rows("SELECT * FROM rollouts WHERE id=?", (int(rollout_id),))
