@@ -87,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from rlft.cli.console import add_console_command
     from rlft.cli.runs import add_run_commands
+    from rlft.cli.sft import add_sft_command
 
     add_run_commands(cmd)
     add_console_command(cmd)
+    add_sft_command(cmd)
     return parser
 
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    handler = globals().get(f"cmd_{args.command}")
+    handler = getattr(args, "handler", None) or globals().get(f"cmd_{args.command}")
     if args.command == "console":
         from rlft.cli.console import cmd_console
 

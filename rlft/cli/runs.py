@@ -87,10 +87,16 @@ def cmd_runs(args) -> int:
         for r in runs:
             latest = store.latest_metrics(r["id"])
             dur = (r.get("finished_at") or time.time()) - (r.get("started_at") or r.get("created_at") or time.time())
-            rows.append((r["id"], r.get("status"), r.get("model"), r.get("environment"), r.get("step"),
-                         f"{latest.get('reward/mean') or 0:.3f}", f"{latest.get('pass@k') or 0:.2f}",
-                         _ts(r.get("created_at")), f"{dur / 60:.1f} min"))
-        print_table(["run", "status", "model", "environment", "step", "reward", "pass@k", "started", "duration"], rows)
+            kind = r.get("kind") or "rl"
+            if kind == "sft":  # no reward: the held-out (else training) loss, and no pass@k
+                loss_key = "eval/loss" if latest.get("eval/loss") is not None else "sft/loss"
+                score, pass_k = f"{loss_key.split('/')[0]} loss {latest.get(loss_key) or 0:.3f}", ""
+            else:
+                score, pass_k = f"{latest.get('reward/mean') or 0:.3f}", f"{latest.get('pass@k') or 0:.2f}"
+            rows.append((r["id"], kind, r.get("status"), r.get("model"), r.get("environment"), r.get("step"),
+                         score, pass_k, _ts(r.get("created_at")), f"{dur / 60:.1f} min"))
+        print_table(["run", "kind", "status", "model", "environment", "step", "reward / loss", "pass@k", "started",
+                     "duration"], rows)
         return 0
     if not args.run:
         raise SystemExit(f"rlft runs {args.action} needs a RUN")
@@ -102,7 +108,7 @@ def cmd_runs(args) -> int:
         if args.json:
             print(json.dumps(run, indent=2, default=str))
             return 0
-        print(f"run {run_id} ({run.get('name')}): {run.get('status')} at step {run.get('step')}")
+        print(f"{run.get('kind', 'rl')} run {run_id} ({run.get('name')}): {run.get('status')} at step {run.get('step')}")
         print(f"  model {run.get('model')}, environment {run.get('environment')}, started {_ts(run.get('started_at'))}")
         if run.get("error"):
             print(f"  FAILED: {run['error']}\n{run.get('traceback') or ''}")
@@ -117,7 +123,8 @@ def cmd_runs(args) -> int:
         if args.json:
             print(json.dumps(series, indent=2))
             return 0
-        keys = [k for k in ("reward/mean", "pass@k", "max@k", "loss/policy", "optim/grad_norm", "time/step") if k in series]
+        keys = [k for k in ("reward/mean", "pass@k", "max@k", "loss/policy", "sft/loss", "eval/loss", "optim/grad_norm",
+                            "time/step") if k in series]
         steps = sorted({s for k in keys for s, _ in series[k]})
         table = {k: dict(series[k]) for k in keys}
         print_table(["step", *keys], [(s, *[f"{table[k].get(s) or 0:.4f}" for k in keys]) for s in steps])

@@ -38,7 +38,8 @@ from typing import Any, Iterable, Iterator
 from rlft.types import Rollout
 
 DB_NAME = "rlft.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+KINDS = ("rl", "sft")
 STATUSES = ("created", "running", "completed", "failed", "stopped")
 LEVELS = ("debug", "info", "warning", "error", "critical")
 BUSY_TIMEOUT_MS = 10_000
@@ -78,7 +79,9 @@ _SCHEMA_V1 = [
 ]
 # Full-text search over message text; left out when this SQLite has no FTS5 (search then uses LIKE).
 _FTS_V1 = "CREATE VIRTUAL TABLE IF NOT EXISTS rollouts_fts USING fts5(text)"
-MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1}
+# v2: the run kind ("rl" | "sft": rlft.sft); runs made before it are RL runs
+_SCHEMA_V2 = ["ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'rl'"]
+MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 _JSON_COLS = {"config", "messages", "rewards", "errors", "example", "logs", "metrics"}
 _RUN_FIELDS = {"name", "status", "model", "environment", "config", "env_source", "started_at",
@@ -169,6 +172,8 @@ class RunStore:
         if version == 0:
             raise RuntimeError(f"{self.path} is not an rlft run store (schema version 0)")
         self._fts = conn.execute("SELECT 1 FROM sqlite_master WHERE name='rollouts_fts'").fetchone() is not None
+        # a read-only store never migrates: an older file (no kind column) reads as all-RL runs
+        self._kind_col = "kind" if any(r[1] == "kind" for r in conn.execute("PRAGMA table_info(runs)")) else "'rl' AS kind"
 
     # -- connections -------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -252,8 +257,11 @@ class RunStore:
 
     # -- writers -----------------------------------------------------------------------------
     def create_run(self, name: str | None = None, config: dict[str, Any] | None = None, model: str = "",
-                   environment: str = "", env_source: str = "") -> str:
-        """A new run in status ``created``; returns its id (``<name-slug>-<rand>`` or ``r-<time>-<rand>``)."""
+                   environment: str = "", env_source: str = "", kind: str = "rl") -> str:
+        """A new run in status ``created``; returns its id (``<name-slug>-<rand>`` or ``r-<time>-<rand>``).
+        ``kind``: "rl" (a training run on an environment) or "sft" (supervised, ``rlft.sft``)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         now = time.time()
         prefix = _slug(name) if name and _slug(name) else "r-" + time.strftime("%y%m%d-%H%M%S", time.localtime(now))
         for _ in range(20):
@@ -261,8 +269,9 @@ class RunStore:
             try:
                 with self._tx() as c:
                     c.execute("INSERT INTO runs (id, name, model, environment, config, env_source, created_at, "
-                              "updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                              (run_id, name or run_id, model, environment, _dumps(config or {}), env_source, now, now))
+                              "updated_at, kind) VALUES (?,?,?,?,?,?,?,?,?)",
+                              (run_id, name or run_id, model, environment, _dumps(config or {}), env_source, now, now,
+                               kind))
                 return run_id
             except sqlite3.IntegrityError:
                 continue
@@ -385,7 +394,8 @@ class RunStore:
     def list_runs(self) -> list[dict[str, Any]]:
         """All runs, newest first, without ``env_source`` and ``traceback`` (see ``get_run``)."""
         return self._rows("SELECT id, name, status, model, environment, config, created_at, started_at, finished_at,"
-                          " updated_at, step, error, stop_requested FROM runs ORDER BY created_at DESC, rowid DESC")
+                          f" updated_at, step, error, stop_requested, {self._kind_col} FROM runs"
+                          " ORDER BY created_at DESC, rowid DESC")
 
     def resolve(self, ref: str) -> str:
         """The run id for an exact id, a name (the newest run of that name) or a unique id prefix."""
@@ -402,7 +412,7 @@ class RunStore:
 
     def get_run(self, ref: str) -> dict[str, Any]:
         """The full run row; ``ref`` as in ``resolve``. Raises ``KeyError`` if none or ambiguous."""
-        return self._rows("SELECT * FROM runs WHERE id=?", (self.resolve(ref),))[0]
+        return {"kind": "rl"} | self._rows("SELECT * FROM runs WHERE id=?", (self.resolve(ref),))[0]
 
     def metrics(self, run_id: str, keys: Iterable[str] | None = None) -> dict[str, list[tuple[int, float | None]]]:
         sql, args = "SELECT key, step, value FROM metrics WHERE run_id=?", [run_id]
