@@ -23,7 +23,8 @@ CHROMIUM = os.environ.get("RLFT_CHROMIUM") or shutil.which("chromium") or shutil
 if not CHROMIUM:
     pytest.skip("no chromium on PATH (apt-get install chromium)", allow_module_level=True)
 
-from test_console_api import CHAT_REPLY, BackgroundServer, fake_names, fake_openai, workspace  # noqa: E402
+from test_console_api import (CHAT_REPLY, BackgroundServer, fake_names, fake_openai, sft_workspace,  # noqa: E402
+                              workspace)
 
 from rlft.console.app import create_app  # noqa: E402
 
@@ -303,3 +304,18 @@ def test_token_mode_keeps_the_token_for_every_call(browser, ws):
             watched.assert_clean()
         finally:
             watched.context.close()
+
+
+def test_an_sft_run_shows_its_kind_and_loss_curves(browser, tmp_path_factory):
+    sft_ws = sft_workspace(tmp_path_factory)
+    with BackgroundServer(create_app(sft_ws.runs, poll_ms=300)) as srv:
+        w = Watched(browser, srv.url)
+        page = w.open("/", "#runs-table tbody tr")
+        assert page.locator("#runs-table tbody tr td:nth-child(3)").all_inner_texts() == ["sft"]
+        page = w.open(f"/run/{sft_ws.run_id}/train", "#train-charts .chart")
+        charts = {title: (n, s) for title, n, s in page.evaluate(CHARTS_JS)}
+        assert charts["SFT loss (train, held-out)"] == (6, 2)  # steps 0-5: eval loss at 0, train loss from 1
+        assert "SFT throughput (tokens/s)" in charts and "Learning rate" in charts
+        w.shot("09-sft")
+        w.assert_clean()
+        w.context.close()
