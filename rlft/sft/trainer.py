@@ -117,6 +117,7 @@ class _Checkpoints:
         self.policy, self.optimizer, self.scheduler = policy, optimizer, scheduler
         self.run_dir = store.run_dir(run_id)
         self.saved: dict[int, Path] = {}
+        self.metrics: dict[int, dict[str, Any]] = {}  # what the store shows beside each checkpoint
         self.periodic: set[int] = set()
         self.best_step: int | None = None
         self.best_loss = math.inf
@@ -127,10 +128,12 @@ class _Checkpoints:
         if step not in self.saved:
             self.saved[step] = save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
                                                extra={"kind": "sft"})
-        self.store.add_checkpoint(self.run_id, step, str(self.saved[step]), metrics=metrics)
+        self.metrics[step] = {**self.metrics.get(step, {}), **metrics}
+        self.store.add_checkpoint(self.run_id, step, str(self.saved[step]), metrics=self.metrics[step])
 
     def remove(self, step: int) -> None:
         shutil.rmtree(self.saved.pop(step), ignore_errors=True)
+        self.metrics.pop(step, None)
         self.store.remove_checkpoint(self.run_id, step)
 
     def new_best(self, step: int, loss: float, metrics: dict[str, Any]) -> None:
@@ -140,7 +143,7 @@ class _Checkpoints:
         if old is not None and old != step and old not in self.periodic:
             self.remove(old)
         elif old is not None and old in self.saved:
-            self.store.add_checkpoint(self.run_id, old, str(self.saved[old]), metrics={"best": False})
+            self.save(old, {"best": False})
 
     def finish(self, step: int, metrics: dict[str, Any]) -> None:
         """The last step: saved unless the run ends on an earlier best; later ones removed."""
