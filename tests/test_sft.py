@@ -322,3 +322,20 @@ def test_cli_sft_user_errors_exit_2_with_one_message(argv, message, random_model
     err = capsys.readouterr().err
     assert message in err and err.startswith("rlft sft: ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "rlft.db").exists() or not RunStore(tmp_path / "runs").list_runs()
+
+
+def test_sft_config_reads_toml_tables_relative_paths_and_set_overrides(tmp_path, capsys):
+    from rlft.config import ConfigError
+    from rlft.sft.config import FIELDS, load_sft_config
+
+    (tmp_path / "demos.jsonl").write_text("{}\n")
+    (tmp_path / "sft.toml").write_text('data = "demos.jsonl"\nsteps = 7\n[lora]\nrank = 8\n')
+    cfg = load_sft_config(tmp_path / "sft.toml", ["steps=9", "keep_best=false"]).resolved()
+    assert (cfg.data, cfg.steps, cfg.lora_rank, cfg.keep_best) == (str(tmp_path / "demos.jsonl"), 9, 8, False)
+    with pytest.raises(ConfigError, match="expects int"):
+        load_sft_config(None, ["steps=many"])
+    with pytest.raises(ConfigError, match="overlong"):
+        load_sft_config(None, {"data": "x", "overlong": "wrap"}).resolved()
+    assert main(["sft", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(k in out for k in FIELDS)
