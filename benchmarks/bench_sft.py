@@ -101,8 +101,12 @@ def arm_hf(args, data_file: str, grouped: bool) -> dict:
     tok = load_policy(model_path(args.model), dtype="bfloat16").tokenizer  # the same tokenizer + template as rlft
     examples, _ = render_transcripts(Renderer(tok), load_transcripts(data_file))
     rows = [{"input_ids": e.ids, "labels": [t if m else -100 for t, m in zip(e.ids, e.mask)]} for e in examples]
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16,
-                                                 **({"gguf_file": gguf} if gguf else {}))
+    kw = {}
+    if gguf:  # the bundled SmolLM2 is a GGUF file: ask for plain dense (trainable) weights, as load_policy does
+        from transformers import GgufConfig
+
+        kw = {"gguf_file": gguf, "quantization_config": GgufConfig(dequantize=True)}
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16, **kw)
     model = get_peft_model(model, LoraSpec(rank=16, alpha=32).to_peft(model))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
