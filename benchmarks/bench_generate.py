@@ -22,15 +22,16 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from rlft.attention import use_fast_attention  # noqa: E402
-from rlft.engines.base import SamplingParams  # noqa: E402
-from rlft.engines.hf import HFEngine  # noqa: E402
-from rlft.policy import load_policy  # noqa: E402
+from rlft.attention import use_fast_attention
+from rlft.engines.base import SamplingParams
+from rlft.engines.hf import HFEngine
+from rlft.policy import load_policy
 
 QUESTION = "Question {i}: what is the capital of France, and why did it become the capital? Answer in a few sentences."
 
@@ -114,13 +115,14 @@ def main() -> None:
         bench_engine(shared, ids[:4], 4)
         if not args.skip_hf_generate:
             bench_hf_generate(model, tok, ids[:4], 2)
-        methods = {"rlft HFEngine": lambda: bench_engine(engine, ids, args.max_new_tokens)}
+        # partial binds this dtype's engines now (a lambda would read the loop's variables when called)
+        methods = {"rlft HFEngine": partial(bench_engine, engine, ids, args.max_new_tokens)}
         if args.unpacked_row:  # the model's own modules: no packed weights
-            methods["HFEngine, not packed"] = lambda: bench_engine(shared, ids, args.max_new_tokens)
+            methods["HFEngine, not packed"] = partial(bench_engine, shared, ids, args.max_new_tokens)
         if args.no_sharing_row:  # every prompt prefilled in full
-            methods["HFEngine, no prefix"] = lambda: bench_engine(plain, ids, args.max_new_tokens)
+            methods["HFEngine, no prefix"] = partial(bench_engine, plain, ids, args.max_new_tokens)
         if not args.skip_hf_generate:
-            methods["HF model.generate"] = lambda: bench_hf_generate(model, tok, ids, args.max_new_tokens)
+            methods["HF model.generate"] = partial(bench_hf_generate, model, tok, ids, args.max_new_tokens)
         if args.lora:  # what training samples from: LoRA r=16 on all projections, merged copy vs through peft
             from rlft.policy import LoraSpec
 
@@ -129,8 +131,8 @@ def main() -> None:
                               inline=True, merge_lora=True)
             through = HFEngine(lora_policy.model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0,
                                inline=True)
-            methods["HFEngine LoRA merged"] = lambda: bench_engine(merged, ids, args.max_new_tokens)
-            methods["HFEngine LoRA peft"] = lambda: bench_engine(through, ids, args.max_new_tokens)
+            methods["HFEngine LoRA merged"] = partial(bench_engine, merged, ids, args.max_new_tokens)
+            methods["HFEngine LoRA peft"] = partial(bench_engine, through, ids, args.max_new_tokens)
         best: dict[str, tuple[float, int]] = {}
         for r in range(args.repeat):  # interleaved, best of N: contention only ever slows a run down
             for name, fn in methods.items():
@@ -138,8 +140,8 @@ def main() -> None:
                 print(f"  [{r + 1}/{args.repeat}] {name} {dtype}: {n / dt:.0f} tok/s ({dt:.1f} s)", flush=True)
                 if name not in best or dt < best[name][0]:
                     best[name] = (dt, n)
-        for name in ("HF model.generate", "rlft HFEngine", "HFEngine, not packed", "HFEngine, no prefix", "HFEngine LoRA merged",
-                     "HFEngine LoRA peft"):
+        for name in ("HF model.generate", "rlft HFEngine", "HFEngine, not packed", "HFEngine, no prefix",
+                     "HFEngine LoRA merged", "HFEngine LoRA peft"):
             if name in best:
                 rows.append((name, dtype, args.batch, best[name][1], best[name][0]))
         print(f"  engine stats: {engine.stats}", flush=True)

@@ -11,8 +11,8 @@ import argparse
 import asyncio
 import time
 
-from rlft.renderer import Renderer
 from rlft.env import Environment, Sampler
+from rlft.renderer import Renderer
 from rlft.testing import ScriptedPolicy
 from rlft.testing.tokenizer import build_tiny_tokenizer
 from rlft.tools import tool

@@ -47,7 +47,8 @@ def transcripts(n: int, seed: int) -> list[dict]:
     t = TASKS["max"]
     schemas = [tool(f).schema() for f in t.tools]
     rng = random.Random(seed)
-    words = "the model learns to call its tools before reinforcement learning starts from a warm policy".split()
+    words = ["the", "model", "learns", "to", "call", "its", "tools", "before", "reinforcement", "learning",
+             "starts", "from", "a", "warm", "policy"]
     out = []
     for i, row in enumerate(t.rows(n, seed, part="sft")):
         if i % 2 == 0:
@@ -176,7 +177,8 @@ def main() -> None:
     p.add_argument("--arms", default="rlft,hf,hf-grouped")
     p.add_argument("--rounds", type=int, default=1, help="run the arms this many times, interleaved (shared machines)")
     # on a busy shared CPU, two spinning OpenMP threads per process were measured 2-3x slower than one
-    p.add_argument("--threads", type=int, default=1, help="torch threads per arm (default 1; the cores on an idle machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per arm (default 1; the cores on an idle machine)")
     p.add_argument("--arm", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -194,7 +196,8 @@ def main() -> None:
     tokens = sum(len(e.ids) for e in examples)
     lengths = sorted(len(e.ids) for e in examples)
     print(f"{len(examples)} sequences, {tokens} tokens (length {lengths[0]}..{lengths[-1]}, median "
-          f"{lengths[len(lengths) // 2]}), {args.batch} per step, {args.threads} torch thread(s) on {os.cpu_count()} cores, "
+          f"{lengths[len(lengths) // 2]}), {args.batch} per step, {args.threads} torch thread(s) on "
+          f"{os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for arm in [a for _ in range(args.rounds) for a in args.arms.split(",")]:

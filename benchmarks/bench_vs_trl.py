@@ -1,6 +1,6 @@
 """rlft vs TRL's GRPOTrainer: same model, data, reward, group size, batch, max tokens and steps, on CPU.
 
-    python benchmarks/bench_vs_trl.py --model tiny --steps 10            # rlft.testing.pretrained "max" task, full finetune
+    python benchmarks/bench_vs_trl.py --model tiny --steps 10     # rlft.testing.pretrained "max" task, full finetune
     python benchmarks/bench_vs_trl.py --model smollm2 --steps 5          # the demo task, LoRA r16
     python benchmarks/bench_vs_trl.py --model smollm2 --only rlft,trl-bf16 --steps 3
 
@@ -50,7 +50,6 @@ def task(model: str, n_eval: int):
         env, rows = task_environment("max", n=512)
         return env, rows[n_eval:], rows[:n_eval], correct_answer, build_pretrained_tiny(task="max", seed=0), False
     import rlft.demo as demo
-
     from rlft.config import load_config
     from rlft.loader import load_splits
 
@@ -61,11 +60,11 @@ def task(model: str, n_eval: int):
 
 def heldout(model, tokenizer, env, rows, seed: int = 1234) -> float:
     """Mean reward over ``rows`` at temperature 1, k=1, through rlft's engine and evaluator."""
-    from rlft.renderer import Renderer
     from rlft.engines.base import SamplingParams
     from rlft.engines.hf import HFEngine
     from rlft.env import Sampler
     from rlft.evaluate import evaluate
+    from rlft.renderer import Renderer
 
     was_training = model.training
     engine = HFEngine(model, tokenizer, max_batch_size=256)
@@ -105,7 +104,8 @@ def run_rlft(a, env, train_rows, eval_rows, model_path, lora) -> dict:
     dmax = [v for _, v in m.get("sync/logprob_diff_max", []) if v is not None]
     shutil.rmtree(runs, ignore_errors=True)
     return {"step_s": step_s, "evals": evals, "wall": wall,
-            "logprob_diff_mean": sum(diffs) / len(diffs) if diffs else None, "logprob_diff_max": max(dmax) if dmax else None}
+            "logprob_diff_mean": sum(diffs) / len(diffs) if diffs else None,
+            "logprob_diff_max": max(dmax) if dmax else None}
 
 
 def _stock_attention(model) -> None:
@@ -153,7 +153,8 @@ def run_trl(a, variant, env, train_rows, eval_rows, model_path, lora, reward_fn)
     if lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
     times: list[float] = []
     evals: dict[int, float] = {}
     eval_s = [0.0]
@@ -234,7 +235,8 @@ def main() -> None:
     for name, r in results.items():
         ratio = f"{per_step(r) / per_step(base):.2f}x" if base else "-"
         after = r["evals"].get(a.steps)
-        lp = (f"{r['logprob_diff_mean']:.4f} / {r['logprob_diff_max']:.3f}" if r["logprob_diff_mean"] is not None else "-")
+        lp = (f"{r['logprob_diff_mean']:.4f} / {r['logprob_diff_max']:.3f}"
+              if r["logprob_diff_mean"] is not None else "-")
         print(f"| {name} | {per_step(r):.1f} | {ratio} | {after:.3f} | {to_threshold(r)} | {lp} |")
     if base:
         print(f"held-out reward before training (rlft's eval at step 0): {base['evals'].get(0, float('nan')):.3f}")

@@ -99,7 +99,10 @@ def _whole_buffers(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | 
     cached = getattr(_bias_cache, "entry", None)
     if cached is not None and cached[0] is mask and cached[1] == (cap, L, q):
         return kbuf, vbuf, cached[2]
-    allowed = mask if mask is not None else torch.ones(q, L, dtype=torch.bool, device=key.device).tril(L - q)[None, None]
+    if mask is not None:
+        allowed = mask
+    else:
+        allowed = torch.ones(q, L, dtype=torch.bool, device=key.device).tril(L - q)[None, None]
     bias = torch.full((*allowed.shape[:-1], cap), _NEG, dtype=torch.float32, device=key.device)
     bias[..., :L].masked_fill_(allowed, 0.0)
     _bias_cache.entry = (mask, (cap, L, q), bias)  # holds the mask: its id is not reused meanwhile

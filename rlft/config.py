@@ -18,18 +18,38 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from rlft.errors import UserError
+
 # Each preset sets the loss fields left at "auto". Defaults for small models on small data:
 # - token-mean aggregation (DAPO): long and short answers weigh per token, no length bias;
 # - no std normalization (Dr.GRPO): dividing by a group's std up-weights nearly-solved and
 #   nearly-hopeless prompts, which on small data are most of the noise;
 # - clip-higher eps_high=0.28 (DAPO): lets rare good tokens grow, against entropy collapse.
 ALGORITHMS: dict[str, dict[str, Any]] = {
-    "grpo": {"baseline": "mean", "std_normalize": True, "loss_agg": "seq_mean_token_mean", "ratio_level": "token", "eps_low": 0.2, "eps_high": 0.2},
-    "dr_grpo": {"baseline": "mean", "std_normalize": False, "loss_agg": "seq_mean_token_sum_norm", "ratio_level": "token", "eps_low": 0.2, "eps_high": 0.2},
-    "dapo": {"baseline": "mean", "std_normalize": True, "loss_agg": "token_mean", "ratio_level": "token", "eps_low": 0.2, "eps_high": 0.28},
-    "gspo": {"baseline": "mean", "std_normalize": True, "loss_agg": "seq_mean_token_mean", "ratio_level": "sequence", "eps_low": 3e-4, "eps_high": 4e-4},
-    "rloo": {"baseline": "rloo", "std_normalize": False, "loss_agg": "token_mean", "ratio_level": "token", "eps_low": 0.2, "eps_high": 0.2},
-    "rlft": {"baseline": "mean", "std_normalize": False, "loss_agg": "token_mean", "ratio_level": "token", "eps_low": 0.2, "eps_high": 0.28},
+    "grpo": {
+        "baseline": "mean", "std_normalize": True, "loss_agg": "seq_mean_token_mean",
+        "ratio_level": "token", "eps_low": 0.2, "eps_high": 0.2,
+    },
+    "dr_grpo": {
+        "baseline": "mean", "std_normalize": False, "loss_agg": "seq_mean_token_sum_norm",
+        "ratio_level": "token", "eps_low": 0.2, "eps_high": 0.2,
+    },
+    "dapo": {
+        "baseline": "mean", "std_normalize": True, "loss_agg": "token_mean",
+        "ratio_level": "token", "eps_low": 0.2, "eps_high": 0.28,
+    },
+    "gspo": {
+        "baseline": "mean", "std_normalize": True, "loss_agg": "seq_mean_token_mean",
+        "ratio_level": "sequence", "eps_low": 3e-4, "eps_high": 4e-4,
+    },
+    "rloo": {
+        "baseline": "rloo", "std_normalize": False, "loss_agg": "token_mean",
+        "ratio_level": "token", "eps_low": 0.2, "eps_high": 0.2,
+    },
+    "rlft": {
+        "baseline": "mean", "std_normalize": False, "loss_agg": "token_mean",
+        "ratio_level": "token", "eps_low": 0.2, "eps_high": 0.28,
+    },
 }
 
 
@@ -114,7 +134,7 @@ class TrainConfig:
     progress: bool = True  # rich progress bar
 
     # -- resolution ----------------------------------------------------------------------
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with the algorithm preset applied to the fields left at auto."""
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm {self.algorithm!r} is not one of: {', '.join(ALGORITHMS)}")
@@ -140,7 +160,8 @@ class TrainConfig:
         if out.rollout_workers < 0:
             raise ConfigError(f"rollout_workers must be 0 (in-process) or more, got {out.rollout_workers}")
         if out.rollout_workers > 0 and out.engine != "openai":
-            raise ConfigError(f"rollout_workers = {out.rollout_workers} needs engine = \"openai\" (a server the Ray actors "
+            raise ConfigError(f"rollout_workers = {out.rollout_workers} needs engine = \"openai\" "
+                              "(a server the Ray actors "
                               f"can reach: rlft serve, or vllm serve --enable-lora), not engine = {out.engine!r}: the "
                               "in-process HF engine and the colocated vLLM engine cannot be shared with actors")
         for k in ("batch_size", "group_size", "steps", "max_seq_len", "micro_batch_tokens", "epochs"):
@@ -155,8 +176,8 @@ class TrainConfig:
         Path(path).write_text(to_toml(self.to_dict()))
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config that cannot be used; the message names the key (or file) and the valid choices."""
 
 
 def _check_choice(cfg: TrainConfig, key: str, choices: tuple[str, ...]) -> None:

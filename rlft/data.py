@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rlft.errors import UserError
 from rlft.types import Message
 
 __all__ = ["Dataset", "DatasetError", "initial_messages", "load_dataset"]
@@ -51,7 +52,7 @@ _NOTES = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be used; the message names the source, row and field, and the fix."""
 
 
@@ -218,7 +219,7 @@ def _row_problems(row: Any) -> list[tuple[str, str]]:
     return out
 
 
-def load_dataset(source: Any, *, name: str | None = None) -> "Dataset":
+def load_dataset(source: Any, *, name: str | None = None) -> Dataset:
     """Load and validate rows from a path, a list of dicts, a ``datasets.Dataset``, or a
     :class:`Dataset` (returned as is). ``name`` labels errors; it defaults to the path."""
     if isinstance(source, Dataset):
@@ -288,7 +289,7 @@ class Dataset(Sequence):
         return f"Dataset({self.name!r}, {len(self)} examples)"
 
     def split(self, eval_fraction: float | None = None, *, eval_size: int | None = None,
-              seed: int = 0) -> tuple["Dataset", "Dataset"]:
+              seed: int = 0) -> tuple[Dataset, Dataset]:
         """(train, eval): disjoint, covering, in source order. Rows' own ``split`` field decides
         when present; otherwise ``eval_size`` examples, or ``eval_fraction`` (default 0.2, at
         least 1) of them, chosen by ``seed`` from their ``example_id``s."""

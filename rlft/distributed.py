@@ -45,8 +45,9 @@ import dataclasses
 import os
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 __all__ = ["init", "cleanup", "is_distributed", "world_size", "rank", "local_rank", "is_main", "device", "check",
            "shard", "all_reduce_sum", "all_reduce_max", "broadcast_object", "gather_groups", "wrap", "unwrap",

@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rlft.env import Environment, Sampler
+from rlft.env import Environment
+from rlft.episode import TurnSampler
 from rlft.metrics import group_metrics, zero_variance_share
 from rlft.rewards import FAILED
 from rlft.types import Group, Termination
 
 
-async def evaluate(env: Environment, examples: list[dict[str, Any]], sampler: Sampler, *, k: int = 4,
+async def evaluate(env: Environment, examples: list[dict[str, Any]], sampler: TurnSampler, *, k: int = 4,
                    temperature: float | None = None, success_threshold: float = 0.0,
                    max_concurrency: int = 256) -> tuple[dict[str, float], list[Group]]:
     """(metrics, groups) for k samples per example."""
@@ -45,7 +46,8 @@ class ValidationReport:
         return not self.problems
 
 
-async def validate(env: Environment, example: dict[str, Any], sampler: Sampler, group_size: int = 2) -> ValidationReport:
+async def validate(env: Environment, example: dict[str, Any], sampler: TurnSampler,
+                   group_size: int = 2) -> ValidationReport:
     """One group of ``group_size`` rollouts end to end; problems listed in plain words."""
     groups = await env.run_groups([example], sampler, group_size)
     problems = []
@@ -89,8 +91,9 @@ def signal_report(groups: list[Group], success_threshold: float = 0.0, threshold
     return SignalReport(metrics=metrics, zero_variance_share=share, warnings=warnings)
 
 
-def format_transcript(ro) -> str:
-    """Plain-text transcript of one rollout (for the terminal)."""
+def format_transcript(ro, *, tracebacks: bool = True) -> str:
+    """Plain-text transcript of one rollout (for the terminal); ``tracebacks=False``: errors by
+    their message only (the run's logs keep the tracebacks)."""
     lines = [f"--- rollout {ro.group_index}: {ro.termination}, reward {ro.reward:.3f} {ro.rewards}"]
     for m in ro.messages:
         role = m.get("role", "?")
@@ -101,7 +104,7 @@ def format_transcript(ro) -> str:
             lines.append(f"  -> call {fn.get('name')}({fn.get('arguments')})")
     for err in ro.errors:
         lines.append(f"!! {err.where}: {err.message}")
-        if err.traceback:
+        if err.traceback and tracebacks:
             lines.append(err.traceback.rstrip())
     return "\n".join(lines)
 

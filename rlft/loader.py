@@ -19,6 +19,17 @@ from typing import Any
 from rlft.config import ConfigError, TrainConfig
 from rlft.data import Dataset, load_dataset
 from rlft.env import Environment
+from rlft.errors import EnvironmentLoadError
+
+
+def _user_frames(e: BaseException) -> str:
+    """The traceback lines of an import failure that are in the user's own files (not rlft's,
+    not the standard library's): where to look, without the machinery around it."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "importlib" not in f.filename and "/rlft/" not in f.filename]
+    return "".join(traceback.format_list(frames)).rstrip()
 
 
 def load_environment(spec: str) -> tuple[Environment, Any, str]:
@@ -37,6 +48,12 @@ def load_environment(spec: str) -> tuple[Environment, Any, str]:
         sys.path.insert(0, str(path.parent.resolve()))  # sibling imports (helpers next to env.py)
         try:
             mod_spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise EnvironmentLoadError(f"environment file {e.filename or path}, line {e.lineno}: {e.msg}\n"
+                                       f"    {(e.text or '').strip()}") from e
+        except Exception as e:
+            raise EnvironmentLoadError(f"environment file {path} failed to import: {type(e).__name__}: {e}\n"
+                                       f"{_user_frames(e)}") from e
         finally:
             sys.path.remove(str(path.parent.resolve()))
         source = path.read_text()

@@ -7,18 +7,56 @@ rollouts that succeed. Left out: anything that needs a model or the store.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from statistics import fmean, pstdev
 
 from rlft.types import Group
 
-KEYS = [
+# group_metrics(): a batch's reward and rollout statistics, for training steps and evals alike.
+# time/rollout is the mean of a per-rollout number the environment records for every rollout.
+GROUP_KEYS = [
     "reward/mean", "reward/std", "reward/max", "pass@k", "max@k", "solve_rate",
     "response/length", "response/truncated_ratio", "rollout/turns", "rollout/tool_calls", "rollout/errors",
-    "loss/policy", "loss/kl", "policy/entropy", "policy/clip_ratio", "optim/grad_norm", "optim/lr",
-    "time/generate", "time/score", "time/train", "time/step", "throughput/tokens_per_s", "batch/skipped_groups",
-    "batch/zero_variance_groups", "sync/logprob_diff_mean", "sync/logprob_diff_max",
+    "batch/zero_variance_groups", "time/rollout",
 ]
+# evaluate() adds these to the group statistics; the trainer stores every eval key as eval/<key>
+EVAL_KEYS = ["time/eval", "examples", "k"]
+# The fixed keys the trainer stores as metric series (display order): the step's group statistics,
+# the update's (rlft.training.update), the weight sync's (rlft.training.sync), the loop's clocks,
+# then the evals'. Checked against a real run by tests/test_metrics_keys.py.
+KEYS = GROUP_KEYS + [
+    "loss/policy", "loss/kl", "policy/entropy", "policy/clip_ratio", "optim/grad_norm", "optim/lr",
+    "batch/skipped_groups", "batch/trained_sequences",
+    "sync/logprob_diff_mean", "sync/logprob_diff_max", "sync/policy_lag", "sync/policy_lag_max",
+    "sync/probe_logprob_diff", "sync/probe_logprob_diff_max", "rollout/worker",
+    "time/generate", "time/train", "time/step", "throughput/tokens_per_s",
+] + [f"eval/{k}" for k in GROUP_KEYS + EVAL_KEYS]
+# KEYS that only some configurations emit, and why (every other entry is in every run's metrics)
+OPTIONAL = {
+    "sync/probe_logprob_diff": "the engine holds its own copy of the weights (overlap, LoRA's merged copy, a "
+                               "server or vLLM) and sync_check is on; a full finetune's HF engine without overlap "
+                               "runs the trainer's own module: nothing to probe",
+    "sync/probe_logprob_diff_max": "as sync/probe_logprob_diff",
+    "rollout/worker": "rollout_workers > 0: the Ray rollout pool records each rollout's actor (rlft.ray_workers)",
+}
+# Families whose names depend on the environment, its judges and external models (<...>: any one
+# path segment), in the step's metrics and, prefixed eval/, in the evals'.
+PATTERNS = [
+    "reward/<component>",      # mean of each reward function's score (its name)
+    "termination/<reason>",    # share of rollouts that ended so (rlft.types.Termination values)
+    "judge/<stat>",            # LLM judges, per rollout (rlft.rewards.judge): requests, tokens, cache_hits, ...
+    "judge/<stat>_total",      # the same summed over the batch (all but judge/latency)
+    "usage/<stat>",            # an external chat model's prompt/completion tokens, requests, cost, latency
+]
+# `rlft eval` also writes cost/total_usd, cost/per_request_usd, tokens/prompt and tokens/completion to its
+# eval row (rlft.cli.main); those are not metric series.
+_PATTERN_RES = [re.compile("(eval/)?" + re.sub("<[^>]+>", "[^/]+", re.escape(p))) for p in PATTERNS]
+
+
+def is_known(key: str) -> bool:
+    """Whether ``key`` is one of KEYS or matches one of PATTERNS (alone or under eval/)."""
+    return key in KEYS or any(r.fullmatch(key) for r in _PATTERN_RES)
 
 
 def group_metrics(groups: list[Group], success_threshold: float = 0.0) -> dict[str, float]:

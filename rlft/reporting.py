@@ -46,7 +46,8 @@ class Reporter:
 
         mlflow.start_run(run_name=run_id)
         mlflow.log_params({k: v for k, v in config.items() if v not in ("", None)})
-        self._sinks.append(lambda step, m: mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in m.items()}, step=step))
+        self._sinks.append(
+            lambda step, m: mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in m.items()}, step=step))
         self._closers.append(mlflow.end_run)
 
     def _open_trackio(self, run_id, run_dir, config):

@@ -155,7 +155,8 @@ Edit env.py (system prompt, tools, rewards) and data.jsonl (rows with prompt, gr
 '''
 
 
-def init_project(path: str | Path, template: str = "extraction", rows: int = 232, seed: int = 0, steps: int = 20) -> Path:
+def init_project(path: str | Path, template: str = "extraction", rows: int = 232, seed: int = 0,
+                 steps: int = 20) -> Path:
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
     out = Path(path)

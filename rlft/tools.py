@@ -32,9 +32,9 @@ import threading
 import time
 import traceback as _tb
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import to_jsonable_python
@@ -155,16 +155,16 @@ def tool_schemas(tools: Mapping[str, Tool] | Iterable[Tool]) -> list[dict[str, A
 
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
     """Resolved annotations (string ones too, under ``from __future__ import annotations``)."""
-    fn = fn if inspect.isroutine(fn) else getattr(type(fn), "__call__", fn)  # a callable object
+    fn = fn if inspect.isroutine(fn) else type(fn).__call__  # a callable object: its __call__'s hints
     try:
         return typing.get_type_hints(fn, include_extras=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unresolvable annotation raises anything (NameError, TypeError...)
         pass  # one unresolvable name fails them all: resolve one by one, leave failures as str
     hints: dict[str, Any] = {}
     for pname, ann in getattr(fn, "__annotations__", {}).items():
         try:
             hints[pname] = eval(ann, getattr(fn, "__globals__", {})) if isinstance(ann, str) else ann
-        except Exception:
+        except Exception:  # noqa: BLE001 - the user's annotation text: keep it as a string when it won't evaluate
             hints[pname] = ann
     return hints
 
@@ -289,7 +289,7 @@ def _parse_entries(body: list[str], style: str) -> dict[str, str]:
     """Entries of one parameter section: an entry starts at the section's margin (reST: at a
     ``:field:``); more-indented lines continue it. Wrapped text is joined with spaces."""
     entries: list[tuple[list[str], list[str]]] = []  # (names, text lines)
-    margin = min((len(l) - len(l.lstrip()) for l in body if l.strip()), default=0)
+    margin = min((len(line) - len(line.lstrip()) for line in body if line.strip()), default=0)
     for line in body:
         stripped = line.strip()
         at_margin = bool(stripped) and len(line) - len(line.lstrip()) == margin
@@ -351,7 +351,7 @@ async def execute_tool_call(
         text = _to_text(value)
     except _ToolTimeout:
         return result(f"Error: tool {t.name!r} timed out after {limit:g} s.", error="timeout")
-    except (Exception, SystemExit) as exc:  # a tool calling sys.exit must not end the run
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a tool's failure (sys.exit too) must not end the run
         exc = exc.__cause__ if isinstance(exc, _ToolExit) else exc
         msg = f"{type(exc).__name__}: {exc}"
         tb = "".join(_tb.format_exception(type(exc), exc, exc.__traceback__))
@@ -389,7 +389,9 @@ async def _contain_exit(coro: Awaitable[Any]) -> Any:
 async def _run(t: Tool, kwargs: dict[str, Any], limit: float | None) -> Any:
     start = time.monotonic()
     fn = t.fn
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+    is_async = inspect.iscoroutinefunction(fn) or (
+        not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__))  # an object with async __call__
+    if is_async:
         value = await _wait(asyncio.ensure_future(_contain_exit(fn(**kwargs))), limit)
     else:
         value = await _wait(_in_daemon_thread(fn, kwargs, t.name), limit)
@@ -430,7 +432,7 @@ def _in_daemon_thread(fn: Callable[..., Any], kwargs: dict[str, Any], name: str)
     def target() -> None:
         try:
             ok, value = True, ctx.run(fn, **kwargs)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's loop, which re-raises it there
             ok, value = False, exc
         try:
             loop.call_soon_threadsafe(settle, ok, value)

@@ -86,7 +86,7 @@ class RolloutError:
     traceback: str = ""
 
     @classmethod
-    def from_exception(cls, where: str, exc: BaseException) -> "RolloutError":
+    def from_exception(cls, where: str, exc: BaseException) -> RolloutError:
         tb = "".join(_tb.format_exception(type(exc), exc, exc.__traceback__))
         return cls(where=where, message=f"{type(exc).__name__}: {exc}", traceback=tb)
 

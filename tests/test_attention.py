@@ -14,7 +14,7 @@ from rlft.testing.models import build_tiny_model
 
 @pytest.fixture(scope="module")
 def pair():
-    model, tok = build_tiny_model(seed=3, hidden=64, heads=4, kv_heads=2, layers=2)
+    model, _ = build_tiny_model(seed=3, hidden=64, heads=4, kv_heads=2, layers=2)
     model.eval()
     fast = copy.deepcopy(model)
     assert attention.use_fast_attention(fast)

@@ -16,11 +16,6 @@ TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add.",
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
-
-
 def test_hermes_parser_extracts_calls_and_keeps_surrounding_text():
     text = 'Let me add.\n<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n<tool_call>\n{"name": "echo", "arguments": {}}\n</tool_call>'
     content, calls = parse_hermes(text)
@@ -76,21 +71,21 @@ def test_parser_is_detected_from_the_chat_template():
     assert detect_parser(None) == "hermes"
 
 
-def test_tokenizer_without_chat_template_fails_with_advice(tok):
+def test_tokenizer_without_chat_template_fails_with_advice(tiny_tokenizer):
     bare = build_tiny_tokenizer()
     bare.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         Renderer(bare)
 
 
-def test_template_with_tool_support_gets_schemas_through_tools_argument(tok):
-    r = Renderer(tok)
+def test_template_with_tool_support_gets_schemas_through_tools_argument(tiny_tokenizer):
+    r = Renderer(tiny_tokenizer)
     assert r.tool_format == "template" and r.parser_name == "hermes"
     text = r.render_text([{"role": "user", "content": "hi"}], TOOLS, add_generation_prompt=True)
     assert '"name": "add"' in text and text.endswith("<|im_start|>assistant\n")
 
 
-def test_template_without_tool_support_gets_schemas_in_system_prompt(tok):
+def test_template_without_tool_support_gets_schemas_in_system_prompt(tiny_tokenizer):
     t = build_tiny_tokenizer()
     t.chat_template = SMOLLM_LIKE_TEMPLATE
     r = Renderer(t)
@@ -106,14 +101,14 @@ def test_template_without_tool_support_gets_schemas_in_system_prompt(tok):
     assert "<|im_start|>tool\n3<|im_end|>" in text
 
 
-def test_turn_end_is_split_into_end_of_turn_token_and_glue(tok):
-    r = Renderer(tok)
+def test_turn_end_is_split_into_end_of_turn_token_and_glue(tiny_tokenizer):
+    r = Renderer(tiny_tokenizer)
     assert (r.eot_text, r.glue) == ("<|im_end|>", "\n")
-    assert r.eos_token_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert r.eos_token_ids == [tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
-def test_continuation_tokens_complete_the_template_rendering(tok):
-    r = Renderer(tok)
+def test_continuation_tokens_complete_the_template_rendering(tiny_tokenizer):
+    r = Renderer(tiny_tokenizer)
     history = [{"role": "user", "content": "2+3?"}]
     prompt = r.render_prompt(history, TOOLS)
     sampled = r.encode('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>') + r.eos_token_ids
@@ -121,15 +116,15 @@ def test_continuation_tokens_complete_the_template_rendering(tok):
     history = history + [msg]
     new = [{"role": "tool", "content": "5", "tool_call_id": calls[0].id}]
     cont = r.continuation_ids(history, new, TOOLS, ended_with_eot=True)
-    full = tok.decode(prompt + sampled + cont, skip_special_tokens=False)
+    full = tiny_tokenizer.decode(prompt + sampled + cont, skip_special_tokens=False)
     assert full == r.render_text(history + new, TOOLS, add_generation_prompt=True)
 
 
-def test_continuation_after_a_stop_string_adds_the_missing_end_of_turn_token(tok):
-    r = Renderer(tok)
+def test_continuation_after_a_stop_string_adds_the_missing_end_of_turn_token(tiny_tokenizer):
+    r = Renderer(tiny_tokenizer)
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     cont = r.continuation_ids(history, [{"role": "user", "content": "again"}], None, ended_with_eot=False)
-    assert tok.decode(cont, skip_special_tokens=False) == "<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
+    assert tiny_tokenizer.decode(cont, skip_special_tokens=False) == "<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_tool_results_render_as_user_turns_when_the_template_rejects_a_tool_role():

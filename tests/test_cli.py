@@ -24,15 +24,12 @@ ENV = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    from rlft.testing.models import save_tiny_model
-
+def project(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("cli")
-    save_tiny_model(str(d / "model"))
     (d / "env.py").write_text(ENV)
     (d / "config.toml").write_text(textwrap.dedent(f'''
         env = "env.py"
-        model = "{d / 'model'}"
+        model = "{tiny_model_dir}"
         dtype = "float32"
         runs_dir = "{d / 'runs'}"
         steps = 2
@@ -105,8 +102,12 @@ def test_train_then_inspect_eval_and_export(project, capsys, tmp_path):
 
 
 def test_failed_run_records_reason_and_traceback(project, capsys):
-    with pytest.raises(RuntimeError, match="validation failed"):
-        main(["train", str(project / "config.toml"), "--set", f"env={project / 'env.py'}:bad_env", "--set", "run_name=doomed"])
+    # a user error: one message with what to do, exit code 2, no traceback (it is in the run's logs)
+    assert main(["train", str(project / "config.toml"), "--set", f"env={project / 'env.py'}:bad_env",
+                 "--set", "run_name=doomed"]) == 2
+    err = capsys.readouterr().err
+    assert "validation failed" in err and "What to do" in err and "validate = false" in err
+    assert "Traceback" not in err
     store = RunStore(project / "runs", readonly=True)
     run = store.get_run("doomed")
     assert run["status"] == "failed" and "validation failed" in run["error"] and "ZeroDivisionError" in run["traceback"]
@@ -141,12 +142,12 @@ def test_bad_inputs_fail_before_training_with_advice(project):
 
 
 @pytest.mark.parametrize("template", ["extraction", "tools"])
-def test_init_scaffolds_a_project_that_validates(tmp_path, project, template, capsys):
+def test_init_scaffolds_a_project_that_validates(tmp_path, tiny_model_dir, template, capsys):
     out = tmp_path / f"proj-{template}"
     assert main(["init", str(out), "--template", template]) == 0
     assert {p.name for p in out.iterdir()} == {"env.py", "data.jsonl", "config.toml", "README.md"}
     # validate it end to end (the tiny model stands in for the demo model to keep the test fast)
-    code = main(["validate", str(out / "config.toml"), "--set", f"model={project / 'model'}", "--set", "dtype=float32"])
+    code = main(["validate", str(out / "config.toml"), "--set", f"model={tiny_model_dir}", "--set", "dtype=float32"])
     assert code == 0, capsys.readouterr().out
     with pytest.raises(FileExistsError):
         main(["init", str(out)])

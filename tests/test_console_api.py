@@ -1,6 +1,7 @@
 """rlft console: every JSON route, the chat proxy, and the security rules, over a run store made by
 a real tiny-model training run (plus a failed run, a live run and hand-written rollouts carrying
-XSS payloads). ``workspace()`` and ``BackgroundServer`` are shared with test_console_browser.py."""
+XSS payloads). ``build_workspace()`` (built once per session: conftest's ``console_workspace``) and
+``BackgroundServer`` are shared with test_console_browser.py."""
 
 import json
 import socket
@@ -53,7 +54,6 @@ ENV = textwrap.dedent('''
     dataset = [{"prompt": f"write {i}", "ground_truth": str(i)} for i in range(12)]
 ''') % XSS
 CHAT_REPLY = ["Hello", " from", " the", " fake", " model", " <img src=x onerror=\"alert('xss-chat')\">"]
-_CACHE: dict = {}
 
 
 def xss_rollouts() -> list[Rollout]:
@@ -80,13 +80,12 @@ def xss_rollouts() -> list[Rollout]:
                     turns=1, example_id=100, group_index=1)]
 
 
-def build_workspace(d: Path) -> SimpleNamespace:
+def build_workspace(d: Path, model: str) -> SimpleNamespace:
     """A run store with a completed tiny-model run (evals at 0, 2, 3; a checkpoint), a failed run,
     a 'running' run written by hand, XSS rollouts/logs and an external model's eval."""
-    from rlft.testing.models import save_tiny_model
     from rlft.training.loop import train
 
-    save_tiny_model(str(d / "model"))
+    (d / "model").symlink_to(model)  # the session's tiny model, at the path the runs record
     (d / "env.py").write_text(ENV)
     cfg = dict(env=str(d / "env.py"), model=str(d / "model"), dtype="float32", runs_dir=str(d / "runs"), steps=3,
                batch_size=2, group_size=4, eval_size=4, eval_k=2, eval_every=2, progress=False)
@@ -111,29 +110,16 @@ def build_workspace(d: Path) -> SimpleNamespace:
     return SimpleNamespace(dir=d, runs=d / "runs", run_id=run_id, failed_id=failed_id, live_id=live_id, store=store)
 
 
-def workspace(tmp_path_factory) -> SimpleNamespace:
-    """Built once per test session, shared by the API and browser tests."""
-    if "ws" not in _CACHE:
-        _CACHE["ws"] = build_workspace(tmp_path_factory.mktemp("console"))
-    return _CACHE["ws"]
+def build_sft_workspace(d: Path, model: str) -> SimpleNamespace:
+    """A run store holding one finished SFT run of the tiny model (eval loss at steps 0, 2, 4, 5)."""
+    from rlft.sft.trainer import sft
 
-
-def sft_workspace(tmp_path_factory) -> SimpleNamespace:
-    """A run store holding one finished SFT run of the tiny model (eval loss at steps 0, 2, 4, 5),
-    built once per session, shared by the API and browser tests."""
-    if "sft" not in _CACHE:
-        from rlft.sft.trainer import sft
-        from rlft.testing.models import save_tiny_model
-
-        d = tmp_path_factory.mktemp("console-sft")
-        rows = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} {i}"}]}
-                for i in range(24)]
-        (d / "demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        run_id = sft(model=save_tiny_model(str(d / "model")), data=str(d / "demos.jsonl"), runs_dir=str(d / "runs"),
-                     dtype="float32", steps=5, batch_size=4, eval_size=4, eval_every=2, learning_rate=1e-3,
-                     run_name="warmup", progress=False)
-        _CACHE["sft"] = SimpleNamespace(dir=d, runs=d / "runs", run_id=run_id)
-    return _CACHE["sft"]
+    rows = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} {i}"}]}
+            for i in range(24)]
+    (d / "demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_id = sft(model=model, data=str(d / "demos.jsonl"), runs_dir=str(d / "runs"), dtype="float32", steps=5,
+                 batch_size=4, eval_size=4, eval_every=2, learning_rate=1e-3, run_name="warmup", progress=False)
+    return SimpleNamespace(dir=d, runs=d / "runs", run_id=run_id)
 
 
 class BackgroundServer:
@@ -219,8 +205,8 @@ def fake_names(ws) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return workspace(tmp_path_factory)
+def ws(console_workspace):  # the short name this module uses
+    return console_workspace
 
 
 @pytest.fixture(scope="module")
@@ -526,8 +512,8 @@ def test_cli_settings_generate_a_token_off_loopback():
         console_settings(parser.parse_args(["console", "--token", "bad token<>"]))
 
 
-def test_an_sft_run_is_listed_as_sft_with_its_loss_curves(tmp_path_factory):
-    sft_ws = sft_workspace(tmp_path_factory)
+def test_an_sft_run_is_listed_as_sft_with_its_loss_curves(console_sft_workspace):
+    sft_ws = console_sft_workspace
     c = TestClient(create_app(sft_ws.runs), base_url="http://127.0.0.1")
     (row,) = c.get("/api/runs").json()
     assert (row["kind"], row["name"], row["status"], row["step"], row["steps"]) == ("sft", "warmup", "completed", 5, 5)

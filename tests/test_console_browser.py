@@ -1,6 +1,6 @@
 """rlft console in a real browser: headless Chromium (Debian's package) driven by Playwright for
 Python, against a console serving the run store of a real tiny-model training run (see
-test_console_api.workspace) and a fake OpenAI-compatible server for the chat tab.
+conftest's console_workspace) and a fake OpenAI-compatible server for the chat tab.
 
 Every tab loads and draws, charts have points, a filter narrows the rollouts, a transcript opens,
 a chat round trip streams its answer, a running run's charts grow, the token is kept by the page,
@@ -11,7 +11,6 @@ Chromium is missing.
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,8 @@ CHROMIUM = os.environ.get("RLFT_CHROMIUM") or shutil.which("chromium") or shutil
 if not CHROMIUM:
     pytest.skip("no chromium on PATH (apt-get install chromium)", allow_module_level=True)
 
-from test_console_api import (CHAT_REPLY, BackgroundServer, fake_names, fake_openai, sft_workspace,  # noqa: E402
-                              workspace)
-
 from rlft.console.app import create_app  # noqa: E402
+from test_console_api import CHAT_REPLY, BackgroundServer, fake_names, fake_openai  # noqa: E402
 
 SHOTS = Path(os.environ.get("RLFT_SCREENSHOTS", "/tmp/rlft-console-shots"))
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -41,15 +38,15 @@ CHARTS_JS = ("() => RL.charts.filter(c => document.body.contains(c.u.root))"
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return workspace(tmp_path_factory)
+def ws(console_workspace):  # the short name this module uses
+    return console_workspace
 
 
 @pytest.fixture(scope="module")
 def console(ws):
-    with BackgroundServer(fake_openai(fake_names(ws))) as fake:
-        with BackgroundServer(create_app(ws.runs, serve_url=fake.url, poll_ms=300)) as srv:
-            yield srv
+    with (BackgroundServer(fake_openai(fake_names(ws))) as fake,
+          BackgroundServer(create_app(ws.runs, serve_url=fake.url, poll_ms=300)) as srv):
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +115,7 @@ def w(browser, console):
 def test_runs_list_sorts_filters_and_links_to_runs(w, ws):
     page = w.open("/", "#runs-table tbody tr")
     assert page.locator("#runs-table tbody tr").count() == 3
-    assert page.inner_text(f"#runs-table tbody tr[data-run='{ws.failed_id}'] .err").startswith("RuntimeError")
+    assert page.inner_text(f"#runs-table tbody tr[data-run='{ws.failed_id}'] .err").startswith("ValidationError")  # rlft.errors (e206208)
     page.click("#runs-table th[data-key='name']")
     names = page.locator("#runs-table tbody tr td:nth-child(2) a").all_inner_texts()
     assert names == sorted(names)
@@ -306,8 +303,8 @@ def test_token_mode_keeps_the_token_for_every_call(browser, ws):
             watched.context.close()
 
 
-def test_an_sft_run_shows_its_kind_and_loss_curves(browser, tmp_path_factory):
-    sft_ws = sft_workspace(tmp_path_factory)
+def test_an_sft_run_shows_its_kind_and_loss_curves(browser, console_sft_workspace):
+    sft_ws = console_sft_workspace
     with BackgroundServer(create_app(sft_ws.runs, poll_ms=300)) as srv:
         w = Watched(browser, srv.url)
         page = w.open("/", "#runs-table tbody tr")

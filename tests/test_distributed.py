@@ -44,19 +44,17 @@ dataset = [{{"prompt": f"{{i}}" if i in TIED else f"write something about {{i}},
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_model_dir):
     """A single-process run and a 2-process run of the same config (the latter via the CLI)."""
     from rlft.data import load_dataset
-    from rlft.testing.models import save_tiny_model
     from rlft.training.loop import train
 
     d = tmp_path_factory.mktemp("ddp")
-    save_tiny_model(str(d / "model"))
     # rank 1 takes the second half of step 0's batch: make those prompts' groups tied
     first = load_dataset([{"prompt": str(i)} for i in range(40)]).batch(0, CFG["batch_size"], CFG["seed"])
     tied = sorted(ex["example_id"] for ex in first[2:])
     (d / "env.py").write_text(ENV.format(tied=tied))
-    cfg = dict(CFG, env=str(d / "env.py"), model=str(d / "model"))
+    cfg = dict(CFG, env=str(d / "env.py"), model=tiny_model_dir)
     (d / "config.toml").write_text("\n".join(f"{k} = {_toml(v)}" for k, v in cfg.items()) + "\n")
     single = train(**cfg, runs_dir=str(d / "single"), run_name="single")
     proc = _rlft(d, "train", str(d / "config.toml"), "--nproc", "2", "--set", f"runs_dir={d / 'ddp'}",
@@ -88,7 +86,7 @@ def _rollouts(store, run_id, step):
                   for r in store.rollouts(run_id, step=step, limit=100))
 
 
-def test_two_gloo_processes_match_one_process(runs):
+def test_two_gloo_processes_match_one_process(runs, tiny_model_dir):
     d, single_id = runs
     one, two = RunStore(d / "single", readonly=True), RunStore(d / "ddp", readonly=True)
     ddp_id = two.resolve("ddp")
@@ -97,7 +95,7 @@ def test_two_gloo_processes_match_one_process(runs):
     m1, m2 = one.metrics(single_id, keys), two.metrics(ddp_id, keys)
     from safetensors.torch import load_file
 
-    (base_file,) = glob.glob(str(d / "model" / "*.safetensors"))
+    (base_file,) = glob.glob(os.path.join(tiny_model_dir, "*.safetensors"))
     base = load_file(base_file)
     for step in range(1, STEPS + 1):
         # the same rollouts: per-prompt seeded sampling does not care which rank samples a prompt
@@ -165,7 +163,7 @@ def test_shard_takes_a_contiguous_slice_per_rank(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(runs):
+def fsdp_runs(runs, tiny_model_dir):
     """The same config sharded with FSDP2 over 2 gloo processes; and a LoRA + KL (beta > 0) pair,
     one process and FSDP2, where rank 1 has no micro-batch at step 1 and must still run the
     reference forward that rank 0's passes run (a collective once the weights are shards)."""
@@ -176,7 +174,7 @@ def fsdp_runs(runs):
                  "--set", "run_name=fsdp", "--set", "distributed=fsdp2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     lora = dict(lora=True, dtype="bfloat16", beta=0.05, learning_rate=5e-3, checkpoint_every=0)
-    single = train(**dict(CFG, **lora), env=str(d / "env.py"), model=str(d / "model"), runs_dir=str(d / "lora1"))
+    single = train(**dict(CFG, **lora), env=str(d / "env.py"), model=tiny_model_dir, runs_dir=str(d / "lora1"))
     sets = [a for k, v in lora.items() for a in ("--set", f"{k}={_toml(v).strip(chr(34))}")]
     proc = _rlft(d, "train", str(d / "config.toml"), "--nproc", "2", "--set", f"runs_dir={d / 'lora2'}",
                  "--set", "distributed=fsdp2", *sets)

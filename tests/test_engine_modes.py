@@ -11,19 +11,14 @@ import pytest
 import torch
 
 from rlft.allocator import keep_freed_memory
-from rlft.engines.base import SamplingParams
+from rlft.engines.base import SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.hf import HFEngine
-from rlft.testing.models import build_tiny_model, save_tiny_model
+from rlft.testing.models import build_tiny_model
 from tests.test_hf_engine import PROMPTS, chat, full_forward_logprobs, gather
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_model(seed=0)
-
-
-def test_inline_engine_runs_forwards_on_the_loop_thread_and_matches_the_threaded_engine(tiny):
-    model, tok = tiny
+def test_inline_engine_runs_forwards_on_the_loop_thread_and_matches_the_threaded_engine(tiny_model):
+    model, tok = tiny_model
     prompts = [chat(tok, f"{PROMPTS[i % len(PROMPTS)]} {i}") for i in range(12)]
     params = [SamplingParams(temperature=0.0, max_new_tokens=3 + i) for i in range(12)]
     threads: set[str] = set()
@@ -43,8 +38,8 @@ def test_inline_engine_runs_forwards_on_the_loop_thread_and_matches_the_threaded
     assert [s.tokens for s in a] == [s.tokens for s in b]
 
 
-def test_inline_engine_serves_a_second_event_loop_through_its_worker_thread(tiny):
-    model, tok = tiny
+def test_inline_engine_serves_a_second_event_loop_through_its_worker_thread(tiny_model):
+    model, tok = tiny_model
     eng = HFEngine(model, tok, seed=0, inline=True)
     prompt, greedy = chat(tok, PROMPTS[0]), SamplingParams(temperature=0.0, max_new_tokens=6)
     other: list = []
@@ -66,8 +61,8 @@ def test_inline_engine_serves_a_second_event_loop_through_its_worker_thread(tiny
     assert other and other[0].tokens == mine.tokens
 
 
-def test_closing_an_inline_engine_between_loop_runs_finishes_its_driver_cleanly(tiny):
-    model, tok = tiny
+def test_closing_an_inline_engine_between_loop_runs_finishes_its_driver_cleanly(tiny_model):
+    model, tok = tiny_model
     loop = asyncio.new_event_loop()
     eng = HFEngine(model, tok, seed=0, inline=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -84,17 +79,17 @@ def test_closing_an_inline_engine_between_loop_runs_finishes_its_driver_cleanly(
         asyncio.run(eng.generate(chat(tok, PROMPTS[1]), SamplingParams(max_new_tokens=4)))
 
 
-def test_merged_lora_engine_samples_the_adapted_policy_and_refreshes_on_sync(tmp_path):
+def test_merged_lora_engine_samples_the_adapted_policy_and_refreshes_on_sync(tiny_model_dir):
     from rlft.policy import LoraSpec, load_policy
 
-    policy = load_policy(save_tiny_model(tmp_path), dtype="float32", lora=LoraSpec(rank=4))
+    policy = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=4))
     with torch.no_grad():  # non-zero adapters, so that base and adapted policies differ
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     eng = HFEngine.from_policy(policy, seed=0, merge_lora=True)
     try:
-        assert eng.owns_copy and eng.model is not policy.model
+        assert eng.weight_format is WeightFormat.MODULE and eng.model is not policy.model
         assert not any("lora" in n for n, _ in eng.model.named_parameters())  # a plain model: no peft layers
         prompt = chat(policy.tokenizer, PROMPTS[0])
         params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=3)
@@ -107,14 +102,14 @@ def test_merged_lora_engine_samples_the_adapted_policy_and_refreshes_on_sync(tmp
                     p.mul_(-1.5)
         stale = gather(eng, [prompt], params)[0]
         assert stale.tokens == s.tokens  # the copy does not change until synced
-        eng.sync_weights(policy_version=1)
+        eng.sync_weights(WeightUpdate(1))
         fresh = gather(eng, [prompt], params)[0]
         assert fresh.policy_version == 1
         torch.testing.assert_close(torch.tensor(fresh.logprobs),
                                    full_forward_logprobs(policy.model, prompt, fresh.tokens, 1.0), atol=2e-4,
                                    rtol=1e-4)
         with pytest.raises(ValueError, match="cannot sync from another"):
-            eng.sync_weights(build_tiny_model(seed=1)[0])
+            eng.sync_weights(WeightUpdate(1, model=build_tiny_model(seed=1)[0]))
     finally:
         eng.close()
 
@@ -123,7 +118,7 @@ def test_merge_lora_on_a_plain_model_shares_the_model():
     model, tok = build_tiny_model(seed=0)
     eng = HFEngine(model, tok, merge_lora=True)
     try:
-        assert eng.model is model and not eng.owns_copy
+        assert eng.model is model and eng.weight_format is WeightFormat.SHARED
     finally:
         eng.close()
 

@@ -6,10 +6,8 @@ import textwrap
 
 import pytest
 
-from rlft.renderer import Renderer
 from rlft.cli import main
 from rlft.testing import ScriptedPolicy
-from rlft.testing.tokenizer import build_tiny_tokenizer
 
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")
@@ -31,10 +29,10 @@ ENV = textwrap.dedent('''
 ''')
 
 
-def test_external_model_eval_runs_tools_and_records_cost(tmp_path, capsys):
+def test_external_model_eval_runs_tools_and_records_cost(tmp_path, tiny_renderer, capsys):
     from rlft.serve import BackgroundServer, create_app
 
-    renderer = Renderer(build_tiny_tokenizer())
+    renderer = tiny_renderer
 
     def script(prompt, turn):
         if turn == 0:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import textwrap
 from pathlib import Path
 
@@ -71,23 +70,11 @@ WALL_CLOCK = ("time/", "throughput/", "latency")  # keys holding any of these ar
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, one_thread):
-    from rlft.testing.models import save_tiny_model
-    from rlft.testing.pretrained import build_pretrained_tiny
-
+def workdir(tmp_path_factory, one_thread, tiny_model_dir, pretrained_tiny_tools_dir):
     d = tmp_path_factory.mktemp("golden")
-    save_tiny_model(str(d / "tiny"))
     (d / "variety.py").write_text(VARIETY_ENV)
     (d / "mcp.py").write_text(MCP_ENV)
-    return {"dir": d, "tiny": str(d / "tiny"), "pretrained_tools": build_pretrained_tiny(task="max", seed=0, tools=True)}
+    return {"dir": d, "tiny": tiny_model_dir, "pretrained_tools": pretrained_tiny_tools_dir}
 
 
 def _snapshot(runs_dir: Path, run_id: str) -> dict:

@@ -7,20 +7,14 @@ import asyncio
 import pytest
 import torch
 
-from rlft.engines.base import Engine, SamplingParams
+from rlft.engines.base import SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.hf import ContextLengthError, HFEngine, end_of_turn_ids, sample_tokens
 from rlft.testing.models import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model, tok = build_tiny_model(seed=0)
-    return model, tok
-
-
-@pytest.fixture(scope="module")
-def engine(tiny):
-    model, tok = tiny
+def engine(tiny_model):
+    model, tok = tiny_model
     eng = HFEngine(model, tok, max_batch_size=64, seed=0)
     yield eng
     eng.close()
@@ -58,14 +52,15 @@ def full_forward_logprobs(model, prompt, tokens, temperature):
     return logp[pos, torch.tensor(tokens)]
 
 
-def test_engine_implements_the_protocol(engine):
-    assert isinstance(engine, Engine)
+def test_an_engine_on_the_given_model_shares_it_so_a_sync_only_moves_the_version(engine, tiny_model):
+    # the TrainableEngine contract (signatures: tests/test_engine_contract.py); no copy, nothing to refresh
+    assert engine.weight_format is WeightFormat.SHARED and engine.model is tiny_model[0] and not engine.prepacked
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 20), (0.0, 1.0, 0)])
-def test_logprobs_equal_full_forward_log_softmax_at_temperature_before_truncation(engine, tiny, temperature, top_p,
+def test_logprobs_equal_full_forward_log_softmax_at_temperature_before_truncation(engine, tiny_model, temperature, top_p,
                                                                                     top_k):
-    model, tok = tiny
+    model, tok = tiny_model
     prompts = [chat(tok, p) for p in PROMPTS]
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=12, seed=7)
     samples = gather(engine, prompts, params)
@@ -75,8 +70,8 @@ def test_logprobs_equal_full_forward_log_softmax_at_temperature_before_truncatio
         torch.testing.assert_close(torch.tensor(s.logprobs), expected, atol=2e-4, rtol=1e-4)
 
 
-def test_greedy_output_equals_hf_generate_do_sample_false(engine, tiny):
-    model, tok = tiny
+def test_greedy_output_equals_hf_generate_do_sample_false(engine, tiny_model):
+    model, tok = tiny_model
     prompts = [chat(tok, p) for p in PROMPTS]
     samples = gather(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=16))
     eos = sorted(engine.stop_token_ids)
@@ -87,8 +82,8 @@ def test_greedy_output_equals_hf_generate_do_sample_false(engine, tiny):
         assert s.tokens == out[0, len(prompt):].tolist()
 
 
-def test_top_k_1_equals_greedy_tokens_and_logprobs(engine, tiny):
-    _, tok = tiny
+def test_top_k_1_equals_greedy_tokens_and_logprobs(engine, tiny_model):
+    _, tok = tiny_model
     prompts = [chat(tok, p) for p in PROMPTS]
     greedy = gather(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=10))
     topk1 = gather(engine, prompts, SamplingParams(temperature=1.0, top_k=1, max_new_tokens=10, seed=3))
@@ -97,8 +92,8 @@ def test_top_k_1_equals_greedy_tokens_and_logprobs(engine, tiny):
         assert g.logprobs == pytest.approx(k.logprobs, abs=1e-6)
 
 
-def test_seeded_sampling_is_reproducible_alone_and_inside_a_batch(engine, tiny):
-    _, tok = tiny
+def test_seeded_sampling_is_reproducible_alone_and_inside_a_batch(engine, tiny_model):
+    _, tok = tiny_model
     prompt = chat(tok, PROMPTS[0])
     params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=1234)
     a = gather(engine, [prompt], params)[0]
@@ -110,8 +105,8 @@ def test_seeded_sampling_is_reproducible_alone_and_inside_a_batch(engine, tiny):
     assert d.tokens != a.tokens
 
 
-def test_identical_prompts_in_a_group_sample_independently(engine, tiny):
-    _, tok = tiny
+def test_identical_prompts_in_a_group_sample_independently(engine, tiny_model):
+    _, tok = tiny_model
     prompt = chat(tok, PROMPTS[1])
     before = engine.stats.prefill_tokens
     samples = gather(engine, [prompt] * 8, SamplingParams(temperature=1.0, max_new_tokens=12))
@@ -119,8 +114,8 @@ def test_identical_prompts_in_a_group_sample_independently(engine, tiny):
     assert engine.stats.prefill_tokens - before == len(prompt)  # prefilled once for the group
 
 
-def test_shared_system_prompt_is_prefilled_once_and_outputs_match_solo(tiny):
-    model, tok = tiny
+def test_shared_system_prompt_is_prefilled_once_and_outputs_match_solo(tiny_model):
+    model, tok = tiny_model
     system = {"role": "system", "content": "you are a tool that answers questions about numbers and cities in json"}
     prompts = [list(tok.apply_chat_template([system, {"role": "user", "content": q}], add_generation_prompt=True)
                     ["input_ids"]) for q in ("hi", "what is the sum of 3 and 4 and 5", "city", "capital of the country")]
@@ -137,8 +132,8 @@ def test_shared_system_prompt_is_prefilled_once_and_outputs_match_solo(tiny):
         eng.close()
 
 
-def test_max_new_tokens_ends_with_length(engine, tiny):
-    _, tok = tiny
+def test_max_new_tokens_ends_with_length(engine, tiny_model):
+    _, tok = tiny_model
     s = gather(engine, [chat(tok, PROMPTS[0])], SamplingParams(temperature=0.0, max_new_tokens=7))[0]
     assert s.finish_reason == "length" and len(s.tokens) == 7
     assert not set(s.tokens) & engine.stop_token_ids
@@ -146,8 +141,8 @@ def test_max_new_tokens_ends_with_length(engine, tiny):
     assert z.tokens == [] and z.finish_reason == "length"
 
 
-def test_stop_string_ends_sample_with_stop_and_keeps_the_stop_text(engine, tiny):
-    _, tok = tiny
+def test_stop_string_ends_sample_with_stop_and_keeps_the_stop_text(engine, tiny_model):
+    _, tok = tiny_model
     prompt = chat(tok, PROMPTS[2])
     free = gather(engine, [prompt], SamplingParams(temperature=0.0, max_new_tokens=24))[0]
     text = tok.decode(free.tokens)
@@ -162,8 +157,8 @@ def test_stop_string_ends_sample_with_stop_and_keeps_the_stop_text(engine, tiny)
     assert s.tokens == free.tokens[: len(s.tokens)] and len(s.tokens) < len(free.tokens)
 
 
-def test_end_of_turn_token_ends_sample_with_stop_and_is_included(tiny):
-    model, tok = tiny
+def test_end_of_turn_token_ends_sample_with_stop_and_is_included(tiny_model):
+    model, tok = tiny_model
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert im_end in end_of_turn_ids(tok) and tok.eos_token_id in end_of_turn_ids(tok)
     prompt = chat(tok, PROMPTS[0])
@@ -191,8 +186,8 @@ def test_end_of_turn_token_ends_sample_with_stop_and_is_included(tiny):
     assert s.tokens[:3] != [] and free.finish_reason == "length"
 
 
-def test_concurrent_generate_calls_are_batched_and_all_return(tiny):
-    model, tok = tiny
+def test_concurrent_generate_calls_are_batched_and_all_return(tiny_model):
+    model, tok = tiny_model
     eng = HFEngine(model, tok, max_batch_size=64, seed=0)
     try:
         prompts = [chat(tok, f"{PROMPTS[i % len(PROMPTS)]} {i}") for i in range(32)]
@@ -218,8 +213,8 @@ def test_concurrent_generate_calls_are_batched_and_all_return(tiny):
         solo.close()
 
 
-def test_request_arriving_mid_batch_joins_and_matches_solo_output(tiny):
-    model, tok = tiny
+def test_request_arriving_mid_batch_joins_and_matches_solo_output(tiny_model):
+    model, tok = tiny_model
     eng = HFEngine(model, tok, seed=0)
     long_p, short_p = chat(tok, PROMPTS[2]), chat(tok, PROMPTS[1])
     greedy = SamplingParams(temperature=0.0, max_new_tokens=40)
@@ -241,9 +236,9 @@ def test_request_arriving_mid_batch_joins_and_matches_solo_output(tiny):
     assert a.tokens == ref_a.tokens and b.tokens == ref_b.tokens
 
 
-def test_policy_version_is_copied_into_samples(engine, tiny):
-    _, tok = tiny
-    engine.sync_weights(policy_version=5)
+def test_policy_version_is_copied_into_samples(engine, tiny_model):
+    _, tok = tiny_model
+    engine.sync_weights(WeightUpdate(5))
     try:
         s = gather(engine, [chat(tok, "hi")], SamplingParams(max_new_tokens=2))[0]
     finally:
@@ -251,8 +246,8 @@ def test_policy_version_is_copied_into_samples(engine, tiny):
     assert s.policy_version == 5
 
 
-def test_cancelled_request_does_not_break_the_engine(engine, tiny):
-    _, tok = tiny
+def test_cancelled_request_does_not_break_the_engine(engine, tiny_model):
+    _, tok = tiny_model
     prompt = chat(tok, PROMPTS[0])
 
     async def run():
@@ -263,8 +258,8 @@ def test_cancelled_request_does_not_break_the_engine(engine, tiny):
     assert len(asyncio.run(run()).tokens) == 3
 
 
-def test_prompt_longer_than_context_is_rejected(tiny):
-    _, tok = tiny
+def test_prompt_longer_than_context_is_rejected(tiny_model):
+    _, tok = tiny_model
     model, _ = build_tiny_model(seed=0, max_positions=32)
     eng = HFEngine(model, tok)
     try:
@@ -276,15 +271,14 @@ def test_prompt_longer_than_context_is_rejected(tiny):
         eng.close()
 
 
-def test_engine_on_shared_lora_policy_sees_adapter_updates_without_sync(tmp_path):
+def test_engine_on_shared_lora_policy_sees_adapter_updates_without_sync(tiny_model_dir):
     from rlft.policy import LoraSpec, load_policy
-    from rlft.testing.models import save_tiny_model
 
-    policy = load_policy(save_tiny_model(tmp_path), dtype="float32", lora=LoraSpec(rank=4))
+    policy = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=4))
     tok = policy.tokenizer
     eng = HFEngine.from_policy(policy, seed=0)
     try:
-        assert not eng.owns_copy and eng.model is policy.model
+        assert eng.weight_format is WeightFormat.SHARED and eng.model is policy.model
         prompt = chat(tok, PROMPTS[0])
         params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
         before = gather(eng, [prompt], params)[0]
@@ -305,17 +299,17 @@ def test_engine_on_shared_lora_policy_sees_adapter_updates_without_sync(tmp_path
         eng.close()
 
 
-def test_bf16_engine_copy_runs_in_bf16_and_follows_sync_weights(tiny):
-    model, tok = tiny
+def test_bf16_engine_copy_runs_in_bf16_and_follows_sync_weights(tiny_model):
+    model, tok = tiny_model
     eng = HFEngine(model, tok, dtype="bfloat16", seed=0)
     try:
-        assert eng.owns_copy and eng.dtype == torch.bfloat16 and model.dtype == torch.float32
+        assert eng.weight_format is WeightFormat.MODULE and eng.dtype == torch.bfloat16 and model.dtype == torch.float32
         prompt = chat(tok, PROMPTS[0])
         s = gather(eng, [prompt], SamplingParams(temperature=1.0, max_new_tokens=8, seed=1))[0]
         ref = full_forward_logprobs(model, prompt, s.tokens, 1.0)
         assert torch.allclose(torch.tensor(s.logprobs), ref, atol=0.1)  # bf16 vs fp32: close, not equal
         src = build_tiny_model(seed=1)[0]
-        eng.sync_weights(src, policy_version=1)
+        eng.sync_weights(WeightUpdate(1, model=src))
         w = eng.model.lm_head.weight
         assert torch.equal(w, src.lm_head.weight.to(torch.bfloat16)) and eng.policy_version == 1
     finally:

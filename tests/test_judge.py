@@ -14,14 +14,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
-from rlft.renderer import Renderer  # noqa: E402
-from rlft.env import Environment, Sampler  # noqa: E402
-from rlft.rewards import Reward, score_group  # noqa: E402
-from rlft.rewards.judge import Judge, JudgeParseError, Rubric, parse_ranking, parse_score  # noqa: E402
-from rlft.serve import BackgroundServer, create_app  # noqa: E402
-from rlft.testing import ScriptedPolicy  # noqa: E402
-from rlft.testing.tokenizer import build_tiny_tokenizer  # noqa: E402
-from rlft.types import Rollout, Termination  # noqa: E402
+from rlft.env import Environment, Sampler
+from rlft.renderer import Renderer
+from rlft.rewards import Reward, score_group
+from rlft.rewards.judge import Judge, JudgeParseError, Rubric, parse_ranking, parse_score
+from rlft.serve import BackgroundServer, create_app
+from rlft.testing import ScriptedPolicy
+from rlft.testing.tokenizer import build_tiny_tokenizer
+from rlft.types import Rollout, Termination
 
 RENDERER = Renderer(build_tiny_tokenizer())
 CORRECT = Rubric("Correct answer", "The final answer states the right result.")
@@ -317,14 +317,12 @@ def test_a_timed_out_judge_in_run_groups_zeroes_only_that_siblings_component(ser
 # -- the tiny random model on the real HF engine ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def hf_server(tmp_path_factory):
+def hf_server(tiny_model_dir):
     try:
         import rlft.engines.hf  # noqa: F401
-    except Exception as e:  # being finalized elsewhere
+    except Exception as e:  # noqa: BLE001 - being finalized elsewhere
         pytest.skip(f"rlft.engines.hf is not importable: {type(e).__name__}: {e}")
-    from rlft.testing.models import save_tiny_model
-
-    path = save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
+    path = tiny_model_dir
     with BackgroundServer(create_app(path, dtype="float32", device="cpu", preload=True)) as srv:
         yield srv, path
 

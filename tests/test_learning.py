@@ -19,39 +19,24 @@ torch = pytest.importorskip("torch")
 
 from rlft.testing.pretrained import build_pretrained_tiny, task_environment  # noqa: E402
 
-SEED = 0
+SEED = 0  # of the model (conftest's pretrained_tiny_dir is built with seed 0) and of the runs
 MARGIN = 0.25  # measured gains: +0.48, +0.63, +0.56 (seeds 0-2); no learning: -0.04
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on shared, busy cores two spinning
-    threads were measured ~20x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(one_thread) -> str:
-    return build_pretrained_tiny(task="max", seed=SEED)
-
-
-def test_pretrained_tiny_follows_the_format_and_partly_solves_the_task(tiny_model):
+def test_pretrained_tiny_follows_the_format_and_partly_solves_the_task(pretrained_tiny_dir, one_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlft.renderer import Renderer
     from rlft.engines.base import SamplingParams
     from rlft.engines.hf import HFEngine
     from rlft.env import Sampler
     from rlft.evaluate import evaluate
+    from rlft.renderer import Renderer
     from rlft.types import Termination
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(pretrained_tiny_dir)
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_tiny_dir)
     assert tokenizer.chat_template and "<tool_call>" in tokenizer.chat_template
-    assert build_pretrained_tiny(task="max", seed=SEED) == tiny_model  # cached, not rebuilt
+    assert build_pretrained_tiny(task="max", seed=SEED) == pretrained_tiny_dir  # cached, not rebuilt
 
     env, rows = task_environment("max", n=128, seed=1)
     torch.manual_seed(SEED)
@@ -73,13 +58,13 @@ def test_pretrained_tiny_follows_the_format_and_partly_solves_the_task(tiny_mode
     assert metrics["pass@k"] > base  # different samples of one prompt disagree: a learning signal
 
 
-def test_grpo_improves_heldout_reward(tiny_model, tmp_path):
+def test_grpo_improves_heldout_reward(pretrained_tiny_dir, one_thread, tmp_path):
     from rlft.store import RunStore
     from rlft.training.loop import train
 
     env, rows = task_environment("max", n=512)
     runs = str(tmp_path / "runs")
-    run_id = train(environment=env, dataset=rows, model=tiny_model, runs_dir=runs, seed=SEED,
+    run_id = train(environment=env, dataset=rows, model=pretrained_tiny_dir, runs_dir=runs, seed=SEED,
                    lora=False, dtype="float32", learning_rate=1e-3, steps=20, batch_size=8, group_size=8,
                    eval_size=128, eval_max_examples=128, eval_k=4, max_seq_len=128,
                    checkpoint_every=0, keep_checkpoints=1, progress=False)

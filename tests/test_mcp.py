@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("mcp")
 
-from rlft.mcp import MCPConnectError, MCPServer, MCPToolError  # noqa: E402
-from rlft.tools import FatalToolError  # noqa: E402
+from rlft.mcp import MCPConnectError, MCPServer, MCPToolError
+from rlft.tools import FatalToolError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(Path(__file__).resolve().parent / "mcp_servers" / "demo_server.py")
@@ -152,7 +152,7 @@ def test_call_past_the_timeout_raises_timeout_error_and_the_connection_stays_usa
     async def main():
         async with demo(timeout=0.5).connect() as conn:
             assert all(t.timeout == 0.5 for t in conn.tools)  # the environment applies it too
-            with pytest.raises(TimeoutError, match="'slow'.*0.5s"):
+            with pytest.raises(TimeoutError, match=r"'slow'.*0.5s"):
                 await conn.call_tool("slow", {"seconds": 1.0, "value": "late"})
             first = await conn.call_tool("echo", {"text": "still here"})
             await asyncio.sleep(0.7)  # the late answer arrives and is dropped
@@ -347,7 +347,7 @@ def test_server_that_fails_to_start_raises_with_its_stderr():
     missing = MCPServer(command="rlft-no-such-mcp-server", name="missing")
 
     async def main():
-        with pytest.raises(MCPConnectError, match="(?s)'broken'.*API_KEY is not set"):
+        with pytest.raises(MCPConnectError, match=r"(?s)'broken'.*API_KEY is not set"):
             async with crashing.connect():
                 pass
         with pytest.raises((MCPConnectError, FileNotFoundError), match="rlft-no-such-mcp-server"):
@@ -363,7 +363,7 @@ def test_server_that_never_answers_times_out_at_start_and_is_stopped(tmp_path):
     server = MCPServer(command=sys.executable, args=["-c", code], name="mute", timeout=0.5, startup_timeout=0.5)
 
     async def main():
-        with pytest.raises(MCPConnectError, match="'mute'.*no answer to the MCP handshake within 0.5s"):
+        with pytest.raises(MCPConnectError, match=r"'mute'.*no answer to the MCP handshake within 0.5s"):
             async with server.connect():
                 pass
 
@@ -402,7 +402,7 @@ def test_from_config_reads_the_mcp_servers_style():
     assert MCPServer.from_config(config["mcpServers"]) == MCPServer.from_config(config, timeout=30.0)
     assert len({files, remote, db}) == 3  # values: hashable despite their env/header dicts
 
-    with pytest.raises(ValueError, match="'x'.*'arg'"):
+    with pytest.raises(ValueError, match=r"'x'.*'arg'"):
         MCPServer.from_config({"x": {"command": "c", "arg": ["typo"]}})
     with pytest.raises(ValueError, match="sse"):
         MCPServer.from_config({"x": {"type": "sse", "url": "http://h/sse"}})

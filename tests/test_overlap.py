@@ -30,19 +30,16 @@ CFG = dict(steps=STEPS, batch_size=2, group_size=4, dtype="float32", eval_size=2
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from rlft.testing.models import save_tiny_model
-
     d = tmp_path_factory.mktemp("overlap")
-    save_tiny_model(str(d / "model"))
     (d / "env.py").write_text(ENV)
     return d
 
 
-def _run(d, overlap: bool):
+def _run(d, model: str, overlap: bool):
     from rlft.training.loop import train
 
     runs = d / f"runs-{overlap}"
-    run_id = train(**CFG, env=str(d / "env.py"), model=str(d / "model"), runs_dir=str(runs), overlap=overlap)
+    run_id = train(**CFG, env=str(d / "env.py"), model=model, runs_dir=str(runs), overlap=overlap)
     store = RunStore(runs, readonly=True)
     assert store.get_run(run_id)["status"] == "completed" and store.get_run(run_id)["step"] == STEPS
     versions = {s: {r["policy_version"] for r in store.rollouts(run_id, step=s, limit=100)} for s in range(1, STEPS + 1)}
@@ -50,8 +47,8 @@ def _run(d, overlap: bool):
     return versions, metrics
 
 
-def test_overlap_samples_one_version_behind_and_trains(workdir):
-    versions, metrics = _run(workdir, overlap=True)
+def test_overlap_samples_one_version_behind_and_trains(workdir, tiny_model_dir):
+    versions, metrics = _run(workdir, tiny_model_dir, overlap=True)
     # store step s = loop step s-1; loop step k > 0 was sampled while step k-1 trained: version k-1
     assert versions == {1: {0}, 2: {0}, 3: {1}}
     assert dict(metrics["sync/policy_lag"]) == {1: 0.0, 2: 1.0, 3: 1.0}
@@ -66,23 +63,23 @@ def test_overlap_samples_one_version_behind_and_trains(workdir):
     assert all(tps[s] < 20 * tps[1] for s in (2, 3)), tps
 
 
-def test_without_overlap_rollouts_are_on_policy(workdir):
-    versions, metrics = _run(workdir, overlap=False)
+def test_without_overlap_rollouts_are_on_policy(workdir, tiny_model_dir):
+    versions, metrics = _run(workdir, tiny_model_dir, overlap=False)
     assert versions == {1: {0}, 2: {1}, 3: {2}}
     assert dict(metrics["sync/policy_lag"]) == {1: 0.0, 2: 0.0, 3: 0.0}
 
 
-def test_stale_rollouts_use_the_samplers_logprobs_in_the_ratio(workdir):
+def test_stale_rollouts_use_the_samplers_logprobs_in_the_ratio(tiny_model_dir):
     import torch
 
     from rlft.config import load_config
     from rlft.policy import load_policy
-    from rlft.training.sync import trainer_logprobs
-    from rlft.types import Group, Rollout
     from rlft.training.run import update_config
+    from rlft.training.sync import trainer_logprobs
     from rlft.training.update import policy_update
+    from rlft.types import Group, Rollout
 
-    policy = load_policy(str(workdir / "model"), dtype="float32")
+    policy = load_policy(tiny_model_dir, dtype="float32")
     prompt = policy.tokenizer.encode("count to ten")
     tokens = policy.tokenizer.encode(" one two three")
     lp = trainer_logprobs(policy, prompt, tokens)

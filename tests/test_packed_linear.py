@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from rlft.engines.base import SamplingParams
+from rlft.engines.base import SamplingParams, WeightUpdate
 from rlft.engines.hf import HFEngine
 from rlft.engines.packed_linear import can_pack, is_packed, pack_linears
 from rlft.testing.models import build_tiny_model
@@ -81,7 +81,7 @@ def test_sync_weights_repacks_so_the_engine_follows_new_weights(tiny_bf16):
             for name, p in source.named_parameters():
                 if name.endswith("proj.weight"):
                     p.add_(torch.randn_like(p) * 0.5)
-        engine.sync_weights(policy_version=1)
+        engine.sync_weights(WeightUpdate(1))
         after = _sample(engine, tok)
         fresh = HFEngine(source, tok, seed=0, inline=True)  # the new weights, unpacked
         try:
@@ -94,17 +94,15 @@ def test_sync_weights_repacks_so_the_engine_follows_new_weights(tiny_bf16):
     assert [s.logprobs for s in after] != [s.logprobs for s in before]
 
 
-def test_bf16_full_finetune_samples_from_a_packed_bf16_copy_checked_every_step(tmp_path):
+def test_bf16_full_finetune_samples_from_a_packed_bf16_copy_checked_every_step(tmp_path, tiny_model_dir):
     from rlft.store import RunStore
-    from rlft.testing.models import save_tiny_model
     from rlft.training.loop import train
 
-    save_tiny_model(str(tmp_path / "model"))
     (tmp_path / "env.py").write_text(
         "from rlft.env import Environment\n"
         "env = Environment(rewards=[lambda ro: len(set(ro.completion)) / 16], max_tokens=10)\n"
         "dataset = [{'prompt': f'write something {i}'} for i in range(20)]\n")
-    run_id = train(env=str(tmp_path / "env.py"), model=str(tmp_path / "model"), runs_dir=str(tmp_path / "runs"),
+    run_id = train(env=str(tmp_path / "env.py"), model=tiny_model_dir, runs_dir=str(tmp_path / "runs"),
                    lora=False, dtype="bfloat16", steps=2, batch_size=2, group_size=4, eval_fraction=0.0,
                    validate=False, progress=False, learning_rate=1e-3, checkpoint_every=0)
     with RunStore(tmp_path / "runs", readonly=True) as store:

@@ -5,20 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from rlft.policy import ChatTemplateError, LoraSpec, PolicyLoadError, load_policy, resolve_model
-from rlft.testing.models import build_tiny_model, save_tiny_model
+from rlft.testing.models import build_tiny_model
 from rlft.testing.tokenizer import CHATML_TOOLS_TEMPLATE
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 2, 7, 8, 9, 10]])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def logits(model, ids=IDS):
@@ -42,13 +38,13 @@ def test_tiny_model_is_deterministic_from_seed():
     assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
 
 
-def test_tiny_model_round_trips_through_plain_transformers(tiny_dir):
+def test_tiny_model_round_trips_through_plain_transformers(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = build_tiny_model()
-    loaded = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    loaded_tok = AutoTokenizer.from_pretrained(tiny_dir)
-    assert os.path.exists(os.path.join(tiny_dir, "model.safetensors"))
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert os.path.exists(os.path.join(tiny_model_dir, "model.safetensors"))
     assert type(loaded).__name__ == "LlamaForCausalLM"
     torch.testing.assert_close(logits(loaded), logits(model))
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2 plus 2"}]
@@ -58,16 +54,16 @@ def test_tiny_model_round_trips_through_plain_transformers(tiny_dir):
     assert loaded_tok.eos_token == "<|im_end|>" and loaded_tok.pad_token == "<|pad|>"
 
 
-def test_full_policy_loads_in_requested_dtype_with_all_params_trainable(tiny_dir):
-    p = load_policy(tiny_dir, dtype="float32")
+def test_full_policy_loads_in_requested_dtype_with_all_params_trainable(tiny_model_dir):
+    p = load_policy(tiny_model_dir, dtype="float32")
     assert not p.is_lora and p.model.dtype == torch.float32
     trainable, total = p.parameter_counts()
     assert trainable == total == sum(x.numel() for x in p.trainable_parameters())
-    assert load_policy(tiny_dir, dtype="bfloat16").model.dtype == torch.bfloat16
+    assert load_policy(tiny_model_dir, dtype="bfloat16").model.dtype == torch.bfloat16
 
 
-def test_lora_policy_trains_only_adapter_params_on_all_projections(tiny_dir):
-    p = load_policy(tiny_dir, dtype="float32", lora=LoraSpec(rank=4, alpha=8))
+def test_lora_policy_trains_only_adapter_params_on_all_projections(tiny_model_dir):
+    p = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=4, alpha=8))
     assert p.is_lora
     names = [n for n, _ in p.named_trainable_parameters()]
     assert names and all("lora_" in n for n in names)
@@ -79,17 +75,17 @@ def test_lora_policy_trains_only_adapter_params_on_all_projections(tiny_dir):
     assert 0 < trainable < total / 2
 
 
-def test_lora_target_modules_can_be_narrowed(tiny_dir):
-    p = load_policy(tiny_dir, dtype="float32", lora=LoraSpec(rank=2, target_modules=["q_proj", "v_proj"]))
+def test_lora_target_modules_can_be_narrowed(tiny_model_dir):
+    p = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=2, target_modules=["q_proj", "v_proj"]))
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in p.named_trainable_parameters()}
     assert adapted == {"q_proj", "v_proj"}
 
 
-def test_reference_is_the_base_model_with_adapters_disabled(tiny_dir):
+def test_reference_is_the_base_model_with_adapters_disabled(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    p = load_policy(tiny_dir, dtype="float32", lora=LoraSpec(rank=4))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    p = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=4))
     # a fresh adapter (B = 0) is a no-op
     torch.testing.assert_close(logits(p.model), logits(base))
     perturb_adapters(p.model)
@@ -101,11 +97,11 @@ def test_reference_is_the_base_model_with_adapters_disabled(tiny_dir):
     assert not torch.allclose(logits(p.model), logits(base), atol=1e-3)  # adapters back on after the block
 
 
-def test_lora_save_loads_with_peft_and_with_load_policy(tiny_dir, tmp_path):
+def test_lora_save_loads_with_peft_and_with_load_policy(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    p = load_policy(tiny_dir, dtype="float32", lora=LoraSpec(rank=4))
+    p = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=4))
     perturb_adapters(p.model, seed=1)
     expected = logits(p.model)
     out = p.save(tmp_path / "adapter")
@@ -113,7 +109,7 @@ def test_lora_save_loads_with_peft_and_with_load_policy(tiny_dir, tmp_path):
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "rlft_policy.json"} <= files
     assert not any(f.endswith((".bin", ".pt")) for f in files)
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, out)
     torch.testing.assert_close(logits(peft_model), expected)
 
@@ -123,10 +119,10 @@ def test_lora_save_loads_with_peft_and_with_load_policy(tiny_dir, tmp_path):
     assert any(prm.requires_grad for prm in again.trainable_parameters())
 
 
-def test_lora_save_merged_writes_full_weights(tiny_dir, tmp_path):
+def test_lora_save_merged_writes_full_weights(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    p = load_policy(tiny_dir, dtype="float32", lora=LoraSpec(rank=4))
+    p = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=4))
     perturb_adapters(p.model, seed=2)
     out = p.save(tmp_path / "merged", merged=True)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -134,11 +130,10 @@ def test_lora_save_merged_writes_full_weights(tiny_dir, tmp_path):
     assert p.is_lora and hasattr(p.model, "disable_adapter")  # the training model is untouched
 
 
-def test_full_finetune_reference_needs_freeze_and_then_keeps_old_weights(tiny_dir, tmp_path):
-    p = load_policy(tiny_dir, dtype="float32")
-    with pytest.raises(RuntimeError, match="freeze_reference"):
-        with p.reference():
-            pass
+def test_full_finetune_reference_needs_freeze_and_then_keeps_old_weights(tiny_model_dir, tmp_path):
+    p = load_policy(tiny_model_dir, dtype="float32")
+    with pytest.raises(RuntimeError, match="freeze_reference"), p.reference():
+        pass
     before = logits(p.model)
     p.freeze_reference()
     with torch.no_grad():
@@ -151,8 +146,8 @@ def test_full_finetune_reference_needs_freeze_and_then_keeps_old_weights(tiny_di
     torch.testing.assert_close(logits(reloaded.model), logits(p.model))
 
 
-def test_gradient_checkpointing_policy_still_backpropagates(tiny_dir):
-    p = load_policy(tiny_dir, dtype="float32", lora=LoraSpec(rank=2), gradient_checkpointing=True)
+def test_gradient_checkpointing_policy_still_backpropagates(tiny_model_dir):
+    p = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=2), gradient_checkpointing=True)
     p.model.train()
     out = p.model(IDS, labels=IDS, use_cache=False)
     out.loss.backward()
@@ -167,18 +162,18 @@ def test_missing_model_error_says_what_was_tried_and_what_to_do(tmp_path):
     assert "no-such-model" in msg and "no such file or directory" in msg and ".gguf" in msg
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(PolicyLoadError, match="config.json"):
+    with pytest.raises(PolicyLoadError, match=r"config\.json"):
         load_policy(str(empty))
     with pytest.raises(PolicyLoadError, match="GGUF file not found"):
         load_policy(str(tmp_path / "missing.gguf"))
 
 
-def test_broken_model_dir_error_names_the_calls_tried(tiny_dir, tmp_path):
+def test_broken_model_dir_error_names_the_calls_tried(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
-    for f in os.listdir(tiny_dir):
+    for f in os.listdir(tiny_model_dir):
         if f != "model.safetensors":
-            (broken / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+            (broken / f).write_bytes(Path(tiny_model_dir, f).read_bytes())
     with open(broken / "config.json") as f:
         cfg = json.load(f)
     cfg["model_type"] = "no-such-architecture"
@@ -233,16 +228,16 @@ def test_smollm2_gguf_loads_dequantized_with_chat_template_and_answers():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-def test_asking_for_cuda_without_a_gpu_fails_before_loading_with_what_to_do(tiny_dir):
+def test_asking_for_cuda_without_a_gpu_fails_before_loading_with_what_to_do(tiny_model_dir):
     with pytest.raises(PolicyLoadError, match='no CUDA GPU: set device = "cpu"'):
-        load_policy(tiny_dir, device="cuda")
+        load_policy(tiny_model_dir, device="cuda")
 
 
-def test_auto_device_and_cpu_models_get_rlft_attention(tiny_dir):
+def test_auto_device_and_cpu_models_get_rlft_attention(tiny_model_dir):
     from rlft.config import TrainConfig
 
     assert TrainConfig().device == "auto"
-    policy = load_policy(tiny_dir, dtype="float32", device="auto")
+    policy = load_policy(tiny_model_dir, dtype="float32", device="auto")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert policy.device.type == expected
     if expected == "cpu":  # transformers' CPU sdpa kernel is replaced (rlft.attention)

@@ -16,8 +16,8 @@ except ImportError:  # the config checks below still run
     ray = None
 needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip install 'rlft[ray]')")
 
-from rlft.env import Sampler  # noqa: E402
 from rlft.engines.base import SamplingParams  # noqa: E402
+from rlft.env import Sampler  # noqa: E402
 from rlft.types import Termination  # noqa: E402
 
 HELPERS = Path(__file__).with_name("ray_helpers.py")
@@ -52,7 +52,7 @@ def content(groups):
         for ro in g.rollouts:
             ids = {}
             msgs = repr(ro.messages)
-            msgs = re.sub(r"call_[0-9a-f]{12}", lambda m: ids.setdefault(m.group(0), f"call{len(ids)}"), msgs)
+            msgs = re.sub(r"call_[0-9a-f]{12}", lambda m, ids=ids: ids.setdefault(m.group(0), f"call{len(ids)}"), msgs)
             sampled = [t for t, m in zip(ro.completion_ids, ro.mask) if m]
             out.append((g.example_id, ro.group_index, msgs, ro.prompt_ids, sampled, len(ro.completion_ids), ro.mask,
                         ro.logprobs, ro.rewards, ro.reward, ro.termination, [(e.where, e.message) for e in ro.errors],
@@ -154,6 +154,7 @@ def test_config_keys_default_in_process_and_remote_engine_required():
     import sys
 
     from rlft.config import ConfigError, TrainConfig
+    from rlft.engines.remote import RemoteEngine
     from rlft.ray_workers import engine_spec_for
 
     cfg = TrainConfig()
@@ -162,13 +163,34 @@ def test_config_keys_default_in_process_and_remote_engine_required():
         TrainConfig(rollout_workers=2).resolved()
     with pytest.raises(ConfigError, match="rollout_workers"):
         TrainConfig(rollout_workers=-1).resolved()
-    remote = TrainConfig(rollout_workers=2, engine="openai", engine_url="http://h:8000", model="m").resolved()
-    target, kwargs = engine_spec_for(remote, tag="run1", stop_token_ids={2, 1})
+    TrainConfig(rollout_workers=2, engine="openai", engine_url="http://h:8000", model="m").resolved()
+    # the actors' engine reaches the trainer's server, under the same tag and stop ids
+    trainer_engine = RemoteEngine("http://h:8000/v1", "m", tag="run1", stop_token_ids={2, 1}, max_concurrency=8)
+    target, kwargs = engine_spec_for(trainer_engine, tokenizer="m")
     assert target == "rlft.ray_workers:remote_engine"
-    assert kwargs["base_url"] == "http://h:8000" and kwargs["stop_token_ids"] == [1, 2] and kwargs["tag"] == "run1"
+    assert (kwargs["base_url"], kwargs["model"], kwargs["tokenizer"], kwargs["stop_token_ids"], kwargs["tag"],
+            kwargs["max_concurrency"]) == ("http://h:8000", "m", "m", [1, 2], "run1", 8)
     # the default path never imports Ray
     code = "import sys, rlft, rlft.training.loop, rlft.env, rlft.loader; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_pool_refuses_an_in_process_engine_before_starting_ray():
+    from rlft.ray_workers import rollout_pool
+
+    with pytest.raises(ValueError, match=r'engine = "openai".*not a ScriptedPolicy'):
+        rollout_pool(ENV_SPEC, 2, sampler().engine, tokenizer="m")
+
+
+def test_an_actor_serves_the_version_the_trainers_engine_serves():
+    from rlft.ray_workers import RolloutWorker
+
+    worker = RolloutWorker(ENV_SPEC, ENGINE_SPEC)  # the actor's class, called in-process (no Ray)
+    s = sampler()
+    group = asyncio.run(worker.run_group(examples()[0], 0, 2, s.params, s.max_seq_len, policy_version=3,
+                                         engine_version=5))
+    # the rollouts are labelled by the version that sampled them: the trainer's engine's, not the step
+    assert worker.engine.policy_version == 5 and [r.policy_version for r in group.rollouts] == [5, 5]
 
 
 def test_remote_engine_factory_builds_from_plain_values(tmp_path):

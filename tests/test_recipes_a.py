@@ -17,17 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES = ["search", "tool_use", "structured/json", "structured/sql", "mcp"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from rlft.testing.models import save_tiny_model
-
-    d = tmp_path_factory.mktemp("recipes_a")
-    save_tiny_model(str(d / "model"))
-    return d
-
-
-def _overrides(tiny, extra=()):
-    sets = [f"model={tiny / 'model'}", "dtype=float32", f"runs_dir={tiny / 'runs'}", "progress=false", *extra]
+def _overrides(model, runs, extra=()):
+    sets = [f"model={model}", "dtype=float32", f"runs_dir={runs}", "progress=false", *extra]
     return [arg for s in sets for arg in ("--set", s)]
 
 
@@ -43,21 +34,21 @@ def test_recipe_data_has_train_rows_and_a_held_out_split(recipe):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_validates_and_trains_two_steps(recipe, tiny, capsys):
-    config = str(ROOT / recipe / "config.toml")
-    assert main(["validate", config, *_overrides(tiny)]) == 0, capsys.readouterr().out
+def test_recipe_validates_and_trains_two_steps(recipe, tiny_model_dir, tmp_path, capsys):
+    config, runs = str(ROOT / recipe / "config.toml"), tmp_path / "runs"
+    assert main(["validate", config, *_overrides(tiny_model_dir, runs)]) == 0, capsys.readouterr().out
     name = "smoke-" + recipe.replace("/", "-")
     small = ["steps=2", "batch_size=2", "group_size=2", "eval_max_examples=2", "eval_k=2", "validate=false",
              f"run_name={name}"]
-    assert main(["train", config, *_overrides(tiny, small)]) == 0
-    run = RunStore(tiny / "runs", readonly=True).get_run(name)
+    assert main(["train", config, *_overrides(tiny_model_dir, runs, small)]) == 0
+    run = RunStore(runs, readonly=True).get_run(name)
     assert run["status"] == "completed" and run["step"] == 2
 
 
 def _scripted(recipe, example, script):
     """Run the recipe's environment on one example with scripted assistant turns."""
-    from rlft.renderer import Renderer
     from rlft.env import Sampler
+    from rlft.renderer import Renderer
     from rlft.testing import ScriptedPolicy, build_tiny_tokenizer
 
     env, _, _ = load_environment(str(ROOT / recipe / "env.py"))
@@ -98,7 +89,7 @@ def test_structured_json_rewards():
 
 
 def test_structured_sql_rewards():
-    env, module, _ = load_environment(str(ROOT / "structured/sql/env.py"))
+    _, module, _ = load_environment(str(ROOT / "structured/sql/env.py"))
     row = next(r for r in module.dataset if "category = 'toys'" in r["ground_truth"])
     good = _scripted("structured/sql", row, ["```sql\nSELECT name FROM products WHERE category='toys';\n```"])
     assert good.rewards == {"sql_match": 1.0, "sql_executes": 1.0}

@@ -29,27 +29,15 @@ def done(text: str, **row) -> Rollout:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from rlft.testing.models import save_tiny_model
-
-    path = tmp_path_factory.mktemp("recipes_b") / "tiny"
-    save_tiny_model(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def judge_url():
+def judge_url(tiny_renderer):
     """A real rlft serve on 127.0.0.1 whose 'smollm2' answers every rubric with a fixed level."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("openai")
-    from rlft.renderer import Renderer
     from rlft.serve import BackgroundServer, create_app
     from rlft.testing import ScriptedPolicy
-    from rlft.testing.tokenizer import build_tiny_tokenizer
 
-    renderer = Renderer(build_tiny_tokenizer())
-    verdict = ScriptedPolicy(renderer, ['{"reasoning": "sounds like a pirate", "score": "partly"}'])
+    verdict = ScriptedPolicy(tiny_renderer, ['{"reasoning": "sounds like a pirate", "score": "partly"}'])
     with BackgroundServer(create_app(engines={"smollm2": verdict})) as srv:
         yield srv.url + "/v1"
 
@@ -62,8 +50,8 @@ def recipe_env(request, monkeypatch):
     return request.param
 
 
-def tiny_overrides(tiny, runs):
-    return ["--set", f"model={tiny}", "--set", "dtype=float32", "--set", f"runs_dir={runs}"]
+def tiny_overrides(model, runs):
+    return ["--set", f"model={model}", "--set", "dtype=float32", "--set", f"runs_dir={runs}"]
 
 
 @pytest.mark.parametrize("name", ["constrained", "code", "roleplay"])
@@ -77,12 +65,12 @@ def test_recipe_ships_data_config_and_readme(name):
 
 
 @pytest.mark.parametrize("recipe_env", ["constrained", "code", "roleplay"], indirect=True)
-def test_recipe_validates_and_trains_two_steps_on_the_tiny_model(recipe_env, tiny, tmp_path, capsys):
+def test_recipe_validates_and_trains_two_steps_on_the_tiny_model(recipe_env, tiny_model_dir, tmp_path, capsys):
     cfg = str(RECIPES / recipe_env / "config.toml")
     runs = tmp_path / "runs"
-    assert main(["validate", cfg, *tiny_overrides(tiny, runs)]) == 0, capsys.readouterr().out
+    assert main(["validate", cfg, *tiny_overrides(tiny_model_dir, runs)]) == 0, capsys.readouterr().out
     assert "validation passed" in capsys.readouterr().out
-    code = main(["train", cfg, *tiny_overrides(tiny, runs), "--set", "steps=2", "--set", "batch_size=2",
+    code = main(["train", cfg, *tiny_overrides(tiny_model_dir, runs), "--set", "steps=2", "--set", "batch_size=2",
                  "--set", "group_size=2", "--set", "eval_max_examples=2", "--set", "eval_k=2",
                  "--set", "checkpoint_every=2", "--set", f"run_name={recipe_env}", "--set", "progress=false"])
     assert code == 0

@@ -18,7 +18,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("peft")
 
-from rlft.engines.base import SamplingParams  # noqa: E402
+from rlft.engines.base import SamplingParams, WeightFormat, WeightUpdate  # noqa: E402
 from rlft.engines.remote import RemoteEngine, RemoteEngineError, version_of  # noqa: E402
 from rlft.serve import BackgroundServer, create_app  # noqa: E402
 from rlft.store import RunStore  # noqa: E402
@@ -36,40 +36,33 @@ ENV = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from rlft.testing.models import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def local(tiny_dir):
+def local(tiny_model_dir):
     """The tiny model in this process (fp32): the reference the server must agree with."""
     from rlft.engines.hf import HFEngine
     from rlft.policy import load_policy
 
-    policy = load_policy(tiny_dir, dtype="float32")
+    policy = load_policy(tiny_model_dir, dtype="float32")
     engine = HFEngine(policy.model, policy.tokenizer)
     yield policy, engine
     engine.close()
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
-    app = create_app(tiny_dir, dtype="float32", device="cpu", max_loaded=3, max_batch_size=8)
+def server(tiny_model_dir):
+    app = create_app(tiny_model_dir, dtype="float32", device="cpu", max_loaded=3, max_batch_size=8)
     with BackgroundServer(app) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_dir):
+def project(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("proj")
     (d / "env.py").write_text(ENV)
     return d
 
 
-def _config(project, tiny_dir, **kw):
-    base = dict(env=str(project / "env.py"), model=tiny_dir, dtype="float32", runs_dir=str(project / "runs"), steps=2,
+def _config(project, tiny_model_dir, **kw):
+    base = dict(env=str(project / "env.py"), model=tiny_model_dir, dtype="float32", runs_dir=str(project / "runs"), steps=2,
                 batch_size=2, group_size=4, eval_size=2, eval_k=1, progress=False, validate=False, seed=0)
     return {**base, **kw}
 
@@ -81,11 +74,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def subprocess_server(tmp_path_factory, tiny_dir):
+def subprocess_server(tmp_path_factory, tiny_model_dir):
     """`rlft serve` in its own process on 127.0.0.1 (its access log counts the requests it answered)."""
     d = tmp_path_factory.mktemp("srv")
     port, log = _free_port(), d / "server.log"
-    cmd = [sys.executable, "-m", "rlft.cli", "serve", "--model", tiny_dir, "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "rlft.cli", "serve", "--model", tiny_model_dir, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--device", "cpu", "--runs-dir", str(d / "runs"), "--max-loaded", "2"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -118,14 +111,14 @@ def completions_answered(log) -> int:
 
 # -- /v1/completions on rlft serve -------------------------------------------------------------------
 
-def test_completions_take_token_ids_and_return_sampled_ids_with_one_logprob_each(server, tiny_dir, local):
+def test_completions_take_token_ids_and_return_sampled_ids_with_one_logprob_each(server, tiny_model_dir, local):
     r = httpx.post(server.url + "/v1/completions", json={
-        "model": tiny_dir, "prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0, "logprobs": 0,
+        "model": tiny_model_dir, "prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0, "logprobs": 0,
         "return_token_ids": True}, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
     c = body["choices"][0]
-    assert body["object"] == "text_completion" and body["model"] == tiny_dir
+    assert body["object"] == "text_completion" and body["model"] == tiny_model_dir
     assert c["prompt_token_ids"] == [5, 6, 7, 8] and 1 <= len(c["token_ids"]) <= 6
     assert len(c["logprobs"]["token_logprobs"]) == len(c["token_ids"]) == len(c["logprobs"]["tokens"])
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": len(c["token_ids"]),
@@ -137,9 +130,9 @@ def test_completions_take_token_ids_and_return_sampled_ids_with_one_logprob_each
     assert c["logprobs"]["token_logprobs"] == pytest.approx(mine.logprobs, abs=1e-4)
 
 
-def test_completions_accept_strings_and_several_prompts_with_n(server, tiny_dir):
+def test_completions_accept_strings_and_several_prompts_with_n(server, tiny_model_dir):
     r = httpx.post(server.url + "/v1/completions", json={
-        "model": tiny_dir, "prompt": ["hello there", [3, 4, 5]], "n": 2, "max_tokens": 3, "seed": 7,
+        "model": tiny_model_dir, "prompt": ["hello there", [3, 4, 5]], "n": 2, "max_tokens": 3, "seed": 7,
         "return_token_ids": True}, timeout=60)
     assert r.status_code == 200, r.text
     choices = r.json()["choices"]
@@ -152,8 +145,8 @@ def test_completions_accept_strings_and_several_prompts_with_n(server, tiny_dir)
     ({"logprobs": 3}, "logprobs"), ({"echo": True}, "echo"), ({"stream": True}, "stream"),
     ({"prompt": [10 ** 9]}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": [{"x": 1}]}, "prompt"),
 ])
-def test_completions_reject_what_they_do_not_support_naming_the_field(server, tiny_dir, extra, param):
-    r = httpx.post(server.url + "/v1/completions", json={"model": tiny_dir, "prompt": [1, 2], **extra}, timeout=60)
+def test_completions_reject_what_they_do_not_support_naming_the_field(server, tiny_model_dir, extra, param):
+    r = httpx.post(server.url + "/v1/completions", json={"model": tiny_model_dir, "prompt": [1, 2], **extra}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
@@ -165,17 +158,35 @@ def test_version_names():
     assert version_of("m@vx", "m") is None
 
 
-def test_remote_engine_fails_loudly_without_token_ids_or_with_an_unknown_model(tiny_dir):
-    eng = RemoteEngine("http://127.0.0.1:1/v1", tiny_dir)
+def test_requests_go_to_the_adapter_of_the_engines_policy_version():
+    eng = RemoteEngine("http://127.0.0.1:1", "m", tag="run1")
+    body = lambda: eng.request_body([1], SamplingParams())["model"]  # noqa: E731
+    assert body() == "m"  # version 0: the base model
+    eng.policy_version = 3  # what a Ray worker does to follow the trainer's engine: nothing is pushed
+    assert body() == "m@run1@v3" and version_of(body(), "m", "run1") == 3 and eng.stats.adapters_loaded == 0
+
+
+def test_remote_engine_sync_needs_an_adapter_except_for_the_base_model(tmp_path):
+    eng = RemoteEngine("http://127.0.0.1:1", "m")
+    with pytest.raises(RemoteEngineError, match="adapter_dir"):
+        eng.sync_weights(WeightUpdate(1))
+    with pytest.raises(ValueError, match="version 0 is the base model"):
+        eng.sync_weights(WeightUpdate(0, adapter_dir=str(tmp_path)))
+    eng.sync_weights(WeightUpdate(0))  # the base model: nothing to push, nothing to unload
+    assert eng.served_name == "m" and eng.stats.adapters_loaded == eng.stats.adapters_unloaded == 0
+
+
+def test_remote_engine_fails_loudly_without_token_ids_or_with_an_unknown_model(tiny_model_dir):
+    eng = RemoteEngine("http://127.0.0.1:1/v1", tiny_model_dir)
     assert eng.base_url == "http://127.0.0.1:1"
     with pytest.raises(RemoteEngineError, match="token ids"):
-        eng._sample({"model": tiny_dir, "choices": [{"text": "hi", "finish_reason": "stop"}]})
+        eng._sample({"model": tiny_model_dir, "choices": [{"text": "hi", "finish_reason": "stop"}]})
     with pytest.raises(RemoteEngineError, match="neither the base"):
         eng._sample({"model": "someone-else", "choices": [{"token_ids": [1], "logprobs": {"token_logprobs": [-1.0]}}]})
 
 
-def test_remote_engine_samples_concurrently_like_the_local_engine(server, tiny_dir, local):
-    eng = RemoteEngine(server.url, tiny_dir, max_concurrency=4)
+def test_remote_engine_samples_concurrently_like_the_local_engine(server, tiny_model_dir, local):
+    eng = RemoteEngine(server.url, tiny_model_dir, max_concurrency=4)
     _, engine = local
     prompt = [11, 12, 13]
 
@@ -193,14 +204,14 @@ def test_remote_engine_samples_concurrently_like_the_local_engine(server, tiny_d
     eng.close()
 
 
-def test_pushed_adapter_serves_the_new_version_and_the_old_one_is_unloaded(server, tiny_dir, tmp_path):
+def test_pushed_adapter_serves_the_new_version_and_the_old_one_is_unloaded(server, tiny_model_dir, tmp_path):
     import torch
 
     from rlft.engines.hf import HFEngine
     from rlft.policy import LoraSpec, load_policy
 
-    policy = load_policy(tiny_dir, dtype="float32", lora=LoraSpec(rank=4))
-    eng = RemoteEngine(server.url, tiny_dir, tag="t")
+    policy = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=4))
+    eng = RemoteEngine(server.url, tiny_model_dir, tag="t")
     local_engine = HFEngine(policy.model, policy.tokenizer)
     prompt, greedy = [21, 22, 23], SamplingParams(temperature=0, max_new_tokens=6)
     names = []
@@ -211,7 +222,7 @@ def test_pushed_adapter_serves_the_new_version_and_the_old_one_is_unloaded(serve
                 if "lora_" in n:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         policy.save(tmp_path / f"v{version}")
-        eng.sync_weights(policy_version=version, adapter_dir=tmp_path / f"v{version}")
+        eng.sync_weights(WeightUpdate(version, adapter_dir=tmp_path / f"v{version}"))
         got = asyncio.run(eng.generate(prompt, greedy))
         want = asyncio.run(local_engine.generate(prompt, greedy))
         assert got.policy_version == version and got.tokens == want.tokens
@@ -220,7 +231,7 @@ def test_pushed_adapter_serves_the_new_version_and_the_old_one_is_unloaded(serve
     served = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
     assert names[1] in served and names[0] not in served  # the old version was unloaded
     assert eng.stats.adapters_loaded == 2 and eng.stats.adapters_unloaded == 1
-    eng.sync_weights(policy_version=2, adapter_dir=tmp_path / "v2")  # re-pushing a name replaces it
+    eng.sync_weights(WeightUpdate(2, adapter_dir=tmp_path / "v2"))  # re-pushing a name replaces it
     assert asyncio.run(eng.generate(prompt, greedy)).policy_version == 2
     local_engine.close()
     eng.close()
@@ -228,27 +239,27 @@ def test_pushed_adapter_serves_the_new_version_and_the_old_one_is_unloaded(serve
 
 # -- training against a server in another process -------------------------------------------------
 
-def test_training_run_samples_only_from_the_server_and_pushes_each_step(project, tiny_dir, subprocess_server,
+def test_training_run_samples_only_from_the_server_and_pushes_each_step(project, tiny_model_dir, subprocess_server,
                                                                         monkeypatch):
+    import rlft.engines.factory
     import rlft.engines.hf
-    import rlft.training.loop
     from rlft.training.loop import train
 
     url, log, _ = subprocess_server
     made = []
-    real = rlft.training.loop.make_engine
+    real = rlft.engines.factory.make_engine
 
-    def capture(cfg, policy, tag=""):
-        made.append(real(cfg, policy, tag=tag))
+    def capture(options, policy, tag=""):
+        made.append(real(options, policy, tag=tag))
         return made[-1]
 
     def no_local_engine(*a, **k):
         raise AssertionError("engine = openai must not build an in-process engine")
 
-    monkeypatch.setattr(rlft.training.loop, "make_engine", capture)
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", capture)
     monkeypatch.setattr(rlft.engines.hf.HFEngine, "__init__", no_local_engine)
     before = completions_answered(log)
-    run_id = train(_config(project, tiny_dir, engine="openai", engine_url=url + "/v1", run_name="remote"))
+    run_id = train(_config(project, tiny_model_dir, engine="openai", engine_url=url + "/v1", run_name="remote"))
 
     store = RunStore(project / "runs", readonly=True)
     run = store.get_run(run_id)
@@ -261,10 +272,10 @@ def test_training_run_samples_only_from_the_server_and_pushes_each_step(project,
     # sampled by the weights of the step before: version 0 at step 1, version 1 (the pushed adapter) at step 2
     assert [r["policy_version"] for r in train_rollouts] == [0] * 8 + [1] * 8
     assert {r["policy_version"] for r in store.rollouts(run_id, step=2, split="eval")} == {2}
-    assert engine.stats.adapters_loaded == 2 and engine.served_name == f"{tiny_dir}@{run_id}@v2"
+    assert engine.stats.adapters_loaded == 2 and engine.served_name == f"{tiny_model_dir}@{run_id}@v2"
     assert sorted(p.name for p in (store.run_dir(run_id) / "sync").iterdir()) == ["v1", "v2"]
     served = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
-    assert f"{tiny_dir}@{run_id}@v2" in served and f"{tiny_dir}@{run_id}@v1" not in served
+    assert f"{tiny_model_dir}@{run_id}@v2" in served and f"{tiny_model_dir}@{run_id}@v1" not in served
     m = store.metrics(run_id, ["sync/policy_lag", "sync/policy_lag_max", "sync/probe_logprob_diff",
                                "sync/logprob_diff_mean"])
     assert m["sync/policy_lag"] == [(1, 0.0), (2, 0.0)] and m["sync/policy_lag_max"] == [(1, 0.0), (2, 0.0)]
@@ -273,22 +284,22 @@ def test_training_run_samples_only_from_the_server_and_pushes_each_step(project,
     assert all(v < 1e-3 for _, v in m["sync/logprob_diff_mean"])
 
 
-def test_a_remote_engine_that_ignores_sync_is_caught_at_the_next_step(project, tiny_dir, subprocess_server,
+def test_a_remote_engine_that_ignores_sync_is_caught_at_the_next_step(project, tiny_model_dir, subprocess_server,
                                                                       monkeypatch):
-    import rlft.training.loop
+    import rlft.engines.factory
     from rlft.training.loop import train
 
     class Stale(RemoteEngine):
-        def sync_weights(self, policy_version=None, adapter_dir=None):
+        def sync_weights(self, update):
             pass  # keeps serving the weights it had
 
-    def make(cfg, policy, tag=""):
-        return Stale(cfg.engine_url, cfg.model, tag=tag)
+    def make(options, policy, tag=""):
+        return Stale(options.url, options.served_model, tag=tag)
 
-    monkeypatch.setattr(rlft.training.loop, "make_engine", make)
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", make)
     with pytest.raises(WeightSyncError, match="stale weights: after the sync to policy version 1 the engine "
                                               "answered with version 0"):
-        train(_config(project, tiny_dir, engine="openai", engine_url=subprocess_server[0], run_name="stale"))
+        train(_config(project, tiny_model_dir, engine="openai", engine_url=subprocess_server[0], run_name="stale"))
     run = RunStore(project / "runs", readonly=True).get_run("stale")
     assert run["status"] == "failed" and run["error"].startswith("WeightSyncError: stale weights")
     assert run["step"] == 0  # stopped before recording step 1
@@ -296,10 +307,10 @@ def test_a_remote_engine_that_ignores_sync_is_caught_at_the_next_step(project, t
 
 # -- in-process engines ------------------------------------------------------------------------------
 
-def test_on_policy_run_has_zero_lag(project, tiny_dir):
+def test_on_policy_run_has_zero_lag(project, tiny_model_dir):
     from rlft.training.loop import train
 
-    run_id = train(_config(project, tiny_dir, run_name="onpolicy"))
+    run_id = train(_config(project, tiny_model_dir, run_name="onpolicy"))
     store = RunStore(project / "runs", readonly=True)
     assert store.metrics(run_id, ["sync/policy_lag"])["sync/policy_lag"] == [(1, 0.0), (2, 0.0)]
     # with LoRA the default engine samples from a merged copy of the weights, probed after every sync
@@ -307,27 +318,27 @@ def test_on_policy_run_has_zero_lag(project, tiny_dir):
     assert [s for s, _ in probe] == [0, 1, 2] and all(v < 1e-4 for _, v in probe)  # float32: merged == adapted
 
 
-def test_full_finetune_engine_runs_the_trainers_module_so_nothing_is_probed(project, tiny_dir):
+def test_full_finetune_engine_runs_the_trainers_module_so_nothing_is_probed(project, tiny_model_dir):
     from rlft.training.loop import train
 
-    run_id = train(_config(project, tiny_dir, run_name="shared", lora=False, steps=1))
+    run_id = train(_config(project, tiny_model_dir, run_name="shared", lora=False, steps=1))
     store = RunStore(project / "runs", readonly=True)
     assert store.metrics(run_id, ["sync/policy_lag"])["sync/policy_lag"] == [(1, 0.0)]
     assert "sync/probe_logprob_diff" not in store.metric_keys(run_id)
 
 
-def test_an_engine_with_its_own_copy_is_probed_after_every_sync(project, tiny_dir, monkeypatch):
-    import rlft.training.loop
+def test_an_engine_with_its_own_copy_is_probed_after_every_sync(project, tiny_model_dir, monkeypatch):
+    import rlft.engines.factory
     from rlft.engines.hf import HFEngine
     from rlft.training.loop import train
 
-    def copy_engine(cfg, policy, tag=""):
+    def copy_engine(options, policy, tag=""):
         engine = HFEngine(copy.deepcopy(policy.model), policy.tokenizer)
-        engine.source_model, engine.owns_copy = policy.model, True  # sync_weights copies the weights in
+        engine.source_model, engine.weight_format = policy.model, WeightFormat.MODULE  # sync_weights copies them in
         return engine
 
-    monkeypatch.setattr(rlft.training.loop, "make_engine", copy_engine)
-    run_id = train(_config(project, tiny_dir, run_name="copy", learning_rate=5e-3, sync_tolerance=1e-3))
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", copy_engine)
+    run_id = train(_config(project, tiny_model_dir, run_name="copy", learning_rate=5e-3, sync_tolerance=1e-3))
     m = RunStore(project / "runs", readonly=True).metrics(run_id, ["sync/probe_logprob_diff"])
     assert [s for s, _ in m["sync/probe_logprob_diff"]] == [0, 1, 2]
     assert all(v < 1e-5 for _, v in m["sync/probe_logprob_diff"])  # fp32 copy: numerical noise only
@@ -335,6 +346,8 @@ def test_an_engine_with_its_own_copy_is_probed_after_every_sync(project, tiny_di
 
 class LabelOnly:
     """Reports the new version after a sync but keeps its own copy of the old weights."""
+
+    weight_format = WeightFormat.MODULE
 
     def __init__(self, policy):
         from rlft.engines.hf import HFEngine
@@ -348,31 +361,31 @@ class LabelOnly:
     def paused(self):
         return self.inner.paused()
 
-    def sync_weights(self, policy_version=None):
-        self.inner.policy_version = self.policy_version = policy_version
+    def sync_weights(self, update):
+        self.inner.policy_version = self.policy_version = update.version
 
     def close(self):
         self.inner.close()
 
 
-def test_old_weights_under_a_new_label_are_caught_by_the_probe(project, tiny_dir, monkeypatch):
-    import rlft.training.loop
+def test_old_weights_under_a_new_label_are_caught_by_the_probe(project, tiny_model_dir, monkeypatch):
+    import rlft.engines.factory
     from rlft.training.loop import train
 
-    monkeypatch.setattr(rlft.training.loop, "make_engine", lambda cfg, policy, tag="": LabelOnly(policy))
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", lambda options, policy, tag="": LabelOnly(policy))
     # fp32: a fresh engine differs by ~1e-7; one step at this learning rate moves the probe by ~1e-2
     with pytest.raises(WeightSyncError, match="mismatched weights at policy version 1"):
-        train(_config(project, tiny_dir, run_name="label-only", learning_rate=5e-3, sync_tolerance=1e-3))
+        train(_config(project, tiny_model_dir, run_name="label-only", learning_rate=5e-3, sync_tolerance=1e-3))
     run = RunStore(project / "runs", readonly=True).get_run("label-only")
     assert run["status"] == "failed" and "WeightSyncError: mismatched weights" in run["error"]
 
 
-def test_sync_check_can_be_turned_off(project, tiny_dir, monkeypatch):
-    import rlft.training.loop
+def test_sync_check_can_be_turned_off(project, tiny_model_dir, monkeypatch):
+    import rlft.engines.factory
     from rlft.training.loop import train
 
-    monkeypatch.setattr(rlft.training.loop, "make_engine", lambda cfg, policy, tag="": LabelOnly(policy))
-    run_id = train(_config(project, tiny_dir, run_name="unchecked", steps=1, learning_rate=5e-3,
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", lambda options, policy, tag="": LabelOnly(policy))
+    run_id = train(_config(project, tiny_model_dir, run_name="unchecked", steps=1, learning_rate=5e-3,
                            sync_tolerance=1e-3, sync_check=False))
     store = RunStore(project / "runs", readonly=True)
     assert store.get_run(run_id)["status"] == "completed"

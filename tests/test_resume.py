@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from rlft.training.checkpoint import list_checkpoints
 from rlft.store import RunStore
+from rlft.training.checkpoint import list_checkpoints
 
 ENV = textwrap.dedent('''
     import time
@@ -31,24 +31,21 @@ CFG = dict(steps=STEPS, batch_size=2, group_size=4, checkpoint_every=3, keep_che
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from rlft.testing.models import save_tiny_model
-
     d = tmp_path_factory.mktemp("resume")
-    save_tiny_model(str(d / "model"))
     (d / "env.py").write_text(ENV)
     return d
 
 
-def _args(d, runs, name):
-    return dict(CFG, env=str(d / "env.py"), model=str(d / "model"), runs_dir=str(runs), run_name=name)
+def _args(d, model, runs, name):
+    return dict(CFG, env=str(d / "env.py"), model=model, runs_dir=str(runs), run_name=name)
 
 
-def test_sigkilled_run_resumes_at_the_next_step_without_duplicates(workdir):
+def test_sigkilled_run_resumes_at_the_next_step_without_duplicates(workdir, tiny_model_dir):
     from rlft.training.loop import train
 
-    ref_id = train(**_args(workdir, workdir / "ref", "ref"))
+    ref_id = train(**_args(workdir, tiny_model_dir, workdir / "ref", "ref"))
     runs = workdir / "killed"
-    code = f"from rlft.training.loop import train; train(**{_args(workdir, runs, 'victim')!r})"
+    code = f"from rlft.training.loop import train; train(**{_args(workdir, tiny_model_dir, runs, 'victim')!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 600  # a loaded machine starts Python slowly

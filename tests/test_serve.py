@@ -22,13 +22,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from rlft.testing.models import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     from rlft.store import RunStore
 
@@ -39,15 +32,15 @@ def workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def write_checkpoint(tiny_dir, workspace):
+def write_checkpoint(tiny_model_dir, workspace):
     """``write_checkpoint(run_id, step)``: a LoRA checkpoint with random (step-seeded) adapter weights,
     written the way the trainer writes them."""
     import torch
 
-    from rlft.training.checkpoint import save_checkpoint
     from rlft.policy import LoraSpec, load_policy
+    from rlft.training.checkpoint import save_checkpoint
 
-    policy = load_policy(tiny_dir, dtype="float32", lora=LoraSpec(rank=4))
+    policy = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=4))
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     _, store = workspace
@@ -66,9 +59,9 @@ def write_checkpoint(tiny_dir, workspace):
 
 
 @pytest.fixture(scope="module")
-def demo_run(tiny_dir, workspace, write_checkpoint):
+def demo_run(tiny_model_dir, workspace, write_checkpoint):
     _, store = workspace
-    run_id = store.create_run(name="demo", model=tiny_dir)
+    run_id = store.create_run(name="demo", model=tiny_model_dir)
     write_checkpoint(run_id, 1)
     write_checkpoint(run_id, 2)
     return run_id
@@ -93,8 +86,8 @@ def scripted():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir, workspace, demo_run, scripted):
-    app = create_app(tiny_dir, runs_dir=workspace[0], engines={"scripted": scripted}, dtype="float32", device="cpu",
+def server(tiny_model_dir, workspace, demo_run, scripted):
+    app = create_app(tiny_model_dir, runs_dir=workspace[0], engines={"scripted": scripted}, dtype="float32", device="cpu",
                      max_loaded=3, max_batch_size=8)
     with BackgroundServer(app) as srv:
         yield srv
@@ -105,8 +98,8 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def ft(tiny_dir, run, step):
-    return f"ft:{tiny_dir}:{run}:{step}"
+def ft(tiny_model_dir, run, step):
+    return f"ft:{tiny_model_dir}:{run}:{step}"
 
 
 def ids_of(resp):
@@ -115,12 +108,12 @@ def ids_of(resp):
 
 # -- plain chat -------------------------------------------------------------------------------------
 
-def test_chat_usage_counts_the_rendered_prompt_and_every_sampled_token(client, tiny_dir):
-    resp = client.chat.completions.create(model=tiny_dir, messages=HI, max_tokens=12, temperature=0,
+def test_chat_usage_counts_the_rendered_prompt_and_every_sampled_token(client, tiny_model_dir):
+    resp = client.chat.completions.create(model=tiny_model_dir, messages=HI, max_tokens=12, temperature=0,
                                           extra_body={"return_token_ids": True})
     renderer = Renderer(build_tiny_tokenizer())
     choice = resp.choices[0]
-    assert resp.model == tiny_dir and resp.object == "chat.completion"
+    assert resp.model == tiny_model_dir and resp.object == "chat.completion"
     assert resp.prompt_token_ids == renderer.render_prompt(HI)
     assert 1 <= len(choice.token_ids) <= 12
     assert resp.usage.prompt_tokens == len(resp.prompt_token_ids)
@@ -130,16 +123,16 @@ def test_chat_usage_counts_the_rendered_prompt_and_every_sampled_token(client, t
     assert choice.finish_reason == ("length" if len(choice.token_ids) == 12 else "stop")
 
 
-def test_logprobs_are_one_per_sampled_token(client, tiny_dir):
-    resp = client.chat.completions.create(model=tiny_dir, messages=HI, max_tokens=6, seed=3, logprobs=True,
+def test_logprobs_are_one_per_sampled_token(client, tiny_model_dir):
+    resp = client.chat.completions.create(model=tiny_model_dir, messages=HI, max_tokens=6, seed=3, logprobs=True,
                                           extra_body={"return_token_ids": True})
     lps = resp.choices[0].logprobs.content
     assert len(lps) == len(resp.choices[0].token_ids)
     assert all(lp.logprob <= 0 for lp in lps)
 
 
-def test_stream_chunks_concatenate_to_the_non_stream_content_and_end_with_done(client, server, tiny_dir):
-    kw = {"model": tiny_dir, "messages": HI, "max_tokens": 16, "temperature": 1.0, "seed": 7}
+def test_stream_chunks_concatenate_to_the_non_stream_content_and_end_with_done(client, server, tiny_model_dir):
+    kw = {"model": tiny_model_dir, "messages": HI, "max_tokens": 16, "temperature": 1.0, "seed": 7}
     whole = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -147,15 +140,15 @@ def test_stream_chunks_concatenate_to_the_non_stream_content_and_end_with_done(c
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == [whole.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
-    assert all(c.object == "chat.completion.chunk" and c.model == tiny_dir for c in chunks)
+    assert all(c.object == "chat.completion.chunk" and c.model == tiny_model_dir for c in chunks)
     raw = httpx.post(server.url + "/v1/chat/completions", json={**kw, "stream": True}, timeout=60)
     events = [line for line in raw.text.split("\n\n") if line]
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
 
 
-def test_n_gives_n_indexed_choices_and_usage_sums_them(client, tiny_dir):
-    resp = client.chat.completions.create(model=tiny_dir, messages=HI, n=3, max_tokens=8, temperature=1.0,
+def test_n_gives_n_indexed_choices_and_usage_sums_them(client, tiny_model_dir):
+    resp = client.chat.completions.create(model=tiny_model_dir, messages=HI, n=3, max_tokens=8, temperature=1.0,
                                           extra_body={"return_token_ids": True})
     assert [c.index for c in resp.choices] == [0, 1, 2]
     assert resp.usage.completion_tokens == sum(len(t) for t in ids_of(resp))
@@ -212,24 +205,24 @@ def test_streamed_tool_call_arrives_as_a_tool_calls_delta(client):
 
 # -- checkpoints ------------------------------------------------------------------------------------
 
-def test_models_lists_the_base_every_checkpoint_and_latest(client, tiny_dir, demo_run):
+def test_models_lists_the_base_every_checkpoint_and_latest(client, tiny_model_dir, demo_run):
     names = {m.id for m in client.models.list()}
-    assert {tiny_dir, "scripted", ft(tiny_dir, demo_run, 1), ft(tiny_dir, demo_run, 2),
-            ft(tiny_dir, demo_run, "latest")} <= names
+    assert {tiny_model_dir, "scripted", ft(tiny_model_dir, demo_run, 1), ft(tiny_model_dir, demo_run, 2),
+            ft(tiny_model_dir, demo_run, "latest")} <= names
 
 
-def test_retrieving_latest_names_the_concrete_step(client, tiny_dir, demo_run):
-    assert client.models.retrieve(ft(tiny_dir, demo_run, "latest")).id == ft(tiny_dir, demo_run, 2)
+def test_retrieving_latest_names_the_concrete_step(client, tiny_model_dir, demo_run):
+    assert client.models.retrieve(ft(tiny_model_dir, demo_run, "latest")).id == ft(tiny_model_dir, demo_run, 2)
     with pytest.raises(openai.NotFoundError):
-        client.models.retrieve(ft(tiny_dir, demo_run, 99))
+        client.models.retrieve(ft(tiny_model_dir, demo_run, 99))
 
 
-def test_run_filter_serves_only_that_runs_checkpoints(tiny_dir, workspace, demo_run):
+def test_run_filter_serves_only_that_runs_checkpoints(tiny_model_dir, workspace, demo_run):
     from rlft.serve.models import ModelRegistry
 
-    workspace[1].create_run(name="other", model=tiny_dir)
+    workspace[1].create_run(name="other", model=tiny_model_dir)
     names = [e.name for e in ModelRegistry(runs_dir=workspace[0], run="demo").entries()]
-    assert names == [ft(tiny_dir, demo_run, 1), ft(tiny_dir, demo_run, 2), ft(tiny_dir, demo_run, "latest")]
+    assert names == [ft(tiny_model_dir, demo_run, 1), ft(tiny_model_dir, demo_run, 2), ft(tiny_model_dir, demo_run, "latest")]
 
 
 def test_run_dirs_without_a_store_are_served_under_their_recorded_base(tmp_path):
@@ -244,37 +237,37 @@ def test_run_dirs_without_a_store_are_served_under_their_recorded_base(tmp_path)
     assert registry.resolve("ft:smollm2:r1:latest").path == str(ckpt)
 
 
-def test_latest_and_run_name_resolve_to_the_newest_checkpoints_weights(client, tiny_dir, demo_run):
+def test_latest_and_run_name_resolve_to_the_newest_checkpoints_weights(client, tiny_model_dir, demo_run):
     def greedy(model):
         return client.chat.completions.create(model=model, messages=HI, max_tokens=8, temperature=0,
                                               extra_body={"return_token_ids": True})
 
-    step1, step2 = greedy(ft(tiny_dir, demo_run, 1)), greedy(ft(tiny_dir, demo_run, 2))
-    latest = greedy(ft(tiny_dir, "demo", "latest"))  # the run's name works as well as its id
-    assert latest.model == ft(tiny_dir, demo_run, 2)
+    step1, step2 = greedy(ft(tiny_model_dir, demo_run, 1)), greedy(ft(tiny_model_dir, demo_run, 2))
+    latest = greedy(ft(tiny_model_dir, "demo", "latest"))  # the run's name works as well as its id
+    assert latest.model == ft(tiny_model_dir, demo_run, 2)
     assert ids_of(latest) == ids_of(step2) != ids_of(step1)
 
 
-def test_a_new_checkpoint_is_served_without_restart(client, tiny_dir, workspace, write_checkpoint):
-    run_id = workspace[1].create_run(name="fresh", model=tiny_dir)
+def test_a_new_checkpoint_is_served_without_restart(client, tiny_model_dir, workspace, write_checkpoint):
+    run_id = workspace[1].create_run(name="fresh", model=tiny_model_dir)
     write_checkpoint(run_id, 1)
-    assert ft(tiny_dir, run_id, 1) in {m.id for m in client.models.list()}
-    assert client.chat.completions.create(model=ft(tiny_dir, run_id, "latest"), messages=HI,
-                                          max_tokens=2).model == ft(tiny_dir, run_id, 1)
+    assert ft(tiny_model_dir, run_id, 1) in {m.id for m in client.models.list()}
+    assert client.chat.completions.create(model=ft(tiny_model_dir, run_id, "latest"), messages=HI,
+                                          max_tokens=2).model == ft(tiny_model_dir, run_id, 1)
     write_checkpoint(run_id, 3)
-    resp = client.chat.completions.create(model=ft(tiny_dir, run_id, "latest"), messages=HI, max_tokens=2)
-    assert resp.model == ft(tiny_dir, run_id, 3)
-    assert ft(tiny_dir, run_id, 3) in {m.id for m in client.models.list()}
+    resp = client.chat.completions.create(model=ft(tiny_model_dir, run_id, "latest"), messages=HI, max_tokens=2)
+    assert resp.model == ft(tiny_model_dir, run_id, 3)
+    assert ft(tiny_model_dir, run_id, 3) in {m.id for m in client.models.list()}
 
 
-def test_lora_adapter_loads_under_its_name_and_unloads(client, server, tiny_dir, demo_run, workspace):
+def test_lora_adapter_loads_under_its_name_and_unloads(client, server, tiny_model_dir, demo_run, workspace):
     path = str(workspace[1].run_dir(demo_run) / "checkpoints" / "step-000002")
     r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "mine", "lora_path": path})
     assert r.status_code == 200, r.text
     assert "mine" in {m.id for m in client.models.list()}
     kw = {"messages": HI, "max_tokens": 8, "temperature": 0, "extra_body": {"return_token_ids": True}}
     assert ids_of(client.chat.completions.create(model="mine", **kw)) == \
-        ids_of(client.chat.completions.create(model=ft(tiny_dir, demo_run, 2), **kw))
+        ids_of(client.chat.completions.create(model=ft(tiny_model_dir, demo_run, 2), **kw))
     r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "mine", "lora_path": path})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
     assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "mine"}).status_code == 200
@@ -286,12 +279,12 @@ def test_lora_adapter_loads_under_its_name_and_unloads(client, server, tiny_dir,
 
 # -- errors -----------------------------------------------------------------------------------------
 
-def test_unknown_model_is_404_naming_the_available_models(client, tiny_dir):
+def test_unknown_model_is_404_naming_the_available_models(client, tiny_model_dir):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="nope", messages=HI)
-    assert e.value.body["code"] == "model_not_found" and tiny_dir in e.value.body["message"]
+    assert e.value.body["code"] == "model_not_found" and tiny_model_dir in e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model=f"ft:{tiny_dir}:no-such-run:latest", messages=HI)
+        client.chat.completions.create(model=f"ft:{tiny_model_dir}:no-such-run:latest", messages=HI)
 
 
 @pytest.mark.parametrize("body, param", [
@@ -303,9 +296,9 @@ def test_unknown_model_is_404_naming_the_available_models(client, tiny_dir):
     ({"tool_choice": "required"}, "tool_choice"),
     ({"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
 ])
-def test_invalid_bodies_are_400_naming_the_field(client, tiny_dir, body, param):
+def test_invalid_bodies_are_400_naming_the_field(client, tiny_model_dir, body, param):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(**{"model": tiny_dir, "messages": HI, "max_tokens": 4, **body})
+        client.chat.completions.create(**{"model": tiny_model_dir, "messages": HI, "max_tokens": 4, **body})
     err = e.value.body
     assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
 

@@ -10,31 +10,16 @@ import torch
 
 from rlft.cli import main
 from rlft.sft.loss import collate, eval_loss, masked_loss_sum, micro_batches, train_step, trained_tokens
+from rlft.sft.trainer import SFT_KEYS
 from rlft.store import RunStore
-from rlft.testing.pretrained import TASKS, build_pretrained_tiny
+from rlft.testing.pretrained import TASKS
 
 TASK = TASKS["max"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models gain nothing from intra-op threads on shared cores (see rlft.testing.pretrained)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    from rlft.testing.models import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden=64)
-
-
-@pytest.fixture(scope="module")
-def pretrained():
-    return build_pretrained_tiny(task="max", seed=0)
+# tiny models on one thread (conftest.one_thread); tiny_model_dir: the random tiny model,
+# pretrained_tiny_dir: the tiny model SFT-trained on the "max" task without tool calls
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _schemas():
@@ -87,8 +72,8 @@ def _reference_loss_sum(policy, ids, mask):
 # ---- the loss -----------------------------------------------------------------------------------
 
 
-def test_loss_is_the_full_logits_cross_entropy_on_mask_1_tokens_only(random_model):
-    policy = _policy(random_model)
+def test_loss_is_the_full_logits_cross_entropy_on_mask_1_tokens_only(tiny_model_dir):
+    policy = _policy(tiny_model_dir)
     seqs = _seqs(policy, n=3)
     ids, mask = seqs[0]
     assert 0 < trained_tokens(mask) < len(ids) - 1
@@ -135,8 +120,8 @@ class _Capture(torch.optim.Optimizer):
         self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
 
 
-def test_accumulated_micro_batches_give_the_one_batch_gradient(random_model):
-    policy = _policy(random_model)
+def test_accumulated_micro_batches_give_the_one_batch_gradient(tiny_model_dir):
+    policy = _policy(tiny_model_dir)
     seqs = _seqs(policy, n=6)
     lengths = [len(i) for i, _ in seqs]
     small = max(lengths)  # one sequence per micro-batch
@@ -177,14 +162,14 @@ def _generate_calls(model_dir, rows):
     return out
 
 
-def test_sft_on_a_handful_of_demonstrations_teaches_the_tool_call(pretrained, tmp_path):
+def test_sft_on_a_handful_of_demonstrations_teaches_the_tool_call(pretrained_tiny_dir, tmp_path):
     from rlft.sft.trainer import best_checkpoint, sft
 
     rows = TASK.rows(32, 0, part="rl")
     demos, held_out = rows[:16], rows[16:]
-    assert not any(_generate_calls(pretrained, held_out[:8])), "the base model already calls the tool"
+    assert not any(_generate_calls(pretrained_tiny_dir, held_out[:8])), "the base model already calls the tool"
     runs = tmp_path / "runs"
-    run_id = sft(model=pretrained, data=write_demos(tmp_path / "demos.jsonl", demos), runs_dir=str(runs), lora=False,
+    run_id = sft(model=pretrained_tiny_dir, data=write_demos(tmp_path / "demos.jsonl", demos), runs_dir=str(runs), lora=False,
                  dtype="float32", steps=60, batch_size=8, learning_rate=3e-3, lr_schedule="constant",
                  eval_fraction=0, progress=False)
     with RunStore(runs) as store:
@@ -200,13 +185,13 @@ def test_sft_on_a_handful_of_demonstrations_teaches_the_tool_call(pretrained, tm
     assert len(made) >= 12
 
 
-def test_eval_loss_is_recorded_and_early_stopping_ends_on_the_best_checkpoint(random_model, tmp_path):
+def test_eval_loss_is_recorded_and_early_stopping_ends_on_the_best_checkpoint(tiny_model_dir, tmp_path):
     from rlft.sft.trainer import sft
 
     data = write_demos(tmp_path / "demos.jsonl", TASK.rows(12, 0, part="sft"))
     runs = tmp_path / "runs"
     # learning rate 0: the eval loss never improves after the first eval, so patience 2 stops at step 3
-    run_id = sft(model=random_model, data=data, runs_dir=str(runs), dtype="float32", lora=False, learning_rate=0.0,
+    run_id = sft(model=tiny_model_dir, data=data, runs_dir=str(runs), dtype="float32", lora=False, learning_rate=0.0,
                  steps=50, batch_size=4, eval_size=4, eval_every=1, patience=2, checkpoint_every=2, progress=False)
     with RunStore(runs) as store:
         run = store.get_run(run_id)
@@ -220,14 +205,14 @@ def test_eval_loss_is_recorded_and_early_stopping_ends_on_the_best_checkpoint(ra
     assert [p.name for p in (runs / run_id / "checkpoints").iterdir()] == ["step-000001"]
 
 
-def test_an_rl_run_starts_from_the_sft_checkpoint(pretrained, tmp_path):
+def test_an_rl_run_starts_from_the_sft_checkpoint(pretrained_tiny_dir, tmp_path):
     from rlft.sft.prepare import prepare
     from rlft.sft.trainer import _load, as_sft_config, best_checkpoint, sft
     from rlft.testing.pretrained import task_environment
     from rlft.training.loop import train
 
     runs = str(tmp_path / "runs")
-    cfg = dict(model=pretrained, data=write_demos(tmp_path / "demos.jsonl", TASK.rows(12, 0, part="sft")),
+    cfg = dict(model=pretrained_tiny_dir, data=write_demos(tmp_path / "demos.jsonl", TASK.rows(12, 0, part="sft")),
                runs_dir=runs, lora=True, lora_rank=4, dtype="bfloat16", steps=4, batch_size=4, eval_size=4,
                learning_rate=1e-2, progress=False)
     sft_id = sft(cfg)
@@ -295,15 +280,17 @@ def test_store_migration_makes_existing_runs_rl_and_records_sft_runs(tmp_path):
     readonly.close()
 
 
-def test_cli_sft_trains_from_flags_and_runs_list_shows_the_kind(random_model, tmp_path, capsys):
+def test_cli_sft_trains_from_flags_and_runs_list_shows_the_kind(tiny_model_dir, tmp_path, capsys):
     data = write_demos(tmp_path / "demos.jsonl", TASK.rows(8, 0, part="sft"))
     runs = str(tmp_path / "runs")
-    assert main(["sft", "--data", data, "--model", random_model, "--runs", runs, "--steps", "2",
+    assert main(["sft", "--data", data, "--model", tiny_model_dir, "--runs", runs, "--steps", "2",
                  "--set", "dtype=float32", "--set", "batch_size=4", "--set", "eval_size=2", "--set", "progress=false"]) == 0
     assert "sft run" in capsys.readouterr().out
     assert main(["runs", "list", "--runs", runs, "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert (row["kind"], row["status"], row["step"]) == ("sft", "completed", 2)
+    with RunStore(runs) as store:
+        assert set(store.metric_keys(row["id"])) == set(SFT_KEYS)
     assert main(["runs", "metrics", row["id"], "--runs", runs]) == 0
     out = capsys.readouterr().out
     assert "sft/loss" in out and "eval/loss" in out
@@ -315,9 +302,9 @@ def test_cli_sft_trains_from_flags_and_runs_list_shows_the_kind(random_model, tm
     (["--data", "{data}", "--model", "/nonexistent/model"], "Could not load model"),
     (["--data", "{data}", "--model", "{model}", "--set", "patience=2"], "patience = 2 needs eval_every"),
 ])
-def test_cli_sft_user_errors_exit_2_with_one_message(argv, message, random_model, tmp_path, capsys):
+def test_cli_sft_user_errors_exit_2_with_one_message(argv, message, tiny_model_dir, tmp_path, capsys):
     data = write_demos(tmp_path / "demos.jsonl", TASK.rows(4, 0, part="sft"))
-    argv = [a.format(data=data, model=random_model) for a in argv]
+    argv = [a.format(data=data, model=tiny_model_dir) for a in argv]
     assert main(["sft", *argv, "--runs", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("rlft sft: ") and len(err.strip().splitlines()) == 1

@@ -192,11 +192,11 @@ def test_logs_checkpoints_and_evals_round_trip(store):
     store.add_log(run_id, "slow judge", level="warning", step=3, source="reward:judge")
     store.add_log(run_id, "<b>crash</b>", level="error", step=4, traceback="Traceback...\nKeyError: 'x'")
     logs = store.logs(run_id)
-    assert [(l["level"], l["message"], l["step"]) for l in logs] == [
+    assert [(entry["level"], entry["message"], entry["step"]) for entry in logs] == [
         ("info", "starting", None), ("warning", "slow judge", 3), ("error", "<b>crash</b>", 4)]
     assert logs[2]["traceback"] == "Traceback...\nKeyError: 'x'" and logs[1]["source"] == "reward:judge"
-    assert [l["message"] for l in store.logs(run_id, level="warning")] == ["slow judge", "<b>crash</b>"]
-    assert [l["message"] for l in store.logs(run_id, after_id=logs[0]["id"], limit=1)] == ["slow judge"]
+    assert [entry["message"] for entry in store.logs(run_id, level="warning")] == ["slow judge", "<b>crash</b>"]
+    assert [entry["message"] for entry in store.logs(run_id, after_id=logs[0]["id"], limit=1)] == ["slow judge"]
 
     store.add_checkpoint(run_id, 10, "runs/x/step-10", metrics={"reward/mean": 0.5})
     store.add_checkpoint(run_id, 20, Path("runs/x/step-20"))
@@ -277,7 +277,7 @@ def test_store_is_usable_from_several_threads(store):
             for step in range(20):
                 store.log_metrics(run_id, step, {f"k{i}": float(step)})
                 store.add_log(run_id, f"t{i} s{step}")
-        except Exception as e:  # pragma: no cover - reported below
+        except Exception as e:  # pragma: no cover  # noqa: BLE001 - reported below
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
@@ -356,3 +356,31 @@ def test_a_batch_of_rollouts_is_stored_all_or_nothing(store):
     assert store.count_rollouts(run_id) == 0
     store.add_rollouts(run_id, 1, [make_rollout(0, 0)])  # the store is still usable
     assert store.count_rollouts(run_id) == 1
+
+
+def test_a_runs_eval_at_a_step_is_stored_once_however_often_it_is_recorded(store):
+    run_id = store.create_run()
+    for value in (0.1, 0.2, 0.3):  # e.g. the base eval re-run by two resumes
+        store.add_eval(run_id, model="m@0", step=0, metrics={"reward/mean": value})
+    store.add_eval(run_id, model="m@5", step=5, metrics={"reward/mean": 0.5})
+    store.add_eval(model="gpt-x", metrics={"reward/mean": 0.9})  # external evals accumulate
+    store.add_eval(model="gpt-x", metrics={"reward/mean": 0.8})
+    assert [(e["step"], e["metrics"]["reward/mean"]) for e in store.evals(run_id)] == [(0, 0.3), (5, 0.5)]
+    assert len(store.evals()) == 4
+    store.truncate_after(run_id, 3)  # a resume from step 3 redoes the eval at 5
+    assert [e["step"] for e in store.evals(run_id)] == [0] and store.has_eval(run_id, 0)
+
+
+def test_upgrading_a_store_removes_duplicate_eval_rows_keeping_the_newest(tmp_path):
+    store = RunStore(tmp_path)
+    run_id = store.create_run()
+    conn = store._conn()
+    conn.execute("DROP INDEX evals_run_step")
+    for value in (0.1, 0.2):
+        conn.execute("INSERT INTO evals (run_id, step, model, split, k, metrics, created_at) VALUES (?,?,?,?,?,?,?)",
+                     (run_id, 0, "m", "eval", 1, json.dumps({"v": value}), 0.0))
+    conn.execute("PRAGMA user_version=1")
+    store.close()
+    store = RunStore(tmp_path)
+    assert [e["metrics"]["v"] for e in store.evals(run_id)] == [0.2]
+    store.close()

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import pytest
 from pydantic import BaseModel, Field
@@ -38,7 +38,7 @@ class Color(enum.Enum):
 
 class Filter(BaseModel):
     title: str  # a property called "title" must survive the removal of pydantic's titles
-    year: Optional[int] = None
+    year: int | None = None
 
 
 class TreeNode(BaseModel):
@@ -232,7 +232,7 @@ def test_missing_docstring_falls_back_to_the_tool_name():
 
 def test_literal_enum_and_optional_parameters_have_precise_schemas():
     @tool
-    def paint(mode: Literal["fast", "slow"], color: Color = Color.RED, note: Optional[str] = None) -> str:
+    def paint(mode: Literal["fast", "slow"], color: Color = Color.RED, note: str | None = None) -> str:
         return f"{mode} {color.value} {note}"
 
     assert props(paint)["mode"] == {"enum": ["fast", "slow"], "type": "string"}
@@ -278,7 +278,7 @@ class Square(BaseModel):
 
 def test_discriminated_union_is_inlined_without_dangling_refs():
     @tool
-    def area(shape: Annotated[Union[Circle, Square], Field(discriminator="kind")]) -> float:
+    def area(shape: Annotated[Circle | Square, Field(discriminator="kind")]) -> float:
         return shape.side**2 if isinstance(shape, Square) else 3 * shape.r**2
 
     assert "$ref" not in json.dumps(area.parameters) and "$defs" not in area.parameters
@@ -340,7 +340,7 @@ class Unsupported:  # neither a pydantic type nor a pydantic model
 
 
 def test_star_args_and_unsupported_annotations_fail_at_definition_naming_the_tool():
-    with pytest.raises(TypeError, match="'spread'.*'rest'"):
+    with pytest.raises(TypeError, match=r"'spread'.*'rest'"):
         tool(lambda *rest: None, name="spread")
 
     def use(x: Unsupported) -> None:

@@ -52,17 +52,18 @@ def test_refill_samples_new_tokens_for_an_example_already_in_the_step(model_dir,
 
 
 def test_a_failure_during_setup_closes_the_store_and_marks_the_run_failed(model_dir, tmp_path):
+    from rlft.engines import factory
     from rlft.store import RunStore
     from rlft.training import loop
 
     env = Environment(rewards=[lambda ro: 1.0], max_tokens=8)
     rows = [{"prompt": "say a"}, {"prompt": "say b"}]
 
-    def broken_engine(cfg, policy, tag=""):
+    def broken_engine(options, policy, tag=""):
         raise RuntimeError("no engine today")
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(loop, "make_engine", broken_engine)
+    mp.setattr(factory, "make_engine", broken_engine)
     try:
         with pytest.raises(RuntimeError, match="no engine today"):
             loop.train(_cfg(model_dir, tmp_path / "runs"), environment=env, dataset=rows)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlft.engines.base import SamplingParams
+from rlft.engines.base import SamplingParams, WeightUpdate
 
 try:
     import vllm  # noqa: F401
@@ -42,16 +42,17 @@ def _free(engine):
 
 @gpu
 def test_vllm_lora_engine_matches_the_trainer_and_follows_pushed_adapters(gpu_tiny, tmp_path):
-    from rlft.renderer import Renderer
     from rlft.config import load_config
+    from rlft.engines.factory import engine_options
     from rlft.engines.vllm import VLLMEngine
     from rlft.policy import LoraSpec, load_policy
+    from rlft.renderer import Renderer
     from rlft.training.sync import WeightSyncError, probe, probe_check, probe_prompt
 
     policy = load_policy(gpu_tiny, dtype="bfloat16", lora=LoraSpec(rank=8), device="cuda")
     cfg = load_config(overrides=dict(model=gpu_tiny, lora_rank=8, max_seq_len=512, runs_dir=str(tmp_path),
                                      vllm_gpu_memory_utilization=0.25)).resolved()
-    eng = VLLMEngine.from_policy(policy, cfg, tag="t")
+    eng = VLLMEngine.from_policy(policy, engine_options(cfg).vllm, tag="t")
     pid = probe_prompt(Renderer(policy.tokenizer))
     try:
         assert asyncio.run(probe_check(policy, eng, pid, cfg.sync_tolerance, expected_version=0)) < cfg.sync_tolerance
@@ -64,7 +65,7 @@ def test_vllm_lora_engine_matches_the_trainer_and_follows_pushed_adapters(gpu_ti
             pass
         with pytest.raises(WeightSyncError, match="mismatched"):  # not pushed yet: the base answers
             asyncio.run(probe_check(policy, eng, pid, cfg.sync_tolerance))
-        eng.sync_weights(policy_version=1, adapter_dir=tmp_path / "v1")
+        eng.sync_weights(WeightUpdate(1, adapter_dir=tmp_path / "v1"))
         r = asyncio.run(probe(policy, eng, pid, expected_version=1))
         assert r.engine_version == 1 and r.diff < cfg.sync_tolerance, r
         samples = asyncio.run(asyncio.gather(*(eng.generate(pid, SamplingParams(max_new_tokens=8, seed=s))
@@ -77,25 +78,25 @@ def test_vllm_lora_engine_matches_the_trainer_and_follows_pushed_adapters(gpu_ti
 
 @gpu
 def test_vllm_full_finetune_weights_load_in_place(gpu_tiny, tmp_path):
-    from rlft.renderer import Renderer
     from rlft.config import load_config
+    from rlft.engines.factory import engine_options
     from rlft.engines.vllm import VLLMEngine
     from rlft.policy import load_policy
+    from rlft.renderer import Renderer
     from rlft.training.sync import probe, probe_prompt
 
     policy = load_policy(gpu_tiny, dtype="float32", device="cuda")
     cfg = load_config(overrides=dict(model=gpu_tiny, lora=False, dtype="float32", max_seq_len=512,
                                      runs_dir=str(tmp_path), vllm_gpu_memory_utilization=0.25)).resolved()
-    eng = VLLMEngine.from_policy(policy, cfg, tag="t", dtype="float32")
+    eng = VLLMEngine.from_policy(policy, engine_options(cfg).vllm, tag="t", dtype="float32")
     pid = probe_prompt(Renderer(policy.tokenizer))
     try:
-        with eng.paused():  # level-2 sleep: weights discarded, then replaced
-            with torch.no_grad():
-                for p in policy.model.parameters():
-                    p.add_(torch.randn_like(p) * 0.05)
+        with eng.paused(), torch.no_grad():  # level-2 sleep: weights discarded, then replaced
+            for p in policy.model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
         with pytest.raises(RuntimeError, match="asleep or its weights were discarded"):
             asyncio.run(eng.generate(pid, SamplingParams(max_new_tokens=4)))
-        eng.sync_weights(model=policy.model, policy_version=1)
+        eng.sync_weights(WeightUpdate(1, model=policy.model))
         r = asyncio.run(probe(policy, eng, pid, expected_version=1))
         assert r.engine_version == 1 and r.diff < 1e-2, r
     finally:
@@ -194,14 +195,14 @@ def test_each_lora_push_is_a_new_adapter_id_and_the_old_one_is_removed(fake_vllm
     for version in (1, 2):
         with eng.paused():
             pass
-        eng.sync_weights(policy_version=version, adapter_dir=tmp_path / f"v{version}")
+        eng.sync_weights(WeightUpdate(version, adapter_dir=tmp_path / f"v{version}"))
         s = asyncio.run(eng.generate([5, 6], SamplingParams(max_new_tokens=2, stop=["x"])))
         lora = eng.llm.calls[-1][2]
         assert (lora.lora_name, lora.lora_int_id, s.policy_version) == (f"some/model@run@v{version}", version, version)
         assert lora.lora_path == str(tmp_path / f"v{version}") and eng.llm.calls[-1][1][0].stop == ["x"]
     assert eng.llm.events == [("sleep", 1), ("wake", None), ("sleep", 1), ("wake", None), ("remove_lora", 1)]
     with pytest.raises(ValueError, match="adapter_dir"):
-        eng.sync_weights(policy_version=3)
+        eng.sync_weights(WeightUpdate(3))
     eng.close()
 
 
@@ -213,7 +214,7 @@ def test_full_finetune_sleeps_at_level_2_and_loads_weights_in_place(fake_vllm):
     assert eng.llm.events == [("sleep", 2), ("wake", ("weights",))]
     with pytest.raises(RuntimeError, match="asleep or its weights were discarded"):
         asyncio.run(eng.generate([1, 2], SamplingParams(max_new_tokens=2)))
-    eng.sync_weights(model=model, policy_version=1)
+    eng.sync_weights(WeightUpdate(1, model=model))
     assert eng.llm.loaded == ["weight", "bias"]
     assert eng.llm.events[2:] == [("reset_prefix_cache",), ("wake", ("kv_cache",))]
     assert asyncio.run(eng.generate([1, 2], SamplingParams(max_new_tokens=2))).policy_version == 1
@@ -239,7 +240,9 @@ def test_helpers():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_from_policy_without_cuda_says_what_to_use(tmp_path):
     from rlft.config import load_config
+    from rlft.engines.factory import engine_options
     from rlft.engines.vllm import VLLMEngine
 
+    settings = engine_options(load_config(overrides={"engine": "vllm"}).resolved()).vllm
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        VLLMEngine.from_policy(SimpleNamespace(), load_config(overrides={"engine": "vllm"}).resolved())
+        VLLMEngine.from_policy(SimpleNamespace(), settings)

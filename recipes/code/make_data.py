@@ -32,7 +32,8 @@ def tasks(k: int) -> list[tuple[str, str, list[str]]]:
         (f"first_{k}", f"takes a list xs and returns its first {k} elements",
          [f"assert first_{k}({xs!r}) == {xs[:k]!r}" for xs in (list(range(10)), [1, 2], [])]),
         (f"greater_than_{k}", f"takes a list of numbers xs and returns a list of the numbers greater than {k}",
-         [f"assert greater_than_{k}({xs!r}) == {[x for x in xs if x > k]!r}" for xs in ([1, k, k + 5, 20], [], [k + 1])]),
+         [f"assert greater_than_{k}({xs!r}) == {[x for x in xs if x > k]!r}"
+          for xs in ([1, k, k + 5, 20], [], [k + 1])]),
         (f"power_{k}", f"takes a number x and returns x to the power {k}",
          [f"assert power_{k}({x}) == {x ** k}" for x in (2, 1, 3)]),
     ]

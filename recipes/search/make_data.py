@@ -58,7 +58,7 @@ def build(seed: int = 0, n_islands: int = 150):
             q, a, rel = f"What is the population of the capital of {island}?", str(pop), [iid, cid]
         rows.append({"prompt": q, "ground_truth": a, "relevant_ids": rel, "min_calls": 2 * len(rel)})
     # a second question per island (a different kind) to reach 300 rows
-    for island, city, year, export, pop, iid, cid in facts:
+    for island, city, _year, export, _pop, iid, cid in facts:
         q, a, rel = rng.choice([(f"Which island has {city} as its capital?", island, [cid]),
                                 (f"What does {island} mainly export?", export, [iid])])
         rows.append({"prompt": q, "ground_truth": a, "relevant_ids": rel, "min_calls": 2})

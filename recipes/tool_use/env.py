@@ -58,7 +58,7 @@ def query(sql: str, rollout) -> str:
 
     Args:
         sql: e.g. "SELECT price FROM products WHERE name = 'red mug'"
-    """
+    """  # noqa: E501 - the docstring is the tool's description for the model: its first line stays one line
     with sqlite3.connect(rollout.state["db"]) as db:
         rows = db.execute(sql).fetchmany(20)
     return "\n".join(", ".join(map(str, r)) for r in rows) or "(no rows)"

@@ -55,4 +55,5 @@ if __name__ == "__main__":
     (HERE / "shop.sql").write_text(script)
     with open(HERE / "data.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(f"{script.count('INSERT')} products, {len(rows)} questions ({sum(r['split'] == 'eval' for r in rows)} held out)")
+    held_out = sum(r["split"] == "eval" for r in rows)
+    print(f"{script.count('INSERT')} products, {len(rows)} questions ({held_out} held out)")

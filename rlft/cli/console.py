@@ -64,7 +64,7 @@ def cmd_console(args: Any) -> int:
 
         from rlft.console.app import create_app
     except ImportError as e:
-        raise SystemExit(f"rlft console needs fastapi and uvicorn: pip install 'rlft[serve]' ({e})")
+        raise SystemExit(f"rlft console needs fastapi and uvicorn: pip install 'rlft[serve]' ({e})") from e
     s = console_settings(args)
     app = create_app(s["runs_dir"], token=s["token"], serve_url=s["serve_url"], serve_api_key=s["serve_api_key"],
                      poll_ms=s["poll_ms"])

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlft", description="Reinforcement-learning finetuning of language models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of user errors too (bugs always print one)")
     sub = parser.add_subparsers(dest="command")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_commands(cmd)
     add_console_command(cmd)
     add_sft_command(cmd)
+    from rlft.cli.traces import add_traces_command
+
+    add_traces_command(sub)
     return parser
 
 
@@ -115,11 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         from rlft.cli import runs as cli_runs
 
         handler = getattr(cli_runs, f"cmd_{args.command.replace('-', '_')}")
-    from rlft.config import ConfigError
+    from rlft.errors import UserError
 
     try:
         return int(handler(args) or 0)
-    except ConfigError as e:
+    except UserError as e:  # one message naming the file, row, field or run; --debug: the traceback too
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"rlft {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -174,14 +182,14 @@ def _session(cfg):
     from rlft.env import Sampler
     from rlft.loader import load_environment, load_splits
     from rlft.policy import load_policy
-    from rlft.training.loop import make_engine
+    from rlft.engines.factory import engine_options, make_engine
 
     env, module, _ = load_environment(cfg.env)
     train_set, eval_set = load_splits(cfg, module)
     policy = load_policy(cfg.model, dtype=cfg.dtype, chat_template=cfg.chat_template or None)
     renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-    sampler = Sampler(make_engine(cfg, policy), renderer, params, max_seq_len=cfg.max_seq_len)
+    sampler = Sampler(make_engine(engine_options(cfg), policy), renderer, params, max_seq_len=cfg.max_seq_len)
     return env, train_set, eval_set, sampler, policy
 
 
@@ -231,8 +239,8 @@ def cmd_eval(args) -> int:
     label, step, run_id = cfg.model, None, None
     if args.base_url:  # an external model: message-level rollouts, usage and cost recorded
         from rlft.engines.base import SamplingParams
-        from rlft.engines.external_chat import ChatEngine
-        from rlft.env import Sampler
+        from rlft.engines.external_chat import OpenAIChatEngine
+        from rlft.env import ChatSampler
         from rlft.loader import load_environment, load_splits
 
         if not args.external_model:
@@ -243,8 +251,9 @@ def cmd_eval(args) -> int:
         if args.price:
             pin, pout = (float(x) for x in args.price.split(","))
             prices[args.external_model] = (pin, pout)
-        engine = ChatEngine(args.base_url, args.external_model, api_key=os.environ.get(args.api_key_env), prices=prices)
-        sampler = Sampler(engine, None, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p))
+        engine = OpenAIChatEngine(args.base_url, args.external_model, api_key=os.environ.get(args.api_key_env),
+                                  prices=prices)
+        sampler = ChatSampler(engine, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p))
         label = f"{args.external_model}@{args.base_url}"
     else:
         env, _, eval_set, sampler, policy = _session(cfg)
@@ -290,10 +299,10 @@ def _load_checkpoint(cfg, args, policy, sampler):
     step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
     if not policy.is_lora and (path / "adapter_config.json").exists():
         from rlft.policy import load_policy
-        from rlft.training.loop import make_engine
+        from rlft.engines.factory import engine_options, make_engine
 
         policy = load_policy(str(path), dtype=cfg.dtype)
-        sampler.engine = make_engine(cfg, policy)
+        sampler.engine = make_engine(engine_options(cfg), policy)
     else:
         load_weights(policy, path)
     return run_id, step, policy

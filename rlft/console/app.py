@@ -14,9 +14,10 @@ Routes (all GET unless said; ``{run}`` is a run id, name or unique id prefix):
 - ``/api/compare?runs=a,b&keys=...`` several runs' series and the config keys that differ;
 - ``/api/chat/models?run=...`` and ``POST /api/chat`` (JSON) proxied to ``serve_url``
   (:mod:`rlft.console.chat_proxy`), the latter streaming SSE. With ``"run"`` in the body the run's
-  environment is loaded (from its config's ``env``, once per run) and its tools are executed in
-  the console process, up to its ``max_turns``: tool calls and results stream as their own
-  events; an environment that cannot be loaded means plain chat, and the stream says why.
+  environment is loaded (from its config's ``env``, once per run) and the chat is an episode of
+  it, run in the console process by the training loop (its tools, ``step`` and limits): tool
+  calls and results stream as their own events; an environment that cannot be loaded means
+  plain chat, and the stream says why.
 
 Security: without a token only loopback ``Host`` headers are accepted (DNS rebinding); with a
 token every route needs it as ``?token=``, ``X-RLFT-Token``, ``Authorization: Bearer`` or the
@@ -264,7 +265,8 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
     @api.get("/api/runs/{ref}/rollouts")
     def run_rollouts(ref: str, split: str = "train", step: int | None = None, example: int | None = None,
                      min_reward: float | None = None, max_reward: float | None = None,
-                     termination: list[str] | None = Query(None), search: str | None = None,
+                     termination: list[str] | None = Query(None),  # noqa: B008 - FastAPI's way to take a list
+                     search: str | None = None,
                      component: str | None = None, cmin: float | None = None, cmax: float | None = None,
                      errors: bool | None = None, limit: int = 50, offset: int = 0):
         return views.rollouts(store(), rid(ref), split=None if split in ("", "all") else split, step=step,

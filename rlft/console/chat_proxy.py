@@ -1,5 +1,5 @@
 """The chat tab's server side: a proxy to an OpenAI-compatible server (``rlft serve``) that runs
-the run's environment tools.
+the run's environment, through the same multi-turn loop as training.
 
 ``models`` lists ``<serve-url>/v1/models`` and picks a default for a run: its
 ``ft:<base>:<run>:latest`` checkpoint, else its newest ``ft:<base>:<run>:<step>``, else the first
@@ -10,34 +10,42 @@ sees tokens as they are sampled. Upstream failures of the first request become
 the model is unknown, ...); later failures become an SSE ``{"error": {...}}`` event.
 
 With the run's :class:`~rlft.env.Environment` (``EnvCache``: loaded from the run's config ``env``
-with :func:`rlft.loader.load_environment`, once per run) the proxy sends the environment's tool
-schemas and its system prompt (when the conversation has none); when a streamed reply ends with
-tool calls it runs each one with :func:`rlft.tools.execute_tool_call` inside ``env.session()``
-(MCP servers; isolated ones per request; ``setup``/``teardown`` around each request), streams
-the results, appends the assistant and tool messages and asks the model again, for up to the
-environment's ``max_turns`` assistant turns. Its own events are ``data: {"rlft": {"type": ...}}``
+with :func:`rlft.loader.load_environment`, once per run) a chat is an episode of that
+environment (``env.episode``, starting from the request's messages, with its system prompt when
+the conversation has none), run by the loop of :mod:`rlft.episode` with this module's turn
+source: each assistant turn is one streamed request, the tool schemas sent with it. So the chat
+does what a rollout does: ``setup``/``teardown``, MCP servers (shared ones per request, since
+the console holds no session), ``step`` (the tools, or a custom one), ``max_turns``,
+``max_tool_calls``, ``rollout_timeout``. Its own events are ``data: {"rlft": {"type": ...}}``
 lines mixed with the relayed chunks: ``env`` (loaded or not, and why), ``tool_call``,
 ``tool_result``, ``turn`` (a new assistant turn starts) and ``done`` (the messages to append to
-the history), then ``data: [DONE]``. Without a run the stream is relayed untouched.
+the history, and why it stopped early, if it did), then ``data: [DONE]``. Without a run the
+stream is relayed untouched.
 
-Left out: a custom ``Environment.step`` (a simulated user, a game): the chat only runs tools;
-rewards; ``max_tool_calls`` and token budgets beyond what the request sets. An environment that
-cannot be loaded (its file moved, an import fails) means plain chat, and the ``env`` event says
-so. Loading the environment runs the user's module in the console process (the trainer and
-torch are never imported by the console itself).
+Left out: rewards; token budgets and seeds beyond what the request sets (a streamed reply
+reports no usage). A custom ``step`` sees an empty ``example`` (a chat has no dataset row). An
+environment that cannot be loaded (its file moved, an import fails) means plain chat, and the
+``env`` event says so. Loading the environment runs the user's module in the console process
+(the trainer and torch are never imported by the console itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import secrets
 import threading
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from rlft.engines.base import SamplingParams
+    from rlft.env import Environment
+    from rlft.episode import Episode, Turn
+    from rlft.types import Rollout
 
 ALLOWED_FIELDS = {"model", "messages", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens",
                   "stop", "seed", "tools", "tool_choice"}
@@ -117,7 +125,7 @@ class ChatProxy:
                             f"the model server answered {resp.status_code}: {_error_text(content)}")
         return resp
 
-    async def open_stream(self, body: dict[str, Any], env: Any = None,
+    async def open_stream(self, body: dict[str, Any], env: Environment | None = None,
                           env_info: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
         """Start the upstream request (errors raise here, before any byte is sent, unless the
         environment has MCP servers to start first) and return an iterator over the SSE bytes
@@ -158,100 +166,180 @@ class ChatProxy:
             env_info = dict(env_info or {}, system_prompt_added=True)
         payload["messages"] = messages
         first: httpx.Response | None = None
-        if env is None or not getattr(env, "_servers", None):  # static tools: known now
-            if env is not None and env._static_tools and "tools" not in payload:
-                payload["tools"] = env.tool_schemas(env._static_tools)
+        if env is None or not env.mcp_servers:  # the tools are known without starting a server
+            if env is not None and env.function_tools and "tools" not in payload:
+                from rlft.tools import tool_schemas
+
+                payload["tools"] = tool_schemas(env.function_tools)
             try:
                 first = await self._send(client, payload)
             except BaseException:
                 await client.aclose()
                 raise
-        return self._tool_loop(client, payload, env, env_info or {}, first)
+        return self._converse(client, payload, env, env_info or {}, first)
 
-    async def _tool_loop(self, client: httpx.AsyncClient, payload: dict[str, Any], env: Any,
-                         env_info: dict[str, Any], first: httpx.Response | None) -> AsyncIterator[bytes]:
-        resp = first
+    async def _converse(self, client: httpx.AsyncClient, payload: dict[str, Any], env: Environment | None,
+                        env_info: dict[str, Any], first: httpx.Response | None) -> AsyncIterator[bytes]:
+        """The SSE stream of one chat: with an environment, an episode of it run through the
+        training loop (``rlft.episode``) with turns streamed from the server; without one, one
+        relayed turn whose tool calls are not run."""
+        events: asyncio.Queue[bytes | None] = asyncio.Queue()
+        turns = _StreamedTurns(self, client, payload, first, events.put_nowait, run_tools=env is not None)
         try:
             yield _sse({"rlft": {"type": "env", **env_info}})
-            async with contextlib.AsyncExitStack() as stack:
-                tools: dict[str, Any] = {}
-                rollout = None
-                if env is not None:
-                    from rlft.types import Rollout  # light: dataclasses only
-
-                    await stack.enter_async_context(env.session())
-                    tools = await env.open_tools(stack)
-                    if tools and "tools" not in payload:
-                        payload["tools"] = env.tool_schemas(tools)
-                    rollout = Rollout(example={}, messages=payload["messages"])
-                    rollout.state["_tools"] = tools
-                    if env.setup is not None:
-                        await _maybe_await(env.setup, rollout)
-                    if env.teardown is not None:
-                        stack.push_async_callback(_maybe_await, env.teardown, rollout)
-                added: list[dict[str, Any]] = []
-                max_turns = max(1, int(env.max_turns)) if env is not None else 1
-                stopped = None
-                for turn in range(max_turns):
-                    if turn:
-                        yield _sse({"rlft": {"type": "turn", "turn": turn + 1}})
-                    if resp is None:
-                        try:
-                            resp = await self._send(client, payload)
-                        except ChatError as e:
-                            yield _sse({"error": {"message": e.message}})
-                            return
-                    reply = _Turn()
-                    try:
-                        async for line in resp.aiter_lines():
-                            data = line[5:].strip() if line.startswith("data:") else None
-                            if data == "[DONE]":
-                                continue
-                            if data:
-                                reply.feed(data)
-                            yield (line + "\n").encode()
-                    except httpx.HTTPError as e:
-                        yield _sse({"error": {"message": f"stream broken: {type(e).__name__}"}})
-                        return
-                    finally:
-                        await resp.aclose()
-                        resp = None
-                    calls = reply.tool_calls()  # names the calls' ids first
-                    message = reply.message()
-                    added.append(message)
-                    payload["messages"] = payload["messages"] + [message]
-                    if not reply.calls or env is None or reply.finish == "length":
-                        if reply.calls and env is None:
-                            stopped = "no environment: tool calls not run"
-                        break
-                    for c, raw in zip(calls, reply.calls):
-                        yield _sse({"rlft": {"type": "tool_call", "id": c.id, "name": c.name,
-                                             "arguments": raw["arguments"]}})
-                    rollout.tool_calls += len(calls)
-                    from rlft.tools import execute_tool_call
-
-                    results = await asyncio.gather(*(
-                        execute_tool_call(tools, c, rollout=rollout, timeout=env.tool_timeout,
-                                          max_output_chars=env.max_tool_output_chars) for c in calls))
-                    for c, res in zip(calls, results):
-                        msg = {"role": "tool", "content": res.content, "tool_call_id": c.id, "name": c.name}
-                        added.append(msg)
-                        payload["messages"] = payload["messages"] + [msg]
-                        yield _sse({"rlft": {"type": "tool_result", "id": c.id, "name": c.name,
-                                             "content": res.content, "error": res.error}})
-                    if any(r.fatal for r in results):
-                        stopped = "a tool's backend failed"
-                        break
-                    if turn == max_turns - 1:
-                        stopped = f"max_turns ({max_turns}) reached"
-                yield _sse({"rlft": {"type": "done", "messages": added, "stopped": stopped}})
-        except Exception as e:  # noqa: BLE001 - setup, an MCP server, ...: tell the page
+            first_messages = list(payload["messages"])
+            episode = env.episode({}, messages=first_messages) if env is not None else None
+            turns.episode = episode
+            task = asyncio.ensure_future(episode.run(turns) if episode is not None else _one_turn(turns))
+            async with contextlib.aclosing(_relay_while(task, events)) as relayed:
+                async for chunk in relayed:
+                    yield chunk
+            if episode is not None:
+                for chunk in _outcome(env, episode, turns, len(first_messages)):
+                    yield chunk
+            elif (reply := task.result()) is not None:
+                stopped = "no environment: tool calls not run" if reply.calls else None
+                yield _sse({"rlft": {"type": "done", "messages": [reply.message], "stopped": stopped}})
+        except Exception as e:  # noqa: BLE001 - a bug below us: tell the page
             yield _sse({"error": {"message": f"chat with the environment failed: {type(e).__name__}: {e}"}})
         finally:
-            if resp is not None:
-                await resp.aclose()
+            await turns.close()
             await client.aclose()
         yield b"data: [DONE]\n\n"
+
+
+class _StreamedTurns:
+    """The console's turn source: each assistant turn is one streaming request to the server,
+    its SSE lines relayed (``emit``) as they arrive, and the page told about tool calls and
+    results (``rlft`` events). Single-use: it is its own sampler (``open`` returns it).
+
+    The request's own settings (temperature, max_tokens, ...) stand: the loop's per-turn limits
+    and seeds are not sent, and a streamed reply carries no usage, so ``sampled_tokens`` is 0."""
+
+    def __init__(self, proxy: ChatProxy, client: httpx.AsyncClient, payload: dict[str, Any],
+                 first: httpx.Response | None, emit: Callable[[bytes], None], *, run_tools: bool):
+        from rlft.engines.base import SamplingParams
+
+        self.params, self.policy_version = SamplingParams(), 0
+        self.proxy, self.client, self.payload, self.emit = proxy, client, payload, emit
+        self.response = first  # the first turn's request, sent before streaming began
+        self.run_tools = run_tools
+        self.episode: Episode | None = None  # the episode it serves (its tool results are streamed)
+        self.rollout: Rollout | None = None
+        self.turns = 0
+        self.failure: str | None = None  # why the last request failed, for the page
+        self._shown_results = 0
+
+    def open(self, rollout: Rollout, schemas: list[dict] | None) -> _StreamedTurns:
+        self.rollout = rollout
+        if schemas and "tools" not in self.payload:  # a request's own tools win
+            self.payload["tools"] = schemas
+        return self
+
+    def room(self) -> int | None:
+        return None  # the server enforces the model's context window
+
+    async def next_turn(self, params: SamplingParams) -> Turn:
+        from rlft.episode import Turn
+
+        if self.turns:
+            self.emit(_sse({"rlft": {"type": "turn", "turn": self.turns + 1}}))
+        self.turns += 1
+        if self.rollout is not None:
+            self.payload["messages"] = list(self.rollout.messages)
+        resp, self.response = self.response, None
+        if resp is None:
+            try:
+                resp = await self.proxy._send(self.client, self.payload)
+            except ChatError as e:
+                self.failure = e.message
+                raise
+        reply = _Turn()
+        try:
+            async for line in resp.aiter_lines():
+                data = line[5:].strip() if line.startswith("data:") else None
+                if data == "[DONE]":
+                    continue
+                if data:
+                    reply.feed(data)
+                self.emit((line + "\n").encode())
+        except httpx.HTTPError as e:
+            self.failure = f"stream broken: {type(e).__name__}"
+            raise
+        finally:
+            await resp.aclose()
+        calls = reply.tool_calls()  # names the calls' ids first
+        finish = reply.finish or "stop"
+        if self.run_tools and finish != "length":
+            for c, raw in zip(calls, reply.calls):
+                event = {"type": "tool_call", "id": c.id, "name": c.name, "arguments": raw["arguments"]}
+                self.emit(_sse({"rlft": event}))
+        return Turn(reply.message(), calls, finish, 0)
+
+    def extend(self, history: list[dict[str, Any]], answer: list[dict[str, Any]]) -> None:
+        self.show_results()
+
+    def show_results(self) -> None:
+        """A tool_result event for each call the episode ran since the last ones shown."""
+        ran = self.episode.tool_results if self.episode is not None else []
+        for call, res in ran[self._shown_results:]:
+            self.emit(_sse({"rlft": {"type": "tool_result", "id": call.id, "name": call.name,
+                                     "content": res.content, "error": res.error}}))
+        self._shown_results = len(ran)
+
+    async def close(self) -> None:
+        if self.response is not None:  # never read (the episode failed before its first turn)
+            await self.response.aclose()
+            self.response = None
+
+
+async def _one_turn(turns: _StreamedTurns) -> Turn | None:
+    """One relayed turn (no environment); None when it failed (the page was told why)."""
+    try:
+        return await turns.next_turn(turns.params)
+    except (ChatError, httpx.HTTPError):
+        turns.emit(_sse({"error": {"message": turns.failure}}))
+        return None
+
+
+async def _relay_while(task: asyncio.Future[Any], events: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    """What ``task`` emits, as it emits it, until it is done; cancelled if the page goes away."""
+    task.add_done_callback(lambda _: events.put_nowait(None))
+    try:
+        while (chunk := await events.get()) is not None:
+            yield chunk
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _outcome(env: Environment, episode: Episode, turns: _StreamedTurns, n_first: int) -> list[bytes]:
+    """The events that close an episode: the results not shown yet (a fatal one ends the loop
+    before the answer), then ``done`` with the messages to append, or the error that ended it."""
+    from rlft.types import Termination
+
+    ro = episode.rollout
+    turns.show_results()
+    failed = {Termination.SETUP_ERROR: "setup", Termination.ERROR: "environment", Termination.MODEL_ERROR: "model"}
+    out = []
+    if ro.termination in failed:
+        where = failed[ro.termination]
+        err = next((e for e in reversed(ro.errors) if e.where == where), None)
+        message = turns.failure if ro.termination == Termination.MODEL_ERROR and turns.failure else (
+            f"chat with the environment failed: {err.message if err else ro.termination.value}")
+        out.append(_sse({"error": {"message": message}}))
+    else:
+        stopped = {Termination.MAX_TURNS: f"max_turns ({env.max_turns}) reached",
+                   Termination.MAX_TOOL_CALLS: f"max_tool_calls ({env.max_tool_calls}) reached",
+                   Termination.TOOL_ERROR: "a tool's backend failed",
+                   Termination.TIMEOUT: f"rollout_timeout ({env.rollout_timeout}s) reached"}.get(ro.termination)
+        out.append(_sse({"rlft": {"type": "done", "messages": ro.messages[n_first:], "stopped": stopped}}))
+    for err in ro.errors:
+        if err.where == "teardown":
+            out.append(_sse({"error": {"message": f"chat with the environment failed: {err.message}"}}))
+    return out
 
 
 class _Turn:
@@ -333,24 +421,18 @@ class EnvCache:
                     from rlft.loader import load_environment
 
                     env = load_environment(spec)[0]
-                except BaseException as e:  # noqa: BLE001 - a user module may raise anything
+                except BaseException as e:
                     if isinstance(e, (KeyboardInterrupt, GeneratorExit)):
                         raise
                     return None, {"loaded": False, "run": run_id, "spec": spec,
                                   "message": f"could not load the run's environment {spec!r} "
                                              f"({type(e).__name__}: {str(e)[:300]}): plain chat, tools are not run"}
                 self.envs[run_id] = env
-        names = sorted(env._static_tools) + [f"{type(s).__name__} (MCP)" for s in env._servers]
+        names = sorted(env.function_tools) + [f"{type(s).__name__} (MCP)" for s in env.mcp_servers]
+        tools = f"tools {', '.join(names)} run here" if names else "no tools"
         return env, {"loaded": True, "run": run_id, "spec": spec, "name": env.name, "tools": names,
-                     "max_turns": env.max_turns, "message": f"environment {env.name!r}: "
-                     + (f"tools {', '.join(names)} run here" if names else "no tools") + f", up to {env.max_turns} turns"}
-
-
-async def _maybe_await(fn: Any, *args: Any) -> Any:
-    result = fn(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
+                     "max_turns": env.max_turns,
+                     "message": f"environment {env.name!r}: {tools}, up to {env.max_turns} turns"}
 
 
 def _sse(obj: Any) -> bytes:

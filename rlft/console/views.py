@@ -10,7 +10,8 @@ range, "has errors") are applied here over a bounded scan of the matching rollou
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from rlft.metrics import KEYS
 from rlft.store import RunStore
@@ -102,9 +103,7 @@ def _keep(r: dict[str, Any], component: str | None, cmin: float | None, cmax: fl
         v = (r.get("rewards") or {}).get(component)
         if v is None or (cmin is not None and v < cmin) or (cmax is not None and v > cmax):
             return False
-    if has_errors is not None and bool(r.get("errors")) != has_errors:
-        return False
-    return True
+    return has_errors is None or bool(r.get("errors")) == has_errors
 
 
 def rollouts(store: RunStore, run_id: str, *, component: str | None = None, cmin: float | None = None,

@@ -21,8 +21,9 @@ Left out: how each engine batches, caches or talks to its server (``hf.py``, ``v
 from __future__ import annotations
 
 import enum
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Protocol
+from typing import Any, Protocol
 
 from rlft.types import Message, ToolCall
 
@@ -76,7 +77,7 @@ class TrainableEngine(Engine, Protocol):
     policy_version: int  # the version of the weights it serves now
     weight_format: WeightFormat
 
-    def paused(self) -> ContextManager[None]:
+    def paused(self) -> AbstractContextManager[None]:
         """Hold generation while the trainer's weights change (a no-op for engines with their own copy)."""
         ...
 

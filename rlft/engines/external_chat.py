@@ -1,11 +1,13 @@
-"""A chat-level engine for external OpenAI-compatible models (evals and baselines only).
+"""A chat engine for external OpenAI-compatible models (evals and baselines only).
 
 External models (hosted APIs, another team's server) take messages, not token ids, and their
-tokens are not ours to train on. ``ChatEngine`` therefore implements ``chat(messages, tools,
-params)`` instead of ``generate``; the rollout loop sees that method and keeps the conversation
-at the message level (no token ids, no logprobs: such rollouts are for ``rlft eval``, never for
-training). Tool calls come back in the API's native ``tool_calls`` field. Usage and cost per
-request (from a price table, USD per million tokens) are recorded on each rollout.
+tokens are not ours to train on. ``OpenAIChatEngine`` therefore implements the
+:class:`~rlft.engines.base.ChatEngine` contract (``chat(messages, tools, params)``) rather than
+``Engine.generate``; rollouts sample it through ``rlft.episode.ChatSampler``, which keeps the
+conversation at the message level (no token ids, no logprobs: such rollouts are for
+``rlft eval``, never for training). Tool calls come back in the API's native ``tool_calls``
+field. Usage and cost per request (from a price table, USD per million tokens) are recorded on
+each rollout.
 Left out: retries beyond the client's own, and streaming.
 """
 
@@ -32,14 +34,15 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 
 
 @dataclass
-class ChatEngine:
+class OpenAIChatEngine:
+    """An external model behind ``<base_url>/chat/completions`` (``openai`` client, one per event loop)."""
+
     base_url: str
     model: str
     api_key: str | None = None  # default: $OPENAI_API_KEY (a placeholder for local servers)
     timeout: float = 120.0
     max_concurrency: int = 16
     prices: dict[str, tuple[float, float]] = field(default_factory=dict)
-    policy_version: int = 0
     _clients: dict[int, Any] = field(default_factory=dict, repr=False)
     _sems: dict[int, asyncio.Semaphore] = field(default_factory=dict, repr=False)
 
@@ -49,7 +52,8 @@ class ChatEngine:
             from openai import AsyncOpenAI
 
             key = self.api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
-            self._clients[loop_id] = AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=2)
+            self._clients[loop_id] = AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout,
+                                                 max_retries=2)
             self._sems[loop_id] = asyncio.Semaphore(self.max_concurrency)
         return self._clients[loop_id], self._sems[loop_id]
 
@@ -58,7 +62,8 @@ class ChatEngine:
 
     async def chat(self, messages: list[Message], tools: list[dict] | None, params: SamplingParams) -> ChatReply:
         client, sem = self._client()
-        kwargs: dict[str, Any] = {"model": self.model, "messages": _to_api(messages), "max_tokens": params.max_new_tokens,
+        kwargs: dict[str, Any] = {"model": self.model, "messages": _to_api(messages),
+                                  "max_tokens": params.max_new_tokens,
                                   "temperature": params.temperature, "top_p": params.top_p}
         if tools:
             kwargs["tools"] = tools
@@ -77,7 +82,8 @@ class ChatEngine:
                 args = json.loads(tc.function.arguments or "{}")
                 calls.append(ToolCall(name=tc.function.name, arguments=args, id=tc.id))
             except json.JSONDecodeError as e:
-                calls.append(ToolCall(name=tc.function.name, arguments={}, id=tc.id, error=f"invalid JSON arguments: {e}"))
+                calls.append(ToolCall(name=tc.function.name, arguments={}, id=tc.id,
+                                      error=f"invalid JSON arguments: {e}"))
         message: Message = {"role": "assistant", "content": choice.message.content or ""}
         if any(c.error is None for c in calls):
             message["tool_calls"] = [c.to_openai() for c in calls if c.error is None]
@@ -97,7 +103,8 @@ def _to_api(messages: list[Message]) -> list[Message]:
         m = dict(m)
         if m.get("tool_calls"):
             m["tool_calls"] = [{**tc, "function": {**tc["function"], "arguments": tc["function"]["arguments"]
-                                if isinstance(tc["function"]["arguments"], str) else json.dumps(tc["function"]["arguments"])}}
+                                if isinstance(tc["function"]["arguments"], str)
+                                else json.dumps(tc["function"]["arguments"])}}
                                for tc in m["tool_calls"]]
         out.append(m)
     return out

@@ -47,14 +47,15 @@ import copy
 import inspect
 import os
 import threading
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from rlft.allocator import keep_freed_memory
 from rlft.attention import use_fast_attention
-from rlft.engines.base import Sample, SamplingParams
+from rlft.engines.base import Sample, SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.kv_cache import EngineCache, HFCache
 from rlft.engines.lora_merge import MergedCopy, is_lora_model
 from rlft.engines.packed_linear import can_pack, pack_linears, repack_linears
@@ -90,6 +91,8 @@ class HFEngine(Scheduler):
     model and tokenizer are used). ``dtype``: run generation in this dtype; when it differs from
     the model's, the engine keeps its own cast copy and :meth:`sync_weights` refreshes it from
     the source model (``None`` = use the model as is, sharing its weights: nothing to sync).
+    ``weight_format`` (the :class:`~rlft.engines.base.TrainableEngine` contract) says which:
+    MODULE for an own copy (cast, copied or merged), SHARED for the model itself.
     ``max_batch_size``: most sequences decoded together. ``stop_token_ids``: end-of-turn ids
     (default: the tokenizer's ``eos_token_id``, the generation config's eos ids, and
     ``<|im_end|>`` & co. when in the vocabulary). ``policy_version``: copied into every Sample
@@ -150,19 +153,22 @@ class HFEngine(Scheduler):
         self.device = torch.device(device) if device is not None else _param(model).device
         want = _as_dtype(dtype)
         self._merged = None
+        # MODULE: an own copy (or a merged LoRA copy) that sync_weights refreshes from the source;
+        # SHARED: the source module itself, so a sync only moves the version
+        self.weight_format = WeightFormat.MODULE
         if merge_lora and is_lora_model(model):  # sample from W + BA, not through peft's adapter layers
             self._merged = MergedCopy(model, dtype=want, device=self.device)
-            self.model, self.owns_copy = self._merged.model, True
+            self.model = self._merged.model
         elif copy_weights or (want is not None and want != _param(model).dtype) or self.device != _param(model).device:
             self.model = copy.deepcopy(model).to(device=self.device, dtype=want or _param(model).dtype)
-            self.owns_copy = True
         else:
             self.model = model
-            self.owns_copy = False
+            self.weight_format = WeightFormat.SHARED
         use_fast_attention(self.model)  # CPU: the sdpa kernel costs 2x on decode steps (rlft.attention)
         # an own copy on the CPU in bf16: linear weights pre-packed for oneDNN (rlft.engines.packed_linear);
         # never a shared model's, whose packed copy would go stale under the trainer
-        self.prepacked = bool(prepack and self.owns_copy and can_pack(self.model) and pack_linears(self.model))
+        owns_copy = self.weight_format is WeightFormat.MODULE
+        self.prepacked = bool(prepack and owns_copy and can_pack(self.model) and pack_linears(self.model))
         if self.device.type == "cpu":
             keep_freed_memory()  # sampling allocates ~12 MiB per step: no page faults each time (rlft.allocator)
         self.dtype = _param(self.model).dtype
@@ -178,7 +184,7 @@ class HFEngine(Scheduler):
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = base.config
-        self.num_layers = int(getattr(config, "num_hidden_layers"))
+        self.num_layers = int(config.num_hidden_layers)
         self.vocab_size = int(base.get_input_embeddings().num_embeddings)
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         params = inspect.signature(base.forward).parameters
@@ -201,7 +207,7 @@ class HFEngine(Scheduler):
 
     # -- public API ----------------------------------------------------------------------------
     @classmethod
-    def from_policy(cls, policy: Any, **kwargs: Any) -> "HFEngine":
+    def from_policy(cls, policy: Any, **kwargs: Any) -> HFEngine:
         return cls(policy.model, policy.tokenizer, **kwargs)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Sample:
@@ -220,6 +226,33 @@ class HFEngine(Scheduler):
             req.cancelled = True  # the worker drops it at the next step
             raise
 
+    async def generate_stream(self, prompt_ids: list[int], params: SamplingParams, *,
+                              poll_s: float = 0.02) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
+        """Like :meth:`generate`, yielding the cumulative ``(tokens, logprobs)`` of the running
+        request every ``poll_s`` seconds while it grows, then the finished Sample (``rlft serve``
+        streams with it). Leaving early cancels the request."""
+        loop = asyncio.get_running_loop()
+        req = self._make_request(prompt_ids, params, loop, loop.create_future())
+        if req.finish is not None:
+            yield self._sample_of(req)
+            return
+        if self.inline and self._inline_loop in (None, loop):
+            self._submit_inline(req, loop)
+        else:
+            self._submit(req)
+        seen = 0
+        try:
+            while not req.future.done():
+                await asyncio.wait([req.future], timeout=poll_s)
+                k = min(len(req.tokens), len(req.logprobs))
+                if k > seen and not req.future.done():
+                    seen = k
+                    yield req.tokens[:k], req.logprobs[:k]
+            yield req.future.result()
+        finally:
+            if not req.future.done():
+                req.cancelled = True  # the client went away: the engine drops it at its next step
+
     def generate_sync(self, prompt_ids: list[int], params: SamplingParams) -> Sample:
         """Blocking variant for scripts (not from inside an event loop's thread)."""
         import concurrent.futures
@@ -236,23 +269,23 @@ class HFEngine(Scheduler):
         with self.lock:
             yield
 
-    def sync_weights(self, model: Any = None, policy_version: int | None = None) -> None:
-        """After an optimizer step: copy weights into the engine's own copy (if it has one) and
-        set ``policy_version``. With a shared model (no copy) only the version changes."""
+    def sync_weights(self, update: WeightUpdate) -> None:
+        """After an optimizer step: refresh the engine's own copy (MODULE) from ``update.model``
+        (default: the model it was built from) and serve it as ``update.version``. A SHARED engine
+        runs the trainer's module itself: only the version moves."""
         with self.lock:
             if self._merged is not None:
-                if model is not None and model is not self._merged.source:
+                if update.model is not None and update.model is not self._merged.source:
                     raise ValueError("this engine merges the LoRA model it was built from; it cannot sync from another")
                 self._merged.refresh()
-            elif self.owns_copy:
+            elif self.weight_format is WeightFormat.MODULE:
                 from rlft.distributed import full_state_dict  # the whole weights of an FSDP2-sharded source
 
-                src = model if model is not None else self.source_model
+                src = update.model if update.model is not None else self.source_model
                 self.model.load_state_dict(full_state_dict(src))
             if self.prepacked:  # only an own copy is packed: its new weights, packed again
                 repack_linears(self.model)
-            if policy_version is not None:
-                self.policy_version = int(policy_version)
+            self.policy_version = int(update.version)
 
     def close(self) -> None:
         """Stop the worker thread; pending and running requests fail with RuntimeError."""
@@ -403,13 +436,10 @@ class HFEngine(Scheduler):
     def _check_finished(self, r: _Request, token: int) -> None:
         if r.cancelled:
             r.finish = "cancelled"
-        elif token in self.stop_token_ids:
+        elif token in self.stop_token_ids or (r.stop_window and self._hits_stop(r)):
             r.finish = "stop"
-        elif r.stop_window and self._hits_stop(r):
-            r.finish = "stop"
-        elif len(r.tokens) >= r.params.max_new_tokens:
-            r.finish = "length"
-        elif self.max_context is not None and len(r.prompt) + len(r.tokens) >= self.max_context:
+        elif len(r.tokens) >= r.params.max_new_tokens or (
+                self.max_context is not None and len(r.prompt) + len(r.tokens) >= self.max_context):
             r.finish = "length"
         if r.finish is not None and r.finish != "cancelled":
             self._deliver(r, result=self._sample_of(r))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-
 try:  # transformers >= 4.56: Cache made of per-layer objects
     from transformers.cache_utils import Cache as HFCache
     from transformers.cache_utils import DynamicLayer as HFDynamicLayer
@@ -82,7 +81,7 @@ if HFDynamicLayer is not None:
             if self.kbuf is not None and n > 0:  # a contiguous copy (see _set); only when sequences leave
                 self._set(self.kbuf[:, :, n:].contiguous(), self.vbuf[:, :, n:].contiguous(), self.length - n)
 
-        def merged_with(self, other: "GrowLayer") -> None:
+        def merged_with(self, other: GrowLayer) -> None:
             """Stack ``other``'s rows under ours, both right-aligned (the shorter is left-padded)."""
             length = max(self.length, other.length)
             ka, kb = self.kbuf, other.kbuf

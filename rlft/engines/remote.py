@@ -5,12 +5,14 @@ token-id prompt (``"prompt": [ids]``), asking for the sampled ids and their logp
 (``"return_token_ids": true``, ``"logprobs": 0``: vLLM's names; ``rlft serve`` answers the same).
 So rollouts can run on other machines than the trainer, against ``vllm serve`` or ``rlft serve``.
 
-Weight sync is by LoRA adapter (:meth:`RemoteEngine.sync_weights`): the trainer writes the
+Weight sync is by LoRA adapter (``weight_format`` ADAPTER, :meth:`RemoteEngine.sync_weights`): the trainer writes the
 adapter of version ``v`` to a directory the server can read (same machine or a shared
 filesystem), the engine registers it with ``POST /v1/load_lora_adapter`` under the name
 ``<model>@v<v>`` (``<model>@<tag>@v<v>`` with a ``tag``, e.g. the run id, so that runs sharing a
 server do not collide), sends every later request to that name and unloads the previous
-version. Version 0 is the base model itself (a fresh LoRA adapter is the identity).
+version. Version 0 is the base model itself (a fresh LoRA adapter is the identity). The name a
+request goes to is a function of ``policy_version`` alone, so another RemoteEngine on the same
+server (a Ray rollout worker's) serves a version the trainer pushed once its ``policy_version`` is set.
 
 Reported version: each :class:`Sample`'s ``policy_version`` is read from the ``model`` field of
 the server's answer, i.e. the adapter that actually served the request (vLLM and ``rlft serve``
@@ -28,10 +30,11 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
-from rlft.engines.base import Sample, SamplingParams
+from rlft.engines.base import Sample, SamplingParams, WeightFormat, WeightUpdate
 
 __all__ = ["RemoteEngine", "RemoteEngineError", "RemoteStats", "version_of"]
 
@@ -60,7 +63,7 @@ def version_of(served_name: str, base: str, tag: str = "") -> int | None:
 
 
 class RemoteEngine:
-    """Engine over an OpenAI-compatible server (``/v1/completions`` with token ids).
+    """TrainableEngine over an OpenAI-compatible server (``/v1/completions`` with token ids).
 
     ``base_url``: the server (``http://host:8000``; a trailing ``/v1`` is accepted). ``model``: the
     base model's name on the server. ``api_key``: sent as ``Authorization: Bearer``.
@@ -85,17 +88,23 @@ class RemoteEngine:
         self.stop_token_ids = sorted(int(t) for t in stop_token_ids) if stop_token_ids else []
         self.tag = tag
         self.retries = max(0, int(retries))
-        self.policy_version = int(policy_version)  # the version requests are sent to
-        self.served_name = model  # the name requests are sent to
+        self.policy_version = int(policy_version)  # the version requests are sent to (served_name)
         self.stats = RemoteStats()
-        self.needs_adapter = True  # weights can only be pushed as LoRA adapters
         self._client: Any = None
         self._client_loop: Any = None
         self._sem: asyncio.Semaphore | None = None
 
+    # weights can only be pushed as LoRA adapters, saved where the server can read them
+    weight_format = WeightFormat.ADAPTER
+
     # -- names -----------------------------------------------------------------------------------
     def adapter_name(self, version: int) -> str:
         return f"{self.model}@{self.tag}@v{version}" if self.tag else f"{self.model}@v{version}"
+
+    @property
+    def served_name(self) -> str:
+        """The name requests are sent to: the base model at version 0, else that version's adapter."""
+        return self.model if self.policy_version == 0 else self.adapter_name(self.policy_version)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -163,7 +172,7 @@ class RemoteEngine:
         if r.status_code != 200:
             try:
                 msg = r.json()["error"]["message"]
-            except Exception:
+            except Exception:  # noqa: BLE001 - an error body may be anything (not JSON, another shape): show its text
                 msg = r.text[:500]
             err = ValueError if r.status_code == 400 else RemoteEngineError  # 400: e.g. context length
             raise err(f"{self.base_url}{path} answered {r.status_code}: {msg}")
@@ -173,7 +182,8 @@ class RemoteEngine:
         try:
             choice = data["choices"][0]
         except (KeyError, IndexError, TypeError):
-            raise RemoteEngineError(f"{self.base_url}/v1/completions answered without choices: {str(data)[:300]}")
+            raise RemoteEngineError(
+                f"{self.base_url}/v1/completions answered without choices: {str(data)[:300]}") from None
         tokens = choice.get("token_ids")
         if tokens is None:
             raise RemoteEngineError(
@@ -222,22 +232,21 @@ class RemoteEngine:
         self.stats.adapters_unloaded += int(ok)
         return ok
 
-    def sync_weights(self, policy_version: int | None = None, adapter_dir: str | os.PathLike | None = None) -> None:
-        """Serve the adapter in ``adapter_dir`` as version ``policy_version`` from now on; the
-        previous version is unloaded. Without ``adapter_dir`` there is nothing to push: only
-        version 0 (the base model) can be served that way."""
-        version = self.policy_version if policy_version is None else int(policy_version)
-        if adapter_dir is None:
-            if version != 0:
-                raise RemoteEngineError("RemoteEngine syncs weights as LoRA adapters: pass adapter_dir= "
-                                        "(train with lora = true to use engine = \"openai\")")
-            new_name = self.model
+    def sync_weights(self, update: WeightUpdate) -> None:
+        """Serve the adapter in ``update.adapter_dir`` as version ``update.version`` from now on;
+        the previous version is unloaded. Version 0 is the base model: nothing to push."""
+        version = int(update.version)
+        if version == 0:
+            if update.adapter_dir is not None:  # its name would be the base model's: keep it unambiguous
+                raise ValueError("version 0 is the base model; adapters are pushed as versions >= 1")
+        elif update.adapter_dir is None:
+            raise RemoteEngineError("RemoteEngine syncs weights as LoRA adapters: the update needs adapter_dir "
+                                    "(train with lora = true to use engine = \"openai\")")
         else:
-            new_name = self.adapter_name(version)
-            self.push_adapter(adapter_dir, new_name)
+            self.push_adapter(update.adapter_dir, self.adapter_name(version))
         old = self.served_name
-        self.served_name, self.policy_version = new_name, version
-        if old != new_name and old != self.model:
+        self.policy_version = version
+        if old != self.served_name and old != self.model:
             with contextlib.suppress(Exception):  # an adapter left loaded costs memory, not correctness
                 self.unload_adapter(old)
 
@@ -271,5 +280,5 @@ class RemoteEngine:
         try:
             if loop is not None and not loop.is_closed() and not loop.is_running():
                 loop.run_until_complete(client.aclose())
-        except Exception:
+        except Exception:  # noqa: BLE001 - closing is best-effort: close() must not raise over a failed aclose
             pass

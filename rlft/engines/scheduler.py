@@ -133,7 +133,7 @@ class Scheduler:
                     batch = self._step(batch)
             self.stats.busy_s += time.perf_counter() - t0
             return batch
-        except Exception as e:  # fail what was running, keep serving
+        except Exception as e:  # noqa: BLE001 - fail what was running, keep serving: the engine must outlive one failed step
             failed = (batch.reqs if batch else []) + [r for r in new if r.finish is None]
             for r in failed:
                 if r.finish is None:

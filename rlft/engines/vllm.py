@@ -7,7 +7,8 @@ with one ``vllm.SamplingParams`` per request (``logprobs=0``: the sampled token'
 The offline API finishes a whole batch before it returns, so requests that arrive while a batch
 runs wait for the next one (multi-turn rollouts go in waves); vLLM batches inside each call.
 
-Weight sync after each optimizer step (:meth:`VLLMEngine.sync_weights`):
+Weight sync after each optimizer step (:meth:`VLLMEngine.sync_weights`; ``weight_format`` ADAPTER
+with LoRA, MODULE for a full finetune):
 
 - LoRA: the trainer saves the adapter (``adapter_dir``) and every later request carries a new
   ``LoRARequest(name@v<step>, new id, adapter_dir)``; the previous adapter is removed from vLLM's
@@ -30,6 +31,9 @@ convention is ``log_softmax(logits / T)`` before top-p/top-k truncation (see rlf
 truncation: with truncation the logprobs are renormalised over the kept tokens, a difference the
 trainer's ``sync/logprob_diff_*`` metrics show and ``tis_cap`` can correct.
 
+Settings: :class:`VLLMSettings` holds what a training run decides for the engine (built from the
+TrainConfig by ``rlft.engines.factory.engine_options``); this module never reads the config.
+
 Not run on a GPU in this repository's CI: written against vLLM's documented offline API (v0.10+,
 V1 engine); the CPU tests exercise the plumbing with a stand-in for ``vllm``.
 """
@@ -42,13 +46,14 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
-from rlft.engines.base import Sample, SamplingParams
+from rlft.engines.base import Sample, SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.scheduler import enqueue
 
-__all__ = ["VLLMEngine", "vllm_model_path", "lora_rank_for_vllm"]
+__all__ = ["VLLMEngine", "VLLMSettings", "vllm_model_path", "lora_rank_for_vllm"]
 
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -87,6 +92,21 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Any]]) -> int:
     return len(weights)
 
 
+@dataclass(frozen=True)
+class VLLMSettings:
+    """What a training run sets on its colocated vLLM engine (:meth:`VLLMEngine.from_policy`)."""
+
+    runs_dir: str  # a GGUF base is exported under <runs_dir>/<tag>/sync/base for vLLM to load
+    dtype: str
+    gpu_memory_utilization: float  # vLLM's share of the GPU; the trainer keeps the rest
+    sleep: bool  # free vLLM's GPU memory during the policy update (paused())
+    max_model_len: int
+    seed: int
+    lora_rank: int  # the trainer's LoRA rank (when the policy is LoRA)
+    max_batch_size: int
+    temperature: float  # sampling temperature: != 1 needs vLLM's processed logprobs
+
+
 @dataclass
 class _Request:
     prompt: list[int]
@@ -111,7 +131,7 @@ class VLLMStats:
 
 
 class VLLMEngine:
-    """Engine over ``vllm.LLM`` (see the module docstring).
+    """TrainableEngine over ``vllm.LLM`` (see the module docstring).
 
     ``model``: what vLLM loads (hub id or HF directory). ``lora``: serve LoRA adapters pushed by
     :meth:`sync_weights` (``max_lora_rank``: the trainer's rank, rounded up to vLLM's sizes).
@@ -170,8 +190,9 @@ class VLLMEngine:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_policy(cls, policy: Any, cfg: Any, *, tag: str = "", **kwargs: Any) -> "VLLMEngine":
-        """The engine for a training run: the policy's base model, colocated settings from ``cfg``."""
+    def from_policy(cls, policy: Any, settings: VLLMSettings, *, tag: str = "", **kwargs: Any) -> VLLMEngine:
+        """The engine for a training run: the policy's base model, colocated as ``settings`` say
+        (``kwargs`` override the constructor's arguments)."""
         import torch
 
         if not torch.cuda.is_available():
@@ -185,14 +206,15 @@ class VLLMEngine:
         from rlft.engines.hf import end_of_turn_ids
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights by reference
-        runs = os.path.join(cfg.runs_dir, tag or "vllm")
+        runs = os.path.join(settings.runs_dir, tag or "vllm")
         model = vllm_model_path(policy, os.path.join(runs, "sync", "base"))
         kw: dict[str, Any] = dict(
-            dtype=cfg.dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            enable_sleep_mode=cfg.vllm_sleep, sleep_level=1 if policy.is_lora else 2,
-            max_model_len=cfg.max_seq_len, seed=cfg.seed, lora=policy.is_lora, max_lora_rank=cfg.lora_rank,
-            stop_token_ids=end_of_turn_ids(policy.tokenizer, policy.base_model), max_batch_size=cfg.max_concurrency,
-            logprobs_mode="processed_logprobs" if cfg.temperature != 1.0 else None, tag=tag)
+            dtype=settings.dtype, gpu_memory_utilization=settings.gpu_memory_utilization,
+            enable_sleep_mode=settings.sleep, sleep_level=1 if policy.is_lora else 2,
+            max_model_len=settings.max_model_len, seed=settings.seed, lora=policy.is_lora,
+            max_lora_rank=settings.lora_rank, stop_token_ids=end_of_turn_ids(policy.tokenizer, policy.base_model),
+            max_batch_size=settings.max_batch_size,
+            logprobs_mode="processed_logprobs" if settings.temperature != 1.0 else None, tag=tag)
         kw.update(kwargs)
         return cls(model, **kw)
 
@@ -275,7 +297,7 @@ class VLLMEngine:
                 sample = self._sample(out, version)
                 self.stats.tokens_generated += len(sample.tokens)
                 self._deliver(r, sample)
-        except Exception as e:  # fail this batch, keep serving
+        except Exception as e:  # noqa: BLE001 - fail this batch, keep serving: the worker must outlive one failed batch
             for r in batch:
                 self._deliver(r, error=e)
 
@@ -341,23 +363,27 @@ class VLLMEngine:
     def adapter_name(self, version: int) -> str:
         return f"{self.model_name}@{self.tag}@v{version}" if self.tag else f"{self.model_name}@v{version}"
 
-    def sync_weights(self, model: Any = None, policy_version: int | None = None,
-                     adapter_dir: str | os.PathLike | None = None) -> None:
-        """After an optimizer step: LoRA (``adapter_dir``) -> a new adapter version for all later
-        requests; full finetune (``model``) -> its weights loaded into vLLM in place."""
-        version = self.policy_version if policy_version is None else int(policy_version)
+    @property
+    def weight_format(self) -> WeightFormat:
+        """ADAPTER: LoRA adapters saved by the trainer; MODULE: a full finetune's module, loaded in place."""
+        return WeightFormat.ADAPTER if self.lora else WeightFormat.MODULE
+
+    def sync_weights(self, update: WeightUpdate) -> None:
+        """After an optimizer step: LoRA (``update.adapter_dir``) -> a new adapter version for all
+        later requests; full finetune (``update.model``) -> its weights loaded into vLLM in place."""
         with self.lock:
             if self.lora:
-                if adapter_dir is None:
-                    raise ValueError("this VLLMEngine serves LoRA adapters: pass adapter_dir= (the saved adapter)")
-                self._push_lora(os.fspath(adapter_dir), version)
-            elif model is not None:
-                self._load_full(model)
+                if update.adapter_dir is None:
+                    raise ValueError("this VLLMEngine serves LoRA adapters: the update needs adapter_dir "
+                                     "(the saved adapter)")
+                self._push_lora(os.fspath(update.adapter_dir), update.version)
+            elif update.model is not None:
+                self._load_full(update.model)
             if self._kv_asleep:
                 self._wake(["kv_cache"])
                 self._kv_asleep = False
             self._weights_valid = True
-            self.policy_version = version
+            self.policy_version = int(update.version)
 
     def _push_lora(self, path: str, version: int) -> None:
         from vllm.lora.request import LoRARequest

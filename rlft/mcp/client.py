@@ -66,9 +66,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from rlft.mcp.stderr import STDERR_TAIL_BYTES, StderrTail
@@ -177,7 +178,7 @@ class MCPServer:
                 config = json.load(f)
         if not isinstance(config, Mapping):
             raise TypeError(f"MCP config must be a mapping, got {type(config).__name__}")
-        servers = config["mcpServers"] if "mcpServers" in config else config
+        servers = config.get("mcpServers", config)
         out = []
         for name, entry in servers.items():
             if not isinstance(entry, Mapping):
@@ -333,7 +334,7 @@ class MCPConnection:
                 await self._closed.wait()
         except (KeyboardInterrupt, SystemExit):
             raise
-        except BaseException as exc:  # CancelledError and exception groups included: we report them
+        except BaseException as exc:  # noqa: BLE001 - CancelledError and exception groups included: we report them
             failure = exc
         finally:
             if failure is not None:
@@ -345,7 +346,8 @@ class MCPConnection:
                     what = "closed before it was ready"
                 elif any(getattr(getattr(e, "error", None), "code", None) == _REQUEST_TIMEOUT
                          for e in _leaves(failure)):
-                    what = f"no answer to the MCP handshake within {max(self.server.timeout, self.server.startup_timeout):g}s"
+                    wait = max(self.server.timeout, self.server.startup_timeout)
+                    what = f"no answer to the MCP handshake within {wait:g}s"
                 else:
                     what = _describe(failure)
                 ready.set_exception(MCPConnectError(self._message(f"failed to start: {what}", STDERR_TAIL_BYTES)))
@@ -455,7 +457,7 @@ class MCPConnection:
                 # Cancelled again while cleaning up: finish anyway. It is bounded (the SDK
                 # escalates to SIGKILL within ~4 s) and giving up here leaves an orphan.
                 cancelled = cancelled or not owner.done()
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - whatever ended the wait, stop waiting
                 break
         if cancelled:
             raise asyncio.CancelledError()

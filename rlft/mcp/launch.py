@@ -48,7 +48,7 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(int(sig)), ctypes.c_ulong(0), ctypes.c_ulong(0),
                           ctypes.c_ulong(0)) == 0
-    except Exception:  # no libc symbol, seccomp, ...: run the server anyway
+    except Exception:  # noqa: BLE001 - no libc symbol, seccomp, ...: run the server anyway
         return False
 
 

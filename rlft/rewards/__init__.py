@@ -18,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from rlft.types import Rollout, Termination
 
 # Rollouts ending with these never reached a state worth scoring.
-FAILED = {Termination.SETUP_ERROR, Termination.MODEL_ERROR, Termination.TIMEOUT, Termination.TOOL_ERROR, Termination.ERROR}
+FAILED = {Termination.SETUP_ERROR, Termination.MODEL_ERROR, Termination.TIMEOUT, Termination.TOOL_ERROR,
+          Termination.ERROR}
 
 
 @dataclass
@@ -70,7 +72,8 @@ def _components(reward: Reward, value: Any) -> dict[str, float]:
 
 
 async def _call(fn: Callable[..., Any], arg: Any, timeout: float | None) -> Any:
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+    # an async __call__ method (not a callable check: B004)
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):  # noqa: B004
         coro = fn(arg)
     else:  # a sync function runs in a thread so that slow graders overlap with each other
         coro = asyncio.to_thread(fn, arg)
@@ -91,7 +94,8 @@ async def score_rollout(rollout: Rollout, rewards: list[Reward], timeout: float 
             value = await _call(r.fn, rollout, r.timeout or timeout)
             comps = _components(r, value)
         except asyncio.TimeoutError as e:
-            rollout.record_error(f"reward:{r.name}", TimeoutError(f"reward {r.name!r} timed out after {r.timeout or timeout}s"))
+            rollout.record_error(f"reward:{r.name}",
+                                 TimeoutError(f"reward {r.name!r} timed out after {r.timeout or timeout}s"))
             comps = {r.name: 0.0}
             del e
         except Exception as e:  # noqa: BLE001 - a broken reward must not break the step
@@ -120,7 +124,8 @@ async def score_group(rollouts: list[Rollout], rewards: list[Reward], timeout: f
         try:
             values = await _call(rw.fn, scorable, rw.timeout or timeout)
             if len(values) != len(scorable):
-                raise RewardValueError(f"group reward {rw.name!r} returned {len(values)} values for {len(scorable)} rollouts")
+                raise RewardValueError(
+                    f"group reward {rw.name!r} returned {len(values)} values for {len(scorable)} rollouts")
             per = [_components(rw, v) for v in values]
         except Exception as e:  # noqa: BLE001
             if isinstance(e, asyncio.TimeoutError):
@@ -138,7 +143,8 @@ async def score_group(rollouts: list[Rollout], rewards: list[Reward], timeout: f
         for k in names:
             ro.rewards.setdefault(k, 0.0)
         ro.reward = sum(weights.get(k, 1.0) * v for k, v in ro.rewards.items())
-        if ro.errors and ro.termination == Termination.FINISHED and any(e.where.startswith("reward:") for e in ro.errors):
+        if (ro.errors and ro.termination == Termination.FINISHED
+                and any(e.where.startswith("reward:") for e in ro.errors)):
             ro.termination = Termination.REWARD_ERROR
 
 

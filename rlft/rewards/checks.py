@@ -45,7 +45,8 @@ import string
 import threading
 import unicodedata
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from rlft.rewards.sql import extract_sql, sql_parses, sql_result_match  # the SQL graders live there
 
@@ -178,9 +179,8 @@ def math_equal(pred: Any, gold: Any) -> bool:
         wrap = lambda s: s if ("$" in s or "\\boxed" in s or "\\(" in s) else f"${s}$"  # noqa: E731
         try:
             g, p = math_verify.parse(wrap(gold), parsing_timeout=t), math_verify.parse(wrap(pred), parsing_timeout=t)
-            if g and p:
-                if math_verify.verify(g, p, timeout_seconds=t):
-                    return True
+            if g and p and math_verify.verify(g, p, timeout_seconds=t):
+                return True
         except Exception:  # noqa: BLE001 - fall back below
             pass
     x, y = parse_number(pred), parse_number(gold)

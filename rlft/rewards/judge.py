@@ -54,8 +54,9 @@ import os
 import re
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from rlft.rewards import Reward
 from rlft.types import Message, Rollout
@@ -366,7 +367,7 @@ class Judge:
                         model=self.model, messages=messages, temperature=self.temperature,
                         max_tokens=self.max_tokens, **({"extra_body": self.extra_body} if self.extra_body else {})),
                         self.timeout)
-                except Exception as e:  # noqa: BLE001 - classified below
+                except Exception as e:
                     if isinstance(e, asyncio.TimeoutError):
                         e = TimeoutError(f"no reply within {self.timeout}s")
                     if not _retryable(e):

@@ -84,8 +84,9 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 _UID_BASE, _UID_SPAN = 1_600_000_000, 400_000_000
 _ENV_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -33,10 +33,11 @@ show them and parses nothing; "required" and a named function are a best effort,
 constrained decoding: an instruction to call a tool (that one; only its schema is then shown) is
 added to the system prompt, and a reply without a call comes back as text.
 
-Streaming sends content deltas as tokens are sampled: an engine with ``generate_stream(prompt,
-params)`` (an async iterator of cumulative ``(tokens, logprobs)`` snapshots ending with the
-``Sample``) streams natively, the in-process HFEngine's running request is polled every 20 ms,
-and any other engine's finished sample is sent in per-token chunks. With tools active a reply is
+Streaming sends content deltas as tokens are sampled: every served engine has
+``generate_stream(prompt, params)`` (``rlft.serve.models.ServedEngine``: an async iterator of
+cumulative ``(tokens, logprobs)`` snapshots ending with the ``Sample``); the in-process HFEngine's
+polls its running request every 20 ms, and a plain engine plugged in with ``engines=`` sends its
+finished sample in per-token chunks. With tools active a reply is
 sent when complete (a call is recognisable only whole), as one content and/or tool_calls delta.
 
 Left out: streaming and ``echo`` on ``/v1/completions``, embeddings, ``top_logprobs`` > 0, images/audio
@@ -55,7 +56,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,8 +71,20 @@ except ImportError:  # pragma: no cover
     FastAPI = None  # type: ignore[assignment,misc]
 
 from rlft.engines.base import Sample, SamplingParams
-from rlft.serve.models import (APIError, ModelNotFoundError, ModelRegistry, ServedModel, chat_messages, cut_stop,
-                                final_choice, held_text, token_logprobs, token_stream, tool_setup)
+from rlft.serve.models import (
+    APIError,
+    ModelNotFoundError,
+    ModelRegistry,
+    ServedEngine,
+    ServedModel,
+    chat_messages,
+    cut_stop,
+    final_choice,
+    held_text,
+    token_logprobs,
+    token_stream,
+    tool_setup,
+)
 
 __all__ = ["APIError", "BackgroundServer", "ChatRequest", "CompletionRequest", "add_serve_arguments", "create_app",
            "run_server", "serve_main", "token_stream"]
@@ -199,7 +213,7 @@ async def _stream(served: ServedModel, name: str, prompt: list[int], params: lis
         try:
             async for item in token_stream(served.engine, prompt, p):
                 await queue.put((i, item))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - handed to the reader, which reports it
             await queue.put((i, e))
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -269,14 +283,14 @@ def _engine_error(e: BaseException) -> APIError:
 # -- the app ------------------------------------------------------------------------------------------
 
 def create_app(model: str | None = None, *, runs_dir: str | None = None, run: str | None = None,
-               engines: dict[str, Any] | None = None, engine_factory: Callable[[Any], Any] | None = None,
+               engines: dict[str, Any] | None = None, engine_factory: Callable[[Any], ServedEngine] | None = None,
                api_key: str | None = None, dtype: Any = "bfloat16", device: Any = "auto", max_loaded: int = 3,
                max_batch_size: int = 32, max_n: int = 16, default_max_tokens: int = 1024,
                preload: bool = False) -> FastAPI:
     """The FastAPI app. ``model``: a base model (hub id, alias, directory or checkpoint dir);
     ``runs_dir``/``run``: serve the checkpoints of the run store there (one run only with ``run``);
     ``engines``: ``{name: ServedModel | (engine, renderer_or_tokenizer)}`` served as is (tests,
-    custom backends); ``engine_factory(policy)``: the engine for loaded policies (default HFEngine);
+    custom backends); ``engine_factory(policy)``: the ServedEngine for loaded policies (default HFEngine);
     ``preload``: load ``model`` at startup (errors then stop the server at once)."""
     if FastAPI is None:
         raise ImportError("rlft serve needs fastapi and uvicorn: pip install 'rlft[serve]'")
@@ -338,16 +352,16 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
         try:
             return card(registry.resolve(name))
         except ModelNotFoundError as e:
-            raise APIError(404, str(e), param="model", code="model_not_found")
+            raise APIError(404, str(e), param="model", code="model_not_found") from e
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoraRequest):
         try:
             registry.add_adapter(body.lora_name, body.lora_path)
         except ValueError as e:
-            raise APIError(400, str(e), param="lora_name")
+            raise APIError(400, str(e), param="lora_name") from e
         except FileNotFoundError as e:
-            raise APIError(400, str(e), param="lora_path")
+            raise APIError(400, str(e), param="lora_path") from e
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -355,7 +369,8 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
         try:
             registry.remove_adapter(body.lora_name)
         except KeyError:
-            raise APIError(404, f"no LoRA adapter named {body.lora_name!r}", param="lora_name", code="model_not_found")
+            raise APIError(404, f"no LoRA adapter named {body.lora_name!r}", param="lora_name",
+                           code="model_not_found") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def acquire(model: str):
@@ -363,9 +378,9 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
         try:
             return await registry.acquire(model)
         except ModelNotFoundError as e:
-            raise APIError(404, str(e), param="model", code="model_not_found")
+            raise APIError(404, str(e), param="model", code="model_not_found") from e
         except Exception as e:
-            raise APIError(500, f"could not load model {model!r}: {type(e).__name__}: {e}", type="server_error")
+            raise APIError(500, f"could not load model {model!r}: {type(e).__name__}: {e}", type="server_error") from e
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -426,7 +441,7 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
             try:
                 prompt = served.renderer.render_prompt(messages, tools)
             except Exception as e:  # the chat template rejected the conversation
-                raise APIError(400, f"the chat template could not render the messages: {e}", param="messages")
+                raise APIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
             params = _sampling(req, len(prompt), served.max_context, default_max_tokens)
             if req.stream:  # the stream releases the model when it ends
                 streaming = True
@@ -481,7 +496,7 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:

@@ -21,6 +21,11 @@ checkpoint loads its base again rather than swapping adapter weights into a shar
 simple, keeps requests to different checkpoints running concurrently on their own batched
 engines, and costs memory: at most ``max_loaded`` copies of the base. An evicted model's engine is
 closed once its in-flight requests are done.
+
+Engines: what the server asks of one is :class:`ServedEngine` (generate, generate_stream,
+``max_context``, close). The registry's own (``engine_factory``, default HFEngine) are ServedEngines;
+an engine plugged in by the caller that only generates is served through :class:`Unstreamed`
+(its finished sample streamed in per-token chunks; closing it stays the caller's business).
 """
 
 from __future__ import annotations
@@ -31,15 +36,17 @@ import json
 import os
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Protocol
 
+from rlft.engines.base import Engine, Sample, SamplingParams
 from rlft.renderer import Renderer
-from rlft.engines.base import Sample, SamplingParams
 
-__all__ = ["APIError", "FT_PREFIX", "ModelEntry", "ModelNotFoundError", "ModelRegistry", "ServedModel", "as_served", "chat_messages", "cut_stop",
-           "final_choice", "held_text", "token_logprobs", "token_stream", "tool_setup"]
+__all__ = ["APIError", "FT_PREFIX", "ModelEntry", "ModelNotFoundError", "ModelRegistry", "ServedEngine", "ServedModel",
+           "Unstreamed", "as_served", "chat_messages", "cut_stop", "final_choice", "held_text", "token_logprobs",
+           "token_stream", "tool_setup"]
 
 FT_PREFIX = "ft:"
 
@@ -63,12 +70,50 @@ class ModelEntry:
     parent: str | None = None
 
 
+class ServedEngine(Engine, Protocol):
+    """An engine as ``rlft serve`` uses it (HFEngine is one)."""
+
+    max_context: int | None  # longest prompt + completion, in tokens; None: the model config's
+
+    def generate_stream(self, prompt_ids: list[int],
+                        params: SamplingParams) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
+        """Cumulative ``(tokens, logprobs)`` snapshots while it samples, then the finished Sample."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine once its model is evicted and its requests are done."""
+        ...
+
+
+class Unstreamed:
+    """A plain Engine served as a :class:`ServedEngine`: its finished sample is sent in per-token
+    chunks, it has no context bound of its own, and it is not closed here (it is the caller's)."""
+
+    max_context: int | None = None
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Sample:
+        return await self.engine.generate(prompt_ids, params)
+
+    async def generate_stream(self, prompt_ids: list[int],
+                              params: SamplingParams) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
+        sample = await self.engine.generate(prompt_ids, params)
+        for k in range(1, len(sample.tokens)):
+            yield sample.tokens[:k], sample.logprobs[:k]
+        yield sample
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class ServedModel:
     """A model ready to serve: ``engine`` generates token ids, ``renderer`` turns chats into ids
     and sampled ids into text and tool calls; ``max_context`` bounds prompt + completion."""
 
-    engine: Any
+    engine: ServedEngine
     renderer: Renderer
     max_context: int | None = None
     policy: Any = None
@@ -76,21 +121,21 @@ class ServedModel:
     evicted: bool = False
 
     def close(self) -> None:
-        close = getattr(self.engine, "close", None)
-        if callable(close):  # HFEngine.close joins its worker: off the event loop
-            threading.Thread(target=close, daemon=True).start()
+        # HFEngine.close joins its worker: off the event loop
+        threading.Thread(target=self.engine.close, daemon=True).start()
 
 
 def as_served(value: Any) -> ServedModel:
-    """An ``engines=`` value: a ServedModel, an ``(engine, renderer or tokenizer)`` pair, or an
-    engine with a ``renderer`` attribute (like ``rlft.testing.ScriptedPolicy``)."""
+    """An ``engines=`` value: a ServedModel (its engine a ServedEngine, streamed natively), or a
+    plain Engine served through :class:`Unstreamed`: an ``(engine, renderer or tokenizer)`` pair,
+    or an engine with a ``renderer`` attribute (like ``rlft.testing.ScriptedPolicy``)."""
     if isinstance(value, ServedModel):
         return value
     engine, r = value if isinstance(value, tuple) else (value, getattr(value, "renderer", None))
     if r is None:
         raise TypeError("an engines= value needs a renderer: pass (engine, renderer_or_tokenizer) or a ServedModel")
     renderer = r if isinstance(r, Renderer) else Renderer(r)
-    return ServedModel(engine, renderer, getattr(engine, "max_context", None))
+    return ServedModel(Unstreamed(engine), renderer)
 
 
 class APIError(Exception):
@@ -114,8 +159,8 @@ def _mtime(path: str | Path) -> int:
 
 def _recorded_base(run_dir: Path) -> str | None:
     """The base model recorded in a run's newest checkpoint (``rlft_policy.json``)."""
-    from rlft.training.checkpoint import list_checkpoints
     from rlft.policy import POLICY_META_FILE
+    from rlft.training.checkpoint import list_checkpoints
 
     ckpts = list_checkpoints(run_dir)
     try:
@@ -131,13 +176,14 @@ class ModelRegistry:
     ``model``: the base model to serve (optional). ``runs_dir``: the run store's workspace (a
     directory with ``rlft.db``; without one, its subdirectories holding ``checkpoints/`` are taken
     as runs). ``run``: serve only this run's checkpoints (id or name). ``engine_factory(policy)``:
-    the engine for a loaded policy (default ``HFEngine``). Methods are called from one event loop.
+    the :class:`ServedEngine` for a loaded policy (default ``HFEngine``; a plain Engine wrapped in
+    :class:`Unstreamed`). Methods are called from one event loop.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, runs_dir: str | os.PathLike | None = None,
                  run: str | None = None, engines: dict[str, Any] | None = None,
-                 engine_factory: Callable[[Any], Any] | None = None, dtype: Any = "bfloat16", device: Any = "auto",
-                 max_loaded: int = 3, max_batch_size: int = 32):
+                 engine_factory: Callable[[Any], ServedEngine] | None = None, dtype: Any = "bfloat16",
+                 device: Any = "auto", max_loaded: int = 3, max_batch_size: int = 32):
         self.model = os.fspath(model) if model is not None else None
         self.runs_dir = Path(runs_dir) if runs_dir is not None else None
         self.run = run
@@ -160,7 +206,7 @@ class ModelRegistry:
 
             try:  # the store may appear after the server started: try again on each scan
                 self._store = RunStore(self.runs_dir, readonly=True)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a missing or half-written store is retried on the next scan
                 return None
         return self._store
 
@@ -301,14 +347,14 @@ class ModelRegistry:
             policy.model.eval()
         else:  # a base model, an rlft checkpoint (LoRA or full) or an adapter naming its base
             policy = load_policy(entry.path, dtype=self.dtype, device=self.device)
+        engine: ServedEngine
         if self.engine_factory is not None:
             engine = self.engine_factory(policy)
         else:
             from rlft.engines.hf import HFEngine
 
             engine = HFEngine(policy.model, policy.tokenizer, max_batch_size=self.max_batch_size)
-        context = getattr(engine, "max_context", None) or getattr(policy.base_model.config,
-                                                                   "max_position_embeddings", None)
+        context = engine.max_context or getattr(policy.base_model.config, "max_position_embeddings", None)
         return ServedModel(engine, Renderer(policy.tokenizer), context, policy)
 
 
@@ -351,38 +397,11 @@ def token_logprobs(tokenizer: Any, tokens: list[int], logprobs: list[float]) -> 
     return out
 
 
-async def token_stream(engine: Any, prompt: list[int], params: SamplingParams,
-                       poll_s: float = 0.02) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
+async def token_stream(engine: ServedEngine, prompt: list[int],
+                       params: SamplingParams) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
     """Cumulative ``(tokens, logprobs)`` snapshots while ``engine`` samples, then the ``Sample``."""
-    if hasattr(engine, "generate_stream"):
-        async for item in engine.generate_stream(prompt, params):
-            yield item
-        return
-    loop = asyncio.get_running_loop()
-    try:  # the in-process HFEngine: watch its running request (private API; else fall back)
-        req = engine._make_request(prompt, params, loop, loop.create_future())
-        if req.finish is not None:
-            req.future.set_result(Sample([], [], req.finish))
-        else:
-            engine._submit(req)
-    except (AttributeError, TypeError):
-        sample = await engine.generate(prompt, params)
-        for k in range(1, len(sample.tokens)):
-            yield sample.tokens[:k], sample.logprobs[:k]
-        yield sample
-        return
-    seen = 0
-    try:
-        while not req.future.done():
-            await asyncio.wait([req.future], timeout=poll_s)
-            k = min(len(req.tokens), len(req.logprobs))
-            if k > seen and not req.future.done():
-                seen = k
-                yield req.tokens[:k], req.logprobs[:k]
-        yield req.future.result()
-    finally:
-        if not req.future.done():
-            req.cancelled = True  # the client went away: the engine drops it at its next step
+    async for item in engine.generate_stream(prompt, params):
+        yield item
 
 
 # -- OpenAI requests -> chat messages and tools (errors in OpenAI's shape) ------------------------------

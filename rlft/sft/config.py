@@ -61,7 +61,7 @@ class SFTConfig:
     run_name: str = ""  # name of the run (default: generated)
     progress: bool = True  # one line per step on stderr
 
-    def resolved(self, *, need_data: bool = True) -> "SFTConfig":
+    def resolved(self, *, need_data: bool = True) -> SFTConfig:
         """A validated copy (choices and ranges checked). ``need_data=False``: the caller brings
         prepared sequences (``sft(data=...)``), so ``data`` may be empty."""
         out = dataclasses.replace(self)

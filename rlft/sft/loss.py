@@ -13,7 +13,8 @@ one row (cross-document attention masks), which the length buckets make unnecess
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,8 @@ def masked_loss_sum(policy: Any, ids_BL: torch.Tensor, attn_BL: torch.Tensor, ma
     base = policy.base_model  # LoRA: the peft-injected model (its adapters run inside the decoder)
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     pos_BL = torch.arange(ids_BL.shape[1], device=ids_BL.device).expand_as(ids_BL)
-    hidden_BLH = decoder(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, use_cache=False).last_hidden_state
+    out = decoder(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, use_cache=False)
+    hidden_BLH = out.last_hidden_state
     keep_BL = mask_BL[:, 1:] > 0  # the state at t-1 predicts token t
     h_NH = hidden_BLH[:, :-1][keep_BL]
     targets_N = ids_BL[:, 1:][keep_BL]

@@ -55,8 +55,8 @@ def fit_length(examples: list[Any], max_seq_len: int, overlong: str, source: str
             problems.append(f"{where}: {len(ids)} tokens > max_seq_len {max_seq_len}: truncated")
             ids, mask = ids[:max_seq_len], mask[:max_seq_len]
         if not trained_tokens(mask):
-            problems.append(f"{where}: no trained (assistant) tokens" + (" left after truncation" if len(ex.ids) > len(ids)
-                                                                          else "") + ": dropped")
+            after = " left after truncation" if len(ex.ids) > len(ids) else ""
+            problems.append(f"{where}: no trained (assistant) tokens{after}: dropped")
             continue
         out.append((ids, mask))
     return out, problems
@@ -73,8 +73,10 @@ def prepare(cfg: Any, renderer: Any) -> SFTData:
         held_out = load_transcripts(cfg.eval_data)
         parts = [("train", cfg.data, transcripts, None), ("eval", cfg.eval_data, held_out, None)]
     else:
-        tr, ev = split_indices(len(transcripts), eval_size=cfg.eval_size, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
-        parts = [("train", cfg.data, [transcripts[i] for i in tr], tr), ("eval", cfg.data, [transcripts[i] for i in ev], ev)]
+        tr, ev = split_indices(len(transcripts), eval_size=cfg.eval_size, eval_fraction=cfg.eval_fraction,
+                               seed=cfg.seed)
+        parts = [("train", cfg.data, [transcripts[i] for i in tr], tr),
+                 ("eval", cfg.data, [transcripts[i] for i in ev], ev)]
     train_t = parts[0][2]
     problems: list[str] = []
     splits = []

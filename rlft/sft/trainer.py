@@ -21,13 +21,17 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rlft.config import ConfigError
 from rlft.sft.config import SFTConfig, load_sft_config
 from rlft.sft.prepare import SFTData, prepare
 
+# every metric key an SFT run stores (rlft.metrics.KEYS lists the RL trainer's)
+SFT_KEYS = ["sft/loss", "eval/loss", "optim/lr", "optim/grad_norm", "time/step", "sft/tokens_per_s",
+            "sft/trained_tokens", "sft/epoch"]
 
 
 class SFTSetupError(ConfigError):
@@ -100,8 +104,8 @@ def _load(cfg: SFTConfig) -> tuple[Any, Any]:
     from rlft.policy import LoraSpec, load_policy
     from rlft.renderer import Renderer
 
-    lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                    target_modules=None if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(","))
+    targets = None if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")
+    lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
     # full finetunes keep fp32 master weights and compute under bf16 autocast (as RL does)
     policy = load_policy(cfg.model, dtype=cfg.dtype if cfg.lora else "float32", lora=lora if cfg.lora else None,
                          device=cfg.device, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -254,4 +258,4 @@ def best_checkpoint(store: Any, run_id: str) -> tuple[int, Path] | None:
     return (row["step"], Path(row["path"])) if row else None
 
 
-__all__ = ["SFTSetupError", "as_sft_config", "batches", "best_checkpoint", "planned_steps", "sft"]
+__all__ = ["SFT_KEYS", "SFTSetupError", "as_sft_config", "batches", "best_checkpoint", "planned_steps", "sft"]

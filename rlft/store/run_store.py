@@ -30,15 +30,17 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
+from rlft.errors import UnknownRunError
 from rlft.types import Rollout
 
 DB_NAME = "rlft.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 KINDS = ("rl", "sft")
 STATUSES = ("created", "running", "completed", "failed", "stopped")
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -79,9 +81,17 @@ _SCHEMA_V1 = [
 ]
 # Full-text search over message text; left out when this SQLite has no FTS5 (search then uses LIKE).
 _FTS_V1 = "CREATE VIRTUAL TABLE IF NOT EXISTS rollouts_fts USING fts5(text)"
-# v2: the run kind ("rl" | "sft": rlft.sft); runs made before it are RL runs
-_SCHEMA_V2 = ["ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'rl'"]
-MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# v2: a run has at most one eval row per (step, split): resumes re-run a missing eval and
+# overwrite a partial one instead of adding a duplicate (duplicates of older stores: the newest kept)
+_SCHEMA_V2 = [
+    """DELETE FROM evals WHERE run_id IS NOT NULL AND step IS NOT NULL AND id NOT IN (
+        SELECT MAX(id) FROM evals WHERE run_id IS NOT NULL AND step IS NOT NULL GROUP BY run_id, step, split)""",
+    """CREATE UNIQUE INDEX IF NOT EXISTS evals_run_step ON evals(run_id, step, split)
+        WHERE run_id IS NOT NULL AND step IS NOT NULL""",
+]
+# v3: the run kind ("rl" | "sft": rlft.sft); runs made before it are RL runs
+_SCHEMA_V3 = ["ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'rl'"]
+MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 _JSON_COLS = {"config", "messages", "rewards", "errors", "example", "logs", "metrics"}
 _RUN_FIELDS = {"name", "status", "model", "environment", "config", "env_source", "started_at",
@@ -173,7 +183,8 @@ class RunStore:
             raise RuntimeError(f"{self.path} is not an rlft run store (schema version 0)")
         self._fts = conn.execute("SELECT 1 FROM sqlite_master WHERE name='rollouts_fts'").fetchone() is not None
         # a read-only store never migrates: an older file (no kind column) reads as all-RL runs
-        self._kind_col = "kind" if any(r[1] == "kind" for r in conn.execute("PRAGMA table_info(runs)")) else "'rl' AS kind"
+        has_kind = any(r[1] == "kind" for r in conn.execute("PRAGMA table_info(runs)"))
+        self._kind_col = "kind" if has_kind else "'rl' AS kind"
 
     # -- connections -------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -215,7 +226,11 @@ class RunStore:
                 raise RuntimeError(f"{self.path} has schema version {version}; this rlft knows up to {SCHEMA_VERSION}")
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 for stmt in MIGRATIONS[v]:
-                    conn.execute(stmt)
+                    try:
+                        conn.execute(stmt)
+                    except sqlite3.OperationalError as e:  # ADD COLUMN on a store whose table already has it
+                        if "duplicate column name" not in str(e):
+                            raise
                 if v == 1:
                     try:
                         conn.execute(_FTS_V1)
@@ -231,7 +246,7 @@ class RunStore:
             self._conns.clear()
         self._local = threading.local()
 
-    def __enter__(self) -> "RunStore":
+    def __enter__(self) -> RunStore:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -355,21 +370,28 @@ class RunStore:
     def add_eval(self, run_id: str | None = None, *, model: str = "", split: str = "eval", k: int = 1,
                  metrics: dict[str, Any] | None = None, step: int | None = None,
                  checkpoint: str | os.PathLike[str] | None = None) -> int:
+        """Record an eval; a run's eval at a step and split replaces any earlier one (exactly once
+        across resumes). Evals of external models (no run, no step) accumulate."""
         with self._tx() as c:
+            if run_id is not None and step is not None:
+                c.execute("DELETE FROM evals WHERE run_id=? AND step=? AND split=?", (run_id, int(step), split))
             cur = c.execute("INSERT INTO evals (run_id, step, checkpoint, model, split, k, metrics, created_at) "
                             "VALUES (?,?,?,?,?,?,?,?)", (run_id, step, os.fspath(checkpoint) if checkpoint else None,
                                                          model, split, int(k), _dumps(metrics or {}), time.time()))
             return int(cur.lastrowid)
 
     def truncate_after(self, run_id: str, step: int) -> None:
-        """Before resuming from ``step``: drop metrics and rollouts logged after it (logs, checkpoints
-        and evals are kept) and set the run's step back to it if it was ahead."""
+        """Before resuming from ``step``: drop what was recorded after it (metrics, rollouts of
+        both splits, evals, checkpoint rows) and set the run's step back to it if it was ahead.
+        Logs are kept: they are the run's journal, interruptions included."""
         with self._tx() as c:
             if self._fts:
                 c.execute("DELETE FROM rollouts_fts WHERE rowid IN (SELECT id FROM rollouts WHERE run_id=? AND step>?)",
                           (run_id, step))
             c.execute("DELETE FROM rollouts WHERE run_id=? AND step>?", (run_id, step))
             c.execute("DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, step))
+            c.execute("DELETE FROM evals WHERE run_id=? AND step>?", (run_id, step))
+            c.execute("DELETE FROM checkpoints WHERE run_id=? AND step>?", (run_id, step))
             c.execute("UPDATE runs SET step=MIN(step, ?), updated_at=? WHERE id=?", (step, time.time(), run_id))
 
     def delete_run(self, run_id: str) -> None:
@@ -408,7 +430,8 @@ class RunStore:
         ids = [r[0] for r in c.execute("SELECT id FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 6", (_like(ref) + "%",))]
         if len(ids) == 1:
             return ids[0]
-        raise KeyError(f"no run {ref!r}" if not ids else f"run {ref!r} is ambiguous: {', '.join(ids[:5])}")
+        raise UnknownRunError(f"no run {ref!r} in {self.path}" if not ids
+                              else f"run {ref!r} is ambiguous: {', '.join(ids[:5])}")
 
     def get_run(self, ref: str) -> dict[str, Any]:
         """The full run row; ``ref`` as in ``resolve``. Raises ``KeyError`` if none or ambiguous."""
@@ -515,6 +538,10 @@ class RunStore:
 
     def checkpoints(self, run_id: str) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM checkpoints WHERE run_id=? ORDER BY step", (run_id,))
+
+    def has_eval(self, run_id: str, step: int, split: str = "eval") -> bool:
+        return bool(self._rows("SELECT 1 FROM evals WHERE run_id=? AND step=? AND split=? LIMIT 1",
+                               (run_id, int(step), split)))
 
     def evals(self, run_id: str | None = None) -> list[dict[str, Any]]:
         if run_id is None:

@@ -34,9 +34,10 @@ import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rlft.env import Environment
 
@@ -152,31 +153,24 @@ def _task(task: str) -> TinyTask:
 
 def _sft_chat(renderer, t: TinyTask, row: dict[str, Any], rng: random.Random, p_correct: float,
               schemas: list[dict] | None) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask) of one chat, built the way a rollout builds it: the rendered prompt,
-    each assistant reply's tokens + end-of-turn token (mask 1), the rendered tool turn (mask 0).
-    With ``schemas`` the reply is a tool call, and the answer after the tool turn is its result."""
+    """(token ids, loss mask) of one chat, rendered by :func:`rlft.sft.render_transcript` the way a
+    rollout builds it: the rendered prompt, each assistant reply's tokens + end-of-turn token
+    (mask 1), the rendered tool turn (mask 0). With ``schemas`` the reply is a tool call, and the
+    answer after the tool turn is its result."""
+    from rlft.sft import Transcript, render_transcript
+
     messages: list[dict[str, Any]] = [{"role": "system", "content": t.system_prompt},
                                       {"role": "user", "content": row["prompt"]}]
-    ids = renderer.render_prompt(messages, schemas)
-    mask = [0] * len(ids)
-    eot = renderer.eos_token_ids[0]
     if schemas:
         name, args, result = t.tool_answer(row)
         call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": args}}
-        reply = {"role": "assistant", "content": "", "tool_calls": [call]}
-        before = renderer.render_text(messages, schemas, add_generation_prompt=True)
-        text = renderer.render_text(messages + [reply], schemas)[len(before):]
-        text = text[: text.rindex(renderer.eot_text)]  # what the model samples before end of turn
-        reply_ids = renderer.encode(text) + [eot]
-        tool_turn = [{"role": "tool", "content": result, "tool_call_id": "call_0", "name": name}]
-        cont = renderer.continuation_ids(messages + [reply], tool_turn, schemas, True)
-        ids += reply_ids + cont
-        mask += [1] * len(reply_ids) + [0] * len(cont)
+        messages += [{"role": "assistant", "content": "", "tool_calls": [call]},
+                     {"role": "tool", "content": result, "tool_call_id": "call_0", "name": name}]
         answer = result  # the tool is always right
     else:
         answer = t.noisy_answer(row, rng, p_correct)
-    answer_ids = renderer.encode(answer) + [eot]
-    return ids + answer_ids, mask + [1] * len(answer_ids)
+    ex = render_transcript(renderer, Transcript(messages + [{"role": "assistant", "content": answer}], schemas))
+    return ex.ids, ex.mask
 
 
 def sft_data(task: str, n: int, seed: int, tokenizer, *, p_correct: float = 1.0,
@@ -309,9 +303,11 @@ def _sft(out: Path, task: str, seed: int, r: dict[str, Any], verbose: bool) -> N
             opt.step()
             sched.step()
             if verbose and (step % 20 == 0 or step == steps - 1):
-                print(f"sft step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+                print(f"sft step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.1f}s)",
+                      flush=True)
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "rlft_tiny.json").write_text(json.dumps(
-        {"task": task, "seed": seed, "version": VERSION, "recipe": r, "build_s": round(time.perf_counter() - t0, 1)}) + "\n")
+        {"task": task, "seed": seed, "version": VERSION, "recipe": r,
+         "build_s": round(time.perf_counter() - t0, 1)}) + "\n")

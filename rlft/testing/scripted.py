@@ -10,11 +10,10 @@ Left out: real models (``rlft.testing.models`` and ``rlft.testing.pretrained`` b
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from rlft.renderer import Renderer
 from rlft.engines.base import Sample, SamplingParams
-from rlft.testing.tokenizer import build_tiny_tokenizer
+from rlft.renderer import Renderer
 
 Script = Sequence[str] | Callable[[str, int], str]
 

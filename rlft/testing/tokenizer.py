@@ -27,7 +27,8 @@ CHATML_TOOLS_TEMPLATE = (
     "{%- if m['content'] %}{{- m['content'] }}{%- endif %}"
     "{%- if m['tool_calls'] is defined and m['tool_calls'] %}"
     "{%- for tc in m['tool_calls'] %}"
-    "{{- '<tool_call>{\"name\": \"' + tc['function']['name'] + '\", \"arguments\": ' + (tc['function']['arguments'] | tojson) + '}</tool_call>' }}"
+    "{{- '<tool_call>{\"name\": \"' + tc['function']['name'] + '\", \"arguments\": ' "
+    "+ (tc['function']['arguments'] | tojson) + '}</tool_call>' }}"
     "{%- endfor %}"
     "{%- endif %}"
     "{{- '<|im_end|>\\n' }}"
@@ -38,13 +39,13 @@ CHATML_TOOLS_TEMPLATE = (
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
-_WORDS = (
-    "the a an is are what which answer question tool call result search read doc number sum add "
-    "plus minus times of to in on for with and or not yes no true false name value city country "
-    "capital population year price total count json sql select from where order by limit "
-    "system user assistant function arguments query id text hello world please give return "
-    "word words poem line lines short long format only reply final compute calculate"
-).split()
+_WORDS = ["the", "a", "an", "is", "are", "what", "which", "answer", "question", "tool", "call", "result", "search",
+          "read", "doc", "number", "sum", "add", "plus", "minus", "times", "of", "to", "in", "on", "for", "with",
+          "and", "or", "not", "yes", "no", "true", "false", "name", "value", "city", "country", "capital",
+          "population", "year", "price", "total", "count", "json", "sql", "select", "from", "where", "order", "by",
+          "limit", "system", "user", "assistant", "function", "arguments", "query", "id", "text", "hello", "world",
+          "please", "give", "return", "word", "words", "poem", "line", "lines", "short", "long", "format", "only",
+          "reply", "final", "compute", "calculate"]
 
 
 def _corpus(seed: int, n: int = 4000) -> list[str]:

@@ -28,6 +28,8 @@ from typing import Any
 
 from rlft import distributed
 from rlft.config import TrainConfig
+from rlft.errors import ValidationError
+from rlft.faults import kill_point
 from rlft.metrics import group_metrics
 from rlft.training.run import Run, as_config, open_run, update_config
 from rlft.types import Group
@@ -47,6 +49,8 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
             if cfg.validate:
                 validate_environment(run)
             base_eval = evaluate(run, 0)
+        elif eval_due(cfg, run.start_step) and not run.store.has_eval(run.run_id, run.start_step):
+            evaluate(run, run.start_step)  # the run was killed between this step's checkpoint and its eval
         with SampleAhead(run) as ahead:
             run.progress.start(run.start_step)
             for step in range(run.start_step, cfg.steps):
@@ -57,6 +61,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 if step == run.start_step:
                     report_signal(run, groups, step)
                 train_groups, skipped = advantages(run, groups, step)  # 2. advantages (+ refill)
+                kill_point("mid_step", step + 1)
                 ahead.start(step + 1)  # overlap: the next step samples meanwhile, with these weights
                 t0 = time.perf_counter()
                 metrics.update(update(run, train_groups, step, in_thread=ahead.running))  # 3. update
@@ -70,7 +75,8 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 stop = distributed.broadcast_object(run.store.stop_requested(run.run_id))  # all ranks stop together
                 if done or stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
                     checkpoint(run, step + 1, metrics)  # 5. checkpoint
-                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+                if eval_due(cfg, step + 1):
+                    kill_point("before_eval", step + 1)
                     ahead.drain(step + 1)  # evaluate the new weights, not the ones sampling ahead
                     evaluate(run, step + 1)  # 6. evaluate
                 if stop:
@@ -181,7 +187,8 @@ def checkpoint(run: Run, at_step: int, metrics: dict[str, float]) -> None:
 
     path = save_checkpoint(run.run_dir, at_step, run.policy, run.optimizer, run.scheduler,
                            {"config": run.cfg.to_dict()}, model=run.train_model)
-    if distributed.is_main():
+    kill_point("checkpoint_unrecorded", at_step)
+    if distributed.is_main():  # a kill between these writes is repaired on resume (checkpoint.reconcile)
         run.store.add_checkpoint(run.run_id, at_step, str(path), metrics={"reward/mean": metrics.get("reward/mean")})
         for removed in prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints):
             run.store.remove_checkpoint(run.run_id, removed)
@@ -199,14 +206,20 @@ def evaluate(run: Run, at_step: int) -> dict[str, float] | None:
     metrics, groups = run.wait(run_eval(run.env, examples, run.sampler_at(at_step, "eval"), k=cfg.eval_k,
                                         temperature=cfg.eval_temperature, success_threshold=cfg.success_threshold,
                                         max_concurrency=cfg.max_concurrency))
-    run.store.add_eval(run.run_id, model=f"{cfg.model}@{at_step}", split="eval", k=cfg.eval_k, metrics=metrics,
-                       step=at_step)
     run.store.add_rollouts(run.run_id, at_step, [r for g in groups for r in g.rollouts], split="eval")
     run.store.log_metrics(run.run_id, at_step, {f"eval/{k}": v for k, v in metrics.items()})
     run.reporter.log(at_step, {f"eval/{k}": v for k, v in metrics.items()})
+    # the eval row last: it marks the eval done (the rows above are upserts a re-run overwrites)
+    run.store.add_eval(run.run_id, model=f"{cfg.model}@{at_step}", split="eval", k=cfg.eval_k, metrics=metrics,
+                       step=at_step)
     run.progress.note(f"eval @ step {at_step}: reward {metrics['reward/mean']:.3f}, pass@{cfg.eval_k} "
                       f"{metrics['pass@k']:.2f}")
     return metrics
+
+
+def eval_due(cfg: TrainConfig, step: int) -> bool:
+    """Whether the held-out eval runs after ``step`` within the loop (the final one runs after it)."""
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0 and step != cfg.steps
 
 
 def validate_environment(run: Run) -> None:
@@ -217,8 +230,13 @@ def validate_environment(run: Run) -> None:
     for ro in report.groups[0].rollouts:
         run.store.add_log(run.run_id, format_transcript(ro), source="validate")
     if not report.ok:
-        raise RuntimeError("validation failed before step 1:\n- " + "\n- ".join(report.problems)
-                           + "\n" + "\n".join(format_transcript(r) for r in report.groups[0].rollouts))
+        raise ValidationError(
+            "validation failed before step 1 (one group of 2 rollouts on the first training row):\n- "
+            + "\n- ".join(report.problems) + "\n"
+            + "\n".join(format_transcript(r, tracebacks=False) for r in report.groups[0].rollouts)
+            + f"\nWhat to do: fix what is named above (the tracebacks are in `rlft runs logs {run.run_id}`), check "
+              "one row by hand with `rlft validate CONFIG`, or set validate = false to start anyway (failing "
+              "rewards then score 0 and are counted in rollout/errors).")
 
 
 def report_signal(run: Run, groups: list[Group], step: int) -> None:
@@ -289,45 +307,5 @@ class SampleAhead:
         return metrics
 
 
-def make_engine(cfg: TrainConfig, policy, tag: str = ""):
-    """The generation engine named by ``cfg.engine``; in-process HF by default. ``tag`` (the run
-    id) names the weight versions pushed to a remote server."""
-    if cfg.engine == "hf":
-        from rlft.engines.hf import HFEngine
-
-        if policy.is_lora:  # a merged copy: fast sampling, refreshed by each sync (overlap needs a snapshot too)
-            return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency, merge_lora=True,
-                            inline=not cfg.overlap)
-        sharded = cfg.distributed == "fsdp2" and distributed.is_distributed()
-        bf16 = cfg.dtype == "bfloat16"
-        if cfg.overlap or sharded or bf16:
-            # its own copy of the weights, refreshed by each sync: overlap samples while the trainer
-            # steps; under FSDP2 the trainer's module becomes shards (each forward a collective);
-            # bf16: the trainer keeps float32 master weights, the engine decodes a bf16 copy
-            # (batch-64 SmolLM2 on CPU: ~1,100 tok/s packed bf16 vs ~365 float32, benchmarks/README.md)
-            return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency,
-                            dtype="bfloat16" if bf16 else None, copy_weights=True, inline=not cfg.overlap)
-        # sampling and training take turns: the forward passes run on the training loop's thread
-        # (one OpenMP team; a second thread doing torch work slows both, see HFEngine)
-        return HFEngine(policy.model, policy.tokenizer, max_batch_size=cfg.max_concurrency, inline=True)
-    from rlft.engines.hf import end_of_turn_ids
-
-    if cfg.engine == "openai":
-        import os
-
-        from rlft.engines.remote import RemoteEngine
-
-        engine = RemoteEngine(cfg.engine_url, cfg.engine_model or cfg.model, tag=tag,
-                              api_key=os.environ.get("RLFT_ENGINE_API_KEY"), max_concurrency=cfg.max_concurrency,
-                              stop_token_ids=end_of_turn_ids(policy.tokenizer, policy.base_model))
-        engine.health()
-        return engine
-    if cfg.engine == "vllm":
-        from rlft.engines.vllm import VLLMEngine
-
-        return VLLMEngine.from_policy(policy, cfg, tag=tag)
-    raise NotImplementedError(f"engine {cfg.engine!r} is not available; use hf, vllm or openai")
-
-
-__all__ = ["SampleAhead", "advantages", "batch_metrics", "checkpoint", "evaluate", "make_engine", "record",
+__all__ = ["SampleAhead", "advantages", "batch_metrics", "checkpoint", "eval_due", "evaluate", "record",
            "report_signal", "sample", "train", "update", "validate_environment"]

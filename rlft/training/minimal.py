@@ -22,11 +22,12 @@ algorithm presets (this loop uses rlft's default loss: token-mean, clip-higher, 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from rlft.data import load_dataset
-from rlft.engines.base import SamplingParams
+from rlft.engines.base import SamplingParams, WeightUpdate
 from rlft.env import Environment, Sampler, derive_seed
 from rlft.metrics import group_metrics
 
@@ -91,7 +92,7 @@ def minimal_train(env: Environment, train_rows: list[dict[str, Any]], eval_rows:
                     with engine.paused():
                         metrics.update(policy_update(policy, train_groups, settings, optimizer))
                     # 4. the engine serves the new weights from the next step on
-                    engine.sync_weights(policy_version=step + 1)
+                    engine.sync_weights(WeightUpdate(step + 1, model=policy.model))
                     metrics["batch/skipped_groups"] = float(skipped)
                     result.steps.append(metrics)
                     log(f"step {step + 1}/{steps}: reward {metrics['reward/mean']:.3f}, "

@@ -8,11 +8,12 @@ makes that a named error instead.
 
 Three things, run by :class:`WeightSync` from the training loop:
 
-1. **Push.** ``push(version)``: in-process engines are told the new version (the HF engine shares
-   the trainer's module, or copies it); an engine whose ``sync_weights`` takes ``adapter_dir``
-   (the remote engine, vLLM with LoRA) gets the LoRA adapter saved to
-   ``<run_dir>/sync/v<version>`` (the two newest are kept); one that takes ``model`` (vLLM full
-   finetune) gets the module to load in place.
+1. **Push.** ``push(version)`` hands the engine one :class:`~rlft.engines.base.WeightUpdate` in
+   the form its ``weight_format`` declares: SHARED (the HF engine running the trainer's own
+   module) is only told the new version; MODULE (an HF copy or merged LoRA copy, vLLM full
+   finetune) gets the trainer's module to copy or load in place; ADAPTER (the remote engine,
+   vLLM with LoRA) gets the LoRA adapter saved to ``<run_dir>/sync/v<version>`` (the two newest
+   are kept), and needs a LoRA policy.
 2. **Version labels.** Every :class:`~rlft.engines.base.Sample` carries the ``policy_version`` of
    the weights that produced it, as the engine reports it (the remote engine reads it from the
    name of the adapter that answered), and every rollout keeps it. ``sync/policy_lag`` is the
@@ -24,8 +25,8 @@ Three things, run by :class:`WeightSync` from the training loop:
    (**stale**), or when the mean absolute logprob difference is above ``sync_tolerance``
    (**mismatched**: the right label on the wrong weights, a different base model, a LoRA scaling
    bug, an adapter that did not load). Metrics: ``sync/probe_logprob_diff`` (and ``_max``). Not
-   run for an engine that runs the trainer's own module (the default HF engine without a copy):
-   there is nothing to compare, and it would cost a short generation per step.
+   run for a SHARED engine (it runs the trainer's own module: the default HF engine without a
+   copy): there is nothing to compare, and it would cost a short generation per step.
 
 Why sample and re-score, rather than have the engine score a fixed text: it needs nothing from an
 engine beyond the Engine protocol (``generate`` with logprobs), so the same check covers the HF
@@ -53,11 +54,12 @@ CPU (SmolLM2-135M, LoRA r16; the engine decodes with a KV cache, the trainer run
 from __future__ import annotations
 
 import asyncio
-import inspect
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rlft.engines.base import TrainableEngine, WeightFormat, WeightUpdate
 
 __all__ = ["PROBE_MESSAGES", "PROBE_SAMPLES", "PROBE_TOKENS", "ProbeResult", "WeightSync", "WeightSyncError",
            "policy_lag", "probe", "probe_check", "probe_prompt", "trainer_logprobs", "verify"]
@@ -170,14 +172,6 @@ def policy_lag(groups: Any, step: int) -> dict[str, float]:
     return {"sync/policy_lag": sum(lags) / len(lags), "sync/policy_lag_max": float(max(lags))}
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 class WeightSync:
     """The trainer's side of weight sync: push weights to the engine, check them, keep metrics.
 
@@ -185,28 +179,28 @@ class WeightSync:
     whether the policy update computes in bf16 (``update.training_precision``).
     """
 
-    def __init__(self, policy: Any, engine: Any, renderer: Any, run_dir: str | Path, loop: Any, *,
+    def __init__(self, policy: Any, engine: TrainableEngine, renderer: Any, run_dir: str | Path, loop: Any, *,
                  check: bool = True, tolerance: float = 0.15, autocast: bool = False, keep: int = 2):
         self.policy, self.engine, self.loop = policy, engine, loop
         self.sync_dir = Path(run_dir) / "sync"
         self.enabled, self.tolerance, self.autocast, self.keep = check, float(tolerance), autocast, max(1, keep)
         self.probe_ids = probe_prompt(renderer)
-        if getattr(engine, "needs_adapter", False) and not policy.is_lora:
+        if engine.weight_format is WeightFormat.ADAPTER and not policy.is_lora:
             raise ValueError(f"{type(engine).__name__} takes new weights as LoRA adapters only: train with lora = true")
-        self.wants_adapter = policy.is_lora and _accepts(engine.sync_weights, "adapter_dir")
-        self.wants_model = _accepts(engine.sync_weights, "model")
-        # an engine running the trainer's own module (the default HF engine) cannot disagree with it
-        self.shared = getattr(engine, "model", None) is policy.model and not getattr(engine, "owns_copy", True)
         self.last: ProbeResult | None = None
 
+    @property
+    def shared(self) -> bool:
+        """The engine runs the trainer's own module: it cannot disagree with it, so it is not probed."""
+        return self.engine.weight_format is WeightFormat.SHARED
+
     def push(self, version: int) -> None:
-        """Give the engine the trainer's current weights as ``version``."""
-        kw: dict[str, Any] = {"policy_version": version}
-        if self.wants_adapter:
-            kw["adapter_dir"] = self._save_adapter(version)
-        if self.wants_model:
-            kw["model"] = self.policy.model
-        self.engine.sync_weights(**kw)
+        """Give the engine the trainer's current weights as ``version``, in its weight format."""
+        if self.engine.weight_format is WeightFormat.ADAPTER:
+            update = WeightUpdate(version, adapter_dir=self._save_adapter(version))
+        else:  # MODULE copies it; SHARED already runs it (passed for reference)
+            update = WeightUpdate(version, model=self.policy.model)
+        self.engine.sync_weights(update)
 
     def _save_adapter(self, version: int) -> str:
         path = self.sync_dir / f"v{version}"
@@ -233,7 +227,7 @@ class WeightSync:
     def start(self, version: int) -> dict[str, float]:
         """Before the first step (or after a resume): push when the engine is not at ``version``
         yet, then check it (a wrong base model on a server is caught before any compute is spent)."""
-        if version != getattr(self.engine, "policy_version", 0):
+        if version != self.engine.policy_version:
             self.push(version)
         return self.check(version)
 

@@ -138,21 +138,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
     dev = policy.device
     pad_id = policy.tokenizer.pad_token_id if policy.tokenizer.pad_token_id is not None else 0
     loss_cfg = cfg.loss
-    rollouts = [r for g in groups for r in g.rollouts if r.completion_ids]
-    if cfg.filter_truncated and rollouts:  # truncated rollouts teach nothing about how to finish
-        keep_B = grpo.overlong_filter_mask(torch.tensor([r.truncated for r in rollouts]))
-        rollouts = [r for r, keep in zip(rollouts, keep_B.tolist()) if keep]
-    # the normalizer counts every candidate token; rollouts with zero advantage and no KL term
-    # contribute exactly zero gradient, so they are left out of the forward pass entirely
-    mask_counts = [sum(r.mask) for r in rollouts]
-    if loss_cfg.loss_agg == "token_mean":
-        normalizer = float(sum(mask_counts))
-    elif loss_cfg.loss_agg == "seq_mean_token_mean":
-        normalizer = float(sum(1 for n in mask_counts if n))
-    else:
-        normalizer = float(sum(1 for n in mask_counts if n) * loss_cfg.max_tokens)
-    items = [_Item(r, len(r.prompt_ids) + len(r.completion_ids)) for r in rollouts
-             if sum(r.mask) and (r.advantage != 0.0 or loss_cfg.beta > 0)]
+    items, normalizer = _loss_items(groups, loss_cfg, filter_truncated=cfg.filter_truncated)
     # the whole batch's counts, over ranks (identity in one process)
     normalizer, n_items = distributed.all_reduce_sum([normalizer, float(len(items))])
     stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "policy/clip_ratio": 0.0, "policy/entropy": 0.0,
@@ -163,8 +149,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
     bf16 = cfg.bf16
     micro = _micro_batches(items, cfg.micro_batch_tokens)
     scale = distributed.grad_scale(model)  # DDP averages gradients over ranks; the loss is a sum
-    diffs: list[torch.Tensor] = []
-    ent_sum = ent_n = 0.0
+    first = _FirstPass(loss_cfg, policy_version)
     model.train()
     for epoch in range(cfg.epochs):
         optimizer.zero_grad(set_to_none=True)
@@ -179,21 +164,9 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
                 logits = completion_logits(model, ids, attn, pos, C)  # (B, C, V)
                 logp = grpo.token_logprobs(logits, tokens, loss_cfg.temperature)  # (B, C)
             if epoch == 0:
-                with torch.no_grad():
-                    ent = grpo.entropy_from_logits(logits.detach(), loss_cfg.temperature)
-                    ent_sum += float((ent * mask).sum())
-                    ent_n += float(mask.sum())
-                    for b, it in enumerate(mb):
-                        c = len(it.rollout.completion_ids)
-                        stale = policy_version is not None and it.rollout.policy_version < policy_version
-                        it.old_logp = (sampler_logp if stale else logp.detach())[b, C - c:].clone()
-                    diffs.append(((logp.detach() - sampler_logp).abs() * mask)[mask.bool()])
-                    if loss_cfg.beta > 0:
-                        with policy.reference() as ref, training_precision(policy, bf16):
-                            ref_logits = completion_logits(ref, ids, attn, pos, C)
-                            ref_lp = grpo.token_logprobs(ref_logits, tokens, loss_cfg.temperature)
-                        for b, it in enumerate(mb):
-                            it.ref_logp = ref_lp[b, C - len(it.rollout.completion_ids):]
+                first.record(mb, logits, logp, mask, sampler_logp)
+                if loss_cfg.beta > 0:
+                    _reference_logprobs(policy, mb, ids, attn, pos, tokens, loss_cfg.temperature, bf16)
             old_logp = _window([it.old_logp for it in mb], C).to(dev)
             ref_logp = _window([it.ref_logp for it in mb], C).to(dev) if loss_cfg.beta > 0 else None
             is_w = grpo.tis_weights(old_logp, sampler_logp, loss_cfg.tis_cap) if loss_cfg.tis_cap > 0 else None
@@ -218,12 +191,72 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
                           "loss/kl": kl_sum / max(n_tokens, 1), "optim/grad_norm": float(norm)})
     model.eval()
     optimizer.zero_grad(set_to_none=True)
-    d = torch.cat(diffs) if diffs else torch.zeros(0)
-    ent_sum, ent_n, d_sum, d_n = distributed.all_reduce_sum([ent_sum, ent_n, float(d.sum()), float(d.numel())])
-    stats["policy/entropy"] = ent_sum / max(ent_n, 1)
-    stats["sync/logprob_diff_mean"] = d_sum / d_n if d_n else 0.0
-    stats["sync/logprob_diff_max"] = distributed.all_reduce_max(float(d.max()) if d.numel() else 0.0)
+    stats.update(first.metrics())
     return stats
+
+
+def _loss_items(groups: list[Group], loss_cfg: grpo.LossConfig, *, filter_truncated: bool) -> tuple[list[_Item], float]:
+    """The sequences the forward pass needs, and the loss normalizer of the whole batch.
+
+    The normalizer counts every candidate token (or sequence); rollouts with zero advantage and
+    no KL term contribute exactly zero gradient, so they are left out of the forward pass."""
+    rollouts = [r for g in groups for r in g.rollouts if r.completion_ids]
+    if filter_truncated and rollouts:  # truncated rollouts teach nothing about how to finish
+        keep_B = grpo.overlong_filter_mask(torch.tensor([r.truncated for r in rollouts]))
+        rollouts = [r for r, keep in zip(rollouts, keep_B.tolist()) if keep]
+    mask_counts = [sum(r.mask) for r in rollouts]
+    if loss_cfg.loss_agg == "token_mean":
+        normalizer = float(sum(mask_counts))
+    elif loss_cfg.loss_agg == "seq_mean_token_mean":
+        normalizer = float(sum(1 for n in mask_counts if n))
+    else:
+        normalizer = float(sum(1 for n in mask_counts if n) * loss_cfg.max_tokens)
+    items = [_Item(r, len(r.prompt_ids) + len(r.completion_ids)) for r in rollouts
+             if sum(r.mask) and (r.advantage != 0.0 or loss_cfg.beta > 0)]
+    return items, normalizer
+
+
+class _FirstPass:
+    """What the first pass over the batch records: each sequence's old-policy logprobs (the
+    trainer's own, or the sampler's for a rollout of an older policy version), the entropy, and
+    the trainer/sampler logprob difference."""
+
+    def __init__(self, loss_cfg: grpo.LossConfig, policy_version: int | None):
+        self.temperature, self.policy_version = loss_cfg.temperature, policy_version
+        self.diffs: list[torch.Tensor] = []
+        self.ent_sum = self.ent_n = 0.0
+
+    @torch.no_grad()
+    def record(self, mb: list[_Item], logits_BCV, logp_BC, mask_BC, sampler_logp_BC) -> None:
+        C = logp_BC.shape[1]
+        ent_BC = grpo.entropy_from_logits(logits_BCV.detach(), self.temperature)
+        self.ent_sum += float((ent_BC * mask_BC).sum())
+        self.ent_n += float(mask_BC.sum())
+        for b, it in enumerate(mb):
+            c = len(it.rollout.completion_ids)
+            stale = self.policy_version is not None and it.rollout.policy_version < self.policy_version
+            it.old_logp = (sampler_logp_BC if stale else logp_BC.detach())[b, C - c:].clone()
+        self.diffs.append(((logp_BC.detach() - sampler_logp_BC).abs() * mask_BC)[mask_BC.bool()])
+
+    def metrics(self) -> dict[str, float]:
+        d = torch.cat(self.diffs) if self.diffs else torch.zeros(0)
+        ent_sum, ent_n, d_sum, d_n = distributed.all_reduce_sum([self.ent_sum, self.ent_n, float(d.sum()),
+                                                                 float(d.numel())])
+        return {"policy/entropy": ent_sum / max(ent_n, 1),
+                "sync/logprob_diff_mean": d_sum / d_n if d_n else 0.0,
+                "sync/logprob_diff_max": distributed.all_reduce_max(float(d.max()) if d.numel() else 0.0)}
+
+
+@torch.no_grad()
+def _reference_logprobs(policy: Any, mb: list[_Item], ids, attn, pos, tokens_BC, temperature: float,
+                        bf16: bool) -> None:
+    """Each sequence's reference-model logprobs (the KL term's), set on its item."""
+    C = tokens_BC.shape[1]
+    with policy.reference() as ref, training_precision(policy, bf16):
+        ref_logits = completion_logits(ref, ids, attn, pos, C)
+        ref_lp = grpo.token_logprobs(ref_logits, tokens_BC, temperature)
+    for b, it in enumerate(mb):
+        it.ref_logp = ref_lp[b, C - len(it.rollout.completion_ids):]
 
 
 def _reference_pad(policy: Any, dev: Any, bf16: bool) -> None:

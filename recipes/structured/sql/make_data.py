@@ -39,18 +39,21 @@ def build(seed: int = 0, n: int = 272):
     sql += [f"INSERT INTO orders VALUES ({a}, {b}, '{c}', {d});" for a, b, c, d in orders]
 
     def question():
-        name, cat, price, _ = rng.choice(products)
+        name, cat, _price, _ = rng.choice(products)
         person, city = rng.choice(PEOPLE), rng.choice(CITIES)
         x = rng.choice([5, 10, 20, 30, 40])
         return rng.choice([
-            (f"List the names of the products in the {cat} category.", f"SELECT name FROM products WHERE category = '{cat}'"),
+            (f"List the names of the products in the {cat} category.",
+             f"SELECT name FROM products WHERE category = '{cat}'"),
             (f"What is the price of the {name}?", f"SELECT price FROM products WHERE name = '{name}'"),
             (f"How many products cost more than {x}?", f"SELECT COUNT(*) FROM products WHERE price > {x}"),
             (f"Which customers live in {city}?", f"SELECT name FROM customers WHERE city = '{city}'"),
-            (f"What is the average price of {cat} products?", f"SELECT AVG(price) FROM products WHERE category = '{cat}'"),
+            (f"What is the average price of {cat} products?",
+             f"SELECT AVG(price) FROM products WHERE category = '{cat}'"),
             (f"How many units of the {name} are in stock?", f"SELECT stock FROM products WHERE name = '{name}'"),
             (f"How many orders did {person} place?",
-             f"SELECT COUNT(*) FROM orders JOIN customers ON orders.customer_id = customers.id WHERE customers.name = '{person}'"),
+             "SELECT COUNT(*) FROM orders JOIN customers ON orders.customer_id = customers.id "
+             f"WHERE customers.name = '{person}'"),
         ])
 
     rows = []
