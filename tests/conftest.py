@@ -79,6 +79,15 @@ def console_workspace(tmp_path_factory, tiny_model_dir):
     return build_workspace(tmp_path_factory.mktemp("console"), tiny_model_dir)
 
 
+@pytest.fixture(scope="session")
+def console_sft_workspace(tmp_path_factory, tiny_model_dir):
+    """A run store with one finished SFT run, for the console's API and browser tests
+    (test_console_api.build_sft_workspace)."""
+    from test_console_api import build_sft_workspace
+
+    return build_sft_workspace(tmp_path_factory.mktemp("console-sft"), tiny_model_dir)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Pins torch to one intra-op thread for a module: tiny models gain nothing from more, on

@@ -110,6 +110,18 @@ def build_workspace(d: Path, model: str) -> SimpleNamespace:
     return SimpleNamespace(dir=d, runs=d / "runs", run_id=run_id, failed_id=failed_id, live_id=live_id, store=store)
 
 
+def build_sft_workspace(d: Path, model: str) -> SimpleNamespace:
+    """A run store holding one finished SFT run of the tiny model (eval loss at steps 0, 2, 4, 5)."""
+    from rlft.sft.trainer import sft
+
+    rows = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} {i}"}]}
+            for i in range(24)]
+    (d / "demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_id = sft(model=model, data=str(d / "demos.jsonl"), runs_dir=str(d / "runs"), dtype="float32", steps=5,
+                 batch_size=4, eval_size=4, eval_every=2, learning_rate=1e-3, run_name="warmup", progress=False)
+    return SimpleNamespace(dir=d, runs=d / "runs", run_id=run_id)
+
+
 class BackgroundServer:
     """An ASGI app served by uvicorn in a daemon thread on a free 127.0.0.1 port."""
 
@@ -501,3 +513,17 @@ def test_cli_settings_generate_a_token_off_loopback():
     assert given["token"] == "my-token-123"
     with pytest.raises(SystemExit):
         console_settings(parser.parse_args(["console", "--token", "bad token<>"]))
+
+
+def test_an_sft_run_is_listed_as_sft_with_its_loss_curves(console_sft_workspace):
+    sft_ws = console_sft_workspace
+    c = TestClient(create_app(sft_ws.runs), base_url="http://127.0.0.1")
+    (row,) = c.get("/api/runs").json()
+    assert (row["kind"], row["name"], row["status"], row["step"], row["steps"]) == ("sft", "warmup", "completed", 5, 5)
+    assert row["loss"] is not None and row["reward"] is None
+    series = c.get(f"/api/runs/{sft_ws.run_id}/metrics").json()
+    assert [s for s, _ in series["sft/loss"]] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in series["eval/loss"]] == [0, 2, 4, 5]
+    assert {"optim/lr", "optim/grad_norm", "time/step", "sft/tokens_per_s"} <= set(series)
+    detail = c.get(f"/api/runs/{sft_ws.run_id}").json()
+    assert detail["kind"] == "sft" and detail["checkpoints"] and detail["checkpoints"][-1]["metrics"]["best"]

@@ -357,3 +357,18 @@ def test_token_mode_keeps_the_token_for_every_call(browser, ws):
             watched.assert_clean()
         finally:
             watched.context.close()
+
+
+def test_an_sft_run_shows_its_kind_and_loss_curves(browser, console_sft_workspace):
+    sft_ws = console_sft_workspace
+    with BackgroundServer(create_app(sft_ws.runs, poll_ms=300)) as srv:
+        w = Watched(browser, srv.url)
+        page = w.open("/", "#runs-table tbody tr")
+        assert page.locator("#runs-table tbody tr td:nth-child(3)").all_inner_texts() == ["sft"]
+        page = w.open(f"/run/{sft_ws.run_id}/train", "#train-charts .chart")
+        charts = {title: (n, s) for title, n, s in page.evaluate(CHARTS_JS)}
+        assert charts["SFT loss (train, held-out)"] == (6, 2)  # steps 0-5: eval loss at 0, train loss from 1
+        assert "SFT throughput (tokens/s)" in charts and "Learning rate" in charts
+        w.shot("09-sft")
+        w.assert_clean()
+        w.context.close()

@@ -88,9 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from rlft.cli.console import add_console_command
     from rlft.cli.runs import add_run_commands
+    from rlft.cli.sft import add_sft_command
 
     add_run_commands(cmd)
     add_console_command(cmd)
+    add_sft_command(cmd)
     from rlft.cli.traces import add_traces_command
 
     add_traces_command(sub)

@@ -95,12 +95,18 @@ def cmd_runs(args) -> int:
         for r in runs:
             latest = store.latest_metrics(r["id"])
             dur = (r.get("finished_at") or time.time()) - (r.get("started_at") or r.get("created_at") or time.time())
-            rows.append((r["id"], status_label(store, r), r.get("model"), r.get("environment"), r.get("step"),
-                         f"{latest.get('reward/mean') or 0:.3f}", f"{latest.get('pass@k') or 0:.2f}",
-                         _ts(r.get("created_at")), f"{dur / 60:.1f} min"))
+            kind = r.get("kind") or "rl"
+            if kind == "sft":  # no reward: the held-out (else training) loss, and no pass@k
+                loss_key = "eval/loss" if latest.get("eval/loss") is not None else "sft/loss"
+                score, pass_k = f"{loss_key.split('/')[0]} loss {latest.get(loss_key) or 0:.3f}", ""
+            else:
+                score, pass_k = f"{latest.get('reward/mean') or 0:.3f}", f"{latest.get('pass@k') or 0:.2f}"
+            rows.append((r["id"], kind, status_label(store, r), r.get("model"), r.get("environment"), r.get("step"),
+                         score, pass_k, _ts(r.get("created_at")), f"{dur / 60:.1f} min"))
             if r.get("error"):
                 failures.append((r["id"], r.get("status"), r["error"]))
-        print_table(["run", "status", "model", "environment", "step", "reward", "pass@k", "started", "duration"], rows)
+        print_table(["run", "kind", "status", "model", "environment", "step", "reward / loss", "pass@k", "started",
+                     "duration"], rows)
         for run_id, status, error in failures:  # the whole first line of the reason, never cut at a colon
             print(f"{run_id} {status}: {error.strip().splitlines()[0] if error.strip() else error}")
         return 0
@@ -121,7 +127,8 @@ def cmd_runs(args) -> int:
         if args.json:
             print(json.dumps(run, indent=2, default=str))
             return 0
-        print(f"run {run_id} ({run.get('name')}): {run['status_label']} at step {run.get('step')}")
+        print(f"{run.get('kind', 'rl')} run {run_id} ({run.get('name')}): {run['status_label']} "
+              f"at step {run.get('step')}")
         print(f"  model {run.get('model')}, environment {run.get('environment')}, started {_ts(run.get('started_at'))}")
         if run.get("error"):
             print(f"  FAILED: {run['error']}\n{run.get('traceback') or ''}")
@@ -139,8 +146,8 @@ def cmd_runs(args) -> int:
         if args.json:
             print(json.dumps(series, indent=2))
             return 0
-        keys = [k for k in ("reward/mean", "pass@k", "max@k", "loss/policy", "optim/grad_norm", "time/step")
-                if k in series]
+        keys = [k for k in ("reward/mean", "pass@k", "max@k", "loss/policy", "sft/loss", "eval/loss", "optim/grad_norm",
+                            "time/step") if k in series]
         steps = sorted({s for k in keys for s, _ in series[k]})
         table = {k: dict(series[k]) for k in keys}
         print_table(["step", *keys], [(s, *[f"{table[k].get(s) or 0:.4f}" for k in keys]) for s in steps])

@@ -36,13 +36,15 @@ def run_summary(store: RunStore, run: dict[str, Any]) -> dict[str, Any]:
     latest = store.latest_metrics(run["id"])
     config = run.get("config") or {}
     return {
-        "id": run["id"], "name": run.get("name"), "status": run.get("status"), "model": run.get("model"),
+        "id": run["id"], "kind": run.get("kind") or "rl", "name": run.get("name"), "status": run.get("status"),
+        "model": run.get("model"),
         "environment": run.get("environment"), "step": run.get("step"), "steps": config.get("steps"),
         "created_at": run.get("created_at"), "started_at": run.get("started_at"),
         "finished_at": run.get("finished_at"), "updated_at": run.get("updated_at"), "duration": _duration(run),
         "status_label": status_label(store, run),
         "error": run.get("error"), "reward": latest.get("reward/mean"), "pass_at_k": latest.get("pass@k"),
         "eval_reward": latest.get("eval/reward/mean"), "k": config.get("group_size"),
+        "loss": latest.get("eval/loss", latest.get("sft/loss")),  # SFT runs: held-out loss, else training loss
     }
 
 

@@ -40,7 +40,8 @@ from rlft.errors import UnknownRunError
 from rlft.types import Rollout
 
 DB_NAME = "rlft.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+KINDS = ("rl", "sft")
 STATUSES = ("created", "running", "completed", "failed", "stopped")
 LEVELS = ("debug", "info", "warning", "error", "critical")
 BUSY_TIMEOUT_MS = 10_000
@@ -90,7 +91,9 @@ _SCHEMA_V2 = [
 ]
 # v3: the rollout's prompt as the model saw it (system prompt and tool schemas rendered by the template)
 _SCHEMA_V3 = ["ALTER TABLE rollouts ADD COLUMN prompt_text TEXT NOT NULL DEFAULT ''"]
-MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+# v4: the run kind ("rl" | "sft": rlft.sft); runs made before it are RL runs
+_SCHEMA_V4 = ["ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'rl'"]
+MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
 
 _JSON_COLS = {"config", "messages", "rewards", "errors", "example", "logs", "metrics"}
 _RUN_FIELDS = {"name", "status", "model", "environment", "config", "env_source", "started_at",
@@ -181,6 +184,9 @@ class RunStore:
         if version == 0:
             raise RuntimeError(f"{self.path} is not an rlft run store (schema version 0)")
         self._fts = conn.execute("SELECT 1 FROM sqlite_master WHERE name='rollouts_fts'").fetchone() is not None
+        # a read-only store never migrates: an older file (no kind column) reads as all-RL runs
+        has_kind = any(r[1] == "kind" for r in conn.execute("PRAGMA table_info(runs)"))
+        self._kind_col = "kind" if has_kind else "'rl' AS kind"
 
     # -- connections -------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -224,7 +230,7 @@ class RunStore:
                 for stmt in MIGRATIONS[v]:
                     try:
                         conn.execute(stmt)
-                    except sqlite3.OperationalError as e:  # a column added by an earlier run of this step
+                    except sqlite3.OperationalError as e:  # ADD COLUMN on a store whose table already has it
                         if not (stmt.startswith("ALTER TABLE") and "duplicate column" in str(e)):
                             raise
                 if v == 1:
@@ -268,8 +274,11 @@ class RunStore:
 
     # -- writers -----------------------------------------------------------------------------
     def create_run(self, name: str | None = None, config: dict[str, Any] | None = None, model: str = "",
-                   environment: str = "", env_source: str = "") -> str:
-        """A new run in status ``created``; returns its id (``<name-slug>-<rand>`` or ``r-<time>-<rand>``)."""
+                   environment: str = "", env_source: str = "", kind: str = "rl") -> str:
+        """A new run in status ``created``; returns its id (``<name-slug>-<rand>`` or ``r-<time>-<rand>``).
+        ``kind``: "rl" (a training run on an environment) or "sft" (supervised, ``rlft.sft``)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         now = time.time()
         prefix = _slug(name) if name and _slug(name) else "r-" + time.strftime("%y%m%d-%H%M%S", time.localtime(now))
         for _ in range(20):
@@ -277,8 +286,9 @@ class RunStore:
             try:
                 with self._tx() as c:
                     c.execute("INSERT INTO runs (id, name, model, environment, config, env_source, created_at, "
-                              "updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                              (run_id, name or run_id, model, environment, _dumps(config or {}), env_source, now, now))
+                              "updated_at, kind) VALUES (?,?,?,?,?,?,?,?,?)",
+                              (run_id, name or run_id, model, environment, _dumps(config or {}), env_source, now, now,
+                               kind))
                 return run_id
             except sqlite3.IntegrityError:
                 continue
@@ -409,7 +419,8 @@ class RunStore:
     def list_runs(self) -> list[dict[str, Any]]:
         """All runs, newest first, without ``env_source`` and ``traceback`` (see ``get_run``)."""
         return self._rows("SELECT id, name, status, model, environment, config, created_at, started_at, finished_at,"
-                          " updated_at, step, error, stop_requested FROM runs ORDER BY created_at DESC, rowid DESC")
+                          f" updated_at, step, error, stop_requested, {self._kind_col} FROM runs"
+                          " ORDER BY created_at DESC, rowid DESC")
 
     def resolve(self, ref: str) -> str:
         """The run id for an exact id, a name (the newest run of that name) or a unique id prefix."""
@@ -427,7 +438,7 @@ class RunStore:
 
     def get_run(self, ref: str) -> dict[str, Any]:
         """The full run row; ``ref`` as in ``resolve``. Raises ``KeyError`` if none or ambiguous."""
-        return self._rows("SELECT * FROM runs WHERE id=?", (self.resolve(ref),))[0]
+        return {"kind": "rl"} | self._rows("SELECT * FROM runs WHERE id=?", (self.resolve(ref),))[0]
 
     def metrics(self, run_id: str, keys: Iterable[str] | None = None) -> dict[str, list[tuple[int, float | None]]]:
         sql, args = "SELECT key, step, value FROM metrics WHERE run_id=?", [run_id]

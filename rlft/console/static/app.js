@@ -161,7 +161,7 @@ RL.route = async function () {
 
 /* -- the runs list -- */
 const RUN_COLUMNS = [
-  ["name", "Run"], ["status", "Status"], ["model", "Model"], ["environment", "Environment"], ["step", "Steps"],
+  ["name", "Run"], ["kind", "Kind"], ["status", "Status"], ["model", "Model"], ["environment", "Environment"], ["step", "Steps"],
   ["reward", "Reward"], ["pass_at_k", "pass@k"], ["created_at", "Started"], ["duration", "Duration"],
 ];
 
@@ -202,12 +202,14 @@ RL.runsPage = async function (view) {
         RL.el("td", {}, box),
         RL.el("td", {}, RL.el("a", { href: "#/run/" + encodeURIComponent(r.id) + "/train" }, r.name || r.id),
           r.name !== r.id ? RL.el("div", { class: "muted small" }, r.id) : null,
-          r.error ? RL.el("div", { class: "err small failure-reason", title: r.error }, r.error.split("\n")[0]) : null),
+          r.error ? RL.el("div", { class: "err small failure-reason", title: r.error }, r.error.split("
+")[0]) : null),
+        RL.el("td", {}, r.kind || "rl"),
         RL.el("td", {}, RL.statusCell(r)),
         RL.el("td", { class: "ellipsis", title: r.model }, r.model),
         RL.el("td", { class: "ellipsis", title: r.environment }, r.environment),
         RL.el("td", { class: "num" }, String(r.step) + (r.steps ? " / " + r.steps : "")),
-        RL.el("td", { class: "num" }, RL.fmt(r.reward)),
+        RL.el("td", { class: "num" }, r.kind === "sft" ? "loss " + RL.fmt(r.loss) : RL.fmt(r.reward)),
         RL.el("td", { class: "num" }, RL.fmt(r.pass_at_k, 2)),
         RL.el("td", {}, RL.time(r.started_at || r.created_at)),
         RL.el("td", { class: "num" }, RL.dur(r.duration))));
@@ -231,8 +233,9 @@ RL.runsPage = async function (view) {
 const TABS = ["train", "eval", "rollouts", "logs", "config", "chat"];
 
 RL.runHeader = function (run) {
-  const stats = [["status", RL.statusCell(run)], ["model", run.model], ["environment", run.environment],
-    ["step", String(run.step) + (run.steps ? " / " + run.steps : "")], ["reward", RL.fmt(run.reward)],
+  const stats = [["kind", run.kind || "rl"], ["status", RL.statusCell(run)], ["model", run.model],
+    ["environment", run.environment], ["step", String(run.step) + (run.steps ? " / " + run.steps : "")],
+    run.kind === "sft" ? ["loss", RL.fmt(run.loss)] : ["reward", RL.fmt(run.reward)],
     ["pass@k", RL.fmt(run.pass_at_k, 2)], ["started", RL.time(run.started_at || run.created_at)],
     ["duration", RL.dur(run.duration)], ["checkpoints", String((run.checkpoints || []).length)]];
   return RL.el("div", { class: "run-header", id: "run-header" },

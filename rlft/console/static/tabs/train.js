@@ -1,7 +1,7 @@
 /* rlft console, train tab: every training metric as a chart over steps, grouped (reward,
  * pass@k/max@k/solve rate, each reward component, length and truncation, turns and tool calls,
- * loss, KL, entropy, clip ratio, grad norm, lr, time per phase, tokens/s, held-out eval, the
- * rest by prefix), with EMA smoothing and live updates while the run trains. */
+ * loss, KL, entropy, clip ratio, grad norm, lr, time per phase, tokens/s, SFT loss and eval
+ * loss, held-out eval, the rest by prefix), with EMA smoothing and live updates while the run trains. */
 "use strict";
 
 (function () {
@@ -24,12 +24,15 @@
     { title: "Learning rate", keys: ["optim/lr"] },
     { title: "Time per phase (s)", match: (k) => k.startsWith("time/") },
     { title: "Throughput (sampled tokens/s)", keys: ["throughput/tokens_per_s"] },
+    { title: "SFT loss (train, held-out)", keys: ["sft/loss", "eval/loss"] },
+    { title: "SFT throughput (tokens/s)", keys: ["sft/tokens_per_s"] },
     { title: "Held-out eval", keys: ["eval/reward/mean", "eval/pass@k", "eval/max@k", "eval/solve_rate"] },
   ];
+  const LISTED = new Set(GROUPS.flatMap((g) => g.keys || []));
 
   /* [{title, keys}] for the keys present; the rest grouped by their first path part */
   function layout(keys) {
-    const left = new Set(keys.filter((k) => !k.startsWith("eval/") || GROUPS.at(-1).keys.includes(k)));
+    const left = new Set(keys.filter((k) => !k.startsWith("eval/") || LISTED.has(k)));
     const out = [];
     for (const g of GROUPS) {
       const ks = g.keys ? g.keys.filter((k) => left.has(k)) : [...left].filter(g.match).sort();

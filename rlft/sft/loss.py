@@ -1,0 +1,141 @@
+"""One SFT optimizer step and one eval pass: length-bucketed micro-batches, the masked loss.
+
+The loss is the token mean of cross-entropy over the trained tokens (mask 1) of the whole
+optimizer step: each micro-batch's *sum* is divided by the step's trained-token count before its
+backward, so gradient accumulation over micro-batches equals one big batch. Logits are computed
+only where they are needed: the decoder's hidden states at the positions that predict a trained
+token are gathered, and the output head + float32 cross-entropy run over them in chunks of
+``chunk_tokens`` rows (recomputed in backward when there is more than one chunk), so no (B, L, V)
+logits tensor exists, in any dtype. Precision is RL's (``rlft.training.update.training_precision``:
+bf16 autocast, peft input casting off). Rows are right-padded. Left out: sequence packing into
+one row (cross-document attention masks), which the length buckets make unnecessary at this scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlft.training.update import training_precision
+
+CHUNK_TOKENS = 1024  # trained positions per output-head chunk: 1024 x V float32 logits at most
+
+
+def trained_tokens(mask: Sequence[int]) -> int:
+    """Tokens that carry loss: mask 1, except position 0 (nothing predicts it)."""
+    return int(sum(mask[1:]))
+
+
+def micro_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices grouped longest first, each group's padded size (rows x longest) within ``budget``
+    tokens (a single longer sequence gets a group of its own)."""
+    out: list[list[int]] = []
+    longest: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if out and (len(out[-1]) + 1) * longest[-1] <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+            longest.append(lengths[i])
+    return out
+
+
+def collate(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``ids_BL``, ``attn_BL`` and the float ``mask_BL`` (0 on padding)."""
+    B, L = len(seqs), max(len(ids) for ids, _ in seqs)
+    ids_BL = torch.full((B, L), pad_id, dtype=torch.long)
+    attn_BL = torch.zeros((B, L), dtype=torch.long)
+    mask_BL = torch.zeros((B, L), dtype=torch.float32)
+    for b, (ids, mask) in enumerate(seqs):
+        ids_BL[b, : len(ids)] = torch.tensor(ids)
+        attn_BL[b, : len(ids)] = 1
+        mask_BL[b, : len(ids)] = torch.tensor(mask, dtype=torch.float32)
+    return ids_BL, attn_BL, mask_BL
+
+
+def _head_ce_sum(head: Any, h_NH: torch.Tensor, targets_N: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits_NV = head(h_NH).float()
+    if softcap:  # Gemma-2 style final soft-capping, as the model's own forward applies it
+        logits_NV = torch.tanh(logits_NV / softcap) * softcap
+    return F.cross_entropy(logits_NV, targets_N, reduction="sum")
+
+
+def masked_loss_sum(policy: Any, ids_BL: torch.Tensor, attn_BL: torch.Tensor, mask_BL: torch.Tensor, *,
+                    chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Sum over positions t >= 1 with mask 1 of -log p(ids[t] | ids[:t]), float32, differentiable.
+    Call inside ``training_precision``."""
+    base = policy.base_model  # LoRA: the peft-injected model (its adapters run inside the decoder)
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    pos_BL = torch.arange(ids_BL.shape[1], device=ids_BL.device).expand_as(ids_BL)
+    out = decoder(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, use_cache=False)
+    hidden_BLH = out.last_hidden_state
+    keep_BL = mask_BL[:, 1:] > 0  # the state at t-1 predicts token t
+    h_NH = hidden_BLH[:, :-1][keep_BL]
+    targets_N = ids_BL[:, 1:][keep_BL]
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    chunks = range(0, h_NH.shape[0], chunk_tokens)
+    total = torch.zeros((), dtype=torch.float32, device=ids_BL.device)
+    for s in chunks:
+        h, t = h_NH[s: s + chunk_tokens], targets_N[s: s + chunk_tokens]
+        if len(chunks) > 1 and torch.is_grad_enabled():  # keep one chunk's logits alive, not all of them
+            total = total + torch.utils.checkpoint.checkpoint(_head_ce_sum, head, h, t, softcap, use_reentrant=False)
+        else:
+            total = total + _head_ce_sum(head, h, t, softcap)
+    return total
+
+
+def _pad_id(policy: Any) -> int:
+    pad = policy.tokenizer.pad_token_id
+    return pad if pad is not None else 0
+
+
+def train_step(policy: Any, seqs: Sequence[tuple[Sequence[int], Sequence[int]]], optimizer: torch.optim.Optimizer, *,
+               micro_batch_tokens: int, max_grad_norm: float, bf16: bool,
+               chunk_tokens: int = CHUNK_TOKENS) -> dict[str, float]:
+    """One optimizer step over ``seqs`` ((ids, mask) pairs); returns ``loss`` (the step's token
+    mean), ``grad_norm`` (before clipping), ``tokens`` (non-padding) and ``trained_tokens``."""
+    normalizer = sum(trained_tokens(m) for _, m in seqs)
+    tokens = sum(len(ids) for ids, _ in seqs)
+    optimizer.zero_grad(set_to_none=True)
+    if normalizer == 0:  # nothing to learn from: keep the step count honest, change nothing
+        optimizer.step()
+        return {"loss": float("nan"), "grad_norm": 0.0, "tokens": tokens, "trained_tokens": 0}
+    dev, model = policy.device, policy.model
+    loss_total = 0.0
+    model.train()
+    try:
+        for group in micro_batches([len(ids) for ids, _ in seqs], micro_batch_tokens):
+            ids, attn, mask = (t.to(dev) for t in collate([seqs[i] for i in group], _pad_id(policy)))
+            with training_precision(policy, bf16):
+                loss = masked_loss_sum(policy, ids, attn, mask, chunk_tokens=chunk_tokens) / normalizer
+            loss.backward()
+            loss_total += float(loss.detach())
+    finally:
+        model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_total, "grad_norm": float(norm), "tokens": tokens, "trained_tokens": normalizer}
+
+
+@torch.no_grad()
+def eval_loss(policy: Any, seqs: Sequence[tuple[Sequence[int], Sequence[int]]], *, micro_batch_tokens: int,
+              bf16: bool, chunk_tokens: int = CHUNK_TOKENS) -> float:
+    """Token-mean cross-entropy over the trained tokens of ``seqs`` (NaN when there are none)."""
+    normalizer = sum(trained_tokens(m) for _, m in seqs)
+    if not normalizer:
+        return float("nan")
+    total = 0.0
+    for group in micro_batches([len(ids) for ids, _ in seqs], micro_batch_tokens):
+        ids, attn, mask = (t.to(policy.device) for t in collate([seqs[i] for i in group], _pad_id(policy)))
+        with training_precision(policy, bf16):
+            total += float(masked_loss_sum(policy, ids, attn, mask, chunk_tokens=chunk_tokens))
+    return total / normalizer
+
+
+__all__ = ["CHUNK_TOKENS", "collate", "eval_loss", "masked_loss_sum", "micro_batches", "train_step", "trained_tokens"]
