@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rlft import distributed
-from rlft.config import TrainConfig
+from rlft.config import ConfigError, TrainConfig
 from rlft.data import Dataset
 from rlft.engines.base import SamplingParams
 from rlft.env import Environment, Sampler, derive_seed
@@ -269,7 +269,7 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     from rlft.policy import LoraSpec, load_policy
     from rlft.renderer import Renderer
     from rlft.reporting import Reporter
-    from rlft.training.checkpoint import load_checkpoint
+    from rlft.training.checkpoint import load_checkpoint, load_weights
     from rlft.training.sync import WeightSync
 
     run_dir = store.run_dir(run_id)
@@ -288,8 +288,14 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     weights_dtype = cfg.dtype if cfg.lora else "float32"
     # under torchrun each rank takes its own device (distributed.device()); else the configured one
     device = distributed.device() if distributed.is_distributed() else cfg.device
-    policy = load_policy(cfg.model, dtype=weights_dtype, lora=lora if cfg.lora else None, device=device,
+    init = init_checkpoint(store, cfg.init_from, lora=cfg.lora) if cfg.init_from and not resume else None
+    base_model = str(init.path) if init is not None and not init.adapter else cfg.model  # full weights: the model
+    policy = load_policy(base_model, dtype=weights_dtype, lora=lora if cfg.lora else None, device=device,
                          gradient_checkpointing=cfg.gradient_checkpointing, chat_template=cfg.chat_template or None)
+    if init is not None:
+        if init.adapter:
+            load_weights(policy, init.path)
+        store.add_log(run_id, f"weights from {init.describe()}", source="trainer")
     if cfg.beta > 0 and not policy.is_lora:
         policy.freeze_reference()  # the base weights, not a resumed checkpoint's
     # weights first: the engine copies them and FSDP2 shards them
@@ -337,6 +343,47 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     # a run that had completed).
     stack.callback(_release_wrapper, run)
     return run
+
+
+@dataclass(frozen=True)
+class InitCheckpoint:
+    """Where ``init_from`` points: a checkpoint directory, and whether it holds a LoRA adapter
+    (loaded into the new run's adapters) or full weights (loaded as the new run's model)."""
+
+    path: Path
+    adapter: bool
+    run: str = ""
+    step: int = 0
+
+    def describe(self) -> str:
+        return f"run {self.run} step {self.step} ({self.path})" if self.run else str(self.path)
+
+
+def init_checkpoint(store: Any, ref: str, *, lora: bool) -> InitCheckpoint:
+    """Resolve ``init_from``: a run in the store (an SFT run's best checkpoint, another run's
+    newest good one) or a checkpoint directory; a LoRA adapter needs ``lora = true``."""
+    from rlft.errors import UnknownRunError
+    from rlft.training.checkpoint import good_checkpoints
+
+    path, run, step = Path(ref), "", 0
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        try:
+            source = store.get_run(ref)
+        except UnknownRunError as e:
+            raise ConfigError(f"init_from = {ref!r}: neither a checkpoint directory nor a run in {store.path}") from e
+        run = source["id"]
+        best = source.get("kind") == "sft"  # an SFT run marks the checkpoint of its lowest eval loss
+        rows = [c for c in store.checkpoints(run) if (c.get("metrics") or {}).get("best")] if best else []
+        good = {s: p for s, p in good_checkpoints(store.run_dir(run))[0]}
+        picks = [(int(c["step"]), Path(c["path"])) for c in rows if int(c["step"]) in good] or sorted(good.items())
+        if not picks:
+            raise ConfigError(f"init_from = {ref!r}: run {run} has no usable checkpoint")
+        step, path = picks[-1]
+    adapter = (path / "adapter_config.json").exists()
+    if adapter and not lora:
+        raise ConfigError(f"init_from = {ref!r} holds a LoRA adapter: train with lora = true (and the same lora_rank), "
+                          "or export it merged (rlft export) and set model to that directory")
+    return InitCheckpoint(path=path, adapter=adapter, run=run, step=step)
 
 
 def _resume_checkpoint(store: Any, run_id: str, run_dir: Path, policy: Any, progress: Any) -> tuple[int, Path] | None:
