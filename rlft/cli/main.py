@@ -14,8 +14,10 @@ import sys
 import textwrap
 
 EPILOG = {
-    "train": "example:\n  rlft train config.toml --set steps=50 --set learning_rate=1e-4\n  rlft train --resume my-run\n"
-             "  rlft train config.toml --nproc 2   # 2 processes (torchrun, DDP); = torchrun --nproc_per_node 2 -m rlft train ...",
+    "train": "example:\n  rlft train config.toml --set steps=50 --set learning_rate=1e-4\n"
+             "  rlft train --resume my-run\n"
+             "  rlft train config.toml --nproc 2   # 2 processes (torchrun, DDP); "
+             "= torchrun --nproc_per_node 2 -m rlft train ...",
     "validate": "example:\n  rlft validate config.toml            # one group of 2 rollouts, transcripts, rewards\n"
                 "  rlft validate config.toml --signal   # base reward, pass@k, tied groups, advice",
     "eval": "example:\n  rlft eval config.toml                      # the base model\n"
@@ -38,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlft", description="Reinforcement-learning finetuning of language models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version")
-    parser.add_argument("--debug", action="store_true", help="print the traceback of user errors too (bugs always print one)")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of user errors too (bugs always print one)")
     sub = parser.add_subparsers(dest="command")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -53,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("validate", "check an environment end to end before spending compute")
     _add_config_args(p)
-    p.add_argument("--signal", action="store_true", help="sample G rollouts for N prompts and report the learning signal")
+    p.add_argument("--signal", action="store_true",
+                   help="sample G rollouts for N prompts and report the learning signal")
     p.add_argument("--prompts", type=int, default=8, help="prompts for --signal (default 8)")
-    p.add_argument("--group-size", type=int, default=None, help="rollouts per prompt for --signal (default: config group_size)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="rollouts per prompt for --signal (default: config group_size)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = cmd("eval", "evaluate a base model, a checkpoint or an external model on the eval split")
@@ -177,12 +182,12 @@ def _toml(cfg) -> str:
 
 def _session(cfg):
     """(environment, train split, eval split, sampler) for a config, model loaded."""
-    from rlft.renderer import Renderer
     from rlft.engines.base import SamplingParams
+    from rlft.engines.factory import engine_options, make_engine
     from rlft.env import Sampler
     from rlft.loader import load_environment, load_splits
     from rlft.policy import load_policy
-    from rlft.engines.factory import engine_options, make_engine
+    from rlft.renderer import Renderer
 
     env, module, _ = load_environment(cfg.env)
     train_set, eval_set = load_splits(cfg, module)
@@ -209,8 +214,10 @@ def cmd_validate(args) -> int:
                               "warnings": report.warnings, "reward_audit": audit.to_dict()}, indent=2))
         else:
             m = report.metrics
-            print(f"signal check: {len(examples)} prompts x {g} rollouts with {cfg.model} (temperature {cfg.temperature})")
-            print(f"  base mean reward {m['reward/mean']:.3f}   pass@{g} {m['pass@k']:.2f}   max@{g} {m['max@k']:.3f}   "
+            print(f"signal check: {len(examples)} prompts x {g} rollouts with {cfg.model} "
+                  f"(temperature {cfg.temperature})")
+            print(f"  base mean reward {m['reward/mean']:.3f}   pass@{g} {m['pass@k']:.2f}   "
+                  f"max@{g} {m['max@k']:.3f}   "
                   f"tied groups {report.zero_variance_share:.0%}")
             for w in report.warnings:
                 print("  WARNING: " + textwrap.fill(w, 96, subsequent_indent="           "))
@@ -338,15 +345,15 @@ def _top_error(rollouts) -> tuple[str, int, int] | None:
 
 def _load_checkpoint(cfg, args, policy, sampler):
     """Load a run's checkpoint (``--step N`` or latest) into the session's policy."""
-    from rlft.training.checkpoint import load_weights, resolve_checkpoint
     from rlft.store import RunStore
+    from rlft.training.checkpoint import load_weights, resolve_checkpoint
 
     store = RunStore(cfg.runs_dir)
     run_id = store.resolve(args.run)
     step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
     if not policy.is_lora and (path / "adapter_config.json").exists():
-        from rlft.policy import load_policy
         from rlft.engines.factory import engine_options, make_engine
+        from rlft.policy import load_policy
 
         policy = load_policy(str(path), dtype=cfg.dtype)
         sampler.engine = make_engine(engine_options(cfg), policy)
