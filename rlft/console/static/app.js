@@ -202,8 +202,7 @@ RL.runsPage = async function (view) {
         RL.el("td", {}, box),
         RL.el("td", {}, RL.el("a", { href: "#/run/" + encodeURIComponent(r.id) + "/train" }, r.name || r.id),
           r.name !== r.id ? RL.el("div", { class: "muted small" }, r.id) : null,
-          r.error ? RL.el("div", { class: "err small failure-reason", title: r.error }, r.error.split("
-")[0]) : null),
+          r.error ? RL.el("div", { class: "err small failure-reason", title: r.error }, r.error.split("\n")[0]) : null),
         RL.el("td", {}, r.kind || "rl"),
         RL.el("td", {}, RL.statusCell(r)),
         RL.el("td", { class: "ellipsis", title: r.model }, r.model),
