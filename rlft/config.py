@@ -14,7 +14,7 @@ import difflib
 import json
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -189,15 +189,17 @@ def _check_choice(cfg: TrainConfig, key: str, choices: tuple[str, ...]) -> None:
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
-def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
+def unknown_key(key: str, known: dict[str, Any], *, what: str = "config key",
+                see: str = "`rlft config --list`") -> ConfigError:
+    """The error for a key that is not a field, naming the closest valid one."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(FIELDS)} (see `rlft config --list`)")
+    return ConfigError(f"unknown {what} {key!r}.{hint} Valid keys: {', '.join(known)} (see {see})")
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Coerce a TOML value or a --set string to the field's type."""
-    default = FIELDS[key].default
+def coerce_value(field: Field, value: Any) -> Any:
+    """A TOML value or a --set string as the type of the field's default (bool, int, float, str)."""
+    default = field.default
     try:
         if isinstance(default, bool):
             if isinstance(value, str):
@@ -213,11 +215,15 @@ def _coerce(key: str, value: Any) -> Any:
             return int(value)
         if isinstance(default, float):
             return float(value)
-        if isinstance(value, bool) and key == "std_normalize":
-            return "true" if value else "false"
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"config key {key!r} expects {type(default).__name__}, got {value!r}") from None
+        raise ConfigError(f"config key {field.name!r} expects {type(default).__name__}, got {value!r}") from None
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if isinstance(value, bool) and key == "std_normalize":  # a TOML bool for a "true"/"false"/"auto" key
+        return "true" if value else "false"
+    return coerce_value(FIELDS[key], value)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -230,9 +236,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
-                **kwargs: Any) -> TrainConfig:
-    """TOML file (optional) + ``key=value`` overrides (+ keyword arguments), validated."""
+def read_values(path: str | Path | None, overrides: list[str] | dict[str, Any] | None,
+                kwargs: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    """The raw key -> value pairs of a TOML file (tables flattened: ``[lora] rank`` is
+    ``lora_rank``), then ``key=value`` overrides, then keyword arguments; and the file's folder,
+    which paths in the file are relative to."""
     values: dict[str, Any] = {}
     base = None
     if path:
@@ -257,15 +265,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             k, v = item.split("=", 1)
             values[k.strip()] = v.strip()
     values.update(kwargs)
+    return values, base
+
+
+def relative_to_file(cfg: Any, base: Path | None, keys: tuple[str, ...]) -> None:
+    """Point path keys given relative to the config file at that file's folder (``env`` may end in
+    ``:attr``); values that name no file there (a hub id, inline Jinja) stay as they are."""
+    if base is None:
+        return
+    for k in keys:
+        v = getattr(cfg, k)
+        if v and not Path(v).is_absolute() and (base / v.split(":")[0]).exists():
+            setattr(cfg, k, str(base / v))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                **kwargs: Any) -> TrainConfig:
+    """TOML file (optional) + ``key=value`` overrides (+ keyword arguments), validated."""
+    values, base = read_values(path, overrides, kwargs)
     for k in values:
         if k not in FIELDS:
-            raise _unknown(k)
+            raise unknown_key(k, FIELDS)
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    if base is not None:  # paths in a config file are relative to that file
-        for k in ("env", "data", "eval_data", "chat_template"):
-            v = getattr(cfg, k)
-            if v and not Path(v).is_absolute() and (base / v.split(":")[0]).exists():
-                setattr(cfg, k, str(base / v))
+    relative_to_file(cfg, base, ("env", "data", "eval_data", "chat_template"))
     return cfg
 
 

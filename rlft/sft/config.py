@@ -9,14 +9,12 @@ closest valid one, paths in a file are relative to it. Left out: resuming a stop
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from rlft.config import ConfigError, _flatten, to_toml
+from rlft.config import ConfigError, coerce_value, read_values, relative_to_file, to_toml, unknown_key
 
 
 @dataclass
@@ -93,66 +91,15 @@ class SFTConfig:
 FIELDS = {f.name: f for f in fields(SFTConfig)}
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """A TOML value or a --set string as the field's type."""
-    default = FIELDS[key].default
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-                    return low in ("true", "1", "yes", "on")
-                raise ValueError(value)
-            return bool(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key {key!r} expects {type(default).__name__}, got {value!r}") from None
-
-
 def load_sft_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
                     **kwargs: Any) -> SFTConfig:
     """TOML file (optional) + ``key=value`` overrides (+ keyword arguments); not yet resolved."""
-    values: dict[str, Any] = {}
-    base = None
-    if path:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
-        p = Path(path)
-        try:
-            values.update(_flatten(tomllib.loads(p.read_text())))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: invalid TOML: {e}") from None
-        base = p.parent
-    if isinstance(overrides, dict):
-        values.update(overrides)
-    else:
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"--set expects key=value, got {item!r}")
-            k, v = item.split("=", 1)
-            values[k.strip()] = v.strip()
-    values.update(kwargs)
+    values, base = read_values(path, overrides, kwargs)
     for k in values:
         if k not in FIELDS:
-            close = difflib.get_close_matches(k, FIELDS, n=1, cutoff=0.5)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown sft config key {k!r}.{hint} Valid keys: {', '.join(FIELDS)}")
-    cfg = SFTConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    if base is not None:  # paths in a config file are relative to that file
-        for k in ("data", "eval_data", "chat_template", "model"):
-            v = getattr(cfg, k)
-            if v and not Path(v).is_absolute() and (base / v).exists():
-                setattr(cfg, k, str(base / v))
+            raise unknown_key(k, FIELDS, what="sft config key", see="`rlft sft --list`")
+    cfg = SFTConfig(**{k: coerce_value(FIELDS[k], v) for k, v in values.items()})
+    relative_to_file(cfg, base, ("data", "eval_data", "chat_template", "model"))
     return cfg
 
 
