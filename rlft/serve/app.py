@@ -48,7 +48,9 @@ parts, and (accepted, ignored) presence/frequency penalties, ``logit_bias``, ``r
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import hmac
 import json
 import os
@@ -85,6 +87,8 @@ from rlft.serve.models import (
     token_stream,
     tool_setup,
 )
+
+MAX_BODY_BYTES = 32 * 2**20  # a request body larger than this is refused (413), before it is read
 
 __all__ = ["APIError", "BackgroundServer", "ChatRequest", "CompletionRequest", "add_serve_arguments", "create_app",
            "run_server", "serve_main", "token_stream"]
@@ -286,12 +290,17 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
                engines: dict[str, Any] | None = None, engine_factory: Callable[[Any], ServedEngine] | None = None,
                api_key: str | None = None, dtype: Any = "bfloat16", device: Any = "auto", max_loaded: int = 3,
                max_batch_size: int = 32, max_n: int = 16, default_max_tokens: int = 1024,
-               preload: bool = False) -> FastAPI:
+               preload: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app. ``model``: a base model (hub id, alias, directory or checkpoint dir);
     ``runs_dir``/``run``: serve the checkpoints of the run store there (one run only with ``run``);
     ``engines``: ``{name: ServedModel | (engine, renderer_or_tokenizer)}`` served as is (tests,
     custom backends); ``engine_factory(policy)``: the ServedEngine for loaded policies (default HFEngine);
-    ``preload``: load ``model`` at startup (errors then stop the server at once)."""
+    ``preload``: load ``model`` at startup (errors then stop the server at once); ``max_body_bytes``:
+    larger requests are refused with 413.
+
+    Rendering and tokenising a prompt run in one worker thread, never on the event loop: a 10 MB
+    message takes seconds to tokenise, and ``/health`` and every other request must not wait for
+    it. One thread, because a tokenizer is not safe to share between concurrent encodes."""
     if FastAPI is None:
         raise ImportError("rlft serve needs fastapi and uvicorn: pip install 'rlft[serve]'")
     registry = ModelRegistry(model, runs_dir=runs_dir, run=run, engines=engines, engine_factory=engine_factory,
@@ -303,9 +312,22 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
             registry.release((await registry.acquire(os.fspath(model)))[1])
         yield
         registry.close()
+        render_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="rlft serve", lifespan=lifespan)
     app.state.registry = registry
+    render_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlft-serve-render")
+
+    async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(render_pool, functools.partial(fn, *args))
+
+    @app.middleware("http")
+    async def _cap_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            return _json(APIError(413, f"request body of {int(size)} bytes is over the limit of {max_body_bytes} bytes "
+                                       "(rlft serve --max-body-mb)", code="request_too_large"))
+        return await call_next(request)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -391,7 +413,7 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
             raise APIError(400, "only the sampled token's logprob is returned: use logprobs=0", param="logprobs")
         entry, served = await acquire(req.model)
         try:
-            prompts = _completion_prompts(served.renderer.tokenizer, req.prompt)
+            prompts = await off_loop(_completion_prompts, served.renderer.tokenizer, req.prompt)
             if len(prompts) * req.n > max_n:
                 raise APIError(400, f"prompts x n must be at most {max_n}, got {len(prompts) * req.n}", param="n")
             jobs = [(p, _sampling(req, len(p), served.max_context, default_max_tokens)) for p in prompts]
@@ -439,7 +461,7 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
         streaming = False
         try:
             try:
-                prompt = served.renderer.render_prompt(messages, tools)
+                prompt = await off_loop(served.renderer.render_prompt, messages, tools)
             except Exception as e:  # the chat template rejected the conversation
                 raise APIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
             params = _sampling(req, len(prompt), served.max_context, default_max_tokens)
@@ -534,11 +556,13 @@ def add_serve_arguments(parser: Any) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--max-loaded", type=int, default=3, help="models kept loaded (LRU)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per model")
+    parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20,
+                        help="larger request bodies are refused with 413")
 
 
 def serve_main(args: Any) -> int:
     """``rlft serve``: ``args`` parsed with :func:`add_serve_arguments`."""
     run_server(args.model, runs_dir=args.runs_dir, run=args.run, host=args.host, port=args.port,
                api_key=args.api_key, dtype=args.dtype, device=args.device, max_loaded=args.max_loaded,
-               max_batch_size=args.max_batch_size)
+               max_batch_size=args.max_batch_size, max_body_bytes=int(args.max_body_mb * 2**20))
     return 0
