@@ -313,7 +313,7 @@ def test_launcher_refuses_to_start_a_server_whose_parent_already_died():
 # -- a server that dies or never works -----------------------------------------------------
 def test_server_that_dies_mid_call_makes_that_call_and_the_next_raise_fatal_tool_error():
     async def main():
-        async with demo().connect() as conn:
+        async with demo(restart=False).connect() as conn:  # with restarts, see the restart tests below
             pending = asyncio.ensure_future(conn.call_tool("slow", {"seconds": 30, "value": "never"}))
             await asyncio.sleep(0.1)
             with pytest.raises(FatalToolError, match="demo"):
@@ -330,7 +330,7 @@ def test_server_that_dies_mid_call_makes_that_call_and_the_next_raise_fatal_tool
 
 def test_server_killed_from_outside_makes_the_next_call_raise_fatal_tool_error_not_hang():
     async def main():
-        async with demo().connect() as conn:
+        async with demo(restart=False).connect() as conn:
             pid = int(await conn.call_tool("pid"))
             os.kill(pid, signal.SIGKILL)  # the OOM killer, say
             t0 = time.monotonic()
@@ -415,3 +415,32 @@ def test_from_config_reads_the_mcp_servers_style():
 def test_importing_rlft_and_rlft_mcp_does_not_import_the_mcp_sdk():
     code = "import sys, rlft, rlft.mcp; rlft.mcp.MCPServer(command='x'); assert 'mcp' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def test_a_server_that_dies_is_started_again_for_the_next_call_with_bounded_restarts():
+    async def main():
+        server = MCPServer(command=sys.executable, args=[DEMO], max_restarts=1)
+        async with server.connect() as conn:
+            first = int(await conn.call_tool("pid"))
+            with pytest.raises(FatalToolError):  # the call that killed it is not retried
+                await conn.call_tool("crash")
+            second = int(await conn.call_tool("pid"))  # a new process answers
+            assert second != first and conn.restarts == 1
+            with pytest.raises(FatalToolError):
+                await conn.call_tool("crash")
+            with pytest.raises(FatalToolError, match="gave up after 1 restarts"):
+                await conn.call_tool("pid")  # max_restarts used up: it stays down
+
+    asyncio.run(main())
+
+
+def test_restart_false_fails_fast_once_the_server_is_gone():
+    async def main():
+        async with MCPServer(command=sys.executable, args=[DEMO], restart=False).connect() as conn:
+            with pytest.raises(FatalToolError):
+                await conn.call_tool("crash")
+            with pytest.raises(FatalToolError, match="is gone"):
+                await conn.call_tool("pid")
+            assert conn.restarts == 0
+
+    asyncio.run(main())

@@ -72,3 +72,15 @@ def test_a_failure_during_setup_closes_the_store_and_marks_the_run_failed(model_
     store = RunStore(tmp_path / "runs", readonly=True)
     (run,) = store.list_runs()
     assert run["status"] == "failed" and "no engine today" in run["error"]
+
+
+def test_mcp_restart_false_makes_every_mcp_server_of_the_environment_fail_fast():
+    import sys
+
+    from rlft import MCPServer
+    from rlft.training.run import without_mcp_restarts
+
+    env = Environment(tools=[MCPServer(command=sys.executable, args=["a.py"]), lambda x: x], rewards=[lambda ro: 1.0])
+    strict = without_mcp_restarts(env)
+    assert [s.restart for s in strict.mcp_servers] == [False] and [s.restart for s in env.mcp_servers] == [True]
+    assert strict.function_tools.keys() == env.function_tools.keys()

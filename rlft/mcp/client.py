@@ -47,7 +47,11 @@ What it leaves out
 - Transports: stdio and streamable HTTP only (no legacy SSE, no websocket); no OAuth flow
   (put a token in ``headers``). With the SDK's HTTP transport an HTTP error status on any
   request ends the connection (every later call raises ``FatalToolError``).
-- No reconnect or restart of a dead server: the environment decides whether to connect again.
+- Restarts: a server that dies (its process exits, its HTTP session ends) fails the calls in
+  flight with ``FatalToolError`` (one of them may be what killed it: it is not retried), and the
+  next call starts it again (stdio: a new process; HTTP: a new session) after a bounded
+  backoff (0.5 s, doubling, at most 8 s), up to ``max_restarts`` times per connection; then it
+  stays down and an error is logged. ``restart=False`` fails fast (``mcp_restart = false``).
 - A call cancelled by the caller (rollout timeout) is not forwarded to the server as
   ``notifications/cancelled``; the server finishes it and the answer is dropped.
 - Like the SDK and other MCP clients, a stdio server gets only a safe part of our
@@ -86,7 +90,8 @@ _REQUEST_TIMEOUT = 408  # the code the SDK's send_request uses for a read timeou
 
 # Keys of the mcpServers config style that we understand, and keys other clients write that
 # have no meaning here (ignored rather than rejected, so a config copied from them loads).
-_CONFIG_KEYS = {"command", "args", "env", "cwd", "url", "headers", "isolated", "timeout", "tools", "startup_timeout"}
+_CONFIG_KEYS = {"command", "args", "env", "cwd", "url", "headers", "isolated", "timeout", "tools", "startup_timeout",
+                "restart", "max_restarts"}
 _IGNORED_CONFIG_KEYS = {"autoApprove", "alwaysAllow", "description", "disabledTools"}
 _HTTP_TYPES = {"http", "streamable-http", "streamable_http", "streamableHttp"}
 
@@ -123,6 +128,8 @@ class MCPServer:
     timeout: float = 30.0
     tools: Sequence[str] | None = None
     startup_timeout: float = 20.0
+    restart: bool = True  # start the server again when it dies (see the module docstring)
+    max_restarts: int = 5  # per connection; then it stays down
 
     def __post_init__(self) -> None:
         if (self.command is None) == (self.url is None):
@@ -150,7 +157,8 @@ class MCPServer:
 
     def __hash__(self) -> int:  # env/headers are dicts; hash their items so servers can key a dict
         return hash((self.command, self.args, _items(self.env), self.cwd and os.fspath(self.cwd), self.url,
-                     _items(self.headers), self.name, self.isolated, self.timeout, self.tools, self.startup_timeout))
+                     _items(self.headers), self.name, self.isolated, self.timeout, self.tools, self.startup_timeout,
+                     self.restart, self.max_restarts))
 
     @property
     def transport(self) -> str:
@@ -218,6 +226,9 @@ class MCPConnection:
         self._closed: asyncio.Event | None = None  # set once no call can succeed any more
         self._reason = ""
         self._stderr = StderrTail(server.name or "mcp")
+        self._closed_by_us = False
+        self._restart_lock: asyncio.Lock | None = None
+        self.restarts = 0  # times the server was started again after it died
 
     # -- lifecycle -----------------------------------------------------------------------
     async def __aenter__(self) -> MCPConnection:
@@ -247,6 +258,7 @@ class MCPConnection:
         """Close the session and stop the server (stdio). Idempotent."""
         if self._owner is None:
             return
+        self._closed_by_us = True
         self._mark_closed("the connection was closed")
         await self._wait_owner()
 
@@ -261,10 +273,10 @@ class MCPConnection:
         ``TimeoutError`` (no answer within ``server.timeout``) or ``FatalToolError`` (gone)."""
         from mcp.shared.exceptions import McpError
 
-        if self._session is None or self._closed is None:
+        if self._owner is None or self._closed is None:
             raise RuntimeError("MCP connection not open: use `async with server.connect() as conn`")
         if self._closed.is_set():
-            raise FatalToolError(self._gone_message(name))
+            await self._restart(name)  # FatalToolError when it may not, or cannot, come back
         call = asyncio.ensure_future(self._session.call_tool(
             name, dict(arguments or {}), read_timeout_seconds=timedelta(seconds=self.server.timeout)))
         call.add_done_callback(_consume_exception)  # a call we abandon must not warn later
@@ -316,6 +328,36 @@ class MCPConnection:
             meta["mcp_annotations"] = annotations.model_dump(exclude_none=True)
         return Tool(name=name, description=spec.description or "", parameters=parameters, fn=call,
                     timeout=self.server.timeout, meta=meta)
+
+    async def _restart(self, tool: str) -> None:
+        """Start the dead server again (one restart for all callers waiting here), after the
+        backoff; ``FatalToolError`` when restarts are off, used up, or the start fails."""
+        if self._restart_lock is None:
+            self._restart_lock = asyncio.Lock()
+        async with self._restart_lock:
+            if not self._closed.is_set():  # another call restarted it while this one waited
+                return
+            if self._closed_by_us or not self.server.restart:
+                raise FatalToolError(self._gone_message(tool))
+            if self.restarts >= self.server.max_restarts:
+                log.error("MCP server %r died again after %d restarts: it stays down (%s)", self.server.name,
+                          self.restarts, self._reason)
+                raise FatalToolError(self._gone_message(tool) + f" (gave up after {self.restarts} restarts)")
+            self.restarts += 1
+            delay = min(0.5 * 2 ** (self.restarts - 1), 8.0)
+            log.warning("MCP server %r died (%s); restart %d of %d in %.1f s", self.server.name, self._reason,
+                        self.restarts, self.server.max_restarts, delay)
+            await asyncio.sleep(delay)
+            await self._wait_owner()  # the dead session's clean-up is bounded (see the module docstring)
+            self._closed, self._session, self._reason = asyncio.Event(), None, ""
+            self._stderr = StderrTail(self.server.name or "mcp")
+            ready: asyncio.Future[list[Tool]] = asyncio.get_running_loop().create_future()
+            ready.add_done_callback(_consume_exception)
+            self._owner = asyncio.create_task(self._serve(ready), name=f"rlft.mcp:{self.server.name}")
+            try:
+                await asyncio.shield(ready)  # the tools keep their names: the Tool objects stay valid
+            except MCPConnectError as e:
+                raise FatalToolError(f"{e} (restart {self.restarts} of {self.server.max_restarts})") from e
 
     # -- the owner task --------------------------------------------------------------------
     async def _serve(self, ready: asyncio.Future[list[Tool]]) -> None:

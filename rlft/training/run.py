@@ -165,6 +165,8 @@ def open_run(cfg: TrainConfig, *, environment: Environment | None = None, datase
                 env, module, env_source = resume_environment(cfg, store, run_id, progress)
             else:
                 env, module, env_source = load_environment(cfg.env)
+            if not cfg.mcp_restart:
+                env = without_mcp_restarts(env)
             train_set, eval_set = load_splits(cfg, module, dataset)
             train_set.check_batch_size(cfg.batch_size)
             distributed.check(cfg)
@@ -188,6 +190,13 @@ def open_run(cfg: TrainConfig, *, environment: Environment | None = None, datase
             store.add_log(run_id, f"run {status} at step {step}: {type(e).__name__}: {e}", level="error",
                           step=step, source="trainer", traceback=traceback.format_exc())
             raise
+
+
+def without_mcp_restarts(env: Environment) -> Environment:
+    """The environment with every MCP server set to fail fast when it dies (``mcp_restart = false``)."""
+    from rlft.mcp import MCPServer
+
+    return replace(env, tools=[replace(t, restart=False) if isinstance(t, MCPServer) else t for t in env.tools])
 
 
 def _progress(cfg: TrainConfig) -> Any:
