@@ -115,3 +115,18 @@ def test_a_resumed_run_whose_environment_file_is_gone_uses_the_kept_copy(project
     store.close()
     assert run["status"] == "completed"
     assert any("no longer exists" in m and "environment.py" in m for m in logs), logs
+
+
+def test_runs_show_says_which_checkpoints_are_good(project, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    assert main(["train", "config.toml", "--set", "run_name=ck", "--set", "keep_checkpoints=2"]) == 0
+    store = RunStore(project / "runs", readonly=True)
+    run_dir = store.run_dir(store.get_run("ck")["id"])
+    store.close()
+    weights = run_dir / "checkpoints" / "step-000002" / "adapter_model.safetensors"  # LoRA, the default
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)  # same size, other bytes: bit rot
+    capsys.readouterr()
+    assert main(["runs", "show", "ck"]) == 0
+    out = capsys.readouterr().out
+    assert "step-000001 (good)" in out
+    assert "step-000002 (NOT USABLE: adapter_model.safetensors does not match its checksum" in out

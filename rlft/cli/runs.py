@@ -123,6 +123,8 @@ def cmd_runs(args) -> int:
         run["latest_metrics"] = {k: v for k, (_, v) in latest.items()}
         run["latest_metric_steps"] = {k: s for k, (s, _) in latest.items()}
         run["checkpoints"] = store.checkpoints(run_id)
+        for c in run["checkpoints"]:  # checked against its manifest: None = good, else why it cannot be used
+            c["problem"] = _checkpoint_problem(c["path"])
         run["status_label"] = status_label(store, run)
         if args.json:
             print(json.dumps(run, indent=2, default=str))
@@ -139,7 +141,8 @@ def cmd_runs(args) -> int:
                     "   (step 0: before training)" if step == 0 else f"   (step {step})")
                 print(f"  {k:32} {v:.4f}{mark}")
         for c in run["checkpoints"]:
-            print(f"  checkpoint step {c['step']}: {c['path']}")
+            state = "good" if c["problem"] is None else f"NOT USABLE: {c['problem']}"
+            print(f"  checkpoint step {c['step']}: {c['path']} ({state})")
         return 0
     if args.action == "metrics":
         series = store.metrics(run_id)
@@ -220,6 +223,13 @@ def cmd_stop(args) -> int:
     store.request_stop(run_id)
     print(f"asked run {run_id} to stop after its current step")
     return 0
+
+
+def _checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint at ``path`` cannot be used (missing, corrupt, truncated), or None."""
+    from rlft.training.checkpoint import verify_checkpoint
+
+    return "its directory is gone" if not Path(path).is_dir() else verify_checkpoint(path)
 
 
 def cmd_export(args) -> int:
