@@ -115,7 +115,7 @@ def w(browser, console):
 def test_runs_list_sorts_filters_and_links_to_runs(w, ws):
     page = w.open("/", "#runs-table tbody tr")
     assert page.locator("#runs-table tbody tr").count() == 3
-    assert page.inner_text(f"#runs-table tbody tr[data-run='{ws.failed_id}'] .err").startswith("ValidationError")  # rlft.errors (e206208)
+    assert page.inner_text(f"#runs-table tbody tr[data-run='{ws.failed_id}'] .err").startswith("ValidationError")
     page.click("#runs-table th[data-key='name']")
     names = page.locator("#runs-table tbody tr td:nth-child(2) a").all_inner_texts()
     assert names == sorted(names)
