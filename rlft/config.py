@@ -69,6 +69,7 @@ class TrainConfig:
     tool_parser: str = "auto"  # auto | hermes | llama3 | mistral | json
     tool_format: str = "auto"  # auto | template (tools=) | system (schemas in the system prompt)
     max_seq_len: int = 2048  # context limit for a whole rollout (prompt + all turns)
+    init_from: str = ""  # start from a run's weights (SFT: its best checkpoint; else its latest) or a checkpoint dir
     # -- environment and data ------------------------------------------------------------
     env: str = ""  # the Environment: "path/to/env.py" or "package.module" (attribute env), or path:attr
     data: str = ""  # dataset file (jsonl/json/csv/parquet); empty = the env module's `dataset`

@@ -111,6 +111,7 @@ class _TokenTurns:
         self.sampler, self.rollout, self.schemas = sampler, rollout, schemas
         self.ended_with_eot = False
         rollout.prompt_ids = sampler.renderer.render_prompt(rollout.messages, schemas)
+        rollout.prompt_text = sampler.renderer.decode(rollout.prompt_ids)  # what the model saw, for transcripts
 
     def room(self) -> int | None:
         ro = self.rollout

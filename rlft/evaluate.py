@@ -70,8 +70,10 @@ class SignalReport:
     warnings: list[str]
 
 
-def signal_report(groups: list[Group], success_threshold: float = 0.0, threshold: float = 0.5) -> SignalReport:
-    """Base reward, pass@k, max@k and the share of tied groups, with advice when there is little signal."""
+def signal_report(groups: list[Group], success_threshold: float = 0.0, threshold: float = 0.5,
+                  tools: int = 0) -> SignalReport:
+    """Base reward, pass@k, max@k and the share of tied groups, with advice when there is little
+    signal. ``tools``: how many tools the environment offers (warns when none is ever called validly)."""
     metrics = group_metrics(groups, success_threshold)
     share = zero_variance_share(groups)
     warnings = []
@@ -85,23 +87,49 @@ def signal_report(groups: list[Group], success_threshold: float = 0.0, threshold
     if metrics.get("response/truncated_ratio", 0) > 0.3:
         warnings.append(f"{metrics['response/truncated_ratio']:.0%} of rollouts were truncated: raise max_tokens "
                         "or ask for shorter answers.")
+    warnings += tool_warnings(groups, tools)
     failed = sum(r.termination in FAILED for g in groups for r in g.rollouts)
     if failed:
         warnings.append(f"{failed} rollouts failed (see their errors): they score 0.")
     return SignalReport(metrics=metrics, zero_variance_share=share, warnings=warnings)
 
 
+def tool_warnings(groups: list[Group], tools: int) -> list[str]:
+    """The "tools never used" advice (docs/health.md) over sampled groups, as a warning line."""
+    from rlft.health.diagnoses import SFT_ADVICE
+    from rlft.metrics import valid_tool_calls
+
+    rollouts = [r for g in groups for r in g.rollouts]
+    if not tools or not rollouts or any(valid_tool_calls(r) for r in rollouts):
+        return []
+    attempted = sum(r.tool_calls for r in rollouts)
+    return [f"the environment offers {tools} tool(s) but none of the {len(rollouts)} rollouts made a valid tool call"
+            + (f" ({attempted} invalid attempts)" if attempted else "") + f": RL cannot reinforce a call it never "
+            f"samples. {SFT_ADVICE[0].upper()}{SFT_ADVICE[1:]}."]
+
+
+def message_lines(messages: list[dict[str, Any]], prompt_text: str = "") -> list[str]:
+    """A conversation as terminal lines. With ``prompt_text`` (the rendered prompt the model saw:
+    template, system prompt, tool schemas), that text replaces the messages before the first
+    assistant turn, so the transcript shows what the model was given, not the environment's plain text."""
+    lines: list[str] = []
+    if prompt_text:
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+        lines += ["[prompt as the model saw it: chat template, system prompt and tool schemas]", prompt_text.rstrip()]
+        messages = messages[first:]
+    for m in messages:
+        lines.append(f"[{m.get('role', '?')}] {m.get('content') or ''}")
+        for tc in m.get("tool_calls") or []:
+            fn = tc.get("function", tc) if isinstance(tc, dict) else {}
+            lines.append(f"  -> call {fn.get('name')}({fn.get('arguments')})")
+    return lines
+
+
 def format_transcript(ro, *, tracebacks: bool = True) -> str:
     """Plain-text transcript of one rollout (for the terminal); ``tracebacks=False``: errors by
     their message only (the run's logs keep the tracebacks)."""
     lines = [f"--- rollout {ro.group_index}: {ro.termination}, reward {ro.reward:.3f} {ro.rewards}"]
-    for m in ro.messages:
-        role = m.get("role", "?")
-        content = m.get("content") or ""
-        lines.append(f"[{role}] {content}")
-        for tc in m.get("tool_calls") or []:
-            fn = tc.get("function", {})
-            lines.append(f"  -> call {fn.get('name')}({fn.get('arguments')})")
+    lines += message_lines(ro.messages, getattr(ro, "prompt_text", ""))
     for err in ro.errors:
         lines.append(f"!! {err.where}: {err.message}")
         if err.traceback and tracebacks:
@@ -109,4 +137,5 @@ def format_transcript(ro, *, tracebacks: bool = True) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "validate", "ValidationReport", "signal_report", "SignalReport", "format_transcript", "Termination"]
+__all__ = ["evaluate", "validate", "message_lines", "tool_warnings", "ValidationReport", "signal_report",
+           "SignalReport", "format_transcript", "Termination"]

@@ -17,8 +17,8 @@ from rlft.types import Group
 # time/rollout is the mean of a per-rollout number the environment records for every rollout.
 GROUP_KEYS = [
     "reward/mean", "reward/std", "reward/max", "pass@k", "max@k", "solve_rate",
-    "response/length", "response/truncated_ratio", "rollout/turns", "rollout/tool_calls", "rollout/errors",
-    "batch/zero_variance_groups", "time/rollout",
+    "response/length", "response/truncated_ratio", "rollout/turns", "rollout/tool_calls", "rollout/valid_tool_calls",
+    "rollout/errors", "batch/zero_variance_groups", "time/rollout",
 ]
 # evaluate() adds these to the group statistics; the trainer stores every eval key as eval/<key>
 EVAL_KEYS = ["time/eval", "examples", "k"]
@@ -31,6 +31,7 @@ KEYS = GROUP_KEYS + [
     "sync/logprob_diff_mean", "sync/logprob_diff_max", "sync/policy_lag", "sync/policy_lag_max",
     "sync/probe_logprob_diff", "sync/probe_logprob_diff_max", "rollout/worker",
     "time/generate", "time/train", "time/step", "throughput/tokens_per_s",
+    "env/tools",  # tool entries the environment offers (rlft.health's Monitor; tools_never_used reads it)
 ] + [f"eval/{k}" for k in GROUP_KEYS + EVAL_KEYS]
 # KEYS that only some configurations emit, and why (every other entry is in every run's metrics)
 OPTIONAL = {
@@ -76,6 +77,7 @@ def group_metrics(groups: list[Group], success_threshold: float = 0.0) -> dict[s
         "response/truncated_ratio": fmean(float(r.truncated) for r in rollouts),
         "rollout/turns": fmean(r.turns for r in rollouts),
         "rollout/tool_calls": fmean(r.tool_calls for r in rollouts),
+        "rollout/valid_tool_calls": fmean(valid_tool_calls(r) for r in rollouts),
         "rollout/errors": fmean(float(bool(r.errors)) for r in rollouts),
         "batch/zero_variance_groups": float(sum(len({r.reward for r in g.rollouts}) == 1 for g in groups)),
     }
@@ -92,6 +94,17 @@ def group_metrics(groups: list[Group], success_threshold: float = 0.0) -> dict[s
     for reason, n in Counter(str(r.termination) for r in rollouts).items():
         out[f"termination/{reason}"] = n / len(rollouts)
     return out
+
+
+# tool errors that mean the call itself was invalid (rlft.tools.execute_tool_call's error texts),
+# as opposed to a valid call whose tool failed or timed out
+INVALID_CALL_ERRORS = ("unknown tool", "malformed call", "arguments not an object", "invalid arguments")
+
+
+def valid_tool_calls(rollout) -> int:
+    """Tool calls that named a tool of the environment with well-formed arguments."""
+    invalid = sum(e.where.startswith("tool:") and e.message.startswith(INVALID_CALL_ERRORS) for e in rollout.errors)
+    return max(rollout.tool_calls - invalid, 0)
 
 
 def zero_variance_share(groups: list[Group]) -> float:

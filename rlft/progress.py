@@ -1,4 +1,5 @@
-"""The terminal progress bar of a training run (rich): step, reward, pass@k, s/step, ETA.
+"""The terminal progress bar of a training run (rich): step, reward, pass@k, the step's own s/step,
+the share of rollouts with errors, ETA.
 
 Notes (eval results, signal warnings) print above the bar. Disabled, it prints one line per
 step instead, so logs of non-interactive runs stay readable. Left out: remote trackers.
@@ -34,9 +35,14 @@ class Progress:
         self._task = self._bar.add_task("train", total=self.total, completed=step, info="")
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        per_step = (time.perf_counter() - self._t0) / max(step - self._first, 1)
+        # this step's own time (a running mean since start hid a slow first step's cost for many steps)
+        per_step = metrics.get("time/step", (time.perf_counter() - self._t0) / max(step - self._first, 1))
         info = (f"reward {metrics.get('reward/mean', 0):.3f}  pass@k {metrics.get('pass@k', 0):.2f}  "
                 f"{per_step:.1f} s/step")
+        errors = metrics.get("rollout/errors", 0.0)
+        if errors:  # share of rollouts with any error; reward errors named apart (they score 0)
+            reward_errors = metrics.get("termination/reward_error", 0.0)
+            info += f"  errors {errors:.0%}" + (f" (reward {reward_errors:.0%})" if reward_errors else "")
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
         else:

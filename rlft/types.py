@@ -120,6 +120,9 @@ class Rollout:
     state: dict[str, Any] = field(default_factory=dict)  # per-rollout scratch (setup's workspace, ...)
     logs: list[str] = field(default_factory=list)  # lines the environment logged for this rollout
     metrics: dict[str, float] = field(default_factory=dict)  # extra per-rollout numbers (timings...)
+    # the initial prompt as the model saw it: chat template applied, system prompt (a template's
+    # default one included) and tool schemas; "" for external chat models (they render it themselves)
+    prompt_text: str = ""
 
     # -- conveniences for reward functions ---------------------------------------------------
     @property

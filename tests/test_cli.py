@@ -58,7 +58,10 @@ def test_unknown_config_key_exits_2_naming_the_closest_key(project, capsys):
 def test_validate_prints_transcripts_and_passes(project, capsys):
     assert main(["validate", str(project / "config.toml")]) == 0
     out = capsys.readouterr().out
-    assert out.count("--- rollout") == 2 and "[user] write" in out and "validation passed" in out
+    assert out.count("--- rollout") == 2 and "validation passed" in out
+    # the prompt as the model saw it: the chat template's markers around the user's text
+    assert out.count("[prompt as the model saw it") == 2 and "<|im_start|>user\nwrite" in out
+    assert "reward audit over 2 rollouts" in out
 
 
 def test_validate_fails_with_the_reward_traceback(project, capsys):

@@ -294,8 +294,11 @@ def test_rollout_detail_has_messages_errors_and_meaning(client, ws):
 
 
 def test_heatmap_steps_logs_config_and_compare(client, ws):
-    h = client.get(f"/api/runs/{ws.run_id}/heatmap").json()
+    h = client.get(f"/api/runs/{ws.run_id}/heatmap", params={"split": "train"}).json()
     assert h["steps"] == [1, 2, 3] and 100 in h["examples"] and len(h["values"]) == len(h["examples"])
+    # by default: the split whose prompts were sampled at several steps (held-out, at every eval)
+    auto = client.get(f"/api/runs/{ws.run_id}/heatmap").json()
+    assert auto["split"] == "eval" and auto["steps"] == [0, 2, 3] and all(None not in row for row in auto["values"])
     assert client.get(f"/api/runs/{ws.run_id}/steps", params={"split": "eval"}).json() == [0, 2, 3]
     logs = client.get(f"/api/runs/{ws.failed_id}/logs", params={"level": "error"}).json()
     assert logs["logs"] and all(lg["level"] == "error" for lg in logs["logs"]) and logs["logs"][0]["traceback"]

@@ -115,7 +115,7 @@ def w(browser, console):
 def test_runs_list_sorts_filters_and_links_to_runs(w, ws):
     page = w.open("/", "#runs-table tbody tr")
     assert page.locator("#runs-table tbody tr").count() == 3
-    assert page.inner_text(f"#runs-table tbody tr[data-run='{ws.failed_id}'] .err").startswith("ValidationError")
+    assert page.inner_text(f"#runs-table tbody tr[data-run='{ws.failed_id}'] .err").startswith("ValidationError: validation failed")
     page.click("#runs-table th[data-key='name']")
     names = page.locator("#runs-table tbody tr td:nth-child(2) a").all_inner_texts()
     assert names == sorted(names)
@@ -179,6 +179,12 @@ def test_eval_tab_compares_base_and_latest_with_deltas(w, ws):
 def test_rollouts_filter_search_transcript_heatmap_and_xss_stays_text(w, ws):
     page = w.open(f"/run/{ws.run_id}/rollouts", "#rollout-list tbody tr")
     assert page.inner_text("#rollout-count").startswith("26 rollouts")
+    # the heatmap opens on the split whose prompts were sampled at several steps (the held-out
+    # prompts, at every eval), with its steps labelled under the columns
+    page.wait_for_function("() => document.querySelector('#heat-split').dataset.shown === 'eval'")
+    assert page.locator("#heat-axis span").all_inner_texts()[:3] == ["0", "2", "3"]
+    page.select_option("#heat-split", "train")
+    page.wait_for_function("() => document.querySelector('#heatmap .muted').textContent.startsWith('train')")
     assert int(page.get_attribute("#heatmap canvas", "data-cells")) >= 4
     first = ws.store.reward_heatmap(ws.run_id)  # click the first example's first sampled step
     example = min(first)
@@ -285,6 +291,56 @@ def test_compare_overlays_runs_on_the_same_charts(w, ws):
     page.select_option("#compare-add", "optim/lr")
     page.wait_for_function("() => RL.charts.some(c => c.title === 'optim/lr')")
     w.shot("10-compare")
+
+
+def test_health_strip_links_findings_to_their_chart_window_and_compare_shows_them(browser, tmp_path):
+    """A run whose truncated share climbs and one that is healthy, in a store of their own: the
+    strip names the finding, its chip opens the chart with the window shaded, the compare page
+    lists both runs' findings, and the eval comparison colours less truncation as good."""
+    from rlft.store import RunStore
+
+    store = RunStore(tmp_path / "runs")
+    sick = store.create_run(name="truncating", config={"batch_size": 4, "steps": 8}, model="tiny", environment="env")
+    well = store.create_run(name="healthy", config={"batch_size": 4, "steps": 8}, model="tiny", environment="env")
+    for s in range(1, 9):
+        common = {"pass@k": 0.5 + 0.05 * s, "batch/zero_variance_groups": 1, "batch/trained_sequences": 8}
+        store.log_metrics(sick, s, common | {"reward/mean": 0.3, "response/truncated_ratio": 0.08 * s})
+        store.log_metrics(well, s, common | {"reward/mean": 0.3 + 0.02 * s, "response/truncated_ratio": 0.0})
+    for rid in (sick, well):
+        store.set_status(rid, "completed")
+        store.add_eval(rid, model="tiny@0", step=0, k=2, metrics={"reward/mean": 0.3, "response/truncated_ratio": 0.5})
+        store.add_eval(rid, model="tiny@8", step=8, k=2, metrics={"reward/mean": 0.4, "response/truncated_ratio": 0.1})
+    with BackgroundServer(create_app(tmp_path / "runs", poll_ms=300)) as srv:
+        watched = Watched(browser, srv.url)
+        try:
+            page = watched.open(f"/run/{sick}/train", "#health-strip .finding")
+            strip = page.inner_text("#health-strip")
+            assert "responses run into the length limit" in strip and "truncated share" in strip
+            assert "overlong" in strip  # the advice names the config key
+            page.locator("#health-strip").screenshot(path=str(tmp_path / "health-strip.png"))
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.locator("#health-strip").screenshot(path=str(SHOTS / "11-health-strip.png"))
+            assert (tmp_path / "health-strip.png").stat().st_size > 1000
+            page.click("#health-strip a[data-finding='truncation']")
+            page.wait_for_selector("#focused-chart")
+            assert "truncated_ratio" in page.url and "%401-8" in page.url
+            bands = page.evaluate("() => RL.charts.find(c => c.title === 'Truncated share').bands")
+            assert [(b["lo"], b["hi"], b["name"]) for b in bands] == [(1, 8, "truncation")]
+            watched.shot("11-health-focused-chart")
+            page = watched.open(f"/run/{well}/train", "#health-strip .finding")
+            assert "no health findings" in page.inner_text("#health-strip")
+            page = watched.open(f"/compare/{sick},{well}", "#compare-summary .findings-cell")
+            cells = page.locator("#compare-summary .findings-cell")
+            assert cells.count() == 2
+            assert "responses run into the length limit" in cells.nth(0).inner_text()
+            assert "no findings" in cells.nth(1).inner_text()
+            watched.shot("12-compare-findings")
+            page = watched.open(f"/run/{sick}/eval", "#eval-compare")
+            assert "good" in page.get_attribute("#eval-compare tr[data-metric='response/truncated_ratio'] td.delta", "class")
+            assert "good" in page.get_attribute("#eval-compare tr[data-metric='reward/mean'] td.delta", "class")
+            watched.assert_clean()
+        finally:
+            watched.context.close()
 
 
 def test_token_mode_keeps_the_token_for_every_call(browser, ws):

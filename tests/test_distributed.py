@@ -119,7 +119,7 @@ def test_rank_zero_alone_writes(runs):
     run_id = store.resolve("ddp")
     assert [r["name"] for r in store.list_runs()] == ["ddp"]
     assert [c["step"] for c in store.checkpoints(run_id)] == [1, 2]
-    assert sorted(p.name for p in (d / "ddp" / run_id).iterdir()) == ["checkpoints", "config.toml"]  # no rank dirs
+    assert sorted(p.name for p in (d / "ddp" / run_id).iterdir()) == ["checkpoints", "config.toml", "data.sha256"]  # no rank dirs
     assert [s for s, _ in store.metrics(run_id)["reward/mean"]] == [1, 2]
 
 

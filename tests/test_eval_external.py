@@ -41,12 +41,24 @@ def test_external_model_eval_runs_tools_and_records_cost(tmp_path, tiny_renderer
         return prompt.split("<|im_start|>tool\n")[-1].split("<|im_end|>")[0]  # repeat the tool result
 
     (tmp_path / "env.py").write_text(ENV)
-    app = create_app(engines={"scripted-gpt": (ScriptedPolicy(renderer, script), renderer)})
+    def no_tools(prompt, turn):  # answers at once, never calling the tool: a guess
+        return "5"
+
+    app = create_app(engines={"scripted-gpt": (ScriptedPolicy(renderer, script), renderer),
+                              "guessing-gpt": (ScriptedPolicy(renderer, no_tools), renderer)})
     with BackgroundServer(app) as srv:
         code = main(["eval", "--set", f"env={tmp_path / 'env.py'}", "--set", f"runs_dir={tmp_path / 'runs'}",
                      "--set", "eval_size=3", "--base-url", srv.url + "/v1", "--model", "scripted-gpt",
                      "--price", "1.0,2.0", "--k", "2", "--json"])
-    out = json.loads(capsys.readouterr().out)
+        out = json.loads(capsys.readouterr().out)
+        # the health checks that apply to one eval (#17 point 4): the guesser never uses the tool
+        assert main(["eval", "--set", f"env={tmp_path / 'env.py'}", "--set", f"runs_dir={tmp_path / 'runs'}",
+                     "--set", "eval_size=3", "--base-url", srv.url + "/v1", "--model", "guessing-gpt", "--k", "2",
+                     "--json"]) == 0
+        guess = json.loads(capsys.readouterr().out)
+    assert "tools_never_used" in [f["name"] for f in guess["findings"]]
+    # every sample of the tool user is right: as training data, nothing to learn from (and it uses its tool)
+    assert [f["name"] for f in out["findings"]] == ["no_signal"]
     assert code == 0 and out["model"].startswith("scripted-gpt@")
     m = out["metrics"]
     assert m["reward/mean"] == 1.0 and m["rollout/tool_calls"] == 1.0 and m["pass@k"] == 1.0

@@ -10,9 +10,11 @@ scores or trains on fails here. Four runs, each a few seconds on the tiny models
 - ``mcp_tools``: the pretrained tiny model that calls ``max_of``, served by a stdio MCP server,
   up to 3 turns.
 
-Compared: every stored metric except wall-clock ones (``time/``, throughput, latency in the key), to
-1e-5 (the engine batches concurrent rollouts as they arrive, so logprobs carry fp32 noise of
-~1e-6 between runs: ``sync/logprob_diff_max`` moved by 2e-6 with MCP tool latency); and every rollout (train and eval): its decoded messages, token counts, reward,
+Compared: every recorded metric except wall-clock ones (``time/``, throughput, latency in the
+key), to 1e-5 (the engine batches concurrent rollouts as they arrive, so logprobs carry fp32
+noise of ~1e-6 between runs: ``sync/logprob_diff_max`` moved by 2e-6 with MCP tool latency); a
+metric added since the recording passes when its name is registered in ``rlft.metrics``; and
+every rollout (train and eval): its decoded messages, token counts, reward,
 advantage, termination, turns, tool calls and policy version. The store keeps decoded text, not
 token ids; equal text and equal counts stand for equal tokens. Intra-op threads are pinned to 1
 (fp32 reductions depend on the thread count). Re-record, only for an intended change of
@@ -123,10 +125,15 @@ def _close(a, b) -> bool:
 
 
 def _compare(got: dict, want: dict) -> list[str]:
+    from rlft.metrics import is_known
+
     problems = []
-    if set(got["metrics"]) != set(want["metrics"]):
-        problems.append(f"metric keys differ: new {sorted(set(got['metrics']) - set(want['metrics']))}, "
-                        f"missing {sorted(set(want['metrics']) - set(got['metrics']))}")
+    missing = sorted(set(want["metrics"]) - set(got["metrics"]))
+    # a metric added since the recording is allowed when it is a registered name (rlft.metrics);
+    # every recorded one must still be there with its values
+    unknown = sorted(k for k in set(got["metrics"]) - set(want["metrics"]) if not is_known(k))
+    if missing or unknown:
+        problems.append(f"metric keys differ: missing {missing}, new and not in rlft.metrics {unknown}")
     for key in sorted(set(got["metrics"]) & set(want["metrics"])):
         g, w = got["metrics"][key], want["metrics"][key]
         if [s for s, _ in g] != [s for s, _ in w] or not all(_close(a, b) for (_, a), (_, b) in zip(g, w)):

@@ -190,7 +190,7 @@ def test_a_template_that_rewrites_earlier_turns_is_reported_not_trained():
 
 def test_tool_calls_the_configured_parser_cannot_read_back_are_reported(hermes):
     r = renderer(tool_parser="llama3")  # the template writes Hermes <tool_call> tags
-    with pytest.raises(ToolCallsNotParsed, match="messages\\[2\\].*'llama3' parser"):
+    with pytest.raises(ToolCallsNotParsed, match=r"messages\[2\].*'llama3' parser"):
         render_transcript(r, chat())
     examples, problems = render_transcripts(r, [chat()])
     assert examples == [] and "messages[2]" in problems[0]

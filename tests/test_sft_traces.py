@@ -248,7 +248,9 @@ def test_split_is_seeded_by_content_and_disjoint():
     a = import_traces(records, eval_fraction=0.25, seed=3)
     b = import_traces(list(reversed(records)), eval_fraction=0.25, seed=3)
     c = import_traces(records, eval_fraction=0.25, seed=4)
-    content = lambda ts: sorted(t.messages[-1]["content"] for t in ts)
+    def content(ts):
+        return sorted(t.messages[-1]["content"] for t in ts)
+
     assert len(a.eval) == 5 and len(a.train) == 15
     assert not set(content(a.eval)) & set(content(a.train))
     assert content(a.eval) == content(b.eval)  # the same transcripts, wherever they sit in the file

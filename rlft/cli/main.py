@@ -14,8 +14,10 @@ import sys
 import textwrap
 
 EPILOG = {
-    "train": "example:\n  rlft train config.toml --set steps=50 --set learning_rate=1e-4\n  rlft train --resume my-run\n"
-             "  rlft train config.toml --nproc 2   # 2 processes (torchrun, DDP); = torchrun --nproc_per_node 2 -m rlft train ...",
+    "train": "example:\n  rlft train config.toml --set steps=50 --set learning_rate=1e-4\n"
+             "  rlft train --resume my-run\n"
+             "  rlft train config.toml --nproc 2   # 2 processes (torchrun, DDP); "
+             "= torchrun --nproc_per_node 2 -m rlft train ...",
     "validate": "example:\n  rlft validate config.toml            # one group of 2 rollouts, transcripts, rewards\n"
                 "  rlft validate config.toml --signal   # base reward, pass@k, tied groups, advice",
     "eval": "example:\n  rlft eval config.toml                      # the base model\n"
@@ -38,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlft", description="Reinforcement-learning finetuning of language models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version")
-    parser.add_argument("--debug", action="store_true", help="print the traceback of user errors too (bugs always print one)")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of user errors too (bugs always print one)")
     sub = parser.add_subparsers(dest="command")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -53,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("validate", "check an environment end to end before spending compute")
     _add_config_args(p)
-    p.add_argument("--signal", action="store_true", help="sample G rollouts for N prompts and report the learning signal")
+    p.add_argument("--signal", action="store_true",
+                   help="sample G rollouts for N prompts and report the learning signal")
     p.add_argument("--prompts", type=int, default=8, help="prompts for --signal (default 8)")
-    p.add_argument("--group-size", type=int, default=None, help="rollouts per prompt for --signal (default: config group_size)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="rollouts per prompt for --signal (default: config group_size)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = cmd("eval", "evaluate a base model, a checkpoint or an external model on the eval split")
@@ -177,12 +182,12 @@ def _toml(cfg) -> str:
 
 def _session(cfg):
     """(environment, train split, eval split, sampler) for a config, model loaded."""
-    from rlft.renderer import Renderer
     from rlft.engines.base import SamplingParams
+    from rlft.engines.factory import engine_options, make_engine
     from rlft.env import Sampler
     from rlft.loader import load_environment, load_splits
     from rlft.policy import load_policy
-    from rlft.engines.factory import engine_options, make_engine
+    from rlft.renderer import Renderer
 
     env, module, _ = load_environment(cfg.env)
     train_set, eval_set = load_splits(cfg, module)
@@ -194,7 +199,7 @@ def _session(cfg):
 
 
 def cmd_validate(args) -> int:
-    from rlft.evaluate import format_transcript, signal_report, validate
+    from rlft.evaluate import format_transcript, signal_report, tool_warnings, validate
 
     cfg = _config(args)
     env, train_set, _, sampler, _ = _session(cfg)
@@ -202,31 +207,65 @@ def cmd_validate(args) -> int:
         g = args.group_size or cfg.group_size
         examples = list(train_set)[: args.prompts]
         groups = asyncio.run(env.run_groups(examples, sampler, g, max_concurrency=cfg.max_concurrency))
-        report = signal_report(groups, cfg.success_threshold)
+        report = signal_report(groups, cfg.success_threshold, tools=len(env.tools))
+        audit = _audit(env, groups)
         if args.json:
             print(json.dumps({"metrics": report.metrics, "zero_variance_share": report.zero_variance_share,
-                              "warnings": report.warnings}, indent=2))
+                              "warnings": report.warnings, "reward_audit": audit.to_dict()}, indent=2))
         else:
             m = report.metrics
-            print(f"signal check: {len(examples)} prompts x {g} rollouts with {cfg.model} (temperature {cfg.temperature})")
-            print(f"  base mean reward {m['reward/mean']:.3f}   pass@{g} {m['pass@k']:.2f}   max@{g} {m['max@k']:.3f}   "
+            print(f"signal check: {len(examples)} prompts x {g} rollouts with {cfg.model} "
+                  f"(temperature {cfg.temperature})")
+            print(f"  base mean reward {m['reward/mean']:.3f}   pass@{g} {m['pass@k']:.2f}   "
+                  f"max@{g} {m['max@k']:.3f}   "
                   f"tied groups {report.zero_variance_share:.0%}")
             for w in report.warnings:
                 print("  WARNING: " + textwrap.fill(w, 96, subsequent_indent="           "))
             if not report.warnings:
                 print("  looks learnable: groups disagree, so GRPO has a gradient")
+            _print_audit(audit)
         return 0
     report = asyncio.run(validate(env, train_set[0], sampler))
+    audit = _audit(env, report.groups)
+    warnings = tool_warnings(report.groups, len(env.tools))
     if args.json:
-        print(json.dumps({"ok": report.ok, "problems": report.problems,
+        print(json.dumps({"ok": report.ok, "problems": report.problems, "warnings": warnings,
+                          "reward_audit": audit.to_dict(),
                           "rollouts": [{"termination": str(r.termination), "rewards": r.rewards, "reward": r.reward,
-                                        "messages": r.messages, "errors": [e.__dict__ for e in r.errors]}
+                                        "prompt_text": r.prompt_text, "messages": r.messages,
+                                        "errors": [e.__dict__ for e in r.errors]}
                                        for r in report.groups[0].rollouts]}, indent=2, default=str))
     else:
         for ro in report.groups[0].rollouts:
             print(format_transcript(ro))
+        _print_audit(audit, note="2 rollouts of one prompt: `rlft validate --signal` audits more")
+        for w in warnings:
+            print("WARNING: " + textwrap.fill(w, 96, subsequent_indent="         "))
         print("\nvalidation " + ("passed" if report.ok else "FAILED:\n- " + "\n- ".join(report.problems)))
     return 0 if report.ok else 1
+
+
+def _audit(env, groups):
+    from rlft.health.audit import audit_rewards, reward_weights
+
+    rollouts = [r for g in groups for r in g.rollouts]
+    weights, judges = reward_weights(env.rewards, rollouts)
+    return audit_rewards([g.rollouts for g in groups], weights, judges)
+
+
+def _print_audit(audit, note: str = "") -> None:
+    """The reward audit as a table, then one line of advice per flag (docs/health.md)."""
+    from rlft.health.audit import audit_table
+
+    print(f"\nreward audit over {audit.rollouts} rollouts (total reward std {audit.total_std:.3f})"
+          + (f"; {note}" if note else "") + ":")
+    headers, rows = audit_table(audit)
+    # plain columns, not a rich table: it must stay readable in a log at any terminal width
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for r in [headers, *rows]:
+        print("  " + "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+    for w in audit.warnings:
+        print("  AUDIT: " + textwrap.fill(w, 96, subsequent_indent="         "))
 
 
 def cmd_eval(args) -> int:
@@ -278,28 +317,43 @@ def cmd_eval(args) -> int:
         metrics["tokens/completion"] = float(sum(r.num_sampled_tokens for r in rollouts))
     store = RunStore(cfg.runs_dir)
     eval_id = store.add_eval(run_id, model=label, split="eval", k=k, metrics=metrics, step=step)
+    from rlft.health import Context, diagnose_eval
+
+    findings = diagnose_eval(metrics, Context(tools=len(env.tools), top_error=lambda *_: _top_error(rollouts)))
     if args.json:
-        print(json.dumps({"eval_id": eval_id, "model": label, "k": k, "metrics": metrics}, indent=2))
+        print(json.dumps({"eval_id": eval_id, "model": label, "k": k, "metrics": metrics,
+                          "findings": [f.to_dict() for f in findings]}, indent=2))
         return 0
     from rlft.cli.runs import print_table
 
     rows = [(key, f"{v:.4f}") for key, v in sorted(metrics.items())]
     print(f"eval of {label}: {len(examples)} prompts x {k} samples (stored as eval {eval_id})")
     print_table(["metric", "value"], rows)
+    for f in findings:  # the health checks that apply to one eval (docs/health.md)
+        print(textwrap.fill(f.line().replace(" (step 0)", ""), 110, subsequent_indent="    "))
     return 0
+
+
+def _top_error(rollouts) -> tuple[str, int, int] | None:
+    """The most common error message among rollouts, its count, and the rollouts with any error."""
+    from collections import Counter
+
+    counts = Counter(f"{e.where}: {e.message}" for r in rollouts for e in {e.where: e for e in r.errors}.values())
+    with_errors = sum(bool(r.errors) for r in rollouts)
+    return (*counts.most_common(1)[0], with_errors) if counts else None
 
 
 def _load_checkpoint(cfg, args, policy, sampler):
     """Load a run's checkpoint (``--step N`` or latest) into the session's policy."""
-    from rlft.training.checkpoint import load_weights, resolve_checkpoint
     from rlft.store import RunStore
+    from rlft.training.checkpoint import load_weights, resolve_checkpoint
 
     store = RunStore(cfg.runs_dir)
     run_id = store.resolve(args.run)
     step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
     if not policy.is_lora and (path / "adapter_config.json").exists():
-        from rlft.policy import load_policy
         from rlft.engines.factory import engine_options, make_engine
+        from rlft.policy import load_policy
 
         policy = load_policy(str(path), dtype=cfg.dtype)
         sampler.engine = make_engine(engine_options(cfg), policy)

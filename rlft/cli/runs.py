@@ -17,19 +17,24 @@ from pathlib import Path
 
 
 def add_run_commands(cmd) -> None:
-    p = cmd("runs", "list runs and inspect one: runs list | show RUN | metrics RUN | rollouts RUN | logs RUN")
-    p.add_argument("action", choices=["list", "show", "metrics", "rollouts", "logs"])
+    p = cmd("runs", "list runs and inspect one: runs list | show RUN | metrics RUN | rollouts RUN | logs RUN | "
+                    "health RUN")
+    p.add_argument("action", choices=["list", "show", "metrics", "rollouts", "logs", "health"])
     p.add_argument("run", nargs="?", help="run id, name or unique id prefix")
     p.add_argument("--runs", default="runs", help="workspace directory (default ./runs)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--step", type=int, help="rollouts: only this step")
+    p.add_argument("--split", default="train", choices=["train", "eval", "all"],
+                   help="rollouts: training rollouts (default), held-out eval rollouts, or both")
     p.add_argument("--example", type=int, help="rollouts: only this example id")
     p.add_argument("--min-reward", type=float, help="rollouts: reward at least this")
     p.add_argument("--max-reward", type=float, help="rollouts: reward at most this")
     p.add_argument("--reason", help="rollouts: termination reason (finished, length, ...)")
     p.add_argument("--search", help="rollouts: full-text search in messages")
     p.add_argument("--limit", type=int, default=20, help="rollouts/logs: at most this many")
-    p.epilog = "example:\n  rlft runs list\n  rlft runs rollouts my-run --step 5 --min-reward 0.5 --json"
+    p.epilog = ("example:\n  rlft runs list\n  rlft runs rollouts my-run --step 5 --min-reward 0.5 --json\n"
+                "  rlft runs rollouts my-run --split eval --step 0   # the base model's held-out samples\n"
+                "  rlft runs health my-run            # training-health findings (docs/health.md)")
 
     p = cmd("stop", "ask a training run to stop after its current step (it checkpoints first)")
     p.add_argument("run")
@@ -84,7 +89,9 @@ def cmd_runs(args) -> int:
         if args.json:
             print(json.dumps(runs, indent=2, default=str))
             return 0
-        rows = []
+        from rlft.health.source import status_label
+
+        rows, failures = [], []
         for r in runs:
             latest = store.latest_metrics(r["id"])
             dur = (r.get("finished_at") or time.time()) - (r.get("started_at") or r.get("created_at") or time.time())
@@ -94,29 +101,43 @@ def cmd_runs(args) -> int:
                 score, pass_k = f"{loss_key.split('/')[0]} loss {latest.get(loss_key) or 0:.3f}", ""
             else:
                 score, pass_k = f"{latest.get('reward/mean') or 0:.3f}", f"{latest.get('pass@k') or 0:.2f}"
-            rows.append((r["id"], kind, r.get("status"), r.get("model"), r.get("environment"), r.get("step"),
+            rows.append((r["id"], kind, status_label(store, r), r.get("model"), r.get("environment"), r.get("step"),
                          score, pass_k, _ts(r.get("created_at")), f"{dur / 60:.1f} min"))
+            if r.get("error"):
+                failures.append((r["id"], r.get("status"), r["error"]))
         print_table(["run", "kind", "status", "model", "environment", "step", "reward / loss", "pass@k", "started",
                      "duration"], rows)
+        for run_id, status, error in failures:  # the whole first line of the reason, never cut at a colon
+            print(f"{run_id} {status}: {error.strip().splitlines()[0] if error.strip() else error}")
         return 0
     if not args.run:
         raise SystemExit(f"rlft runs {args.action} needs a RUN")
     run_id = store.resolve(args.run)
     if args.action == "show":
+        from rlft.health.source import status_label
+
         run = store.get_run(run_id)
-        run["latest_metrics"] = store.latest_metrics(run_id)
+        series = store.metrics(run_id)
+        # each key's last value *and the step it is from*: a base eval (step 0) is not a result of training
+        latest = {k: pts[-1] for k, pts in series.items() if pts}
+        run["latest_metrics"] = {k: v for k, (_, v) in latest.items()}
+        run["latest_metric_steps"] = {k: s for k, (s, _) in latest.items()}
         run["checkpoints"] = store.checkpoints(run_id)
+        run["status_label"] = status_label(store, run)
         if args.json:
             print(json.dumps(run, indent=2, default=str))
             return 0
-        print(f"{run.get('kind', 'rl')} run {run_id} ({run.get('name')}): {run.get('status')} "
+        print(f"{run.get('kind', 'rl')} run {run_id} ({run.get('name')}): {run['status_label']} "
               f"at step {run.get('step')}")
         print(f"  model {run.get('model')}, environment {run.get('environment')}, started {_ts(run.get('started_at'))}")
         if run.get("error"):
             print(f"  FAILED: {run['error']}\n{run.get('traceback') or ''}")
-        for k, v in sorted(run["latest_metrics"].items()):
+        print(f"  latest values (at step {run.get('step')} unless marked):")
+        for k, (step, v) in sorted(latest.items()):
             if v is not None and not k.startswith("termination/"):
-                print(f"  {k:32} {v:.4f}")
+                mark = "" if step == run.get("step") else (
+                    "   (step 0: before training)" if step == 0 else f"   (step {step})")
+                print(f"  {k:32} {v:.4f}{mark}")
         for c in run["checkpoints"]:
             print(f"  checkpoint step {c['step']}: {c['path']}")
         return 0
@@ -132,27 +153,64 @@ def cmd_runs(args) -> int:
         print_table(["step", *keys], [(s, *[f"{table[k].get(s) or 0:.4f}" for k in keys]) for s in steps])
         return 0
     if args.action == "rollouts":
-        rows = store.rollouts(run_id, step=args.step, example_id=args.example, min_reward=args.min_reward,
-                              max_reward=args.max_reward, termination=args.reason, search=args.search, limit=args.limit)
+        from rlft.evaluate import message_lines
+
+        rows = store.rollouts(run_id, step=args.step, split=None if args.split == "all" else args.split,
+                              example_id=args.example, min_reward=args.min_reward, max_reward=args.max_reward,
+                              termination=args.reason, search=args.search, limit=args.limit)
         if args.json:
             print(json.dumps(rows, indent=2, default=str))
             return 0
         for r in rows:
-            print(f"--- step {r['step']} example {r['example_id']} #{r['group_index']}: reward {r['reward']:.3f} "
-                  f"{r['rewards']} ({r['termination']})")
-            for m in r["messages"]:
-                print(f"[{m.get('role')}] {m.get('content') or ''}")
-                for tc in m.get("tool_calls") or []:
-                    print(f"  -> {tc['function']['name']}({tc['function']['arguments']})")
+            print(f"--- {r['split']} step {r['step']} example {r['example_id']} #{r['group_index']}: reward "
+                  f"{r['reward'] or 0:.3f} {r['rewards']} ({r['termination']})")
+            print("\n".join(message_lines(r["messages"], r.get("prompt_text") or "")))
+            for e in r.get("errors") or []:
+                print(f"!! {e.get('where')}: {e.get('message')}")
         return 0
+    if args.action == "health":
+        return _health(store, run_id, args.json)
+    return _logs(store, run_id, args)
+
+
+def _logs(store, run_id: str, args) -> int:
+    """The run's log lines, then the errors recorded on its rollouts (reward, tool, model...) by message."""
+    from rlft.health.source import error_summary
+
     rows = store.logs(run_id, limit=args.limit)
+    errors = {split: error_summary(store, run_id, split=split) for split in ("train", "eval")}
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        by_split = {k: {"top": v[0], "rollouts": v[1]} for k, v in errors.items()}
+        print(json.dumps({"logs": rows, "rollout_errors": by_split}, indent=2, default=str))
         return 0
     for r in rows:
         print(f"[{r['level']}] step {r.get('step')} {r.get('source')}: {r['message']}")
         if r.get("traceback"):
             print(r["traceback"])
+    for split, (top, n) in errors.items():
+        if n:
+            print(f"\nerrors on {n} {split} rollouts (most common first; tracebacks: rlft runs rollouts {run_id} "
+                  f"--split {split} --step N --json):")
+            for e in top:
+                print(f"  {e['count']:5d} x {e['where']}: {e['message']}   (steps {e['first_step']}-{e['last_step']})")
+    return 0
+
+
+def _health(store, run_id: str, as_json: bool) -> int:
+    """Training-health findings of a run (docs/health.md): exit 0 either way (findings are advice)."""
+    from rlft.health.source import run_findings
+
+    findings = run_findings(store, run_id)
+    if as_json:
+        print(json.dumps({"run": run_id, "findings": [f.to_dict() for f in findings]}, indent=2))
+        return 0
+    if not findings:
+        print(f"run {run_id}: no health findings (the checks and their thresholds: docs/health.md)")
+    for f in findings:
+        print(f.line())
+        for e in f.evidence:
+            pts = ", ".join(f"{s}:{v:.3g}" for s, v in zip(e.steps, e.values))
+            print(f"    {e.key}: {pts if len(pts) < 400 else pts[:400] + ' ...'}")
     return 0
 
 

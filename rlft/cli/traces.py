@@ -39,7 +39,8 @@ def add_traces_command(subparsers) -> None:
     imp.add_argument("--min-score", type=float, help="keep transcripts whose score/reward is at least this")
     imp.add_argument("--tools-only", action="store_true", help="keep only transcripts with a tool call")
     imp.add_argument("--no-dedupe", action="store_true", help="keep duplicate and prefix transcripts")
-    imp.add_argument("--eval-fraction", type=float, default=0.1, help="held out into <out>.eval.jsonl (default 0.1; 0: none)")
+    imp.add_argument("--eval-fraction", type=float, default=0.1,
+                     help="held out into <out>.eval.jsonl (default 0.1; 0: none)")
     imp.add_argument("--seed", type=int, default=0, help="seed of the train/eval split")
     imp.add_argument("--adapter", action="append", default=[], metavar="MODULE[:OBJECT]",
                      help="load a trace adapter (module name or .py path; OBJECT: an adapter or its class)")

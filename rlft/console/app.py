@@ -6,10 +6,12 @@ Routes (all GET unless said; ``{run}`` is a run id, name or unique id prefix):
   of files found at start-up: no path from a request ever reaches the filesystem);
 - ``/api/info`` store path, serve URL, poll interval, metric names, termination meanings;
 - ``/api/runs`` the runs list; ``/api/runs/{run}`` one run (error + traceback, latest metrics,
-  checkpoints, rollout counts);
+  checkpoints, rollout counts); ``/api/runs/{run}/health`` its training-health findings
+  (:mod:`rlft.health`: name, severity, summary, advice, the chart key and step window, evidence);
 - ``/api/runs/{run}/metrics?keys=a,b&after_step=N``, ``/evals``, ``/rollouts`` (filters: step,
   split (train, eval or all), example, min_reward, max_reward, termination (repeatable), search,
-  component + cmin + cmax, errors, limit, offset), ``/rollouts/{id}``, ``/steps``, ``/heatmap``, ``/logs``
+  component + cmin + cmax, errors, limit, offset), ``/rollouts/{id}``, ``/steps``,
+  ``/heatmap`` (split train, eval or auto), ``/logs``
   (level, after_id, limit; termination counts), ``/config`` (resolved config, environment source);
 - ``/api/compare?runs=a,b&keys=...`` several runs' series and the config keys that differ;
 - ``/api/chat/models?run=...`` and ``POST /api/chat`` (JSON) proxied to ``serve_url``
@@ -283,8 +285,12 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
     def run_steps(ref: str, split: str = "train"):
         return store().rollout_steps(rid(ref), split=split)
 
+    @api.get("/api/runs/{ref}/health")
+    def run_health(ref: str):
+        return views.health(store(), rid(ref))
+
     @api.get("/api/runs/{ref}/heatmap")
-    def run_heatmap(ref: str, split: str = "train"):
+    def run_heatmap(ref: str, split: str = "auto"):
         return views.heatmap(store(), rid(ref), split=split)
 
     @api.get("/api/runs/{ref}/logs")

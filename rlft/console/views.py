@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from rlft.health.source import eval_findings, run_findings, status_label
 from rlft.metrics import KEYS
 from rlft.store import RunStore
 from rlft.types import Termination
@@ -40,6 +41,7 @@ def run_summary(store: RunStore, run: dict[str, Any]) -> dict[str, Any]:
         "environment": run.get("environment"), "step": run.get("step"), "steps": config.get("steps"),
         "created_at": run.get("created_at"), "started_at": run.get("started_at"),
         "finished_at": run.get("finished_at"), "updated_at": run.get("updated_at"), "duration": _duration(run),
+        "status_label": status_label(store, run),
         "error": run.get("error"), "reward": latest.get("reward/mean"), "pass_at_k": latest.get("pass@k"),
         "eval_reward": latest.get("eval/reward/mean"), "k": config.get("group_size"),
         "loss": latest.get("eval/loss", latest.get("sft/loss")),  # SFT runs: held-out loss, else training loss
@@ -72,8 +74,15 @@ def metrics(store: RunStore, run_id: str, keys: list[str] | None = None, after_s
 
 def evals(store: RunStore, run_id: str) -> dict[str, Any]:
     """The run's evals (base at step 0, checkpoints) and evals of external models (no run)."""
-    external = [e for e in store.evals() if e.get("run_id") is None]
+    findings = eval_findings(store)
+    external = [e | {"findings": [f.to_dict() for f in findings.get(e["id"], [])]} for e in store.evals()
+                if e.get("run_id") is None]
     return {"run": store.evals(run_id), "external": external}
+
+
+def health(store: RunStore, run_id: str) -> dict[str, Any]:
+    """The run's training-health findings (docs/health.md), most severe first."""
+    return {"findings": [f.to_dict() for f in run_findings(store, run_id)]}
 
 
 def _preview(messages: list[dict[str, Any]], role: str, last: bool) -> str:
@@ -141,9 +150,20 @@ def rollout(store: RunStore, run_id: str, rollout_id: int) -> dict[str, Any]:
     return r
 
 
-def heatmap(store: RunStore, run_id: str, split: str = "train") -> dict[str, Any]:
-    """``examples`` × ``steps`` grid of mean rewards (``None`` where an example was not sampled)."""
-    data = store.reward_heatmap(run_id, split=split)
+def heatmap(store: RunStore, run_id: str, split: str = "auto") -> dict[str, Any]:
+    """``examples`` × ``steps`` grid of mean rewards (``None`` where an example was not sampled).
+    ``split="auto"``: the split whose examples were sampled at the most steps each (training draws
+    new prompts every step, so its rows are mostly one cell; the held-out split repeats its
+    prompts at every eval), ties going to train."""
+    if split == "auto":
+        def coverage(d: dict[int, dict[int, Any]]) -> float:
+            return sum(len(v) for v in d.values()) / len(d) if d else 0.0
+
+        grids = {s: store.reward_heatmap(run_id, split=s) for s in ("train", "eval")}
+        split = max(("train", "eval"), key=lambda s: (coverage(grids[s]), s == "train"))
+        data = grids[split]
+    else:
+        data = store.reward_heatmap(run_id, split=split)
     steps = sorted({s for row in data.values() for s in row})
     examples = sorted(data)
     return {"split": split, "examples": examples, "steps": steps,
@@ -171,7 +191,8 @@ def compare(store: RunStore, run_ids: Iterable[str], keys: list[str] | None = No
     all_keys = sorted({k for c in configs.values() for k in c})
     diff = {k: {rid: c.get(k) for rid, c in configs.items()} for k in all_keys
             if len({repr(c.get(k)) for c in configs.values()}) > 1}
-    return {"runs": [run_summary(store, r) | {"latest": store.latest_metrics(r["id"])} for r in runs],
+    return {"runs": [run_summary(store, r) | {"latest": store.latest_metrics(r["id"]),
+                                              "findings": health(store, r["id"])["findings"]} for r in runs],
             "metrics": {r["id"]: metrics(store, r["id"], keys) for r in runs},
             "config_diff": diff}
 

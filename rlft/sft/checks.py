@@ -53,7 +53,8 @@ def _call_problems(where: str, tc: Any, tool_names: set[str] | None) -> list[Pro
     if not isinstance(name, str) or not name:
         out.append((f"{where}.function.name", f"must be a non-empty string, got {_show(name)}"))
     elif tool_names is not None and name not in tool_names:
-        out.append((f"{where}.function.name", f"{name!r} is not one of the row's tools ({', '.join(sorted(tool_names))})"))
+        out.append((f"{where}.function.name",
+                    f"{name!r} is not one of the row's tools ({', '.join(sorted(tool_names))})"))
     args = fn.get("arguments", {})
     if isinstance(args, str):
         try:
@@ -120,8 +121,10 @@ def transcript_problems(row: Any) -> list[Problem]:
     else:
         first = roles.index("assistant")
         if first == 0:
-            out.append(("messages[0].role", "the first message is the assistant's; put the prompt (system/user) before it"))
-        trained = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant" and m.get("weight", 1) == 1]
+            out.append(("messages[0].role",
+                        "the first message is the assistant's; put the prompt (system/user) before it"))
+        trained = [m for m in messages
+                   if isinstance(m, dict) and m.get("role") == "assistant" and m.get("weight", 1) == 1]
         if not trained:
             out.append(("messages", "every assistant message has weight 0; there is nothing to train on"))
     return out

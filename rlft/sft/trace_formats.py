@@ -65,7 +65,8 @@ def _join_text(content: Any, where: str, text_types: tuple[str, ...]) -> str | N
 
 
 def _function_tool(name: Any, description: Any, parameters: Any) -> dict:
-    return {"type": "function", "function": _clean({"name": name, "description": description, "parameters": parameters})}
+    return {"type": "function",
+            "function": _clean({"name": name, "description": description, "parameters": parameters})}
 
 
 def _meta(adapter: str, req: dict, resp: dict) -> dict:
@@ -88,7 +89,8 @@ class OpenAIChatAdapter:
             raise TraceError(f"{where}: expected a message object, got {type(m).__name__}")
         role = {"developer": "system"}.get(m.get("role"), m.get("role"))
         if role not in ("system", "user", "assistant", "tool"):
-            raise TraceError(f"{where}.role: {m.get('role')!r} is not supported (system, developer, user, assistant, tool)")
+            raise TraceError(f"{where}.role: {m.get('role')!r} is not supported "
+                             "(system, developer, user, assistant, tool)")
         if m.get("function_call"):
             raise TraceError(f"{where}.function_call: legacy function calls are not supported; log tool_calls")
         out: dict[str, Any] = {"role": role, "content": _join_text(m.get("content"), f"{where}.content", self._TEXT)}
@@ -100,7 +102,8 @@ class OpenAIChatAdapter:
                 if tc.get("type", "function") != "function":
                     raise TraceError(f"{where}.tool_calls[{j}]: {tc.get('type')!r} tool calls are not supported")
                 calls.append({"id": tc.get("id"), "type": "function",
-                              "function": {"name": tc["function"].get("name"), "arguments": tc["function"].get("arguments")}})
+                              "function": {"name": tc["function"].get("name"),
+                                           "arguments": tc["function"].get("arguments")}})
             if calls:
                 out["tool_calls"] = calls
         if role == "tool":
@@ -115,8 +118,10 @@ class OpenAIChatAdapter:
         choices = resp.get("choices") or []
         if choices:  # the response's reply (a flat record may instead end its messages with it)
             messages.append(self._message(choices[0].get("message"), "response.choices[0].message"))
-        tools = [_function_tool(t["function"].get("name"), t["function"].get("description"), t["function"].get("parameters"))
-                 for t in req.get("tools") or [] if t.get("type", "function") == "function" and isinstance(t.get("function"), dict)]
+        tools = [_function_tool(t["function"].get("name"), t["function"].get("description"),
+                                t["function"].get("parameters"))
+                 for t in req.get("tools") or []
+                 if t.get("type", "function") == "function" and isinstance(t.get("function"), dict)]
         return [Transcript(messages, tools or None, _meta(self.name, req, resp))]
 
 
@@ -141,7 +146,8 @@ class OpenAIResponsesAdapter:
                 role = {"developer": "system"}.get(item.get("role"), item.get("role"))
                 if role not in ("system", "user", "assistant"):
                     raise TraceError(f"{at}.role: {item.get('role')!r} is not supported")
-                messages.append({"role": role, "content": _join_text(item.get("content"), f"{at}.content", self._TEXT) or ""})
+                messages.append({"role": role,
+                                 "content": _join_text(item.get("content"), f"{at}.content", self._TEXT) or ""})
             elif kind == "function_call":
                 call = {"id": item.get("call_id"), "type": "function",
                         "function": {"name": item.get("name"), "arguments": item.get("arguments")}}

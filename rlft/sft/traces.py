@@ -120,7 +120,8 @@ def _as_score(value: Any) -> float | None:
 
 
 def _score(record: dict) -> float | None:
-    nested = [part.get("metadata") for part in (record.get("request"), record.get("response")) if isinstance(part, dict)]
+    nested = [part.get("metadata") for part in (record.get("request"), record.get("response"))
+              if isinstance(part, dict)]
     for place in (record, record.get("metadata"), record.get("meta"), *nested):
         if isinstance(place, dict):
             for key in ("score", "reward"):

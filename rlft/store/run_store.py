@@ -40,7 +40,7 @@ from rlft.errors import UnknownRunError
 from rlft.types import Rollout
 
 DB_NAME = "rlft.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 KINDS = ("rl", "sft")
 STATUSES = ("created", "running", "completed", "failed", "stopped")
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -89,16 +89,18 @@ _SCHEMA_V2 = [
     """CREATE UNIQUE INDEX IF NOT EXISTS evals_run_step ON evals(run_id, step, split)
         WHERE run_id IS NOT NULL AND step IS NOT NULL""",
 ]
-# v3: the run kind ("rl" | "sft": rlft.sft); runs made before it are RL runs
-_SCHEMA_V3 = ["ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'rl'"]
-MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+# v3: the rollout's prompt as the model saw it (system prompt and tool schemas rendered by the template)
+_SCHEMA_V3 = ["ALTER TABLE rollouts ADD COLUMN prompt_text TEXT NOT NULL DEFAULT ''"]
+# v4: the run kind ("rl" | "sft": rlft.sft); runs made before it are RL runs
+_SCHEMA_V4 = ["ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'rl'"]
+MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
 
 _JSON_COLS = {"config", "messages", "rewards", "errors", "example", "logs", "metrics"}
 _RUN_FIELDS = {"name", "status", "model", "environment", "config", "env_source", "started_at",
                "finished_at", "step", "error", "traceback", "stop_requested"}
 _ROLLOUT_COLS = ("run_id, step, split, example_id, group_index, messages, rewards, reward, advantage, termination, "
                  "errors, example, num_prompt_tokens, num_completion_tokens, num_sampled_tokens, turns, tool_calls, "
-                 "policy_version, logs, metrics, created_at")
+                 "policy_version, logs, metrics, created_at, prompt_text")
 
 
 def _jsonable(x: Any) -> Any:
@@ -229,7 +231,7 @@ class RunStore:
                     try:
                         conn.execute(stmt)
                     except sqlite3.OperationalError as e:  # ADD COLUMN on a store whose table already has it
-                        if "duplicate column name" not in str(e):
+                        if not (stmt.startswith("ALTER TABLE") and "duplicate column" in str(e)):
                             raise
                 if v == 1:
                     try:
@@ -333,7 +335,7 @@ class RunStore:
         """Store a batch in one transaction; a rollout with the same (step, split, example_id,
         group_index) replaces the stored one. Token ids are reduced to counts."""
         now = time.time()
-        upsert = (f"INSERT INTO rollouts ({_ROLLOUT_COLS}) VALUES ({','.join('?' * 21)}) "
+        upsert = (f"INSERT INTO rollouts ({_ROLLOUT_COLS}) VALUES ({','.join('?' * 22)}) "
                   "ON CONFLICT(run_id, step, split, example_id, group_index) DO UPDATE SET "
                   + ", ".join(f"{c.strip()}=excluded.{c.strip()}" for c in _ROLLOUT_COLS.split(",")[5:]))
         with self._tx() as c:
@@ -343,7 +345,8 @@ class RunStore:
                 c.execute(upsert, (*key, _dumps(r.messages), _dumps(r.rewards), _num(r.reward), _num(r.advantage),
                                    term, _dumps(r.errors), _dumps(r.example), len(r.prompt_ids),
                                    len(r.completion_ids), int(sum(r.mask)), r.turns, r.tool_calls,
-                                   r.policy_version, _dumps(r.logs), _dumps(r.metrics), now))
+                                   r.policy_version, _dumps(r.logs), _dumps(r.metrics), now,
+                                   getattr(r, "prompt_text", "") or ""))
                 if self._fts:
                     (rid,) = c.execute("SELECT id FROM rollouts WHERE run_id=? AND step=? AND split=? AND "
                                        "example_id=? AND group_index=?", key).fetchone()
@@ -494,6 +497,18 @@ class RunStore:
         """How many rollouts ``rollouts`` would list with these filters and no limit."""
         where, args = self._rollout_filter(run_id, **filters)
         return self._conn().execute(f"SELECT COUNT(*) FROM rollouts WHERE {where}", args).fetchone()[0]
+
+    def rollout_errors(self, run_id: str, split: str | None = "train", first_step: int | None = None,
+                       last_step: int | None = None, limit: int = 5000) -> list[dict[str, Any]]:
+        """``{step, example_id, group_index, errors}`` of the rollouts that recorded errors (the
+        health diagnoses and ``rlft runs logs`` count their messages), in step order."""
+        where, args = ["run_id=?", "errors != '[]'"], [run_id]
+        for cond, val in (("split=?", split), ("step>=?", first_step), ("step<=?", last_step)):
+            if val is not None:
+                where.append(cond)
+                args.append(val)
+        return self._rows(f"SELECT step, split, example_id, group_index, errors FROM rollouts WHERE "
+                          f"{' AND '.join(where)} ORDER BY step, example_id, group_index LIMIT ?", [*args, int(limit)])
 
     def rollout(self, rollout_id: int) -> dict[str, Any]:
         rows = self._rows("SELECT * FROM rollouts WHERE id=?", (int(rollout_id),))

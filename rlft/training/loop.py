@@ -174,6 +174,10 @@ def record(run: Run, at_step: int, groups: list[Group], metrics: dict[str, float
     sampled = sum(r.num_sampled_tokens for g in groups for r in g.rollouts)
     metrics["throughput/tokens_per_s"] = sampled / max(t_generate, 1e-9)
     run.store.add_rollouts(run.run_id, at_step, [r for g in groups for r in g.rollouts])
+    if distributed.is_main():  # health: a line when a finding first appears (rlft.health.source.Monitor)
+        from rlft.health.source import watch
+
+        watch(run, at_step, metrics)
     run.store.log_metrics(run.run_id, at_step, metrics)
     run.reporter.log(at_step, metrics)
     run.store.update_run(run.run_id, step=at_step)

@@ -10,7 +10,8 @@ Ctrl-C) with its reason and traceback before it propagates; an exception before 
 
 The narrow configurations the training phases take (:func:`loss_config`, :func:`update_config`,
 the learning-rate schedule) are made from the ``TrainConfig`` here, so that the update and the
-loss never see the whole config. Left out: the loop itself (``rlft.training.loop``).
+loss never see the whole config. Left out: the loop itself (``rlft.training.loop``), and what
+a resume or ``init_from`` needs (``rlft.training.resume``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ from rlft.config import TrainConfig
 from rlft.data import Dataset
 from rlft.engines.base import SamplingParams
 from rlft.env import Environment, Sampler, derive_seed
+from rlft.training.resume import (
+    check_data,
+    data_fingerprint,
+    init_checkpoint,
+    resume_checkpoint,
+    resume_environment,
+    with_absolute_paths,
+)
 
 
 @dataclass
@@ -153,7 +162,7 @@ def open_run(cfg: TrainConfig, *, environment: Environment | None = None, datase
             if environment is not None:
                 env, module, env_source = environment, None, ""
             elif resume:
-                env, module, env_source = _resume_environment(cfg, store, run_id, progress)
+                env, module, env_source = resume_environment(cfg, store, run_id, progress)
             else:
                 env, module, env_source = load_environment(cfg.env)
             train_set, eval_set = load_splits(cfg, module, dataset)
@@ -166,7 +175,7 @@ def open_run(cfg: TrainConfig, *, environment: Environment | None = None, datase
                 run_id = store.create_run(name=cfg.run_name or None, config=cfg.to_dict(), model=cfg.model,
                                           environment=name, env_source=env_source)
             run_id = distributed.broadcast_object(run_id)  # rank 0 created the run
-            _check_data(store, run_id, fingerprint, progress)
+            check_data(store, run_id, fingerprint, progress)
             run = _build(stack, cfg, store, run_id, env, train_set, eval_set, progress, resume=bool(resume))
             yield run
         except BaseException as e:
@@ -179,79 +188,6 @@ def open_run(cfg: TrainConfig, *, environment: Environment | None = None, datase
             store.add_log(run_id, f"run {status} at step {step}: {type(e).__name__}: {e}", level="error",
                           step=step, source="trainer", traceback=traceback.format_exc())
             raise
-
-
-PATH_KEYS = ("env", "data", "eval_data", "chat_template", "model")  # made absolute when they name a file here
-
-
-def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """The config with relative paths made absolute (those that exist from here; a hub id or an
-    inline chat template stays as it is), and ``runs_dir`` absolute: what a run records, so that
-    ``rlft train --resume`` works from any directory."""
-    changes: dict[str, Any] = {"runs_dir": str(Path(cfg.runs_dir).resolve())}
-    for key in PATH_KEYS:
-        value = getattr(cfg, key)
-        path, sep, attr = value.partition(":") if key == "env" else (value, "", "")
-        if value and not Path(path).is_absolute() and Path(path).exists():
-            changes[key] = str(Path(path).resolve()) + sep + attr
-    return replace(cfg, **changes)
-
-
-def data_fingerprint(train_set: Dataset, eval_set: Dataset) -> str:
-    """SHA-256 of both splits' rows, in order: a resume compares it with the run's."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256()
-    for part in (train_set, eval_set):
-        for row in part:
-            h.update(json.dumps(row, sort_keys=True, default=str).encode())
-        h.update(b"|")
-    return h.hexdigest()
-
-
-def _check_data(store: Any, run_id: str, fingerprint: str, progress: Any) -> None:
-    """Keep the run's data fingerprint in its directory; on a resume, say so when the data changed."""
-    if not distributed.is_main():
-        return
-    path = store.run_dir(run_id) / "data.sha256"
-    if path.exists() and path.read_text().strip() != fingerprint:
-        message = ("the dataset changed since this run started (its rows or their order differ): the resumed "
-                   "steps draw other prompts than the original run would have")
-        progress.note(f"[resume] {message}")
-        store.add_log(run_id, message, level="warning", source="resume")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(fingerprint + "\n")
-
-
-def _resume_environment(cfg: TrainConfig, store: Any, run_id: str, progress: Any) -> tuple[Environment, Any, str]:
-    """The environment a resumed run continues with: its file when it still exists (a change since
-    the run started is reported first), else the copy of its source the store kept."""
-    from rlft.loader import load_environment
-
-    recorded = store.get_run(run_id).get("env_source") or ""
-
-    def warn(message: str) -> None:
-        progress.note(f"[resume] {message}")
-        store.add_log(run_id, message, level="warning", source="resume")
-
-    path = Path(cfg.env.partition(":")[0]) if cfg.env else None
-    if path is not None and path.suffix == ".py" and not path.exists() and recorded:
-        copy = store.run_dir(run_id) / "environment.py"
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        copy.write_text(recorded)
-        warn(f"environment file {path} no longer exists: resuming with the copy of its source kept by the run "
-             f"({copy})")
-        return load_environment(str(copy) + (":" + cfg.env.partition(":")[2] if ":" in cfg.env else ""))
-    env, module, source = load_environment(cfg.env)
-    if recorded and source and source != recorded:
-        import difflib
-
-        changed = sum(1 for line in difflib.unified_diff(recorded.splitlines(), source.splitlines(), lineterm="")
-                      if line[:1] in "+-" and not line.startswith(("+++", "---")))
-        warn(f"environment file {cfg.env} changed since the run started ({changed} lines differ): resuming with "
-             "the file as it is now")
-    return env, module, source
 
 
 def _progress(cfg: TrainConfig) -> Any:
@@ -269,7 +205,7 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     from rlft.policy import LoraSpec, load_policy
     from rlft.renderer import Renderer
     from rlft.reporting import Reporter
-    from rlft.training.checkpoint import load_checkpoint
+    from rlft.training.checkpoint import load_checkpoint, load_weights
     from rlft.training.sync import WeightSync
 
     run_dir = store.run_dir(run_id)
@@ -288,12 +224,18 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     weights_dtype = cfg.dtype if cfg.lora else "float32"
     # under torchrun each rank takes its own device (distributed.device()); else the configured one
     device = distributed.device() if distributed.is_distributed() else cfg.device
-    policy = load_policy(cfg.model, dtype=weights_dtype, lora=lora if cfg.lora else None, device=device,
+    init = init_checkpoint(store, cfg.init_from, lora=cfg.lora) if cfg.init_from and not resume else None
+    base_model = str(init.path) if init is not None and not init.adapter else cfg.model  # full weights: the model
+    policy = load_policy(base_model, dtype=weights_dtype, lora=lora if cfg.lora else None, device=device,
                          gradient_checkpointing=cfg.gradient_checkpointing, chat_template=cfg.chat_template or None)
+    if init is not None:
+        if init.adapter:
+            load_weights(policy, init.path)
+        store.add_log(run_id, f"weights from {init.describe()}", source="trainer")
     if cfg.beta > 0 and not policy.is_lora:
         policy.freeze_reference()  # the base weights, not a resumed checkpoint's
     # weights first: the engine copies them and FSDP2 shards them
-    ckpt = _resume_checkpoint(store, run_id, run_dir, policy, progress) if resume else None
+    ckpt = resume_checkpoint(store, run_id, run_dir, policy, progress) if resume else None
     renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
     # before sharding: an FSDP2 engine copies the whole model
     engine = factory.make_engine(factory.engine_options(cfg), policy, tag=run_id)
@@ -337,39 +279,6 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
     # a run that had completed).
     stack.callback(_release_wrapper, run)
     return run
-
-
-def _resume_checkpoint(store: Any, run_id: str, run_dir: Path, policy: Any, progress: Any) -> tuple[int, Path] | None:
-    """The newest good checkpoint of the run, its weights loaded into ``policy``. First the run
-    store's checkpoint rows are repaired from the directory (rank 0; ``checkpoint.reconcile``),
-    then checkpoints are tried newest first: one that fails to load is skipped with a warning."""
-    from rlft.training.checkpoint import CheckpointError, good_checkpoints, load_weights, reconcile
-
-    def warn(message: str) -> None:
-        progress.note(f"[checkpoint] {message}")
-        store.add_log(run_id, message, level="warning", source="checkpoint")
-
-    if distributed.is_main():
-        recorded = {int(c["step"]): c["path"] for c in store.checkpoints(run_id)}
-        good, notes = reconcile(run_dir, recorded)
-        for step in sorted(set(recorded) - {s for s, _ in good}):
-            store.remove_checkpoint(run_id, step)
-        for step, path in good:
-            if step not in recorded:
-                store.add_checkpoint(run_id, step, str(path))
-        for note in notes:
-            warn(note)
-    distributed.barrier()  # the other ranks read the repaired directory
-    good, _ = good_checkpoints(run_dir)
-    for step, path in reversed(good):
-        try:
-            load_weights(policy, path)
-            return step, path
-        except CheckpointError as e:
-            warn(f"{e}; falling back to the previous checkpoint")
-    if good:
-        warn("no checkpoint of this run could be loaded: it starts again from step 0")
-    return None
 
 
 def _close_quietly(loop: asyncio.AbstractEventLoop, session: contextlib.AsyncExitStack) -> None:

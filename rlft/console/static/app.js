@@ -121,6 +121,9 @@ RL.dur = function (s) {
   return (s / 3600).toFixed(2) + " h";
 };
 RL.badge = (status) => RL.el("span", { class: "badge st-" + String(status).replace(/[^a-z]/g, "") }, status);
+/* the status, and "with errors (...)" when a completed run's rewards failed on some rollouts */
+RL.statusCell = (r) => [RL.badge(r.status), r.status_label && r.status_label !== r.status
+  ? RL.el("div", { class: "err small status-label" }, r.status_label.slice(String(r.status).length).trim()) : null];
 RL.debounce = function (fn, ms) {
   let t = null;
   return (...a) => { clearTimeout(t); t = setTimeout(() => fn(...a), ms); };
@@ -199,9 +202,10 @@ RL.runsPage = async function (view) {
         RL.el("td", {}, box),
         RL.el("td", {}, RL.el("a", { href: "#/run/" + encodeURIComponent(r.id) + "/train" }, r.name || r.id),
           r.name !== r.id ? RL.el("div", { class: "muted small" }, r.id) : null,
-          r.error ? RL.el("div", { class: "err small clip", title: r.error }, r.error.split("\n")[0]) : null),
+          r.error ? RL.el("div", { class: "err small failure-reason", title: r.error }, r.error.split("
+")[0]) : null),
         RL.el("td", {}, r.kind || "rl"),
-        RL.el("td", {}, RL.badge(r.status)),
+        RL.el("td", {}, RL.statusCell(r)),
         RL.el("td", { class: "ellipsis", title: r.model }, r.model),
         RL.el("td", { class: "ellipsis", title: r.environment }, r.environment),
         RL.el("td", { class: "num" }, String(r.step) + (r.steps ? " / " + r.steps : "")),
@@ -229,8 +233,9 @@ RL.runsPage = async function (view) {
 const TABS = ["train", "eval", "rollouts", "logs", "config", "chat"];
 
 RL.runHeader = function (run) {
-  const stats = [["kind", run.kind || "rl"], ["status", RL.badge(run.status)], ["model", run.model], ["environment", run.environment],
-    ["step", String(run.step) + (run.steps ? " / " + run.steps : "")], run.kind === "sft" ? ["loss", RL.fmt(run.loss)] : ["reward", RL.fmt(run.reward)],
+  const stats = [["kind", run.kind || "rl"], ["status", RL.statusCell(run)], ["model", run.model],
+    ["environment", run.environment], ["step", String(run.step) + (run.steps ? " / " + run.steps : "")],
+    run.kind === "sft" ? ["loss", RL.fmt(run.loss)] : ["reward", RL.fmt(run.reward)],
     ["pass@k", RL.fmt(run.pass_at_k, 2)], ["started", RL.time(run.started_at || run.created_at)],
     ["duration", RL.dur(run.duration)], ["checkpoints", String((run.checkpoints || []).length)]];
   return RL.el("div", { class: "run-header", id: "run-header" },
@@ -247,7 +252,8 @@ RL.runPage = async function (view, ref, tab, arg) {
   const nav = RL.el("nav", { class: "tabs", id: "tabs" }, TABS.map((t) =>
     RL.el("a", { href: "#/run/" + encodeURIComponent(run.id) + "/" + t, class: t === tab ? "active" : "", dataset: { tab: t } }, t)));
   const body = RL.el("section", { class: "tab-body", id: "tab-" + tab });
-  view.append(header, nav, body);
+  const strip = RL.health.strip(run.id, await RL.health.load(run.id));
+  view.append(header, strip, nav, body);
   const ctx = { run, runId: run.id, body, arg };
   const mod = RL.tabs[tab];
   await mod.mount(ctx);
@@ -260,6 +266,8 @@ RL.runPage = async function (view, ref, tab, arg) {
     run = ctx.run = fresh;
     const h = document.getElementById("run-header");
     if (h) h.replaceWith(RL.runHeader(fresh));
+    const s = document.getElementById("health-strip");
+    if (s) s.replaceWith(RL.health.strip(run.id, await RL.health.load(run.id)));
     if (mod.refresh) await mod.refresh(ctx);
   });
 };

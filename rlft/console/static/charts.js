@@ -63,8 +63,26 @@ function yRange(u, min, max) {
   return uPlot.rangeNum(min, max, 0.1, true);
 }
 
+const BAND_FILL = { critical: "rgba(214, 40, 40, 0.13)", warning: "rgba(230, 150, 20, 0.15)", info: "rgba(47, 111, 222, 0.10)" };
+
+/* shades chart.bands ([{lo, hi, severity}]: the step windows of health findings) under the lines */
+function drawBands(chart) {
+  return (u) => {
+    const ctx = u.ctx, { top, height } = u.bbox;
+    for (const b of chart.bands || []) {
+      const x0 = u.valToPos(b.lo, "x", true), x1 = u.valToPos(b.hi, "x", true);
+      const w = Math.max(x1 - x0, 4 * devicePixelRatio);
+      ctx.save();
+      ctx.fillStyle = BAND_FILL[b.severity] || BAND_FILL.info;
+      ctx.fillRect(x0 - (x1 - x0 < 4 ? w / 2 : 0), top, w, height);
+      ctx.restore();
+    }
+  };
+}
+
 /* A chart: title, series labels and [[step, value]] lists; chart.update(lists, alpha) redraws.
- * The legend shows the value under the cursor, or the latest value when the cursor is away. */
+ * The legend shows the value under the cursor, or the latest value when the cursor is away.
+ * opts.bands: step windows to shade (health findings); chart.setBands(bands) changes them. */
 RL.lineChart = function (parent, title, labels, lists, alpha, opts) {
   opts = opts || {};
   const box = RL.el("div", { class: "chart", dataset: { chart: title } });
@@ -72,7 +90,9 @@ RL.lineChart = function (parent, title, labels, lists, alpha, opts) {
   const raw = RL.align(lists);
   const smooth = (data, a) => [data[0], ...data.slice(1).map((ys) => RL.ema(ys, a))];
   const many = raw[0].length > 60;
+  const chart = { title, labels, raw, bands: opts.bands || [] };
   const u = new uPlot({
+    hooks: { drawClear: [drawBands(chart)] },
     title, width: Math.max(box.clientWidth || 420, 280), height: opts.height || 210,
     scales: { x: { time: false }, y: { range: yRange } },
     legend: { live: true },
@@ -86,7 +106,13 @@ RL.lineChart = function (parent, title, labels, lists, alpha, opts) {
         value: (u, v, si, idx) => RL.fmt(idx === null ? lastValue(u.data[si]) : v),
       }))],
   }, smooth(raw, alpha), box);
-  const chart = { u, title, labels, raw };
+  chart.u = u;
+  chart.setBands = function (bands) {
+    chart.bands = bands || [];
+    box.classList.toggle("has-bands", chart.bands.length > 0);
+    u.redraw(false);
+  };
+  box.classList.toggle("has-bands", chart.bands.length > 0);
   chart.update = function (newLists, a) {
     if (newLists) chart.raw = RL.align(newLists);
     u.setData(smooth(chart.raw, a));

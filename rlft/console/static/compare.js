@@ -1,6 +1,6 @@
 /* rlft console, compare page: several runs overlaid on the same charts (one chart per metric,
  * one line per run, EMA smoothing), their latest values side by side, and the config keys
- * whose values differ between them. Runs are picked here or with "Compare selected" on the
+ * whose values differ between them, and each run's health findings side by side. Runs are picked here or with "Compare selected" on the
  * runs list; the choice lives in the address (#/compare/a,b). */
 "use strict";
 
@@ -48,7 +48,9 @@
       .filter((k) => data.runs.some((r) => r.latest[k] !== undefined));
     const summary = RL.el("table", { class: "grid", id: "compare-summary" },
       RL.el("thead", {}, RL.el("tr", {}, RL.el("th", {}, ""), data.runs.map((r) => RL.el("th", {}, RL.el("a", { href: "#/run/" + encodeURIComponent(r.id) + "/train" }, r.name || r.id))))),
-      RL.el("tbody", {}, [["status", (r) => RL.badge(r.status)], ["model", (r) => r.model], ["environment", (r) => r.environment], ["step", (r) => String(r.step)],
+      RL.el("tbody", {}, [["status", (r) => RL.statusCell(r)],
+        ["health", (r) => RL.el("div", { class: "findings-cell", dataset: { run: r.id } }, (r.findings || []).length
+          ? r.findings.map((f) => RL.health.chip(r.id, f)) : RL.el("span", { class: "finding sev-ok" }, "no findings"))], ["model", (r) => r.model], ["environment", (r) => r.environment], ["step", (r) => String(r.step)],
         ...latestKeys.map((k) => [k, (r) => RL.fmt(r.latest[k])])].map(([label, f]) => RL.el("tr", {}, RL.el("td", {}, label), data.runs.map((r) => RL.el("td", {}, f(r)))))));
     const diffKeys = Object.keys(data.config_diff);
     const diff = RL.el("table", { class: "grid", id: "config-diff" },

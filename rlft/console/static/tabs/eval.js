@@ -1,6 +1,8 @@
 /* rlft console, eval tab: the run's evals per checkpoint (base at step 0 onwards) as a chart
  * and a table, and a side-by-side comparison of any two evals (base, checkpoints, external
- * models evaluated with `rlft eval`) with a bar per metric and reward component and the delta. */
+ * models evaluated with `rlft eval`) with a bar per metric and reward component and the delta,
+ * coloured by whether the change is good (less truncation is green), and the health findings of
+ * external evals. */
 "use strict";
 
 (function () {
@@ -18,6 +20,14 @@
     return (e.run_id ? (e.step !== null && e.step !== undefined ? "step " + e.step + (e.step === 0 ? " (base)" : "") : "eval") : "external") + " · " + e.model;
   }
 
+  /* whether a change of a metric is good: +1 higher is better, -1 lower is better, 0 neither
+   * (length, time, cost and counts are trade-offs, not goals) */
+  function direction(k) {
+    if (/truncated_ratio|rollout\/errors|^termination\/(?!finished)|zero_variance/.test(k)) return -1;
+    if (/^(reward\/(?!std)|pass@k|max@k|solve_rate|termination\/finished)/.test(k)) return 1;
+    return 0;
+  }
+
   function bars(a, b, keys) {
     const table = RL.el("table", { class: "grid bars", id: "eval-compare" });
     table.appendChild(RL.el("thead", {}, RL.el("tr", {}, RL.el("th", {}, "metric"), RL.el("th", {}, "A: " + labelOf(a)),
@@ -30,8 +40,10 @@
         RL.el("div", { class: "bar " + cls, style: { width: (100 * Math.abs(v || 0) / scale).toFixed(1) + "%" } }),
         RL.el("span", { class: "num" }, RL.fmt(v)));
       const d = va === undefined || vb === undefined || va === null || vb === null ? null : vb - va;
+      const dir = direction(k), verdict = !d || !dir ? "" : d * dir > 0 ? "good" : "bad";
       body.appendChild(RL.el("tr", { dataset: { metric: k } }, RL.el("td", {}, k), RL.el("td", {}, bar(va, "a")), RL.el("td", {}, bar(vb, "b")),
-        RL.el("td", { class: "num delta " + (d > 0 ? "up" : d < 0 ? "down" : "") }, d === null ? "–" : (d > 0 ? "+" : "") + RL.fmt(d))));
+        RL.el("td", { class: "num delta " + verdict, title: dir > 0 ? "higher is better" : dir < 0 ? "lower is better" : "neither direction is better" },
+          d === null ? "–" : (d > 0 ? "+" : "") + RL.fmt(d))));
     }
     table.appendChild(body);
     return table;
@@ -83,6 +95,10 @@
           RL.el("td", { class: "ellipsis", title: e.model }, e.model), RL.el("td", { class: "num" }, RL.fmt(e.k)),
           RL.el("td", {}, e.split),
           MAIN.concat(comps).map((k) => RL.el("td", { class: "num" }, RL.fmt((e.metrics || {})[k])))));
+        if ((e.findings || []).length) {
+          body.appendChild(RL.el("tr", { class: "eval-findings" }, RL.el("td", { colspan: String(6 + MAIN.length + comps.length) },
+            e.findings.map((f) => RL.el("div", { class: "finding-line sev-" + f.severity }, f.severity + ": " + f.title + " · " + f.summary + " → " + f.advice)))));
+        }
       }
       table.appendChild(body);
       ctx.body.append(cmpBox, RL.el("h2", {}, "All evals"), table);

@@ -36,6 +36,11 @@
       head, content || !calls.length ? RL.el("pre", { class: "content" }, content) : null, calls);
   }
 
+  function fromFirstTurn(messages) {
+    const i = messages.findIndex((m) => m.role === "assistant");
+    return i < 0 ? [] : messages.slice(i);
+  }
+
   function transcript(r) {
     const comps = Object.entries(r.rewards || {});
     return RL.el("div", { class: "transcript", id: "transcript", dataset: { rollout: r.id } },
@@ -50,7 +55,11 @@
         comps.map(([k, v]) => RL.el("tr", {}, RL.el("td", {}, k), RL.el("td", { class: "num" }, RL.fmt(v)))))) : null,
       (r.errors || []).length ? RL.el("div", { class: "errors" }, RL.el("h3", {}, "Errors"),
         r.errors.map((e) => RL.errorBox((e.where ? e.where + ": " : "") + e.message, e.traceback, true))) : null,
-      RL.el("div", { class: "messages" }, (r.messages || []).map(message)),
+      r.prompt_text ? RL.el("details", { open: true, class: "rendered-prompt", id: "rendered-prompt" },
+        RL.el("summary", {}, "prompt as the model saw it (chat template, system prompt, tool schemas)"),
+        RL.el("pre", { class: "content" }, r.prompt_text)) : null,
+      // with the rendered prompt shown, the messages start at the model's first turn
+      RL.el("div", { class: "messages" }, (r.prompt_text ? fromFirstTurn(r.messages || []) : r.messages || []).map(message)),
       (r.logs || []).length ? RL.el("details", { open: true }, RL.el("summary", {}, "environment log"), RL.el("pre", {}, r.logs.join("\n"))) : null,
       RL.el("details", {}, RL.el("summary", {}, "dataset row"), RL.el("pre", {}, JSON.stringify(r.example, null, 2))));
   }
@@ -85,8 +94,13 @@
       canvas.title = p ? "example " + h.examples[p.i] + ", step " + h.steps[p.j] + ": mean reward " + RL.fmt(h.values[p.i][p.j]) : "";
     });
     canvas.addEventListener("click", (ev) => { const p = at(ev); if (p) onPick(h.examples[p.i], h.steps[p.j]); });
-    return RL.append(box, [RL.el("div", { class: "muted small" }, h.examples.length + " examples (rows) × " + h.steps.length +
-      " steps (columns); mean reward from " + RL.fmt(lo) + " (dark) to " + RL.fmt(hi) + " (light); click a cell to list its rollouts"), canvas]);
+    // column labels: the step of each column (every n-th when the columns are narrow)
+    const every = Math.ceil(24 / cw);
+    const axis = RL.el("div", { class: "heat-axis", id: "heat-axis", style: { width: canvas.width + "px" } },
+      h.steps.map((s, j) => RL.el("span", { style: { left: j * cw + "px", width: cw * every + "px" } }, j % every ? "" : String(s))));
+    return RL.append(box, [RL.el("div", { class: "muted small" }, h.split + " rollouts: " + h.examples.length + " examples (rows) × " + h.steps.length +
+      " steps (columns); mean reward from " + RL.fmt(lo) + " (dark) to " + RL.fmt(hi) + " (light); click a cell to list its rollouts"),
+      canvas, axis, RL.el("div", { class: "muted small" }, "step")]);
   }
 
   RL.tabs.rollouts = {
@@ -112,7 +126,9 @@
       const next = RL.el("button", { onclick: () => { f.offset += PAGE; load(); } }, "next ›");
       const list = RL.el("table", { class: "grid rollouts", id: "rollout-list" });
       const detail = RL.el("div", { class: "detail", id: "rollout-detail" }, RL.el("p", { class: "muted" }, "Click a rollout to read its transcript."));
-      const heat = RL.el("details", { open: true, class: "panel" }, RL.el("summary", {}, "Reward per example across steps"));
+      const heatSplit = RL.el("select", { id: "heat-split", onchange: () => loadHeat() },
+        [["auto", "split with data across steps"], ["train", "train"], ["eval", "eval (held-out)"]].map(([v, l]) => RL.el("option", { value: v }, l)));
+      const heat = RL.el("details", { open: true, class: "panel" }, RL.el("summary", {}, "Reward per example across steps"), heatSplit);
       ctx.body.append(
         RL.el("div", { class: "filters" }, field("split", inputs.split), field("step", inputs.step), field("search", inputs.search),
           field("example", inputs.example), field("reward ≥", inputs.min_reward), field("reward ≤", inputs.max_reward),
@@ -128,7 +144,9 @@
         f.step = inputs.step.value;
       }
       async function loadHeat() {
-        const h = await RL.api(base + "/heatmap", { split: f.split });
+        // the split whose examples were sampled at several steps, unless one is picked here
+        const h = await RL.api(base + "/heatmap", { split: heatSplit.value });
+        if (heatSplit.value === "auto") heatSplit.dataset.shown = h.split;
         heat.querySelectorAll(".heatmap").forEach((n) => n.remove());
         heat.appendChild(heatmap(h, (example, step) => { inputs.example.value = example; inputs.step.value = String(step); apply(); }));
       }

@@ -57,6 +57,7 @@
 
   RL.tabs.train = {
     async mount(ctx) {
+      ctx.focus = RL.health.parseFocus(ctx.arg);
       const grid = RL.el("div", { class: "charts", id: "train-charts" });
       const live = RL.el("span", { class: "muted", id: "train-live" });
       ctx.smooth = RL.smoothing((a) => ctx.charts.forEach((c) => c.update(null, a)));
@@ -89,13 +90,26 @@
       const groups = layout(Object.keys(series));
       const shape = JSON.stringify(groups);
       const alpha = ctx.smooth.value();
+      const findings = RL.health.cache[ctx.runId] || (await RL.health.load(ctx.runId));
       if (shape === ctx.shape) {
         groups.forEach((g, i) => ctx.charts[i].update(lists(g, series), alpha));
       } else {
         ctx.charts.forEach((c) => c.destroy());
         RL.clear(ctx.grid);
-        ctx.charts = groups.map((g) => RL.lineChart(ctx.grid, g.title, g.keys.map(label), lists(g, series), alpha));
+        ctx.charts = groups.map((g) => Object.assign(RL.lineChart(ctx.grid, g.title, g.keys.map(label), lists(g, series), alpha), { keys: g.keys }));
         ctx.shape = shape;
+      }
+      // health findings: each chart shades the step windows of the findings about its metrics
+      ctx.charts.forEach((c) => c.setBands(RL.health.bands(findings, c.keys)));
+      if (ctx.focus) {  // opened from the findings strip: scroll to that chart and mark it
+        const target = ctx.charts.find((c) => c.keys.includes(ctx.focus.key));
+        if (target) {
+          const box = target.u.root.parentNode;
+          box.classList.add("focused");
+          box.id = "focused-chart";
+          box.scrollIntoView({ block: "center" });
+        }
+        ctx.focus = null;
       }
       if (!groups.length) ctx.grid.appendChild(RL.el("p", { class: "muted" }, "No metrics logged yet."));
       const running = ctx.run.status === "running";
