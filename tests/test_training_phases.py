@@ -84,3 +84,25 @@ def test_mcp_restart_false_makes_every_mcp_server_of_the_environment_fail_fast()
     strict = without_mcp_restarts(env)
     assert [s.restart for s in strict.mcp_servers] == [False] and [s.restart for s in env.mcp_servers] == [True]
     assert strict.function_tools.keys() == env.function_tools.keys()
+
+
+def test_the_step_1_signal_line_says_which_warm_up_to_run_when_no_tool_call_is_valid(model_dir, tmp_path):
+    from rlft.store import RunStore
+    from rlft.training.loop import train
+
+    def lookup(key: str) -> str:
+        """Look a key up.
+
+        Args:
+            key: what to look up
+        """
+        return key
+
+    # partial credit keeps groups untied, so the tied-groups warning alone would say nothing
+    env = Environment(tools=[lookup], rewards=[lambda ro: len(set(ro.completion)) / 16], max_tokens=8)
+    rows = [{"prompt": f"say {i}"} for i in range(8)]
+    run_id = train(_cfg(model_dir, tmp_path / "runs", steps=1), environment=env, dataset=rows)
+    store = RunStore(tmp_path / "runs", readonly=True)
+    signal = [e["message"] for e in store.logs(run_id) if e["source"] == "signal"]
+    store.close()
+    assert any("made a valid tool call" in m and "rlft sft" in m for m in signal), signal

@@ -244,11 +244,12 @@ def validate_environment(run: Run) -> None:
 
 
 def report_signal(run: Run, groups: list[Group], step: int) -> None:
-    """The first step's signal line: base reward, pass@G, tied groups, and warnings."""
+    """The first step's signal line: base reward, pass@G, tied groups, and warnings (tools never called
+    validly included, with the warm-up command: the advice is needed at step 1, whatever the tied share)."""
     from rlft.evaluate import signal_report
 
     cfg = run.cfg
-    report = signal_report(distributed.gather_groups(groups), cfg.success_threshold)
+    report = signal_report(distributed.gather_groups(groups), cfg.success_threshold, tools=len(run.env.tools))
     m = report.metrics
     run.note(f"[signal] step {step + 1}: mean reward {m.get('reward/mean', 0):.3f}, pass@{cfg.group_size} "
              f"{m.get('pass@k', 0):.2f}, max@{cfg.group_size} {m.get('max@k', 0):.3f}, "
