@@ -41,7 +41,7 @@ from rlft.episode import (
     add_tool,
     derive_seed,
 )
-from rlft.mcp.client import MCPServer  # light: the MCP SDK loads when a server connects
+from rlft.mcp.server import MCPServer  # a value: the MCP SDK loads when a server connects
 from rlft.rewards import Reward, as_reward, score_group
 from rlft.tools import Tool, tool
 from rlft.types import Group, Message, Rollout, RolloutError, Termination, ToolCall

@@ -87,7 +87,7 @@ class Monitor:
         self.announced: dict[str, set[str]] = {}
 
     def __call__(self, run: Any, at_step: int, metrics: dict[str, float]) -> list[Finding]:
-        metrics[TOOLS_KEY] = float(len(getattr(run.env, "tools", []) or []))
+        metrics[TOOLS_KEY] = float(len(run.env.tools))
         series = run.store.metrics(run.run_id)
         for k, v in metrics.items():  # this step is not stored yet
             series.setdefault(k, []).append((at_step, v))
