@@ -2,6 +2,7 @@
 
 - ``app.py``: the HTTP app (chat and completions, streaming, adapters by name), the background
   server used by tests and the console;
+- ``requests.py``: the request bodies and how each becomes prompt ids and sampling params;
 - ``models.py``: model names, loading and the request/response mapping.
 """
 

@@ -61,8 +61,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 try:  # the serve extra; without it this module still imports (the CLI's arguments), create_app says what to install
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -87,116 +85,19 @@ from rlft.serve.models import (
     token_stream,
     tool_setup,
 )
+from rlft.serve.requests import (
+    ChatRequest,
+    CompletionRequest,
+    LoraRequest,
+    completion_logprobs,
+    completion_prompts,
+    sampling_params,
+)
 
 MAX_BODY_BYTES = 32 * 2**20  # a request body larger than this is refused (413), before it is read
 
 __all__ = ["APIError", "BackgroundServer", "ChatRequest", "CompletionRequest", "add_serve_arguments", "create_app",
            "run_server", "serve_main", "token_stream"]
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other OpenAI fields are accepted and ignored
-
-    model: str
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = Field(1, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    return_token_ids: bool = False
-
-
-class CompletionRequest(BaseModel):
-    """``/v1/completions`` (the legacy OpenAI route, with vLLM's token-id extensions)."""
-
-    model_config = ConfigDict(extra="allow")  # other OpenAI/vLLM fields are accepted and ignored
-
-    model: str
-    prompt: Any  # token ids, a string, or a list of either (checked in _completion_prompts)
-    n: int = Field(1, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    max_tokens: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
-    stream: bool = False
-    return_token_ids: bool = False
-    max_completion_tokens: None = None  # (chat only; lets _sampling read both request kinds)
-
-
-class LoraRequest(BaseModel):
-    lora_name: str = Field(min_length=1)
-    lora_path: str = ""  # load only
-
-
-# -- requests -> sampling params ------------------------------------------------------------------
-
-def _sampling(req: ChatRequest | CompletionRequest, prompt_len: int, context: int | None,
-              default_max: int) -> list[SamplingParams]:
-    limit = req.max_completion_tokens or req.max_tokens
-    room = context - prompt_len if context else None
-    what = "messages" if isinstance(req, ChatRequest) else "prompt"
-    if room is not None and room <= 0:
-        raise APIError(400, f"This model's maximum context length is {context} tokens, but the {what} take "
-                            f"{prompt_len} tokens.", param=what, code="context_length_exceeded")
-    if limit is None:
-        limit = default_max if room is None else min(default_max, room)
-    elif room is not None and limit > room:
-        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                            f"{prompt_len + limit} tokens ({prompt_len} in the {what}, {limit} in the completion).",
-                       param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-                       code="context_length_exceeded")
-    stops = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]
-    return [SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
-                           top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0),
-                           max_new_tokens=limit, stop=stops, seed=None if req.seed is None else req.seed + i)
-            for i in range(req.n)]
-
-
-def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
-    """``prompt`` of /v1/completions -> token-id prompts: ids, a string, or a list of either."""
-    def one(p: Any, where: str) -> list[int]:
-        if isinstance(p, str):
-            ids = tokenizer.encode(p)
-        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            ids = list(p)
-            vocab = len(tokenizer)
-            if any(t < 0 or t >= vocab for t in ids):
-                raise APIError(400, f"{where}: token ids must be in [0, {vocab})", param="prompt")
-        else:
-            raise APIError(400, f"{where} must be a string or a list of token ids", param="prompt")
-        if not ids:
-            raise APIError(400, f"{where} is empty", param="prompt")
-        return ids
-
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        return [one(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
-    return [one(prompt, "prompt")]
-
-
-def _completion_logprobs(tokenizer: Any, tokens: list[int], logprobs: list[float]) -> dict[str, Any]:
-    """The legacy ``logprobs`` object: one entry per sampled token (``top_logprobs``: the sampled one)."""
-    strs = [tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
-    lps = [max(float(lp), -9999.0) for lp in logprobs]
-    offsets, at = [], 0
-    for t in strs:
-        offsets.append(at)
-        at += len(t)
-    return {"tokens": strs, "token_logprobs": lps, "top_logprobs": [{t: lp} for t, lp in zip(strs, lps)],
-            "text_offset": offsets}
 
 
 def _json(e: APIError) -> JSONResponse:
@@ -413,10 +314,10 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
             raise APIError(400, "only the sampled token's logprob is returned: use logprobs=0", param="logprobs")
         entry, served = await acquire(req.model)
         try:
-            prompts = await off_loop(_completion_prompts, served.renderer.tokenizer, req.prompt)
+            prompts = await off_loop(completion_prompts, served.renderer.tokenizer, req.prompt)
             if len(prompts) * req.n > max_n:
                 raise APIError(400, f"prompts x n must be at most {max_n}, got {len(prompts) * req.n}", param="n")
-            jobs = [(p, _sampling(req, len(p), served.max_context, default_max_tokens)) for p in prompts]
+            jobs = [(p, sampling_params(req, len(p), served.max_context, default_max_tokens)) for p in prompts]
             try:
                 samples = await asyncio.gather(*(served.engine.generate(p, sp)
                                                  for p, params in jobs for sp in params))
@@ -429,7 +330,7 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
             prompt, params = jobs[i // req.n]
             text, _, finish = final_choice(served, s, params[0].stop, False)
             c: dict[str, Any] = {"index": i, "text": text, "finish_reason": finish,
-                                 "logprobs": _completion_logprobs(tok, s.tokens, s.logprobs)
+                                 "logprobs": completion_logprobs(tok, s.tokens, s.logprobs)
                                  if req.logprobs is not None else None}
             if req.return_token_ids:
                 c["prompt_token_ids"], c["token_ids"] = prompt, list(s.tokens)
@@ -464,7 +365,7 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
                 prompt = await off_loop(served.renderer.render_prompt, messages, tools)
             except Exception as e:  # the chat template rejected the conversation
                 raise APIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
-            params = _sampling(req, len(prompt), served.max_context, default_max_tokens)
+            params = sampling_params(req, len(prompt), served.max_context, default_max_tokens)
             if req.stream:  # the stream releases the model when it ends
                 streaming = True
                 return StreamingResponse(_stream(served, entry.name, prompt, params, req, parse, release),
