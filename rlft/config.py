@@ -122,6 +122,13 @@ class TrainConfig:
     micro_batch_tokens: int = 4096  # tokens per forward/backward micro-batch (length-bucketed)
     distributed: str = "ddp"  # multi-process strategy under torchrun: ddp | fsdp2 (sharded); gloo on CPU, NCCL on GPU
     seed: int = 0  # seeds data order, sampling and init
+    # -- SFT warm-up before RL (rlft.training.warmup) --------------------------------------
+    sft_data: str = ""  # transcripts file, or "demonstrate" (the env's demonstrate(example) on the train split)
+    sft_steps: int = 0  # warm-up optimizer steps (0 = sft_epochs passes over the demonstrations)
+    sft_epochs: int = 3  # warm-up passes over the demonstrations (when sft_steps = 0)
+    sft_batch_size: int = 8  # transcripts per warm-up step
+    sft_learning_rate: float = 2e-4  # warm-up learning rate (constant; its own AdamW, not RL's)
+    sft_min_reward: float = 0.0  # demonstrations scoring below this in the environment are left out
     # -- run, checkpoints, eval ----------------------------------------------------------
     runs_dir: str = "runs"  # workspace: the run store and per-run directories
     run_name: str = ""  # name of the run (default: generated)
@@ -166,7 +173,14 @@ class TrainConfig:
                               "(a server the Ray actors "
                               f"can reach: rlft serve, or vllm serve --enable-lora), not engine = {out.engine!r}: the "
                               "in-process HF engine and the colocated vLLM engine cannot be shared with actors")
-        for k in ("batch_size", "group_size", "steps", "max_seq_len", "micro_batch_tokens", "epochs"):
+        if out.sft_data and out.sft_data != "demonstrate" and not Path(out.sft_data).exists():
+            raise ConfigError(f"sft_data = {out.sft_data!r}: no such file (a transcripts file, or \"demonstrate\" "
+                              "for the environment's demonstrate function)")
+        for k in ("sft_steps", "sft_epochs"):
+            if getattr(out, k) < 0:
+                raise ConfigError(f"{k} must be 0 or more, got {getattr(out, k)}")
+        for k in ("batch_size", "group_size", "steps", "max_seq_len", "micro_batch_tokens", "epochs",
+                  "sft_batch_size"):
             if getattr(out, k) < 1:
                 raise ConfigError(f"{k} must be at least 1, got {getattr(out, k)}")
         return out
@@ -288,7 +302,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if k not in FIELDS:
             raise unknown_key(k, FIELDS)
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    relative_to_file(cfg, base, ("env", "data", "eval_data", "chat_template"))
+    relative_to_file(cfg, base, ("env", "data", "eval_data", "chat_template", "sft_data"))
     return cfg
 
 

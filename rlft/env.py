@@ -18,6 +18,10 @@ declaring a ``rollout`` parameter. MCP servers with ``isolated=True`` are starte
 others once per ``session()`` (an :class:`EnvSession`, shared by everything that enters it
 while it is open; a rollout outside one opens one for itself).
 
+Demonstrations: ``demonstrate=fn`` (optional) returns, for a dataset row, the assistant turns
+that solve it; ``rlft sft --env`` and the ``sft_data = "demonstrate"`` warm-up play them through
+the environment and train on the result (``rlft.sft.demonstrations``).
+
 Failure isolation: an exception in setup, the engine, a tool or ``step`` ends only that rollout
 (with its termination reason and the traceback recorded); sibling rollouts and the step go on.
 Left out here: the loop and the samplers (``rlft.episode``), training, storage, and reward
@@ -63,6 +67,9 @@ class Environment:
     rollout_timeout: float | None = None  # wall-clock seconds for a whole rollout
     max_tool_output_chars: int = 4000  # longer tool outputs are truncated, with a marker
     name: str = "environment"
+    # example -> the assistant's turns that solve it (a string, a list of messages, or None):
+    # SFT warm-up demonstrations, played through this environment (rlft.sft.demonstrations)
+    demonstrate: Callable[[dict[str, Any]], Any] | None = None
 
     def __post_init__(self):
         self.tools = list(self.tools)

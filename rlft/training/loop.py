@@ -13,6 +13,7 @@ What this loop adds to ``rlft.training.minimal`` (read that one first):
 - overlap (``overlap = true``): :class:`SampleAhead` samples step n+1 from the engine's own copy
   of the weights while step n trains in a thread; those rollouts lag one version, and the update
   takes the sampler's logprobs as their old policy;
+- the SFT warm-up before step 1 (``sft_data``, ``rlft.training.warmup``);
 - dynamic sampling (``refill``), resume, validation before step 1, the step-1 signal report,
   stop requests from the console, trackers, and the held-out evals.
 Left out here: the update's math (``rlft.training.update``, ``rlft.training.grpo``), weight sync
@@ -44,11 +45,19 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     ``resume``: a run id (or name) to continue from its last checkpoint."""
     with open_run(as_config(config, overrides), environment=environment, dataset=dataset, resume=resume) as run:
         cfg = run.cfg  # a resumed run's own config
-        base_eval = None
+        base_eval = warm_eval = None
         if run.start_step == 0:
             if cfg.validate:
                 validate_environment(run)
-            base_eval = evaluate(run, 0)
+            if cfg.sft_data:  # 0. the SFT warm-up: its steps are -N+1..0, the base eval at -N
+                from rlft.training.warmup import plan_warmup, warm_up
+
+                plan = plan_warmup(run)
+                base_eval = evaluate(run, -plan.steps)
+                warm_up(run, plan)
+                warm_eval = evaluate(run, 0)
+            else:
+                base_eval = evaluate(run, 0)
         elif eval_due(cfg, run.start_step) and not run.store.has_eval(run.run_id, run.start_step):
             evaluate(run, run.start_step)  # the run was killed between this step's checkpoint and its eval
         with SampleAhead(run) as ahead:
@@ -87,8 +96,11 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
         final_eval = evaluate(run, cfg.steps)
         run.progress.finish()
         if base_eval and final_eval:
-            run.progress.note(f"held-out reward {base_eval['reward/mean']:.3f} -> {final_eval['reward/mean']:.3f}, "
-                              f"pass@{cfg.eval_k} {base_eval['pass@k']:.2f} -> {final_eval['pass@k']:.2f}")
+            chain = [e for e in (base_eval, warm_eval, final_eval) if e]
+            rewards = " -> ".join(f"{e['reward/mean']:.3f}" for e in chain)
+            passes = " -> ".join(f"{e['pass@k']:.2f}" for e in chain)
+            run.note(f"held-out reward {rewards}, pass@{cfg.eval_k} {passes}"
+                     + (" (base -> after warm-up -> after RL)" if warm_eval else ""), step=cfg.steps)
         run.store.set_status(run.run_id, "completed")
         distributed.barrier()  # every rank tears down together
         return run.run_id

@@ -22,7 +22,8 @@ from rlft.config import ConfigError, TrainConfig
 from rlft.data import Dataset
 from rlft.env import Environment
 
-PATH_KEYS = ("env", "data", "eval_data", "chat_template", "model")  # made absolute when they name a file here
+# made absolute when they name a file here
+PATH_KEYS = ("env", "data", "eval_data", "chat_template", "model", "sft_data")
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
