@@ -53,7 +53,7 @@ from rlft.rewards.checks.answers import (
     parse_number,
     tag_format,
 )
-from rlft.rewards.checks.common import Check
+from rlft.rewards.checks.common import Check as Check  # the type of what a factory returns
 from rlft.rewards.checks.structured import (
     json_fields_match,
     json_parse,
@@ -79,7 +79,6 @@ from rlft.rewards.checks.usage import length_penalty, tool_usage
 from rlft.rewards.sql import extract_sql, sql_parses, sql_result_match  # the SQL graders live there
 
 __all__ = [
-    "Check",
     "extract_answer", "last_number", "normalize", "parse_number", "numbers_equal", "math_equal", "json_parse",
     "json_schema_errors", "sql_parses", "sql_result_match", "extract_sql", "word_count", "sentence_count",
     "citations", "citation_precision_recall", "exact_match", "numeric_match", "math_match", "tag_format",
