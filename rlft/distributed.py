@@ -36,6 +36,9 @@ the full weights and optimizer state (:func:`full_state_dict`, :func:`full_optim
 rank 0 writes them in the same format as one process, so they load with plain ``transformers`` /
 ``peft`` and resume on any number of ranks. Left out: sharded (per-rank) checkpoint files, CPU
 offload of parameters, and an engine that samples from the shards themselves.
+
+Why one module: nothing else in rlft knows about ranks; every collective the trainer runs is
+here, so a reader sees the whole multi-process contract in one file.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ LoRA (``lora=LoraSpec(...)``) wraps the model with peft; the reference policy fo
 is then the same module with the adapters switched off (:meth:`Policy.reference`), so no second
 copy of the weights is held. For full finetuning, :meth:`Policy.freeze_reference` keeps a frozen
 copy of the weights as they are when it is called.
+
+Why one module: ``load_policy`` decides what a ``Policy`` holds (the model, LoRA wrapping or an
+adapter directory's base, dtype, device, chat template) and ``Policy.save`` writes what it reads
+back; the two halves of that round trip change together.
 """
 
 from __future__ import annotations

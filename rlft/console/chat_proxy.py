@@ -27,6 +27,9 @@ reports no usage). A custom ``step`` sees an empty ``example`` (a chat has no da
 environment that cannot be loaded (its file moved, an import fails) means plain chat, and the
 ``env`` event says so. Loading the environment runs the user's module in the console process
 (the trainer and torch are never imported by the console itself).
+
+Why one module: the model list, the streamed relay and the episode's turn source share one
+upstream client and one SSE event format; split, that format would be spread over files.
 """
 
 from __future__ import annotations

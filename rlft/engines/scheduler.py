@@ -1,12 +1,12 @@
 """How requests reach HFEngine's model: a worker thread, or a task on the caller's event loop.
 
-``Scheduler`` is the half of :class:`rlft.engines.hf.HFEngine` that queues requests, runs the
+``Scheduler`` is the part of :class:`rlft.engines.hf.HFEngine` that queues requests, runs the
 scheduling loop (admit new requests, decode one step, deliver finished samples) and hands the
 results back to the callers' event loops. Two drivers run that loop: a worker thread (the
 default: the event loop stays responsive while the model runs) and, with ``inline=True``, a
 task on the caller's own event loop (see HFEngine's docstring for why that is faster on CPU
 when the same process trains). The model work itself (prefill, decode step, sampling, batch
-surgery) lives in ``hf.py``; this module never touches tensors.
+surgery) lives in ``decode.py``; this module never touches tensors.
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def enqueue(engine: Any, req: Any, thread_name: str) -> None:
 
 
 class Scheduler:
-    """Request queueing and the scheduling loop; HFEngine supplies ``_admit``, ``_step``, ``model``,
-    ``lock``, ``stats``, ``max_batch_size``, ``batch_wait_s`` and the queues set up in its ``__init__``."""
+    """Request queueing and the scheduling loop; HFEngine supplies ``_admit`` and ``_step`` (from
+    :class:`rlft.engines.decode.BatchedDecode`), ``model``, ``lock``, ``stats``, ``max_batch_size``,
+    ``batch_wait_s`` and the queues set up in its ``__init__``."""
 
     def _submit(self, req: _Request) -> None:
         enqueue(self, req, "rlft-hf-engine")

@@ -36,6 +36,10 @@ TrainConfig by ``rlft.engines.factory.engine_options``); this module never reads
 
 Not run on a GPU in this repository's CI: written against vLLM's documented offline API (v0.10+,
 V1 engine); the CPU tests exercise the plumbing with a stand-in for ``vllm``.
+
+Why one module: the queue, the worker thread, weight sync and sleep/wake all act on one ``LLM``
+object under the colocation rules above; what stands apart (settings, model path, LoRA rank) is
+a few short functions at the top.
 """
 
 from __future__ import annotations

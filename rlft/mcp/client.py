@@ -60,6 +60,10 @@ What it leaves out
 
 ``mcp`` is imported only when a connection is opened: ``import rlft`` and building
 ``MCPServer`` values work without the extra installed.
+
+Why one module: a connection's owner task, its calls, restarts and clean-up share the
+connection's state and the cancellation rules above, which only hold when read together; the
+server description (``server.py``), the launcher and stderr capture already stand apart.
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ ranking call counts 1/G per sibling, so batch sums are totals), ``judge/cache_hi
 
 Needs ``openai`` (imported at the first call). Left out: streaming, logprob-weighted scores,
 pairwise comparison, prompt-injection defences, cost accounting.
+
+Why one module: ``Judge`` is one client whose prompts, reply parsing, retries, cache and
+statistics share its state (the concurrency limit, the LRU, the counters); the rubric and ranking
+rewards are thin methods over it.
 """
 
 from __future__ import annotations

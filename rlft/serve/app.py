@@ -43,6 +43,9 @@ sent when complete (a call is recognisable only whole), as one content and/or to
 Left out: streaming and ``echo`` on ``/v1/completions``, embeddings, ``top_logprobs`` > 0, images/audio
 parts, and (accepted, ignored) presence/frequency penalties, ``logit_bias``, ``response_format``,
 ``parallel_tool_calls``.
+
+Why one module: each route reads top to bottom with its streaming (SSE) and error mapping; the
+request bodies and their translation live in ``requests.py``, the model side in ``models.py``.
 """
 
 from __future__ import annotations

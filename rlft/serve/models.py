@@ -26,6 +26,10 @@ Engines: what the server asks of one is :class:`ServedEngine` (generate, generat
 ``max_context``, close). The registry's own (``engine_factory``, default HFEngine) are ServedEngines;
 an engine plugged in by the caller that only generates is served through :class:`Unstreamed`
 (its finished sample streamed in per-token chunks; closing it stays the caller's business).
+
+Why one module: a served name, how it loads, the LRU that evicts it and the ServedEngine it
+resolves to are one registry's state; the HTTP side already stands apart (``app.py``,
+``requests.py``).
 """
 
 from __future__ import annotations
