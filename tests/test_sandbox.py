@@ -20,8 +20,17 @@ from rlft.types import Rollout
 MODES = ["namespaces", "fallback"]  # fallback: the child is denied the namespaces it could get
 
 
-def kw(mode):
-    return {"namespaces": mode == "namespaces"}
+def kw(mode):  # the fallback is rlimits only: run_code refuses it unless asked to run unconfined
+    return {"namespaces": True} if mode == "namespaces" else {"namespaces": False, "unconfined": True}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def unconfined_where_the_machine_has_no_namespaces():
+    """These tests check what each protection does at the level this machine grants; the
+    refusal below level "namespaces" is tests/test_sandbox_isolation.py's."""
+    previous = sandbox.set_unconfined(not sandbox.isolation().confined)
+    yield
+    sandbox.set_unconfined(previous)
 
 
 def leftovers():
@@ -231,7 +240,7 @@ def test_sandbox_directory_is_removed_without_following_symlinks(tmp_path):
 def test_protections_on_this_machine_are_reported(prot):
     assert "rlimits" in prot
     assert "netns" in prot or "socket_patch" in prot
-    assert run_code("pass", [], namespaces=False).protections.count("socket_patch") == 1
+    assert run_code("pass", [], namespaces=False, unconfined=True).protections.count("socket_patch") == 1
 
 
 NON_ROOT = r"""
@@ -244,10 +253,10 @@ sleepers = "import os, time\nfor i in range(3):\n    if os.fork() == 0:\n       
 out = {}
 for ns in (True, False):
     a = m.run_code("import os\ndef f(x):\n    return x + 1\n", ["assert f(1) == 2", "assert f(1) == 3",
-                   "assert 'RLFT_TEST_SECRET' not in os.environ"], namespaces=ns)
+                   "assert 'RLFT_TEST_SECRET' not in os.environ"], namespaces=ns, unconfined=True)
     b = m.run_code("import socket\nsocket.create_connection(('127.0.0.1', %d), timeout=1)" % int(sys.argv[2]), [],
-                   namespaces=ns)
-    m.run_code(sleepers, ["assert True"], namespaces=ns)
+                   namespaces=ns, unconfined=True)
+    m.run_code(sleepers, ["assert True"], namespaces=ns, unconfined=True)
     left = 0
     for p in os.listdir("/proc"):
         try:

@@ -180,8 +180,21 @@ def _toml(cfg) -> str:
     return to_toml(cfg.to_dict())
 
 
-def _session(cfg):
-    """(environment, train split, eval split, sampler) for a config, model loaded."""
+def _sandbox_isolation(cfg, env, module, out) -> None:
+    """Print the code sandbox's isolation when the environment runs code in it; below level
+    "namespaces" without ``sandbox_unconfined = true``, a user error before the model loads."""
+    from rlft.rewards.confinement import environment_isolation
+    from rlft.rewards.sandbox import set_unconfined
+
+    set_unconfined(cfg.sandbox_unconfined)  # one command, one process: for run_code in the rewards
+    iso = environment_isolation(env, module)
+    if iso is not None:
+        print(("" if iso.confined else "WARNING: ") + iso.line(), file=out)
+
+
+def _session(cfg, out=sys.stdout):
+    """(environment, train split, eval split, sampler) for a config, model loaded; ``out``: where
+    the sandbox's isolation line goes."""
     from rlft.engines.base import SamplingParams
     from rlft.engines.factory import engine_options, make_engine
     from rlft.env import Sampler
@@ -190,6 +203,7 @@ def _session(cfg):
     from rlft.renderer import Renderer
 
     env, module, _ = load_environment(cfg.env)
+    _sandbox_isolation(cfg, env, module, out)
     train_set, eval_set = load_splits(cfg, module)
     policy = load_policy(cfg.model, dtype=cfg.dtype, chat_template=cfg.chat_template or None)
     renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
@@ -202,7 +216,7 @@ def cmd_validate(args) -> int:
     from rlft.evaluate import format_transcript, signal_report, tool_warnings, validate
 
     cfg = _config(args)
-    env, train_set, _, sampler, _ = _session(cfg)
+    env, train_set, _, sampler, _ = _session(cfg, out=sys.stderr if args.json else sys.stdout)
     if args.signal:
         g = args.group_size or cfg.group_size
         examples = list(train_set)[: args.prompts]
@@ -285,6 +299,7 @@ def cmd_eval(args) -> int:
         if not args.external_model:
             raise SystemExit("--base-url needs --model NAME")
         env, module, _ = load_environment(cfg.env)
+        _sandbox_isolation(cfg, env, module, sys.stderr if args.json else sys.stdout)
         _, eval_set = load_splits(cfg, module)
         prices = {}
         if args.price:
@@ -295,7 +310,7 @@ def cmd_eval(args) -> int:
         sampler = ChatSampler(engine, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p))
         label = f"{args.external_model}@{args.base_url}"
     else:
-        env, _, eval_set, sampler, policy = _session(cfg)
+        env, _, eval_set, sampler, policy = _session(cfg, out=sys.stderr if args.json else sys.stdout)
         if args.run:
             run_id, step, policy = _load_checkpoint(cfg, args, policy, sampler)
             label = f"ft:{cfg.model}:{run_id}:{step}"

@@ -283,6 +283,24 @@ def _imports(*modules: str) -> str:
     return ""
 
 
+def _sandbox_check() -> bool:
+    """The code sandbox's isolation level on this machine (one empty sandbox run)."""
+    from rlft.rewards.sandbox import SandboxRefusedError, isolation
+
+    try:
+        iso = isolation()
+    except SandboxRefusedError as e:  # not even an rlimits-only sandbox starts
+        print(f"  MISSING sandbox: {e}\n          fix: a Linux machine with python3 (RLFT_SANDBOX_PYTHON=...)")
+        return False
+    if iso.confined:
+        print(f"  ok    {iso.line()}")
+        return True
+    print(f"  LIMITED {iso.line()}\n          untrusted code (code_tests, run_code) is refused here unless "
+          "sandbox_unconfined = true\n          fix: run on a Linux host or VM that allows namespaces (docker: "
+          "--cap-add SYS_ADMIN with a seccomp profile that allows unshare), or opt in to rlimits only")
+    return False
+
+
 def cmd_doctor(args) -> int:
     ok = True
 
@@ -317,6 +335,7 @@ def cmd_doctor(args) -> int:
           "pip install 'rlft[serve]'")
     check("chromium (console browser tests)", lambda: shutil.which("chromium") or (_ for _ in ()).throw(
         FileNotFoundError("no chromium on PATH")), "apt-get install chromium")
+    ok = _sandbox_check() and ok
     print("all good" if ok else "some optional parts are missing (see fixes above)")
     return 0 if ok else 1
 

@@ -7,7 +7,9 @@ one prompt at once (ranking, diversity) and returns one value (or dict) per roll
 
 Scoring never lets one bad function hurt anything else: an exception, a timeout, a NaN or an
 infinity scores 0 for that component on that rollout, records the error with its traceback on
-the rollout, and leaves sibling rollouts and other components alone. Rollouts that already
+the rollout, and leaves sibling rollouts and other components alone. One exception: the code
+sandbox refusing to run untrusted code here (``SandboxRefusedError``: no namespaces, and no
+``sandbox_unconfined = true``) stops the step, since every rollout would silently score 0. Rollouts that already
 failed (setup, model, timeout, fatal tool errors) are not scored: all their components are 0.
 Ready-made graders live in ``rlft.rewards.checks`` (and ``sql``), the code sandbox in
 ``rlft.rewards.sandbox``, LLM-judge rubrics in ``rlft.rewards.judge``.
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rlft.rewards.sandbox import SandboxRefusedError
 from rlft.types import Rollout, Termination
 
 # Rollouts ending with these never reached a state worth scoring.
@@ -98,6 +101,8 @@ async def score_rollout(rollout: Rollout, rewards: list[Reward], timeout: float 
                                  TimeoutError(f"reward {r.name!r} timed out after {r.timeout or timeout}s"))
             comps = {r.name: 0.0}
             del e
+        except SandboxRefusedError:  # not this rollout's fault: no rollout could be scored
+            raise
         except Exception as e:  # noqa: BLE001 - a broken reward must not break the step
             rollout.record_error(f"reward:{r.name}", e)
             comps = {r.name: 0.0}
@@ -127,6 +132,8 @@ async def score_group(rollouts: list[Rollout], rewards: list[Reward], timeout: f
                 raise RewardValueError(
                     f"group reward {rw.name!r} returned {len(values)} values for {len(scorable)} rollouts")
             per = [_components(rw, v) for v in values]
+        except SandboxRefusedError:
+            raise
         except Exception as e:  # noqa: BLE001
             if isinstance(e, asyncio.TimeoutError):
                 e = TimeoutError(f"group reward {rw.name!r} timed out after {rw.timeout or timeout}s")

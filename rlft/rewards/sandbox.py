@@ -8,6 +8,20 @@ is the reward: the fraction of the example's tests that the completion's code pa
 ```python fenced block of the completion, or the whole text). ``protections()`` reports which
 of the protections below this machine grants.
 
+**Isolation level, and the refusal.** ``isolation()`` probes once per process (one empty
+sandbox) and says the level this machine gives: "namespaces" (at least its own network and a
+read-only filesystem outside its directory), "partial-namespaces" or "rlimits-only" (containers
+without CAP_SYS_ADMIN, kernels or sandboxes that forbid user namespaces, macOS), with what is
+missing and why (the errno the kernel gave). Below "namespaces" the protections left are the
+uid switch, the limits and the in-process socket patch: in issue #15, 7 of 35 hostile programs
+escaped them (network, writes to /tmp). So ``run_code`` refuses there with
+``SandboxRefusedError`` (its message names what is missing, why, and how to opt in) unless
+running unconfined is allowed: ``run_code(..., unconfined=True)``, ``set_unconfined(True)``,
+``RLFT_SANDBOX_UNCONFINED=1``, or ``sandbox_unconfined = true`` in a training config.
+``RLFT_SANDBOX_NO_NAMESPACES=1`` makes the child skip namespaces altogether (a real
+rlimits-only sandbox, for tests). ``rlft doctor``, ``rlft validate``/``eval`` and a run's log
+state the level (``rlft.rewards.confinement``).
+
 How a run is contained, and the limits of each protection:
 
 - **Separate process, fresh directory.** The code runs in a new interpreter (``python -I -S
@@ -63,14 +77,17 @@ harness or its tests (e.g. return an object whose ``__eq__`` is always True, pat
 kernel exploits. Without namespaces and as root the filesystem is protected only by file
 permissions and the uid switch.
 
-This file imports nothing from rlft (the child's two programs are strings in it): the tests run
-it as a standalone file under an unprivileged user that cannot read the installed package.
+This file imports nothing from rlft but ``rlft.errors`` when it is there (the child's two
+programs are strings in it): the tests run it as a standalone file under an unprivileged user
+that cannot read the installed package. That is also why it is one file of ~800 lines: the
+launcher, the harness, the parent's side and the isolation probe must travel together.
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import errno
 import json
 import os
 import re
@@ -84,11 +101,25 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+try:  # the rlft CLI prints a UserError as one line; run as a standalone file, a RuntimeError
+    from rlft.errors import UserError
+
+    _ERROR_BASES: tuple[type, ...] = (UserError, RuntimeError)
+except ImportError:
+    _ERROR_BASES = (RuntimeError,)
+
 _UID_BASE, _UID_SPAN = 1_600_000_000, 400_000_000
+
+
+class SandboxRefusedError(*_ERROR_BASES):  # type: ignore[misc]
+    """Untrusted code was not run: the sandbox is below level "namespaces" here and running it
+    unconfined was not allowed (the message says what is missing, why, and how to opt in). A
+    reward that gets it stops the run instead of scoring 0."""
+
 _ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -103,10 +134,16 @@ class SandboxResult:
     test_errors: list[str | None] = field(default_factory=list)  # per test: "AssertionError", ...
     returncode: int | None = None
     protections: list[str] = field(default_factory=list)  # what the child was granted
+    refused: dict[str, int] = field(default_factory=dict)  # syscall -> errno: namespaces the kernel refused
 
     @property
     def score(self) -> float:
         return sum(self.passed) / len(self.passed) if self.passed else 0.0
+
+    @property
+    def level(self) -> str:
+        """The isolation this run had: "namespaces" | "partial-namespaces" | "rlimits-only"."""
+        return _level(self.protections)
 
 
 # -- the two programs that run in the child ----------------------------------------------------
@@ -128,12 +165,13 @@ def setattr_(path, flags, set_, clr):  # mount_setattr(AT_FDCWD, path, flags, &a
     attr = (ctypes.c_uint64 * 4)(set_, clr, 0, 0)
     return libc.syscall(L(442), L(-100), ctypes.c_char_p(path.encode()), L(flags), attr, L(32)) == 0
 tries = [NS | PID | NET | IPC | UTS, NS | NET, NET] if root else [USER | NS | PID | NET | IPC | UTS, USER | NET]
-flags = 0
+flags, why = 0, {}  # why: syscall -> errno of what the kernel refused (the parent explains it)
 if cfg["namespaces"]:
     for f in tries:
         if libc.unshare(f) == 0:
             flags = f
             break
+        why.setdefault("unshare", ctypes.get_errno())  # the fullest set's refusal
 if flags & USER:
     uid, gid = os.getuid(), os.getgid()
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
@@ -209,6 +247,8 @@ if flags & PID:
 if flags & NS:
     if setattr_("/", 0x8000, 1 | 2, 0) and setattr_(work, 0, 0, 1):  # all RO+nosuid, workdir RW
         got.append("readonly_fs")
+    else:
+        why["mount_setattr"] = ctypes.get_errno()
 if flags & (IPC | UTS):
     got.append("ipc_uts_ns")
 R = resource
@@ -246,7 +286,7 @@ block = "netns" not in got
 if block:
     got.append("socket_patch")
 fd = cfg["fd"]
-os.write(fd, (json.dumps({"protections": got}) + "\n").encode())
+os.write(fd, (json.dumps({"protections": got, "why": why}) + "\n").encode())
 os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", "-c", cfg["harness"], str(fd), "1" if block else "0"])
 '''
 
@@ -515,7 +555,9 @@ def _read_results(res: SandboxResult, text: str, marker: str, timeout: float) ->
     done = False
     if lines:
         try:
-            res.protections = list(json.loads(lines[0]).get("protections", []))
+            first = json.loads(lines[0])
+            res.protections = list(first.get("protections", []))
+            res.refused = {str(k): int(v) for k, v in first.get("why", {}).items()}
         except (ValueError, AttributeError):
             pass
     seen: set[int] = set()
@@ -569,8 +611,13 @@ def get_max_concurrency() -> int:
 
 def run_code(code: str, tests: list[str] | str = (), *, timeout: float = 10.0, cpu_seconds: float = 5,
              memory_mb: int = 512, max_file_mb: int = 10, max_processes: int = 64, max_output_chars: int = 2000,
-             python: str | None = None, namespaces: bool = True) -> SandboxResult:
-    """Run ``code`` then each test in a contained child process; blocks until done or ``timeout``."""
+             python: str | None = None, namespaces: bool = True, unconfined: bool | None = None) -> SandboxResult:
+    """Run ``code`` then each test in a contained child process; blocks until done or ``timeout``.
+    Raises :class:`SandboxRefusedError` where the isolation is below "namespaces" (``isolation()``;
+    ``namespaces=False`` is too) unless running unconfined is allowed (``unconfined=True``,
+    ``set_unconfined(True)`` or ``RLFT_SANDBOX_UNCONFINED=1``)."""
+    check_confined(isolation(namespaces), unconfined)
+    namespaces = namespaces and not _flag(NO_NAMESPACES_ENV)
     tests = _split_tests(tests)
     sem = _thread_sem
     with sem:
@@ -630,19 +677,154 @@ def code_tests(tests_field: str = "tests", code_from: str | Callable[[Any], str]
         return result.score
 
     reward.__name__ = reward.__qualname__ = "code_tests"
+    _rewards.add(reward)
     return reward
 
 
-_protections_cache: list[str] | None = None
+_rewards: weakref.WeakSet = weakref.WeakSet()  # the code_tests rewards made in this process
+
+
+def uses_sandbox(objects: Iterable[Any]) -> bool:
+    """Whether any of ``objects`` (an environment's rewards and tools, its module's globals) is
+    this module, one of its entry points or a ``code_tests`` reward. Identity only: code that
+    reaches ``run_code`` some other way is caught by the refusal in ``run_code`` itself."""
+    mine = (sys.modules[__name__], run_code, arun_code, code_tests, *_rewards)
+    return any(obj is m for obj in objects for m in mine)
+
+
+# -- isolation level, and the refusal to run unconfined ---------------------------------------------
+CONFINING = ("netns", "readonly_fs")  # what level "namespaces" needs: no network, nothing writable outside
+NAMESPACED = ("netns", "readonly_fs", "pidns", "fresh_proc", "ipc_uts_ns")
+NO_NAMESPACES_ENV = "RLFT_SANDBOX_NO_NAMESPACES"  # testing hook: the child does not even try unshare
+UNCONFINED_ENV = "RLFT_SANDBOX_UNCONFINED"  # opt-in: run untrusted code without namespaces
+
+
+def _level(protections: list[str] | tuple[str, ...]) -> str:
+    if all(p in protections for p in CONFINING):
+        return "namespaces"
+    return "partial-namespaces" if any(p in protections for p in NAMESPACED) else "rlimits-only"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """How well the sandbox contains code on this machine. ``level`` is "namespaces" (its own
+    network and a read-only filesystem outside its directory, at least), "partial-namespaces"
+    or "rlimits-only" (limits, a uid, a socket patch in the interpreter: the 7 of 35 hostile
+    programs that escaped in issue #15 reached the network or wrote to /tmp)."""
+
+    level: str
+    protections: tuple[str, ...]  # what an empty sandbox was granted
+    missing: tuple[str, ...]  # the namespace protections it was not granted
+    reason: str  # why they are missing ("" when none is)
+
+    @property
+    def confined(self) -> bool:
+        return self.level == "namespaces"
+
+    def line(self) -> str:
+        """One line for a log: the level, what is missing and why."""
+        text = f"sandbox isolation: {self.level} ({', '.join(self.protections) or 'no protection'})"
+        if self.missing:
+            text += f"; missing {', '.join(self.missing)}: {self.reason}"
+        return text
+
+
+_ERRNO_HINTS = {
+    "EPERM": "not permitted: {who}",
+    "EACCES": "not permitted: {who}",
+    "ENOSPC": "the namespace limit is reached (sysctl user.max_user_namespaces)",
+    "EUSERS": "the namespace limit is reached (sysctl user.max_user_namespaces)",
+    "EINVAL": "this kernel was built without these namespaces",
+    "ENOSYS": "this kernel has no such system call",
+}
+
+
+def _reason(refused: dict[str, int], namespaces: bool, root: bool) -> str:
+    """Why the namespaces are missing, in words, from what the launcher reported."""
+    if not namespaces:
+        return (f"{NO_NAMESPACES_ENV}=1 is set" if _flag(NO_NAMESPACES_ENV)
+                else "namespaces=False was asked")
+    if not sys.platform.startswith("linux"):
+        return f"namespaces are a Linux feature (this is {sys.platform})"
+    who = ("the process lacks CAP_SYS_ADMIN (a container without --cap-add SYS_ADMIN, or a seccomp profile "
+           "that blocks unshare)") if root else (
+        "unprivileged user namespaces are off (sysctl kernel.unprivileged_userns_clone, "
+        "kernel.apparmor_restrict_unprivileged_userns, or a container's seccomp profile)")
+    parts = []
+    for call, err in refused.items():
+        name = errno.errorcode.get(err, f"errno {err}")
+        hint = _ERRNO_HINTS.get(name, os.strerror(err) if err else "failed").format(who=who)
+        if call == "mount_setattr" and name == "ENOSYS":
+            hint = "this kernel has no mount_setattr (Linux < 5.12), so mounts cannot be made read-only"
+        parts.append(f"{call} failed with {name}: {hint}")
+    return "; ".join(parts) or "the kernel granted fewer namespaces than asked"
+
+
+_isolation_cache: dict[tuple[bool, bool], Isolation] = {}  # (namespaces asked, the testing hook set)
+_isolation_lock = threading.Lock()
+
+
+def isolation(namespaces: bool = True) -> Isolation:
+    """The isolation a sandbox gets on this machine: probed once per process (one empty sandbox,
+    in a child, as every run is), then cached. ``namespaces=False`` (or ``RLFT_SANDBOX_NO_NAMESPACES=1``):
+    what the child gets without trying any namespace."""
+    hook = _flag(NO_NAMESPACES_ENV)
+    key, namespaces = (namespaces, hook), namespaces and not hook
+    with _isolation_lock:
+        if key not in _isolation_cache:
+            probe = _execute("pass", [], timeout=30, cpu_seconds=5, memory_mb=512, max_file_mb=1, max_processes=8,
+                             max_output_chars=2000, python=None, namespaces=namespaces)
+            if probe.error:  # no sandbox at all: say so rather than report a level
+                raise SandboxRefusedError(f"the code sandbox cannot start here: {probe.error} {probe.stderr}".strip())
+            got = tuple(probe.protections)
+            missing = tuple(p for p in NAMESPACED if p not in got)
+            _isolation_cache[key] = Isolation(
+                level=_level(got), protections=got, missing=missing,
+                reason=_reason(probe.refused, namespaces, os.geteuid() == 0) if missing else "")
+        return _isolation_cache[key]
 
 
 def protections() -> list[str]:
     """Which protections a sandbox gets on this machine (runs one empty sandbox, once)."""
-    global _protections_cache
-    if _protections_cache is None:
-        _protections_cache = run_code("pass", [], timeout=30).protections
-    return list(_protections_cache)
+    return list(isolation().protections)
+
+
+_unconfined = False
+
+
+def set_unconfined(allow: bool) -> bool:
+    """Allow (or stop allowing) ``run_code`` in this process to run code below level
+    "namespaces"; returns the previous setting. ``sandbox_unconfined = true`` in a training
+    config sets it for the run."""
+    global _unconfined
+    previous, _unconfined = _unconfined, bool(allow)
+    return previous
+
+
+def unconfined_allowed(unconfined: bool | None = None) -> bool:
+    """Whether code may run below level "namespaces": ``unconfined`` when given, else
+    ``set_unconfined(True)`` or ``RLFT_SANDBOX_UNCONFINED=1``."""
+    return unconfined if unconfined is not None else _unconfined or _flag(UNCONFINED_ENV)
+
+
+def check_confined(iso: Isolation, unconfined: bool | None = None) -> None:
+    """Raise :class:`SandboxRefusedError` when ``iso`` is below level "namespaces" and running
+    unconfined was not allowed."""
+    if iso.confined or unconfined_allowed(unconfined):
+        return
+    raise SandboxRefusedError(
+        f"refusing to run untrusted code: the sandbox's isolation here is {iso.level} (missing "
+        f"{', '.join(iso.missing)}: {iso.reason}). Without a network namespace and a read-only mount "
+        "namespace, code can reach the network and write to world-writable places outside its directory "
+        "(/tmp, /dev/shm). To run it anyway with these weaker protections, set sandbox_unconfined = true "
+        f"in the config (library use: {UNCONFINED_ENV}=1, sandbox.set_unconfined(True), or "
+        "run_code(..., unconfined=True)); to confine it, run on a Linux host or VM that allows namespaces.")
 
 
 __all__ = ["SandboxResult", "run_code", "arun_code", "set_max_concurrency", "get_max_concurrency", "code_tests",
-           "extract_code", "protections"]
+           "extract_code", "protections", "Isolation", "isolation", "set_unconfined", "unconfined_allowed",
+           "check_confined", "SandboxRefusedError", "uses_sandbox"]

@@ -146,6 +146,8 @@ def open_run(cfg: TrainConfig, *, environment: Environment | None = None, datase
     """Open everything a run needs (see the module docstring); ``resume``: a run id or name whose
     own resolved config then replaces ``cfg``."""
     from rlft.loader import load_environment, load_splits
+    from rlft.rewards.confinement import environment_isolation
+    from rlft.rewards.sandbox import set_unconfined
     from rlft.store.replica import run_store
 
     with contextlib.ExitStack() as stack:
@@ -167,6 +169,8 @@ def open_run(cfg: TrainConfig, *, environment: Environment | None = None, datase
                 env, module, env_source = load_environment(cfg.env)
             if not cfg.mcp_restart:
                 env = without_mcp_restarts(env)
+            stack.callback(set_unconfined, set_unconfined(cfg.sandbox_unconfined))  # for run_code in rewards
+            isolation = environment_isolation(env, module)  # no namespaces, not opted in: refused here
             train_set, eval_set = load_splits(cfg, module, dataset)
             train_set.check_batch_size(cfg.batch_size)
             distributed.check(cfg)
@@ -179,6 +183,8 @@ def open_run(cfg: TrainConfig, *, environment: Environment | None = None, datase
             run_id = distributed.broadcast_object(run_id)  # rank 0 created the run
             check_data(store, run_id, fingerprint, progress)
             run = _build(stack, cfg, store, run_id, env, train_set, eval_set, progress, resume=bool(resume))
+            if isolation is not None:
+                run.note(isolation.line(), level="info" if isolation.confined else "warning")
             yield run
         except BaseException as e:
             progress.finish()
