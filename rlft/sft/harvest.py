@@ -167,30 +167,36 @@ def select(rows: list[dict[str, Any]], *, min_reward: float, tools: list[dict] |
             if key in seen:
                 counts["duplicate"] += 1
                 continue
-            seen.add(key)
             if top_k_per_example and taken >= top_k_per_example:
                 counts["over_top_k"] += 1
                 continue
             where = f"{source} step {row.get('step')} example {row.get('example_id')} rollout {row.get('group_index')}"
-            found = transcript_problems({"messages": messages, "tools": tools})
-            if found:
-                counts["malformed"] += 1
-                problems.append(f"{where}: field {found[0][0]!r}: {found[0][1]}")
-                continue
             meta = {"source": source, "reward": row["reward"], "rewards": row.get("rewards") or {},
                     "example_id": row.get("example_id"), "step": row.get("step")}
-            kept.append((example_key, Transcript(messages=messages, tools=tools or None, meta=meta)))
+            transcript = Transcript(messages=messages, tools=tools or None, meta=meta)
+            problem = _problem(transcript, renderer)
+            if problem:
+                counts["malformed"] += 1
+                problems.append(f"{where}: {problem}")
+                continue
+            kept.append((example_key, transcript))
+            seen.add(key)  # only once kept: a malformed copy must not shadow a good one
             taken += 1
-    if renderer is not None and kept:  # what the trainer would report and leave out, left out here
-        from rlft.sft.transcripts import render_transcripts
-
-        examples, bad = render_transcripts(renderer, [t for _, t in kept])
-        counts["malformed"] += len(bad)
-        problems += [f"{source}: {p}" for p in bad]
-        rendered = {ex.source_index for ex in examples}
-        kept = [k for i, k in enumerate(kept) if i in rendered]
     counts["kept"], counts["examples"] = len(kept), len({key for key, _ in kept})
     return HarvestResult(transcripts=[t for _, t in kept], counts=counts, best_reward=best, problems=problems)
+
+
+def _problem(t: Transcript, renderer: Any) -> str:
+    """Why ``t`` cannot be a demonstration ("" if it can): a check of ``rlft.sft.checks``, or,
+    with a renderer, what the trainer would report and leave out (``render_transcripts``)."""
+    found = transcript_problems(t.to_row())
+    if found:
+        return f"field {found[0][0]!r}: {found[0][1]}"
+    if renderer is None:
+        return ""
+    from rlft.sft.transcripts import render_transcripts
+
+    return next(iter(render_transcripts(renderer, [t])[1]), "")
 
 
 # -- an environment's tools and held-out examples -------------------------------------------------
