@@ -66,7 +66,9 @@ class HarvestResult:
 
     def summary(self, min_reward: float) -> str:
         c = self.counts
-        return (f"{c['read']} rollouts read, {c['kept']} kept from {c['examples']} examples; dropped: "
+        skipped = (f" ({c['skipped_examples']} held-out examples not sampled)"
+                   if c.get("skipped_examples") else "")
+        return (f"{c['read']} rollouts read{skipped}, {c['kept']} kept from {c['examples']} examples; dropped: "
                 f"{c['held_out']} of held-out examples, {c['unfinished']} unfinished, {c['below']} below reward "
                 f"{min_reward:g}, {c['duplicate']} duplicates, {c['over_top_k']} over the per-example limit, "
                 f"{c['malformed']} malformed")
@@ -294,7 +296,7 @@ def harvest_teacher(env: Any, examples: list[dict[str, Any]], engine: Any, min_r
             for g in groups for r in g.rollouts]
     result = select(rows, min_reward=min_reward, tools=environment_tool_schemas(env), held_out=keys,
                     top_k_per_example=top_k_per_example, source=source, renderer=renderer)
-    result.counts["held_out"] += len(examples) - len(allowed)
+    result.counts["skipped_examples"] = len(examples) - len(allowed)
     errors = [e for g in groups for r in g.rollouts for e in r.errors if e.where == "model"]
     if errors and not result.transcripts:
         raise HarvestError(f"{source}: {len(errors)} of {len(rows)} rollouts failed to get a reply from the teacher; "
