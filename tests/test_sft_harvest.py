@@ -177,9 +177,9 @@ def test_cli_harvest_only_writes_transcripts_and_from_run_trains_the_runs_base_m
     assert cfg["model"] == ws.config["model"] and cfg["lora"] is False and cfg["dtype"] == "float32"
     demos = load_transcripts(cfg["data"])  # written under <runs>/demonstrations, whole examples held out
     assert cfg["data"].startswith(ws.runs) and demos[0].meta["source"] == f"run:{ws.run_id}"
-    if cfg["eval_data"]:
-        held = {t.meta["example_id"] for t in load_transcripts(cfg["eval_data"])}
-        assert held and not held & {t.meta["example_id"] for t in demos}
+    held = {t.meta["example_id"] for t in load_transcripts(cfg["eval_data"])}  # eval_fraction 0.1: one example
+    assert len(held) == 1 and not held & {t.meta["example_id"] for t in demos}
+    assert ws.store.metrics(new["id"], ["eval/loss"])["eval/loss"]
 
 
 TEACHER_CONFIG = """env = "env.py"
