@@ -2,6 +2,7 @@
 
     rlft sft config.toml [--set key=value ...]
     rlft sft --data transcripts.jsonl --model smollm2 [--eval-data F] [--steps N] [--set key=value ...]
+    rlft sft --from-run RUN | --teacher URL ... --min-reward X   (rlft.cli.sft_harvest)
 
 Flags are shorthands for config keys (applied after the file, before ``--set``). User errors
 (unknown key, missing file, a model that does not load, no usable transcript) print one line and
@@ -16,6 +17,8 @@ import argparse
 EPILOG = ("example:\n  rlft sft --data demos.jsonl --model smollm2 --set epochs=3\n"
           "  rlft sft sft.toml --set learning_rate=1e-4\n"
           "  rlft sft --list                      # every config key with its default\n"
+          "  rlft sft --from-run my-run --min-reward 1          # expert iteration: the run's best rollouts\n"
+          "  rlft sft --teacher URL --teacher-model NAME --env config.toml --min-reward 1\n"
           "then start RL from it: model = \"runs/<run>/checkpoints/step-<N>\" (rlft runs show <run>)")
 
 # flag -> config key
@@ -43,6 +46,9 @@ def add_sft_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
     p.add_argument("--list", action="store_true", help="list every config key with its default and meaning")
+    from rlft.cli.sft_harvest import add_harvest_args
+
+    add_harvest_args(p)
     p.set_defaults(handler=cmd_sft)
     return p
 
@@ -59,6 +65,10 @@ def cmd_sft(args) -> int:
     from rlft.sft.trainer import as_sft_config, sft
 
     flags = {key: getattr(args, flag) for flag, key in _FLAGS.items() if getattr(args, flag) is not None}
+    from rlft.cli.sft_harvest import cmd_harvest, wants_harvest
+
+    if wants_harvest(args):  # --from-run / --teacher: the transcripts come from rollouts
+        return cmd_harvest(args, flags, _overrides(args.overrides))
     cfg = load_sft_config(args.config, flags)
     run_id = sft(as_sft_config(cfg, _overrides(args.overrides)))
     print(f"sft run {run_id} finished; inspect it with `rlft runs show {run_id}`")
