@@ -180,18 +180,6 @@ def _toml(cfg) -> str:
     return to_toml(cfg.to_dict())
 
 
-def _sandbox_isolation(cfg, env, module, out) -> None:
-    """Print the code sandbox's isolation when the environment runs code in it; below level
-    "namespaces" without ``sandbox_unconfined = true``, a user error before the model loads."""
-    from rlft.rewards.confinement import environment_isolation
-    from rlft.rewards.sandbox import set_unconfined
-
-    set_unconfined(cfg.sandbox_unconfined)  # one command, one process: for run_code in the rewards
-    iso = environment_isolation(env, module)
-    if iso is not None:
-        print(("" if iso.confined else "WARNING: ") + iso.line(), file=out)
-
-
 def _session(cfg, out=sys.stdout):
     """(environment, train split, eval split, sampler) for a config, model loaded; ``out``: where
     the sandbox's isolation line goes."""
@@ -201,9 +189,10 @@ def _session(cfg, out=sys.stdout):
     from rlft.loader import load_environment, load_splits
     from rlft.policy import load_policy
     from rlft.renderer import Renderer
+    from rlft.rewards.confinement import announce_isolation
 
     env, module, _ = load_environment(cfg.env)
-    _sandbox_isolation(cfg, env, module, out)
+    announce_isolation(env, module, unconfined=cfg.sandbox_unconfined, out=out)
     train_set, eval_set = load_splits(cfg, module)
     policy = load_policy(cfg.model, dtype=cfg.dtype, chat_template=cfg.chat_template or None)
     renderer = Renderer(policy.tokenizer, tool_parser=cfg.tool_parser, tool_format=cfg.tool_format)
@@ -298,8 +287,11 @@ def cmd_eval(args) -> int:
 
         if not args.external_model:
             raise SystemExit("--base-url needs --model NAME")
+        from rlft.rewards.confinement import announce_isolation
+
         env, module, _ = load_environment(cfg.env)
-        _sandbox_isolation(cfg, env, module, sys.stderr if args.json else sys.stdout)
+        announce_isolation(env, module, unconfined=cfg.sandbox_unconfined,
+                           out=sys.stderr if args.json else sys.stdout)
         _, eval_set = load_splits(cfg, module)
         prices = {}
         if args.price:

@@ -31,4 +31,14 @@ def environment_isolation(env: Any, module: Any = None) -> sandbox.Isolation | N
     return iso
 
 
-__all__ = ["environment_isolation"]
+def announce_isolation(env: Any, module: Any = None, *, unconfined: bool, out: Any) -> None:
+    """For a CLI command that runs ``env`` in this process: apply ``sandbox_unconfined`` and print
+    the sandbox's isolation line to ``out`` when the environment runs code in it (below level
+    "namespaces" without the opt-in: ``SandboxRefusedError``, a user error, before the model loads)."""
+    sandbox.set_unconfined(unconfined)  # one command, one process: for run_code in the rewards
+    iso = environment_isolation(env, module)
+    if iso is not None:
+        print(("" if iso.confined else "WARNING: ") + iso.line(), file=out)
+
+
+__all__ = ["announce_isolation", "environment_isolation"]
