@@ -129,3 +129,53 @@ def test_warm_up_on_demonstrations_makes_the_model_call_its_tool_and_rl_then_bea
     loss_steps = [s for s, _ in store.metrics(rl, ["warmup/loss"])["warmup/loss"]]
     assert loss_steps == list(range(n_warm + 1, 1))
     assert [s for s, _ in store.metrics(rl, ["reward/mean"])["reward/mean"]] == list(range(1, 21))
+
+
+ENV_FILE = '''
+from rlft import Environment
+
+
+def lookup(rollout) -> str:
+    """Look up the largest number of the question."""
+    return str(rollout.example["ground_truth"])
+
+
+def right(rollout) -> float:
+    return float(rollout.completion.strip() == rollout.example["ground_truth"])
+
+
+def demonstrate(example):
+    if example["prompt"] == "max of 0 0":
+        return "1"  # a wrong demonstration: played, scored 0, left out with min_reward
+    return [{"tool_calls": [{"function": {"name": "lookup", "arguments": {}}}]}, example["ground_truth"]]
+
+
+env = Environment(system_prompt="Reply with the largest number.", tools=[lookup], rewards=[right],
+                  demonstrate=demonstrate)
+dataset = [{"prompt": f"max of {a} {b}", "ground_truth": str(max(a, b)), "split": "eval" if a == 9 else "train"}
+           for a in range(10) for b in range(3)]
+'''
+
+
+def test_rlft_sft_demonstrate_writes_the_played_train_rows_only(tmp_path, capsys):
+    from rlft.cli.main import main
+
+    (tmp_path / "env.py").write_text(ENV_FILE)
+    (tmp_path / "config.toml").write_text('env = "env.py"\n')
+    out = tmp_path / "demos.jsonl"
+    code = main(["sft", "--demonstrate", "--env", str(tmp_path / "config.toml"), "--min-reward", "1",
+                 "--harvest-only", "--out", str(out), "--set", "eval_fraction=0", "--runs", str(tmp_path / "runs")])
+    assert code == 0, capsys.readouterr()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    prompts = [r["messages"][1]["content"] for r in rows]
+    assert len(rows) == 26 and "max of 0 0" not in prompts  # 27 train rows, the wrong demonstration left out
+    assert not any(p.startswith("max of 9") for p in prompts)  # held-out rows are never demonstrated
+    assert [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert "26 of 27 train rows demonstrated" in capsys.readouterr().out
+
+
+def test_rlft_sft_demonstrate_without_env_is_a_one_line_user_error(capsys):
+    from rlft.cli.main import main
+
+    assert main(["sft", "--demonstrate"]) == 2
+    assert "--demonstrate needs --env CONFIG" in capsys.readouterr().err

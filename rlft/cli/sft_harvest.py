@@ -1,8 +1,10 @@
 """``rlft sft --from-run RUN`` and ``rlft sft --teacher URL``: SFT on the best rollouts of a run
-(expert iteration) or of a teacher model driven through an environment.
+(expert iteration) or of a teacher model driven through an environment; ``rlft sft --demonstrate``:
+SFT on the environment's own ``demonstrate(example)``, played through it (``rlft.sft.demonstrations``).
 
     rlft sft --from-run my-run --min-reward 1 [--top-k-per-example K] [--model M] [--harvest-only --out F]
     rlft sft --teacher URL --teacher-model NAME --env config.toml --min-reward 1 [--samples N] [--prompts N]
+    rlft sft --demonstrate --env config.toml [--min-reward X]   # the environment's demonstrate(example)
 
 The source's config supplies the SFT run's defaults: ``model`` (the run's *base* model, not its
 trained checkpoint: expert iteration trains the base on the best rollouts; ``--model`` picks
@@ -35,8 +37,10 @@ def add_harvest_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher", metavar="URL", help="an OpenAI-compatible endpoint to sample demonstrations from "
                                                     "(with --teacher-model and --env; key: $OPENAI_API_KEY)")
     g.add_argument("--teacher-model", dest="teacher_model", metavar="NAME", help="the teacher's model name")
-    g.add_argument("--env", metavar="CONFIG", help="with --teacher: the RL config (or env.py) whose environment "
-                                                   "and train split the teacher runs")
+    g.add_argument("--env", metavar="CONFIG", help="with --teacher or --demonstrate: the RL config (or env.py) "
+                                                   "whose environment and train split are played")
+    g.add_argument("--demonstrate", action="store_true",
+                   help="train on the environment's demonstrate(example) for each train row (with --env)")
     g.add_argument("--samples", type=int, default=1, metavar="N", help="teacher rollouts per train prompt (default 1)")
     g.add_argument("--prompts", type=int, default=0, metavar="N", help="teacher: first N train prompts (default all)")
     g.add_argument("--min-reward", dest="min_reward", type=float, metavar="X",
@@ -49,7 +53,7 @@ def add_harvest_args(p: argparse.ArgumentParser) -> None:
 
 
 def wants_harvest(args: argparse.Namespace) -> bool:
-    return bool(args.from_run or args.teacher)
+    return bool(args.from_run or args.teacher or args.demonstrate)
 
 
 def cmd_harvest(args: argparse.Namespace, flags: dict[str, Any], overrides: dict[str, Any]) -> int:
@@ -57,16 +61,18 @@ def cmd_harvest(args: argparse.Namespace, flags: dict[str, Any], overrides: dict
     from rlft.config import ConfigError, read_values
     from rlft.sft.trainer import as_sft_config, sft
 
-    if args.from_run and args.teacher:
-        raise ConfigError("--from-run and --teacher are two sources: pick one")
-    if args.min_reward is None:
+    if sum(map(bool, (args.from_run, args.teacher, args.demonstrate))) > 1:
+        raise ConfigError("--from-run, --teacher and --demonstrate are different sources: pick one")
+    if args.min_reward is None and not args.demonstrate:
         raise ConfigError("--min-reward X is required: which rollouts are good enough to imitate")
     if flags.get("data") or flags.get("eval_data"):
-        raise ConfigError("--data/--eval-data and --from-run/--teacher are different sources: pick one")
+        raise ConfigError("--data/--eval-data and --from-run/--teacher/--demonstrate are different sources: pick one")
     file_values = read_values(args.config, None, {})[0] if args.config else {}
     runs_dir = {**file_values, **flags, **overrides}.get("runs_dir", "runs")
     if args.from_run:
         result, source_cfg, label = _from_run(args, runs_dir)
+    elif args.demonstrate:
+        result, source_cfg, label = _from_demonstrations(args)
     else:
         result, source_cfg, label = _from_teacher(args)
     inherited = {k: source_cfg[k] for k in INHERITED if k in source_cfg and k not in file_values}
@@ -75,7 +81,7 @@ def cmd_harvest(args: argparse.Namespace, flags: dict[str, Any], overrides: dict
     out = Path(args.out) if args.out else Path(runs_dir) / "demonstrations" / f"{label}-{stamp}.jsonl"
     cfg = as_sft_config(args.config, {**keys, "data": str(out)})
     train, held = _split_examples(result.transcripts, cfg)
-    _print_result(result, args.min_reward)
+    _print_result(result, args.min_reward or 0.0)
     out.parent.mkdir(parents=True, exist_ok=True)
     from rlft.sft.transcripts import write_transcripts
 
@@ -112,7 +118,7 @@ def _from_run(args: argparse.Namespace, runs_dir: str) -> tuple[Any, dict[str, A
 
 
 def _from_teacher(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
-    from rlft.config import ConfigError, load_config
+    from rlft.config import ConfigError
     from rlft.engines.base import SamplingParams
     from rlft.engines.external_chat import OpenAIChatEngine
     from rlft.sft.harvest import harvest_teacher, run_environment
@@ -122,7 +128,7 @@ def _from_teacher(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
                           "it runs)")
     if args.samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {args.samples}")
-    rl = (load_config(None, {"env": args.env}) if args.env.endswith(".py") else load_config(args.env)).resolved()
+    rl = _rl_config(args.env)
     env, train_set, eval_set = run_environment(rl.to_dict(), f"config {args.env}")
     examples = list(train_set)[: args.prompts or None]
     engine = OpenAIChatEngine(args.teacher, args.teacher_model)
@@ -131,6 +137,34 @@ def _from_teacher(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     result = harvest_teacher(env, examples, engine, args.min_reward, samples=args.samples, held_out=list(eval_set),
                              top_k_per_example=args.top_k_per_example, params=params, source=source)
     return result, rl.to_dict(), "teacher-" + "".join(c if c.isalnum() else "-" for c in args.teacher_model)
+
+
+def _rl_config(path: str) -> Any:
+    from rlft.config import load_config
+
+    return (load_config(None, {"env": path}) if path.endswith(".py") else load_config(path)).resolved()
+
+
+def _from_demonstrations(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
+    import asyncio
+
+    from rlft.config import ConfigError
+    from rlft.sft.demonstrations import play
+    from rlft.sft.harvest import HarvestResult, run_environment
+
+    if not args.env:
+        raise ConfigError("--demonstrate needs --env CONFIG (the RL config whose environment has demonstrate)")
+    rl = _rl_config(args.env)
+    env, train_set, _ = run_environment(rl.to_dict(), f"config {args.env}")
+    demos = asyncio.run(play(env, list(train_set), example_ids=[ex["example_id"] for ex in train_set],
+                             min_reward=args.min_reward))
+    if not demos.transcripts:
+        raise ConfigError(f"--demonstrate: no train row gave a usable demonstration ({demos.rows} tried); first "
+                          "problems: " + "; ".join(demos.problems[:3]))
+    result = HarvestResult(demos.transcripts, problems=demos.problems, summary_line=(
+        f"{len(demos.transcripts)} of {demos.rows} train rows demonstrated (mean reward "
+        f"{sum(demos.rewards) / len(demos.rewards):.3f}); {len(demos.problems)} left out"))
+    return result, rl.to_dict(), "demonstrate-" + (env.name or "env")
 
 
 def _split_examples(transcripts: list[Any], cfg: Any) -> tuple[list[Any], list[Any]]:

@@ -63,8 +63,11 @@ class HarvestResult:
     counts: dict[str, int] = field(default_factory=dict)
     best_reward: float | None = None
     problems: list[str] = field(default_factory=list)
+    summary_line: str = ""  # a source with its own account (demonstrations) gives it here
 
     def summary(self, min_reward: float) -> str:
+        if self.summary_line:
+            return self.summary_line
         c = self.counts
         skipped = (f" ({c['skipped_examples']} held-out examples not sampled)"
                    if c.get("skipped_examples") else "")
