@@ -59,7 +59,7 @@ from rlft.engines.base import Sample, SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.kv_cache import EngineCache, HFCache
 from rlft.engines.lora_merge import MergedCopy, is_lora_model
 from rlft.engines.packed_linear import can_pack, pack_linears, repack_linears
-from rlft.engines.sampling import sample_tokens
+from rlft.engines.sampling import sample_tokens, top_logprobs
 from rlft.engines.scheduler import EngineStats, Scheduler, _Request
 from rlft.engines.tokens import end_of_turn_ids, pad_id
 
@@ -227,10 +227,10 @@ class HFEngine(Scheduler):
             raise
 
     async def generate_stream(self, prompt_ids: list[int], params: SamplingParams, *,
-                              poll_s: float = 0.02) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
-        """Like :meth:`generate`, yielding the cumulative ``(tokens, logprobs)`` of the running
-        request every ``poll_s`` seconds while it grows, then the finished Sample (``rlft serve``
-        streams with it). Leaving early cancels the request."""
+                              poll_s: float = 0.02) -> AsyncIterator[tuple[list[int], list[float], list] | Sample]:
+        """Like :meth:`generate`, yielding the cumulative ``(tokens, logprobs, top_logprobs)`` of the
+        running request (``top_logprobs`` empty unless asked) every ``poll_s`` seconds while it
+        grows, then the finished Sample (``rlft serve`` streams with it). Leaving early cancels it."""
         loop = asyncio.get_running_loop()
         req = self._make_request(prompt_ids, params, loop, loop.create_future())
         if req.finish is not None:
@@ -247,7 +247,7 @@ class HFEngine(Scheduler):
                 k = min(len(req.tokens), len(req.logprobs))
                 if k > seen and not req.future.done():
                     seen = k
-                    yield req.tokens[:k], req.logprobs[:k]
+                    yield req.tokens[:k], req.logprobs[:k], req.top[:k]
             yield req.future.result()
         finally:
             if not req.future.done():
@@ -426,12 +426,24 @@ class HFEngine(Scheduler):
         tokens, logprobs = sample_tokens(logits, batch.temperature, batch.top_p, batch.top_k,
                                          uniform.to(logits.device))
         tok_list, lp_list = tokens.tolist(), logprobs.tolist()
+        self._note_top_logprobs(batch, logits)
         for r, t, lp in zip(batch.reqs, tok_list, lp_list):
             r.tokens.append(t)
             r.logprobs.append(lp)
             self._check_finished(r, t)
         self.stats.tokens_generated += n
         return tokens
+
+    def _note_top_logprobs(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """Requests with ``top_logprobs = k``: the k most likely (id, logprob) of this position (one
+        top-k over the batch at the largest k asked; nothing computed when nobody asked)."""
+        k = max(r.params.top_logprobs for r in batch.reqs)
+        if k <= 0:
+            return
+        vals_BK, ids_BK = top_logprobs(logits, batch.temperature, k)
+        for r, vals, ids in zip(batch.reqs, vals_BK.tolist(), ids_BK.tolist()):
+            if r.params.top_logprobs > 0:
+                r.top.append(list(zip(ids, vals))[:r.params.top_logprobs])
 
     def _check_finished(self, r: _Request, token: int) -> None:
         if r.cancelled:
