@@ -140,6 +140,10 @@ class TrainConfig:
     eval_temperature: float = 1.0  # temperature for evals
     eval_max_examples: int = 64  # eval prompts used (0 = all)
     validate: bool = True  # run one group of 2 rollouts end to end before step 1
+    # -- judge calibration: rlft validate and rlft judge check (rlft.rewards.calibration) -
+    judge_examples: str = ""  # JSONL of {"prompt", "good", "bad"} contrast pairs; empty = from ground_truth
+    judge_pairs: int = 12  # contrast pairs per judged rubric
+    judge_min_agreement: float = 0.7  # a judged rubric ordering fewer pairs right fails the check (chance 0.5)
     report_to: str = ""  # comma-separated: tensorboard, wandb, mlflow, trackio
     progress: bool = True  # rich progress bar
 

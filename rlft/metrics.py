@@ -47,11 +47,14 @@ PATTERNS = [
     "reward/<component>",      # mean of each reward function's score (its name)
     "termination/<reason>",    # share of rollouts that ended so (rlft.types.Termination values)
     "judge/<stat>",            # LLM judges, per rollout (rlft.rewards.judge): requests, tokens, cache_hits, ...
-    "judge/<stat>_total",      # the same summed over the batch (all but judge/latency)
+    "judge/<stat>_total",      # the same summed over the batch (all but judge/latency and JUDGE_NOT_SUMMED):
+                               # judge/seconds_total = the step's judge time, judge/requests_total its calls
     "usage/<stat>",            # an external chat model's prompt/completion tokens, requests, cost, latency
 ]
 # `rlft eval` also writes cost/total_usd, cost/per_request_usd, tokens/prompt and tokens/completion to its
 # eval row (rlft.cli.main); those are not metric series.
+# logprob judges' per-rubric figures (rlft.rewards.logprob_judge): a mean per rollout, no sum
+JUDGE_NOT_SUMMED = ("judge/mass_", "judge/position_bias_")
 _PATTERN_RES = [re.compile("(eval/)?" + re.sub("<[^>]+>", "[^/]+", re.escape(p))) for p in PATTERNS]
 
 
@@ -89,7 +92,7 @@ def group_metrics(groups: list[Group], success_threshold: float = 0.0) -> dict[s
     for key in sorted({k for r in rollouts for k in r.metrics}):
         values = [r.metrics.get(key, 0.0) for r in rollouts]
         out[key] = fmean(values)
-        if key.startswith("judge/") and key != "judge/latency":
+        if key.startswith("judge/") and key != "judge/latency" and not key.startswith(JUDGE_NOT_SUMMED):
             out[key + "_total"] = sum(values)
     for reason, n in Counter(str(r.termination) for r in rollouts).items():
         out[f"termination/{reason}"] = n / len(rollouts)

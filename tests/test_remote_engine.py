@@ -142,7 +142,7 @@ def test_completions_accept_strings_and_several_prompts_with_n(server, tiny_mode
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"logprobs": 3}, "logprobs"), ({"echo": True}, "echo"), ({"stream": True}, "stream"),
+    ({"logprobs": 21}, "logprobs"), ({"echo": True}, "echo"), ({"stream": True}, "stream"),
     ({"prompt": [10 ** 9]}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": [{"x": 1}]}, "prompt"),
 ])
 def test_completions_reject_what_they_do_not_support_naming_the_field(server, tiny_model_dir, extra, param):

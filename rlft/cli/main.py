@@ -1,4 +1,4 @@
-"""The ``rlft`` command line: train, validate, eval, serve, runs, stop, export, config, demo, tiny.
+"""The ``rlft`` command line: train, validate, eval, serve, runs, stop, export, config, demo, tiny, judge.
 
 Every command that takes a config accepts a TOML file and ``--set key=value`` overrides, so one
 config drives train, eval and validate. Commands that print data have ``--json``. Run
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rlft.cli.traces import add_traces_command
 
     add_traces_command(sub)
+    from rlft.cli.judge import add_judge_command
+
+    add_judge_command(cmd)
     return parser
 
 
@@ -202,10 +205,12 @@ def _session(cfg, out=sys.stdout):
 
 
 def cmd_validate(args) -> int:
+    from rlft.cli.judge import calibrate_judges
     from rlft.evaluate import format_transcript, signal_report, tool_warnings, validate
 
     cfg = _config(args)
     env, train_set, _, sampler, _ = _session(cfg, out=sys.stderr if args.json else sys.stdout)
+    calibrate_judges(cfg, args.config, env, list(train_set), show=not args.json)  # a judge at chance stops here
     if args.signal:
         g = args.group_size or cfg.group_size
         examples = list(train_set)[: args.prompts]

@@ -36,6 +36,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)  # stop strings (the stop text is kept)
     seed: int | None = None
+    top_logprobs: int = 0  # also return the k most likely tokens of each sampled position (HFEngine; rlft serve)
 
 
 @dataclass
@@ -47,6 +48,9 @@ class Sample:
     logprobs: list[float]
     finish_reason: str = "stop"
     policy_version: int = 0  # optimizer step of the weights that produced it
+    # with SamplingParams.top_logprobs = k: per sampled token, the k most likely (id, logprob) pairs,
+    # most likely first, in the same distribution as ``logprobs``; None when not asked or not supported
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class Engine(Protocol):

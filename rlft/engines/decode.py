@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from rlft.engines.kv_cache import EngineCache
-from rlft.engines.sampling import sample_tokens
+from rlft.engines.sampling import sample_tokens, top_logprobs
 from rlft.engines.scheduler import _Request
 
 __all__ = ["BatchedDecode"]
@@ -151,12 +151,24 @@ class BatchedDecode:
         tokens, logprobs = sample_tokens(logits, batch.temperature, batch.top_p, batch.top_k,
                                          uniform.to(logits.device))
         tok_list, lp_list = tokens.tolist(), logprobs.tolist()
+        self._note_top_logprobs(batch, logits)
         for r, t, lp in zip(batch.reqs, tok_list, lp_list):
             r.tokens.append(t)
             r.logprobs.append(lp)
             self._check_finished(r, t)
         self.stats.tokens_generated += n
         return tokens
+
+    def _note_top_logprobs(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """Requests with ``top_logprobs = k``: the k most likely (id, logprob) of this position (one
+        top-k over the batch at the largest k asked; nothing computed when nobody asked)."""
+        k = max(r.params.top_logprobs for r in batch.reqs)
+        if k <= 0:
+            return
+        vals_BK, ids_BK = top_logprobs(logits, batch.temperature, k)
+        for r, vals, ids in zip(batch.reqs, vals_BK.tolist(), ids_BK.tolist()):
+            if r.params.top_logprobs > 0:
+                r.top.append(list(zip(ids, vals))[:r.params.top_logprobs])
 
     def _check_finished(self, r: _Request, token: int) -> None:
         if r.cancelled:

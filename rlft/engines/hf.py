@@ -212,10 +212,10 @@ class HFEngine(Scheduler, BatchedDecode):
             raise
 
     async def generate_stream(self, prompt_ids: list[int], params: SamplingParams, *,
-                              poll_s: float = 0.02) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
-        """Like :meth:`generate`, yielding the cumulative ``(tokens, logprobs)`` of the running
-        request every ``poll_s`` seconds while it grows, then the finished Sample (``rlft serve``
-        streams with it). Leaving early cancels the request."""
+                              poll_s: float = 0.02) -> AsyncIterator[tuple[list[int], list[float], list] | Sample]:
+        """Like :meth:`generate`, yielding the cumulative ``(tokens, logprobs, top_logprobs)`` of the
+        running request (``top_logprobs`` empty unless asked) every ``poll_s`` seconds while it
+        grows, then the finished Sample (``rlft serve`` streams with it). Leaving early cancels it."""
         loop = asyncio.get_running_loop()
         req = self._make_request(prompt_ids, params, loop, loop.create_future())
         if req.finish is not None:
@@ -232,7 +232,7 @@ class HFEngine(Scheduler, BatchedDecode):
                 k = min(len(req.tokens), len(req.logprobs))
                 if k > seen and not req.future.done():
                     seen = k
-                    yield req.tokens[:k], req.logprobs[:k]
+                    yield req.tokens[:k], req.logprobs[:k], req.top[:k]
             yield req.future.result()
         finally:
             if not req.future.done():

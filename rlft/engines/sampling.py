@@ -5,6 +5,8 @@
 trainer reproduces; see ``rlft.engines.hf``). The inverse CDF (``cumsum`` + ``searchsorted``,
 in two levels over large vocabularies) replaces ``torch.multinomial``, which costs ~50 ms per
 call at a 49k vocabulary on a small CPU.
+``top_logprobs`` gives the k most likely tokens of each row in that same distribution (what
+``rlft serve`` returns as OpenAI's ``top_logprobs``).
 Left out: beam search, repetition penalties, logit processors.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sample_tokens"]
+__all__ = ["sample_tokens", "top_logprobs"]
 
 
 def sample_tokens(
@@ -63,6 +65,15 @@ def sample_tokens(
         tokens[truncate] = _truncated(logp[truncate].exp(), top_p[truncate], k_row[truncate], uniform[truncate],
                                       topk_cap)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def top_logprobs(logits: torch.Tensor, temperature: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logprobs [B, k], token ids [B, k])``: the ``k`` most likely tokens of each row, most likely
+    first, under ``log_softmax(logits / T)`` with ``T = 1`` for greedy rows: the distribution whose
+    value at the sampled token :func:`sample_tokens` returns, so the two agree."""
+    temp = torch.where(temperature <= 0, torch.ones_like(temperature), temperature).float()
+    logp_BV = torch.log_softmax(logits.float() / temp[:, None], dim=-1)
+    return torch.topk(logp_BV, min(k, logp_BV.shape[-1]), dim=-1)
 
 
 _BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF

@@ -59,6 +59,7 @@ class _Request:
     cancelled: bool = False
     policy_version: int = 0
     stop_window: int = 0  # tokens to decode when checking stop strings
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # params.top_logprobs > 0: per token
 
 
 def enqueue(engine: Any, req: Any, thread_name: str) -> None:
@@ -85,7 +86,8 @@ class Scheduler:
 
     def _sample_of(self, req: _Request) -> Sample:
         return Sample(tokens=list(req.tokens), logprobs=list(req.logprobs), finish_reason=req.finish or "stop",
-                      policy_version=req.policy_version)
+                      policy_version=req.policy_version,
+                      top_logprobs=list(req.top) if req.params.top_logprobs > 0 else None)
 
     def _deliver(self, req: _Request, result: Any = None, error: BaseException | None = None) -> None:
         fut = req.future

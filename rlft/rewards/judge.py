@@ -34,13 +34,17 @@ temperature 0 a cached reply is the reply, so the cache may span steps; ``clear_
 step makes it strictly per step. Failures are never cached.
 
 Metrics: ``judge.stats(reset=False)``: requests (HTTP attempts), calls (cache misses), cache_hits,
-retries, errors, prompt_tokens, completion_tokens, latency_mean/max (s per request). Each rollout's
-``metrics`` accumulates ``judge/requests``, ``judge/prompt_tokens``, ``judge/completion_tokens`` (a
-ranking call counts 1/G per sibling, so batch sums are totals), ``judge/cache_hits``,
-``judge/errors`` (failed judged components) and ``judge/latency`` (s waited, queue and retries in).
+retries, errors, prompt_tokens, completion_tokens, seconds (summed request time), latency_mean/max
+(s per request). Each rollout's ``metrics`` accumulates ``judge/requests``, ``judge/prompt_tokens``,
+``judge/completion_tokens``, ``judge/seconds`` (request time; a ranking call counts 1/G per sibling,
+so batch sums, the step's ``judge/<stat>_total``, are the step's requests, tokens and judge
+seconds), ``judge/cache_hits``, ``judge/errors`` (failed judged components) and ``judge/latency``
+(s waited, queue and retries in).
 
-Needs ``openai`` (imported at the first call). Left out: streaming, logprob-weighted scores,
-pairwise comparison, prompt-injection defences, cost accounting.
+Needs ``openai`` (imported at the first call). Logprob-scored verdicts (one next token, no
+parsing), an in-process judge and order-averaged pairwise preferences are in
+``rlft.rewards.logprob_judge``; calibration in ``rlft.rewards.calibration``. Left out: streaming,
+prompt-injection defences, cost in money.
 
 Why one module: ``Judge`` is one client whose prompts, reply parsing, retries, cache and
 statistics share its state (the concurrency limit, the LRU, the counters); the rubric and ranking
@@ -65,7 +69,8 @@ from typing import Any
 from rlft.rewards import Reward
 from rlft.types import Message, Rollout
 
-__all__ = ["Judge", "JudgeError", "JudgeParseError", "Rubric", "parse_ranking", "parse_score", "slugify"]
+__all__ = ["Judge", "JudgeError", "JudgeParseError", "JudgedRubric", "Rubric", "parse_ranking", "parse_score",
+           "slugify"]
 
 KINDS = ("positive", "negative")
 
@@ -226,6 +231,20 @@ def _reference(rollout: Rollout) -> str:
 
 # -- the judge ----------------------------------------------------------------------------------------------
 
+@dataclass
+class JudgedRubric:
+    """The reward function of ``judge.reward(rubric)``: ``await fn(rollout)`` is the judge's score.
+    A value, so ``rlft validate`` and ``rlft judge check`` find an environment's judged rubrics
+    (``isinstance(reward.fn, JudgedRubric)``) and calibrate them."""
+
+    judge: Judge
+    rubric: Rubric
+    name: str
+
+    async def __call__(self, rollout: Rollout) -> float:
+        return await self.judge.score(self.rubric, rollout, self.name)
+
+
 SCORE_SYSTEM = ("You are a careful, impartial grader. You read a conversation between a user and an AI "
                 "assistant and grade the assistant's final answer against one rubric. Reply with one JSON "
                 'object and nothing else: {"reasoning": "<one or two sentences>", "score": <score>}.')
@@ -267,7 +286,7 @@ class Judge:
     # -- bookkeeping ------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self._stats = dict.fromkeys(("requests", "calls", "cache_hits", "retries", "errors", "prompt_tokens",
-                                     "completion_tokens"), 0)
+                                     "completion_tokens", "seconds"), 0)
         self._latency_sum, self._latency_max = 0.0, 0.0
 
     def stats(self, reset: bool = False) -> dict[str, float]:
@@ -367,10 +386,7 @@ class Judge:
                 self._stats["requests"] += 1
                 self._note(rollouts, requests=1)
                 try:
-                    resp = await asyncio.wait_for(client.chat.completions.create(
-                        model=self.model, messages=messages, temperature=self.temperature,
-                        max_tokens=self.max_tokens, **({"extra_body": self.extra_body} if self.extra_body else {})),
-                        self.timeout)
+                    text, u = await asyncio.wait_for(self._complete(client, messages), self.timeout)
                 except Exception as e:
                     if isinstance(e, asyncio.TimeoutError):
                         e = TimeoutError(f"no reply within {self.timeout}s")
@@ -382,12 +398,12 @@ class Judge:
                 finally:
                     dt = time.perf_counter() - t0
                     self._latency_sum, self._latency_max = self._latency_sum + dt, max(self._latency_max, dt)
-            u = getattr(resp, "usage", None)
+                    self._stats["seconds"] += dt
+                    self._note(rollouts, seconds=dt)
             pt, ct = (u.prompt_tokens or 0, u.completion_tokens or 0) if u is not None else (0, 0)
             self._stats["prompt_tokens"] += pt
             self._stats["completion_tokens"] += ct
             self._note(rollouts, prompt_tokens=pt, completion_tokens=ct)
-            text = (resp.choices[0].message.content or "") if resp.choices else ""
             try:
                 parse(text)
             except JudgeParseError as e:
@@ -397,6 +413,14 @@ class Judge:
         self._stats["errors"] += 1
         raise JudgeError(f"judge {self.model!r} at {self.base_url} failed after {self.retries + 1} attempt(s): "
                          f"{type(last).__name__}: {last}") from last
+
+    async def _complete(self, client: Any, messages: list[Message]) -> tuple[str, Any]:
+        """One request: ``(the reply as the cache keeps it, the response's usage)``. Here the reply
+        text; the logprob judge (``rlft.rewards.logprob_judge``) keeps the verdict's top logprobs."""
+        resp = await client.chat.completions.create(
+            model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens,
+            **({"extra_body": self.extra_body} if self.extra_body else {}))
+        return ((resp.choices[0].message.content or "") if resp.choices else ""), getattr(resp, "usage", None)
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def rubric_messages(self, rubric: Rubric, rollout: Rollout) -> list[Message]:
@@ -445,13 +469,12 @@ class Judge:
                              f"{'>=' if sign > 0 else '<='} 0, got {weight} (a {rubric.kind} rubric with that sign "
                              "would reward the opposite)")
         name = name or slugify(rubric.title)
+        return Reward(JudgedRubric(self, rubric, name), weight=weight, name=name, timeout=timeout)
 
-        async def judge_rubric(rollout: Rollout) -> float:
-            return await self.ask(self.rubric_messages(rubric, rollout),
-                                  lambda text: parse_score(text, rubric.score_map), [rollout])
-
-        judge_rubric.__name__ = name
-        return Reward(judge_rubric, weight=weight, name=name, timeout=timeout)
+    async def score(self, rubric: Rubric, rollout: Rollout, name: str = "") -> float:
+        """The rubric's score of one rollout (what ``reward(rubric)`` returns for it)."""
+        return await self.ask(self.rubric_messages(rubric, rollout),
+                              lambda text: parse_score(text, rubric.score_map), [rollout])
 
     def rewards(self, rubrics: Sequence[Rubric]) -> list[Reward]:
         """One ``Reward`` per rubric, default weights (one call each: see the module docstring)."""

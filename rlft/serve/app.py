@@ -9,12 +9,14 @@ Routes (FastAPI + uvicorn; names, loading and the request/sample translation: :m
   content parts; ``developer`` = ``system``), ``tools``, ``tool_choice``, ``stream`` (SSE chunks,
   ``stream_options.include_usage``, ends with ``data: [DONE]``), ``n``, ``temperature``,
   ``top_p``, ``top_k`` (vLLM's), ``max_tokens`` / ``max_completion_tokens``, ``stop`` (cut from the
-  text), ``seed`` (choice ``i`` uses ``seed + i``), ``logprobs``; ``usage`` in every response.
+  text), ``seed`` (choice ``i`` uses ``seed + i``), ``logprobs`` and ``top_logprobs`` (up to 20, streamed
+  too); ``usage`` in every response.
   Tool calls come back OpenAI-style (``finish_reason: "tool_calls"``, ``arguments`` a JSON string).
   The ``model`` of a response is the concrete name that answered (``...:latest`` -> ``...:<step>``).
 - ``POST /v1/completions`` (vLLM's names): ``prompt`` as token ids (``[1, 2, 3]``), a string, or a
   list of either; ``n``, ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop``, ``seed``,
-  ``logprobs`` (0 = the sampled token's logprob only), ``return_token_ids`` (each choice gets
+  ``logprobs`` (k <= 20: the legacy shape, the k most likely tokens of each position plus the sampled
+  one; 0 = the sampled token's only), ``return_token_ids`` (each choice gets
   ``token_ids``, the sampled ids exactly, and ``prompt_token_ids``). The prompt is sent to the
   model as is: no chat template. ``rlft.engines.remote.RemoteEngine`` samples through this route.
 - ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}`` and ``/v1/unload_lora_adapter``
@@ -26,7 +28,15 @@ Extension (vLLM's names): ``"return_token_ids": true`` in the body adds ``prompt
 rendered prompt) to the response and ``token_ids`` to every choice: the exact sampled ids, the
 end-of-turn token and any stop text included (the text has them cut), one to one with
 ``logprobs.content``. In a stream each chunk carries its tokens' ``token_ids`` and the first chunk
-``prompt_token_ids``. Logprobs are the engine's (the sampled token's only: ``top_logprobs`` must be 0).
+``prompt_token_ids``.
+
+Logprobs (the sampled token's and ``top_logprobs``) are one distribution, the engine's:
+``log_softmax(logits / T)`` over the whole vocabulary at the request's temperature ``T``, before
+top-p/top-k truncation, with ``T = 1`` for greedy (``temperature: 0``) requests. So the sampled
+token's logprob equals its entry in ``top_logprobs``, and a judge reading the model's own
+next-token distribution sends ``temperature`` 0 or 1 (OpenAI and vLLM's default report the raw
+model distribution whatever the temperature; here another temperature rescales it). An engine
+plugged in with ``engines=`` that does not report top logprobs answers a request for them with 400.
 
 ``tool_choice``: "auto" (default with tools) shows the tools and parses calls; "none" does not
 show them and parses nothing; "required" and a named function are a best effort, with no
@@ -40,7 +50,7 @@ polls its running request every 20 ms, and a plain engine plugged in with ``engi
 finished sample in per-token chunks. With tools active a reply is
 sent when complete (a call is recognisable only whole), as one content and/or tool_calls delta.
 
-Left out: streaming and ``echo`` on ``/v1/completions``, embeddings, ``top_logprobs`` > 0, images/audio
+Left out: streaming and ``echo`` on ``/v1/completions``, embeddings, images/audio
 parts, and (accepted, ignored) presence/frequency penalties, ``logit_bias``, ``response_format``,
 ``parallel_tool_calls``.
 
@@ -92,6 +102,7 @@ from rlft.serve.requests import (
     ChatRequest,
     CompletionRequest,
     LoraRequest,
+    check_top_logprobs,
     completion_logprobs,
     completion_prompts,
     sampling_params,
@@ -128,10 +139,11 @@ async def _stream(served: ServedModel, name: str, prompt: list[int], params: lis
         return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                      "choices": choices, **extra})
 
-    def choice(i: int, delta: dict[str, Any], tokens=(), logprobs=(), finish: str | None = None) -> dict[str, Any]:
+    def choice(i: int, delta: dict[str, Any], tokens=(), logprobs=(), top=(),
+               finish: str | None = None) -> dict[str, Any]:
         c: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
         if req.logprobs and tokens:
-            c["logprobs"] = {"content": token_logprobs(tok, list(tokens), list(logprobs))}
+            c["logprobs"] = {"content": token_logprobs(tok, list(tokens), list(logprobs), list(top))}
         if req.return_token_ids:
             c["token_ids"] = list(tokens)
         return c
@@ -148,15 +160,19 @@ async def _stream(served: ServedModel, name: str, prompt: list[int], params: lis
                 yield _sse(err.body())
                 break
             final = isinstance(item, Sample)
-            tokens, lps = (item.tokens, item.logprobs) if final else item
-            new_t, new_l = tokens[sent_tok[i]:], lps[sent_tok[i]:]
+            tokens, lps, tops = (item.tokens, item.logprobs, item.top_logprobs or []) if final else item
+            new_t, new_l, new_top = tokens[sent_tok[i]:], lps[sent_tok[i]:], tops[sent_tok[i]:]
+            if req.logprobs and req.top_logprobs and len(tops) < len(tokens):
+                yield _sse(APIError(400, f"the engine serving {name!r} does not return top logprobs",
+                                    param="top_logprobs").body())
+                break
             if not final:
                 if parse:
                     continue  # with tools the reply is sent whole
                 text, hit = cut_stop(served.renderer.decode(tokens), stops)
                 delta = (text if hit else held_text(text, stops))[sent_text[i]:]
                 if delta:
-                    yield chunk([choice(i, {"content": delta}, new_t, new_l)])
+                    yield chunk([choice(i, {"content": delta}, new_t, new_l, new_top)])
                     sent_text[i] += len(delta)
                     sent_tok[i] = len(tokens)
                 continue
@@ -169,7 +185,7 @@ async def _stream(served: ServedModel, name: str, prompt: list[int], params: lis
             elif (content or "")[sent_text[i]:]:
                 delta = {"content": content[sent_text[i]:]}
             if delta or (new_t and (req.logprobs or req.return_token_ids)):
-                yield chunk([choice(i, delta, new_t, new_l)])
+                yield chunk([choice(i, delta, new_t, new_l, new_top)])
             yield chunk([choice(i, {}, finish=finish)])
             done += 1
         if done == n and (req.stream_options or {}).get("include_usage"):
@@ -313,8 +329,6 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
         if req.stream or req.echo:
             raise APIError(400, f"{'stream' if req.stream else 'echo'} is not supported on /v1/completions",
                            param="stream" if req.stream else "echo")
-        if req.logprobs:
-            raise APIError(400, "only the sampled token's logprob is returned: use logprobs=0", param="logprobs")
         entry, served = await acquire(req.model)
         try:
             prompts = await off_loop(completion_prompts, served.renderer.tokenizer, req.prompt)
@@ -328,12 +342,13 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
                 raise _engine_error(e) from e
         finally:
             registry.release(served)
+        check_top_logprobs(samples, jobs[0][1], entry.name)
         choices, tok = [], served.renderer.tokenizer
         for i, s in enumerate(samples):
             prompt, params = jobs[i // req.n]
             text, _, finish = final_choice(served, s, params[0].stop, False)
             c: dict[str, Any] = {"index": i, "text": text, "finish_reason": finish,
-                                 "logprobs": completion_logprobs(tok, s.tokens, s.logprobs)
+                                 "logprobs": completion_logprobs(tok, s.tokens, s.logprobs, s.top_logprobs)
                                  if req.logprobs is not None else None}
             if req.return_token_ids:
                 c["prompt_token_ids"], c["token_ids"] = prompt, list(s.tokens)
@@ -349,9 +364,6 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
     async def chat_completions(req: ChatRequest):
         if req.n > max_n:
             raise APIError(400, f"n must be at most {max_n}, got {req.n}", param="n")
-        if req.top_logprobs:
-            raise APIError(400, "top_logprobs is not supported: only the sampled token's logprob is returned",
-                           param="top_logprobs")
         tools, instruction, parse = tool_setup(req)
         messages = chat_messages(req.messages, instruction)
         entry, served = await acquire(req.model)
@@ -380,12 +392,14 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
         finally:
             if not streaming:
                 release()
+        check_top_logprobs(samples, params, entry.name)
         choices = []
         for i, s in enumerate(samples):
             content, calls, finish = final_choice(served, s, params[i].stop, parse)
             message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
             c = {"index": i, "message": message, "finish_reason": finish,
-                 "logprobs": {"content": token_logprobs(served.renderer.tokenizer, s.tokens, s.logprobs)}
+                 "logprobs": {"content": token_logprobs(served.renderer.tokenizer, s.tokens, s.logprobs,
+                                                        s.top_logprobs)}
                  if req.logprobs else None}
             if req.return_token_ids:
                 c["token_ids"] = list(s.tokens)

@@ -80,8 +80,9 @@ class ServedEngine(Engine, Protocol):
     max_context: int | None  # longest prompt + completion, in tokens; None: the model config's
 
     def generate_stream(self, prompt_ids: list[int],
-                        params: SamplingParams) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
-        """Cumulative ``(tokens, logprobs)`` snapshots while it samples, then the finished Sample."""
+                        params: SamplingParams) -> AsyncIterator[tuple[list[int], list[float], list] | Sample]:
+        """Cumulative ``(tokens, logprobs, top_logprobs)`` snapshots while it samples (the last one
+        per token as in ``Sample.top_logprobs``, [] when not asked), then the finished Sample."""
         ...
 
     def close(self) -> None:
@@ -102,10 +103,10 @@ class Unstreamed:
         return await self.engine.generate(prompt_ids, params)
 
     async def generate_stream(self, prompt_ids: list[int],
-                              params: SamplingParams) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
+                              params: SamplingParams) -> AsyncIterator[tuple[list[int], list[float], list] | Sample]:
         sample = await self.engine.generate(prompt_ids, params)
         for k in range(1, len(sample.tokens)):
-            yield sample.tokens[:k], sample.logprobs[:k]
+            yield sample.tokens[:k], sample.logprobs[:k], (sample.top_logprobs or [])[:k]
         yield sample
 
     def close(self) -> None:
@@ -392,18 +393,23 @@ def final_choice(served: ServedModel, sample: Sample, stops: list[str], parse: b
     return (msg["content"] or None) if calls else msg["content"], calls, "tool_calls" if calls else finish
 
 
-def token_logprobs(tokenizer: Any, tokens: list[int], logprobs: list[float]) -> list[dict[str, Any]]:
-    out = []
-    for t, lp in zip(tokens, logprobs):
-        s = tokenizer.decode([t], skip_special_tokens=False)
-        out.append({"token": s, "logprob": max(float(lp), -9999.0), "bytes": list(s.encode("utf-8")),
-                    "top_logprobs": []})
-    return out
+def _token_logprob(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
+    s = tokenizer.decode([token], skip_special_tokens=False)
+    return {"token": s, "logprob": max(float(logprob), -9999.0), "bytes": list(s.encode("utf-8"))}
+
+
+def token_logprobs(tokenizer: Any, tokens: list[int], logprobs: list[float],
+                   top: list[list[tuple[int, float]]] | None = None) -> list[dict[str, Any]]:
+    """Chat ``logprobs.content``: per sampled token ``{token, logprob, bytes, top_logprobs}``, the
+    latter the engine's k most likely ``(id, logprob)`` of that position (``top``; [] without)."""
+    return [{**_token_logprob(tokenizer, t, lp),
+             "top_logprobs": [_token_logprob(tokenizer, i, v) for i, v in top[k]] if top else []}
+            for k, (t, lp) in enumerate(zip(tokens, logprobs))]
 
 
 async def token_stream(engine: ServedEngine, prompt: list[int],
-                       params: SamplingParams) -> AsyncIterator[tuple[list[int], list[float]] | Sample]:
-    """Cumulative ``(tokens, logprobs)`` snapshots while ``engine`` samples, then the ``Sample``."""
+                       params: SamplingParams) -> AsyncIterator[tuple[list[int], list[float], list] | Sample]:
+    """Cumulative ``(tokens, logprobs, top_logprobs)`` snapshots while ``engine`` samples, then the ``Sample``."""
     async for item in engine.generate_stream(prompt, params):
         yield item
 

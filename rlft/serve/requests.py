@@ -50,11 +50,12 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)  # the k most likely per position (+ the sampled one)
     echo: bool = False
     stream: bool = False
     return_token_ids: bool = False
     max_completion_tokens: None = None  # (chat only; lets _sampling read both request kinds)
+    top_logprobs: None = None  # (chat only; here ``logprobs`` is the count)
 
 
 class LoraRequest(BaseModel):
@@ -80,10 +81,21 @@ def sampling_params(req: ChatRequest | CompletionRequest, prompt_len: int, conte
                        param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
                        code="context_length_exceeded")
     stops = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]
+    top = (req.top_logprobs or 0) if isinstance(req, ChatRequest) else (req.logprobs or 0)
+    if isinstance(req, ChatRequest) and top and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     return [SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
                            top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0),
-                           max_new_tokens=limit, stop=stops, seed=None if req.seed is None else req.seed + i)
+                           max_new_tokens=limit, stop=stops, seed=None if req.seed is None else req.seed + i,
+                           top_logprobs=top)
             for i in range(req.n)]
+
+
+def check_top_logprobs(samples: list[Any], params: list[SamplingParams], model: str) -> None:
+    """A 400 when top logprobs were asked of an engine that does not return them (a plugged-in one)."""
+    if params and params[0].top_logprobs and any(s.top_logprobs is None for s in samples):
+        raise APIError(400, f"the engine serving {model!r} does not return top logprobs: ask for the sampled "
+                            "token's logprob only", param="top_logprobs")
 
 
 def completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
@@ -107,17 +119,29 @@ def completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
     return [one(prompt, "prompt")]
 
 
-def completion_logprobs(tokenizer: Any, tokens: list[int], logprobs: list[float]) -> dict[str, Any]:
-    """The legacy ``logprobs`` object: one entry per sampled token (``top_logprobs``: the sampled one)."""
-    strs = [tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
+def completion_logprobs(tokenizer: Any, tokens: list[int], logprobs: list[float],
+                        top: list[list[tuple[int, float]]] | None = None) -> dict[str, Any]:
+    """The legacy ``logprobs`` object: one entry per sampled token; ``top_logprobs`` maps token text
+    to logprob for the k most likely tokens of the position (``top``) plus the sampled one, as
+    OpenAI's legacy route does (tokens that decode to the same text share one key)."""
+    def text(t: int) -> str:
+        return tokenizer.decode([t], skip_special_tokens=False)
+
+    strs = [text(t) for t in tokens]
     lps = [max(float(lp), -9999.0) for lp in logprobs]
     offsets, at = [], 0
     for t in strs:
         offsets.append(at)
         at += len(t)
-    return {"tokens": strs, "token_logprobs": lps, "top_logprobs": [{t: lp} for t, lp in zip(strs, lps)],
-            "text_offset": offsets}
+    tops = []
+    for k, (s, lp) in enumerate(zip(strs, lps)):
+        d: dict[str, float] = {}
+        for i, v in (top[k] if top else []):
+            d.setdefault(text(i), max(float(v), -9999.0))
+        d.setdefault(s, lp)
+        tops.append(d)
+    return {"tokens": strs, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-__all__ = ["ChatRequest", "CompletionRequest", "LoraRequest", "completion_logprobs", "completion_prompts",
-           "sampling_params"]
+__all__ = ["ChatRequest", "CompletionRequest", "LoraRequest", "check_top_logprobs", "completion_logprobs",
+           "completion_prompts", "sampling_params"]
