@@ -138,3 +138,27 @@ def test_learning_stalled_when_half_the_data_cannot_be_solved(tmp_path, rows):
     env, _ = task_environment("max")
     _, _, found = _run(tmp_path, env, half, steps=32, batch_size=16, group_size=8, learning_rate=1e-3, eval_size=0)
     assert "learning_stalled" in found and "learning rate now 0.001" in found["learning_stalled"].summary
+
+
+def test_the_monitor_reads_incrementally_and_still_sees_what_the_store_holds(tmp_path):
+    """Each call reads only the steps from the previous call on, yet its series equal a full read:
+    rows written after a call at that same step (the eval after a step) are picked up next time,
+    and a step that goes back (a resume) starts over from the store."""
+    from rlft.health.source import Monitor
+    from rlft.store import RunStore
+
+    store = RunStore(tmp_path / "runs")
+    run_id = store.create_run(name="m", config={})
+    monitor = Monitor()
+    reads: list[int | None] = []
+    real = store.metrics
+    store.metrics = lambda rid, keys=None, since_step=None: reads.append(since_step) or real(rid, keys, since_step=since_step)
+    for step in range(1, 8):
+        assert monitor.series(store, run_id, step) == real(run_id)
+        store.log_metrics(run_id, step, {"reward/mean": step / 10, "loss": -step})
+        if step % 3 == 0:
+            store.log_metrics(run_id, step, {"eval/reward/mean": step / 5})  # after the step's own rows
+    assert reads == [None, 1, 2, 3, 4, 5, 6]  # never the whole series again
+    store.truncate_after(run_id, 4)  # a resume from step 4
+    assert monitor.series(store, run_id, 5) == real(run_id) and reads[-1] is None
+    store.close()

@@ -81,14 +81,30 @@ def status_label(store: Any, run: dict[str, Any]) -> str:
 
 
 class Monitor:
-    """The trainer's health hook, called once per step before the step's metrics are stored."""
+    """The trainer's health hook, called once per step before the step's metrics are stored.
+
+    It keeps each run's series in memory and reads from the store only the steps from its
+    previous call on: that step's later rows (the eval after it, the weight push) and anything
+    newer. Reading the whole series each step would cost O(steps x keys) per step, which grows
+    with the run. A step that goes back (a resume in this process) starts the cache again."""
 
     def __init__(self) -> None:
         self.announced: dict[str, set[str]] = {}
+        self.cache: dict[str, tuple[int, dict[str, dict[int, float | None]]]] = {}  # run -> (last step, series)
+
+    def series(self, store: Any, run_id: str, at_step: int) -> dict[str, list[tuple[int, float | None]]]:
+        """The run's stored series, read incrementally (see the class docstring)."""
+        last, data = self.cache.get(run_id, (None, {}))
+        if last is not None and at_step <= last:
+            last, data = None, {}
+        for key, points in store.metrics(run_id, since_step=last).items():
+            data.setdefault(key, {}).update(points)
+        self.cache[run_id] = (at_step, data)
+        return {k: sorted(v.items()) for k, v in data.items()}
 
     def __call__(self, run: Any, at_step: int, metrics: dict[str, float]) -> list[Finding]:
         metrics[TOOLS_KEY] = float(len(run.env.tools))
-        series = run.store.metrics(run.run_id)
+        series = self.series(run.store, run.run_id, at_step)
         for k, v in metrics.items():  # this step is not stored yet
             series.setdefault(k, []).append((at_step, v))
         seen = self.announced.setdefault(run.run_id, set())

@@ -203,8 +203,13 @@ class RunStore(RolloutRecords):
         """The full run row; ``ref`` as in ``resolve``. Raises ``KeyError`` if none or ambiguous."""
         return {"kind": "rl"} | self._rows("SELECT * FROM runs WHERE id=?", (self.resolve(ref),))[0]
 
-    def metrics(self, run_id: str, keys: Iterable[str] | None = None) -> dict[str, list[tuple[int, float | None]]]:
+    def metrics(self, run_id: str, keys: Iterable[str] | None = None, *, since_step: int | None = None
+                ) -> dict[str, list[tuple[int, float | None]]]:
+        """``{key: [(step, value), ...]}`` in step order; ``since_step``: only steps >= it."""
         sql, args = "SELECT key, step, value FROM metrics WHERE run_id=?", [run_id]
+        if since_step is not None:
+            sql += " AND step >= ?"
+            args.append(int(since_step))
         if keys is not None:
             keys = list(keys)
             sql += f" AND key IN ({','.join('?' * len(keys))})"
