@@ -8,8 +8,9 @@ that collapses entropy, a tool that starts timing out, a tool the model never ca
 threshold nothing reaches (reward rises, pass@k cannot), and data half of which cannot be solved
 (learning rises, then stalls). The healthy run is tests/test_learning.py's recipe (20 steps, the
 same seed): the "recipe that learns" here, since the SmolLM2 demo takes minutes per run.
-Not reproduced on a real run: ``logprob_mismatch`` (the tiny model's bf16 copy differs from the
-fp32 trainer by <0.01 nats on this CPU; its trigger is tested on synthetic series in test_health.py).
+``logprob_mismatch`` is reproduced with an engine that acknowledges weight pushes without loading
+them (the tiny model's bf16 copy alone differs from the fp32 trainer by <0.01 nats on this CPU,
+too little to trigger it).
 """
 
 from __future__ import annotations
@@ -162,3 +163,30 @@ def test_the_monitor_reads_incrementally_and_still_sees_what_the_store_holds(tmp
     store.truncate_after(run_id, 4)  # a resume from step 4
     assert monitor.series(store, run_id, 5) == real(run_id) and reads[-1] is None
     store.close()
+
+
+def test_logprob_mismatch_on_a_run_whose_engine_drops_the_weight_pushes(tmp_path, rows, monkeypatch):
+    """A real failure mode: the engine acknowledges each new version but keeps serving the old
+    weights (a push that silently did not load). With the sync probe off, the rollouts' logprobs
+    drift away from the learning trainer's, and the diagnosis says so."""
+    from rlft.engines import factory
+
+    real = factory.make_engine
+
+    def stale_engine(options, policy, **kw):
+        engine = real(options, policy, **kw)
+
+        def dropped(update):
+            engine.policy_version = update.version  # acknowledged, never loaded
+
+        engine.sync_weights = dropped
+        return engine
+
+    monkeypatch.setattr(factory, "make_engine", stale_engine)
+    env, _ = task_environment("max", n=512)
+    store, run_id, found = _run(tmp_path, env, rows, steps=10, batch_size=8, group_size=8, learning_rate=3e-3,
+                                sync_check=False, dtype="bfloat16")  # bf16: the engine holds its own copy
+    diffs = [v for _, v in store.metrics(run_id, ["sync/logprob_diff_mean"])["sync/logprob_diff_mean"]]
+    assert diffs[0] < 0.02 < diffs[-1]  # ~on-policy at step 1 (bf16 noise), then the trainer moves on alone
+    assert "logprob_mismatch" in found, ([f.line() for f in found.values()], diffs)
+    assert found["logprob_mismatch"].chart == "sync/logprob_diff_mean"
