@@ -260,8 +260,10 @@ def diagnose_learning_stalled(series: Series, ctx: Context) -> Finding | None:
         [_ev("reward/mean", reward[-2 * f:])] + ([_ev("optim/lr", lrs[-2 * f:])] if lrs else []))
 
 
-SFT_ADVICE = ("warm the model up on demonstrations that call the tools: `rlft sft --data demos.jsonl`, then train "
-              "from it (`sft_data = \"demos.jsonl\"`); or say in the system prompt when to call which tool")
+SFT_ADVICE = ("warm the model up on demonstrations that call the tools, in the RL run itself: `sft_data = "
+              "\"demonstrate\"` (the environment's demonstrate(example)) or `sft_data = \"demos.jsonl\"` "
+              "(transcripts; `rlft traces import`, `rlft sft --from-run`); or say in the system prompt when to call "
+              "which tool")
 
 
 def diagnose_tools_never_used(series: Series, ctx: Context) -> Finding | None:
