@@ -180,3 +180,20 @@ def test_auto_packs_llama_on_masked_attention_and_true_refuses_flash_attention(p
     assert not prefix.enabled("auto", flash)
     with pytest.raises(prefix.SharedPrefixError, match="shared_prefix = true needs an attention"):
         prefix.enabled("true", flash)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_the_other_auto_model_types_give_the_plain_loss_and_gradients(tmp_path, tiny_tokenizer, one_thread, model_type):
+    # EXACT_MODEL_TYPES beyond Llama: a tiny random model of each, through load_policy as a run loads it
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  tie_word_embeddings=False, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    policy = load_policy(str(tmp_path), dtype="float32")
+    assert policy.base_model.config.model_type == model_type
+    assert prefix.enabled("auto", policy.base_model.config)
+    _assert_same(policy, _groups(policy.tokenizer, tool_turns=1, seed=6))
