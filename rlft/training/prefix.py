@@ -140,10 +140,6 @@ class PackedInputs:
     targets_BW: torch.Tensor  # the token after each kept position (its next-token target)
     gather_NC: torch.Tensor  # (N, C) index into the flattened (B * W) logprobs: sequence n's window
 
-    @property
-    def forwarded_tokens(self) -> int:
-        return self.ids_BL.numel()
-
 
 def pack(rows: list[Row], seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], C: int, pad_id: int, *,
          additive: bool = False) -> PackedInputs:
