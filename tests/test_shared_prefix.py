@@ -197,3 +197,13 @@ def test_the_other_auto_model_types_give_the_plain_loss_and_gradients(tmp_path, 
     assert policy.base_model.config.model_type == model_type
     assert prefix.enabled("auto", policy.base_model.config)
     _assert_same(policy, _groups(policy.tokenizer, tool_turns=1, seed=6))
+
+
+def test_the_config_key_takes_a_toml_bool_and_refuses_other_values():
+    from rlft.config import ConfigError, load_config
+
+    assert load_config(overrides={}).resolved().shared_prefix == "auto"
+    assert load_config(overrides={"shared_prefix": True}).resolved().shared_prefix == "true"
+    assert load_config(overrides={"shared_prefix": "false"}).resolved().shared_prefix == "false"
+    with pytest.raises(ConfigError, match="shared_prefix = 'yes' is not one of: auto, true, false"):
+        load_config(overrides={"shared_prefix": "yes"}).resolved()

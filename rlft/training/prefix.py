@@ -33,14 +33,17 @@ from typing import Any
 
 import torch
 
+from rlft.errors import UserError
+
 # decoders whose attention is plain causal over position_ids (RoPE), checked in tests/test_shared_prefix.py
 EXACT_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # attention implementations that take a custom (B, 1, L, L) mask as given (flash-attention does not)
 MASKED_ATTENTION = ("sdpa", "eager", "rlft")
 
 
-class SharedPrefixError(ValueError):
-    """``shared_prefix = true`` for a model whose attention cannot take the packed mask."""
+class SharedPrefixError(UserError, ValueError):
+    """``shared_prefix = true`` for a model whose attention cannot take the packed mask (the CLI
+    prints it as one line)."""
 
 
 def enabled(setting: str, config: Any) -> bool:
