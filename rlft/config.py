@@ -121,6 +121,7 @@ class TrainConfig:
     adam_beta2: float = 0.99  # AdamW beta2
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     micro_batch_tokens: int = 4096  # tokens per forward/backward micro-batch (length-bucketed)
+    shared_prefix: str = "auto"  # train each group's common prompt once: auto (where exact) | true | false
     distributed: str = "ddp"  # multi-process strategy under torchrun: ddp | fsdp2 (sharded); gloo on CPU, NCCL on GPU
     seed: int = 0  # seeds data order, sampling and init
     # -- SFT warm-up before RL (rlft.training.warmup) --------------------------------------
@@ -167,6 +168,7 @@ class TrainConfig:
         _check_choice(out, "kl_estimator", ("k1", "k3"))
         _check_choice(out, "lr_schedule", ("constant", "cosine"))
         _check_choice(out, "std_normalize", ("true", "false"))
+        _check_choice(out, "shared_prefix", ("auto", "true", "false"))
         _check_choice(out, "distributed", ("ddp", "fsdp2"))
         _check_choice(out, "engine", ("hf", "vllm", "openai"))
         if out.engine == "openai" and not out.engine_url:
@@ -241,7 +243,7 @@ def coerce_value(field: Field, value: Any) -> Any:
 
 
 def _coerce(key: str, value: Any) -> Any:
-    if isinstance(value, bool) and key == "std_normalize":  # a TOML bool for a "true"/"false"/"auto" key
+    if isinstance(value, bool) and key in ("std_normalize", "shared_prefix"):  # a TOML bool for a true/false/auto key
         return "true" if value else "false"
     return coerce_value(FIELDS[key], value)
 

@@ -27,7 +27,7 @@ EVAL_KEYS = ["time/eval", "examples", "k"]
 # then the evals'. Checked against a real run by tests/test_metrics_keys.py.
 KEYS = GROUP_KEYS + [
     "loss/policy", "loss/kl", "policy/entropy", "policy/clip_ratio", "optim/grad_norm", "optim/lr",
-    "batch/skipped_groups", "batch/trained_sequences",
+    "batch/skipped_groups", "batch/trained_sequences", "batch/forward_tokens",
     "sync/logprob_diff_mean", "sync/logprob_diff_max", "sync/policy_lag", "sync/policy_lag_max",
     "sync/probe_logprob_diff", "sync/probe_logprob_diff_max", "rollout/worker",
     "time/generate", "time/train", "time/step", "throughput/tokens_per_s",

@@ -99,7 +99,7 @@ def update_config(cfg: TrainConfig):
 
     return UpdateConfig(loss=loss_config(cfg), epochs=cfg.epochs, micro_batch_tokens=cfg.micro_batch_tokens,
                         max_grad_norm=cfg.max_grad_norm, bf16=cfg.dtype == "bfloat16",
-                        filter_truncated=cfg.overlong == "filter")
+                        filter_truncated=cfg.overlong == "filter", shared_prefix=cfg.shared_prefix)
 
 
 def lr_factor(steps: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:

@@ -4,25 +4,27 @@ The sequences trained on are the rollouts' own token ids (prompt + completion, l
 that every completion ends at the last position and the model computes logits only for the
 completion window: ``logits_to_keep``). Only sampled tokens (mask 1) carry loss. Micro-batches
 are length-bucketed under a token budget and their losses use the whole batch's normalizer, so
-accumulation gives the same gradient as one big batch. With ``epochs > 1`` the importance
-ratio is against the trainer's own logprobs of the first pass (the rollout-time policy); for a
-rollout sampled by older weights (``policy_version`` below the current one: overlap) it is against
-the sampler's logprobs. Distributed (``model`` a DDP/FSDP2 wrapper, see ``rlft.distributed``): the
-normalizer and metrics are summed over ranks and the loss scaled so that the gradient is the
-single-process one.
+accumulation gives the same gradient as one big batch. With ``shared_prefix`` (the default where
+it is exact: ``rlft.training.prefix``) the rollouts of a group are packed into one row that holds
+their common prompt once, and micro-batches are made of such rows under the same budget. With
+``epochs > 1`` the importance ratio is against the trainer's own logprobs of the first pass (the
+rollout-time policy); for a rollout sampled by older weights (``policy_version`` below the current
+one: overlap) it is against the sampler's logprobs. Distributed (``model`` a DDP/FSDP2 wrapper, see
+``rlft.distributed``): the normalizer and metrics are summed over ranks and the loss scaled so
+that the gradient is the single-process one.
 Left out: the loss math itself (``rlft.training.grpo``) and anything about where rollouts came from.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from rlft import distributed
-from rlft.training import grpo
+from rlft.training import grpo, prefix
 from rlft.types import Group, Rollout
 
 
@@ -73,12 +75,14 @@ class UpdateConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     bf16: bool = False  # forward passes under bf16 autocast (training_precision)
     filter_truncated: bool = False  # DAPO overlong filtering: truncated rollouts get no loss
+    shared_prefix: str = "auto"  # each group's common prompt forwarded once: auto (where exact) | true | false
 
 
 @dataclass
 class _Item:
     rollout: Rollout
     length: int
+    group: int = 0  # index of its group in the batch (the rows of shared-prefix packing)
     old_logp: torch.Tensor | None = None  # (C_i,) trainer logprobs of the first pass
     ref_logp: torch.Tensor | None = None
 
@@ -92,6 +96,74 @@ def _micro_batches(items: list[_Item], budget: int) -> list[list[_Item]]:
         else:
             out.append([it])
     return out
+
+
+@dataclass
+class _Micro:
+    """One micro-batch: its sequences, and the packed rows they form (None: one row each)."""
+
+    items: list[_Item]
+    rows: list[prefix.Row] | None = None  # members index ``items``
+
+
+def _plan(items: list[_Item], budget: int, shared: bool) -> list[_Micro]:
+    """The micro-batches of one pass: plain length-bucketed sequences, or packed group rows."""
+    if not shared:
+        return [_Micro(mb) for mb in _micro_batches(items, budget)]
+    seqs = [it.rollout.prompt_ids + it.rollout.completion_ids for it in items]
+    out = []
+    for mb in prefix.micro_batches(prefix.plan_rows(seqs, [it.group for it in items], budget), budget):
+        order = [n for row in mb for n in row.members]
+        local, k = [], 0  # the rows again, their members renumbered as positions in this micro-batch
+        for row in mb:
+            local.append(prefix.Row(tuple(range(k, k + len(row.members))), row.shared, row.length))
+            k += len(row.members)
+        out.append(_Micro([items[n] for n in order], local))
+    return out
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """Plain rows' model inputs: one left-padded sequence per row."""
+
+    ids_BL: torch.Tensor
+    attn_BL: torch.Tensor
+    pos_BL: torch.Tensor
+    tokens_BC: torch.Tensor  # the completion window's tokens
+
+
+def _inputs(mb: _Micro, pad_id: int, additive_mask: bool):
+    """The model inputs (``_Plain`` or ``prefix.PackedInputs``) and the completion window's
+    mask (N, C), sampler logprobs (N, C) and advantages (N,), one row of those per sequence."""
+    ids, attn, pos, tokens, mask, sampler_logp, adv = _tensors(mb.items, pad_id)
+    if mb.rows is None:
+        return _Plain(ids, attn, pos, tokens), mask, sampler_logp, adv
+    seqs = [it.rollout.prompt_ids + it.rollout.completion_ids for it in mb.items]
+    packed = prefix.pack(mb.rows, seqs, [len(it.rollout.prompt_ids) for it in mb.items], tokens.shape[1], pad_id,
+                         additive=additive_mask)
+    return packed, mask, sampler_logp, adv
+
+
+def _to(inputs, dev):
+    return type(inputs)(**{f.name: getattr(inputs, f.name).to(dev) for f in fields(inputs)})
+
+
+def forward_logprobs(model: Any, inputs, temperature: float, *, entropy: bool = False):
+    """Each sequence's completion-window logprobs (N, C) under ``model`` and, with ``entropy``,
+    the entropies there (no gradient), from plain rows or packed ones."""
+    if isinstance(inputs, prefix.PackedInputs):
+        logits = model(input_ids=inputs.ids_BL, attention_mask=inputs.mask_B1LL, position_ids=inputs.pos_BL,
+                       logits_to_keep=inputs.keep_W, use_cache=False).logits  # (B, W, V)
+        targets = inputs.targets_BW
+    else:
+        logits = completion_logits(model, inputs.ids_BL, inputs.attn_BL, inputs.pos_BL, inputs.tokens_BC.shape[1])
+        targets = inputs.tokens_BC
+    logp = grpo.token_logprobs(logits, targets, temperature)
+    ent = grpo.entropy_from_logits(logits.detach(), temperature) if entropy else None
+    if isinstance(inputs, prefix.PackedInputs):  # row positions -> each sequence's window (N, C)
+        logp = logp.reshape(-1)[inputs.gather_NC]
+        ent = ent.reshape(-1)[inputs.gather_NC] if ent is not None else None
+    return logp, ent
 
 
 def _tensors(mb: list[_Item], pad_id: int):
@@ -142,33 +214,37 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
     # the whole batch's counts, over ranks (identity in one process)
     normalizer, n_items = distributed.all_reduce_sum([normalizer, float(len(items))])
     stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "policy/clip_ratio": 0.0, "policy/entropy": 0.0,
-                               "optim/grad_norm": 0.0, "batch/trained_sequences": n_items}
+                               "optim/grad_norm": 0.0, "batch/trained_sequences": n_items,
+                               "batch/forward_tokens": 0.0}
     if not n_items or normalizer == 0:
         optimizer.step()  # no gradients: a no-op that keeps the scheduler's step count honest
         return stats
     bf16 = cfg.bf16
-    micro = _micro_batches(items, cfg.micro_batch_tokens)
+    shared = prefix.enabled(cfg.shared_prefix, policy.base_model.config)
+    micro = _plan(items, cfg.micro_batch_tokens, shared)
+    additive = shared and prefix.additive_mask(policy.base_model.config)
     scale = distributed.grad_scale(model)  # DDP averages gradients over ranks; the loss is a sum
-    first = _FirstPass(loss_cfg, policy_version)
+    first = _FirstPass(policy_version)
     model.train()
     for epoch in range(cfg.epochs):
         optimizer.zero_grad(set_to_none=True)
-        clip_sum = kl_sum = loss_sum = n_tokens = 0.0
+        clip_sum = kl_sum = loss_sum = n_tokens = forwarded = 0.0
         # FSDP2 + LoRA: the reference forward (adapters off) is a collective too: padding passes run one
         pad = ((lambda: _reference_pad(policy, dev, bf16)) if epoch == 0 and loss_cfg.beta > 0 and policy.is_lora
                and distributed.is_sharded(model) else None)
         for mb in distributed.micro_steps(model, micro, pad=pad):  # the same number of passes on every rank
-            ids, attn, pos, tokens, mask, sampler_logp, adv = (t.to(dev) for t in _tensors(mb, pad_id))
-            C = tokens.shape[1]
+            inputs, mask, sampler_logp, adv = _inputs(mb, pad_id, additive)
+            inputs, mask, sampler_logp, adv = _to(inputs, dev), mask.to(dev), sampler_logp.to(dev), adv.to(dev)
+            C = mask.shape[1]
+            forwarded += inputs.ids_BL.numel()
             with training_precision(policy, bf16):
-                logits = completion_logits(model, ids, attn, pos, C)  # (B, C, V)
-                logp = grpo.token_logprobs(logits, tokens, loss_cfg.temperature)  # (B, C)
+                logp, ent = forward_logprobs(model, inputs, loss_cfg.temperature, entropy=epoch == 0)  # (B, C)
             if epoch == 0:
-                first.record(mb, logits, logp, mask, sampler_logp)
+                first.record(mb.items, ent, logp, mask, sampler_logp)
                 if loss_cfg.beta > 0:
-                    _reference_logprobs(policy, mb, ids, attn, pos, tokens, loss_cfg.temperature, bf16)
-            old_logp = _window([it.old_logp for it in mb], C).to(dev)
-            ref_logp = _window([it.ref_logp for it in mb], C).to(dev) if loss_cfg.beta > 0 else None
+                    _reference_logprobs(policy, mb.items, inputs, loss_cfg.temperature, bf16)
+            old_logp = _window([it.old_logp for it in mb.items], C).to(dev)
+            ref_logp = _window([it.ref_logp for it in mb.items], C).to(dev) if loss_cfg.beta > 0 else None
             is_w = grpo.tis_weights(old_logp, sampler_logp, loss_cfg.tis_cap) if loss_cfg.tis_cap > 0 else None
             loss, st = grpo.policy_loss(
                 logp, old_logp, adv, mask, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
@@ -186,9 +262,11 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
         norm = distributed.full_tensor(norm)  # FSDP2: a DTensor over the shards' norms
         optimizer.step()
         if epoch == 0:
-            loss_sum, clip_sum, kl_sum, n_tokens = distributed.all_reduce_sum([loss_sum, clip_sum, kl_sum, n_tokens])
+            loss_sum, clip_sum, kl_sum, n_tokens, forwarded = distributed.all_reduce_sum(
+                [loss_sum, clip_sum, kl_sum, n_tokens, forwarded])
             stats.update({"loss/policy": loss_sum, "policy/clip_ratio": clip_sum / max(n_tokens, 1),
-                          "loss/kl": kl_sum / max(n_tokens, 1), "optim/grad_norm": float(norm)})
+                          "loss/kl": kl_sum / max(n_tokens, 1), "optim/grad_norm": float(norm),
+                          "batch/forward_tokens": forwarded})
     model.eval()
     optimizer.zero_grad(set_to_none=True)
     stats.update(first.metrics())
@@ -200,18 +278,18 @@ def _loss_items(groups: list[Group], loss_cfg: grpo.LossConfig, *, filter_trunca
 
     The normalizer counts every candidate token (or sequence); rollouts with zero advantage and
     no KL term contribute exactly zero gradient, so they are left out of the forward pass."""
-    rollouts = [r for g in groups for r in g.rollouts if r.completion_ids]
+    rollouts = [(r, i) for i, g in enumerate(groups) for r in g.rollouts if r.completion_ids]
     if filter_truncated and rollouts:  # truncated rollouts teach nothing about how to finish
-        keep_B = grpo.overlong_filter_mask(torch.tensor([r.truncated for r in rollouts]))
-        rollouts = [r for r, keep in zip(rollouts, keep_B.tolist()) if keep]
-    mask_counts = [sum(r.mask) for r in rollouts]
+        keep_B = grpo.overlong_filter_mask(torch.tensor([r.truncated for r, _ in rollouts]))
+        rollouts = [ri for ri, keep in zip(rollouts, keep_B.tolist()) if keep]
+    mask_counts = [sum(r.mask) for r, _ in rollouts]
     if loss_cfg.loss_agg == "token_mean":
         normalizer = float(sum(mask_counts))
     elif loss_cfg.loss_agg == "seq_mean_token_mean":
         normalizer = float(sum(1 for n in mask_counts if n))
     else:
         normalizer = float(sum(1 for n in mask_counts if n) * loss_cfg.max_tokens)
-    items = [_Item(r, len(r.prompt_ids) + len(r.completion_ids)) for r in rollouts
+    items = [_Item(r, len(r.prompt_ids) + len(r.completion_ids), g) for r, g in rollouts
              if sum(r.mask) and (r.advantage != 0.0 or loss_cfg.beta > 0)]
     return items, normalizer
 
@@ -221,15 +299,14 @@ class _FirstPass:
     trainer's own, or the sampler's for a rollout of an older policy version), the entropy, and
     the trainer/sampler logprob difference."""
 
-    def __init__(self, loss_cfg: grpo.LossConfig, policy_version: int | None):
-        self.temperature, self.policy_version = loss_cfg.temperature, policy_version
+    def __init__(self, policy_version: int | None):
+        self.policy_version = policy_version
         self.diffs: list[torch.Tensor] = []
         self.ent_sum = self.ent_n = 0.0
 
     @torch.no_grad()
-    def record(self, mb: list[_Item], logits_BCV, logp_BC, mask_BC, sampler_logp_BC) -> None:
+    def record(self, mb: list[_Item], ent_BC, logp_BC, mask_BC, sampler_logp_BC) -> None:
         C = logp_BC.shape[1]
-        ent_BC = grpo.entropy_from_logits(logits_BCV.detach(), self.temperature)
         self.ent_sum += float((ent_BC * mask_BC).sum())
         self.ent_n += float(mask_BC.sum())
         for b, it in enumerate(mb):
@@ -248,13 +325,11 @@ class _FirstPass:
 
 
 @torch.no_grad()
-def _reference_logprobs(policy: Any, mb: list[_Item], ids, attn, pos, tokens_BC, temperature: float,
-                        bf16: bool) -> None:
+def _reference_logprobs(policy: Any, mb: list[_Item], inputs, temperature: float, bf16: bool) -> None:
     """Each sequence's reference-model logprobs (the KL term's), set on its item."""
-    C = tokens_BC.shape[1]
     with policy.reference() as ref, training_precision(policy, bf16):
-        ref_logits = completion_logits(ref, ids, attn, pos, C)
-        ref_lp = grpo.token_logprobs(ref_logits, tokens_BC, temperature)
+        ref_lp, _ = forward_logprobs(ref, inputs, temperature)
+    C = ref_lp.shape[1]
     for b, it in enumerate(mb):
         it.ref_logp = ref_lp[b, C - len(it.rollout.completion_ids):]
 
@@ -297,4 +372,5 @@ def _window(parts: list[torch.Tensor | None], C: int) -> torch.Tensor:
     return out
 
 
-__all__ = ["UpdateConfig", "completion_logits", "policy_update", "select_groups", "training_precision"]
+__all__ = ["UpdateConfig", "completion_logits", "forward_logprobs", "policy_update", "select_groups",
+           "training_precision"]
