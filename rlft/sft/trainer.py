@@ -158,6 +158,18 @@ class _Checkpoints:
             self.save(step, metrics)
 
 
+def _report_best(ckpts: _Checkpoints, base_loss: float | None, note: Any) -> None:
+    """The run's last log lines: its best checkpoint, and a warning when training never beat the base."""
+    if ckpts.best_step is None:
+        return
+    gained = "" if base_loss is None else f" (before training {base_loss:.4f})"
+    note(f"best checkpoint: step {ckpts.best_step}, eval loss {ckpts.best_loss:.4f}{gained}: "
+         f"{ckpts.saved.get(ckpts.best_step)}")
+    if base_loss is not None and ckpts.best_loss >= base_loss:
+        note("the held-out loss never went below the untrained model's: lower the learning rate or check "
+             "that the held-out transcripts resemble the training ones", "warning")
+
+
 def _train(cfg: SFTConfig, store: Any, run_id: str, policy: Any, data: SFTData) -> None:
     import torch
 
@@ -237,13 +249,7 @@ def _train(cfg: SFTConfig, store: Any, run_id: str, policy: Any, data: SFTData) 
                     break
     if step:
         ckpts.finish(step, metrics)
-    if ckpts.best_step is not None:
-        gained = "" if base_loss is None else f" (before training {base_loss:.4f})"
-        note(f"best checkpoint: step {ckpts.best_step}, eval loss {ckpts.best_loss:.4f}{gained}: "
-             f"{ckpts.saved.get(ckpts.best_step)}", step=step)
-        if base_loss is not None and ckpts.best_loss >= base_loss:
-            note("the held-out loss never went below the untrained model's: lower the learning rate or check "
-                 "that the held-out transcripts resemble the training ones", level="warning", step=step)
+    _report_best(ckpts, base_loss, lambda message, level="info": note(message, level, step))
     store.update_run(run_id, step=step)
     store.set_status(run_id, "completed")
     if stopped_early:
