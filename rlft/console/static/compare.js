@@ -5,6 +5,7 @@
 "use strict";
 
 (function () {
+  const MAX_POINTS = 400;  // per run and metric: the series come downsampled (mean, min, max per bucket)
   const DEFAULT_KEYS = ["reward/mean", "pass@k", "max@k", "response/length", "loss/policy", "loss/kl", "policy/entropy", "optim/grad_norm", "eval/reward/mean"];
 
   RL.comparePage = async function (view, ids) {
@@ -20,7 +21,7 @@
       view.appendChild(RL.el("p", { class: "muted" }, "Pick runs to overlay their metrics."));
       return;
     }
-    const data = await RL.api("/api/compare", { runs: [...picked].join(",") });
+    const data = await RL.api("/api/compare", { runs: [...picked].join(","), max_points: MAX_POINTS });
     const names = data.runs.map((r) => r.name || r.id);
     const allKeys = [...new Set(Object.values(data.metrics).flatMap((m) => Object.keys(m)))].sort();
     const saved = JSON.parse(localStorage.getItem("rlft_compare_keys") || "null");
@@ -64,7 +65,7 @@
     draw();
     RL.poll(async () => {
       if (!data.runs.some((r) => r.status === "running" || r.status === "created")) return;
-      const fresh = await RL.api("/api/compare", { runs: [...picked].join(",") });
+      const fresh = await RL.api("/api/compare", { runs: [...picked].join(","), max_points: MAX_POINTS });
       if (JSON.stringify(fresh.metrics) === JSON.stringify(data.metrics)) return;
       data.metrics = fresh.metrics;
       data.runs.forEach((r, i) => { r.status = fresh.runs[i].status; });
