@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import rlft
 from rlft.store import RunStore
 from rlft.types import Rollout, RolloutError, Termination
 
@@ -191,8 +192,11 @@ def start_server(store: Path, poll_ms: int) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port, dead = _free_port(), _free_port()  # nothing listens on `dead`: the chat tab's server is down
+    # the server imports the same rlft as this process (not one in its working directory)
+    code = str(Path(rlft.__file__).resolve().parent.parent)
+    env = os.environ | {"PYTHONPATH": code}
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(store), str(port), f"http://127.0.0.1:{dead}",
-                             str(poll_ms)], env=os.environ.copy())
+                             str(poll_ms)], env=env, cwd=store.parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -281,7 +285,7 @@ def measure_live(base: str, store_path: Path, run_id: str) -> dict[str, Any]:
     rng = random.Random(new)
     out: dict[str, Any] = {}
     checks = {  # tab -> JS that is true once the page shows step `new`
-        "train": "n => RL.charts.some(c => c.u.data[0].length && c.u.data[0][c.u.data[0].length - 1] >= n)",
+        "train": "n => document.getElementById('run-header').innerText.includes(n + ' / ')",
         "rollouts": "n => [...document.querySelectorAll('#f-step option')].some(o => o.value === String(n))",
     }
     with sync_playwright() as pw:
@@ -301,14 +305,20 @@ def measure_live(base: str, store_path: Path, run_id: str) -> dict[str, Any]:
             page.on("requestfailed", lambda r, pending=pending: "/api/" in r.url and pending.__setitem__(
                 0, pending[0] - 1))
             ros = _rollouts(rng, new, list(range(32)), 8)
-            store.add_rollouts(run_id, new, ros)
-            store.log_metrics(run_id, new, _metrics(rng, new, ros))
-            t0 = time.perf_counter()
-            store.update_run(run_id, step=new)
-            page.wait_for_function(check, arg=new, timeout=120_000)
+            try:
+                store.add_rollouts(run_id, new, ros)
+                store.log_metrics(run_id, new, _metrics(rng, new, ros))
+                t0 = time.perf_counter()
+                store.update_run(run_id, step=new)
+                page.wait_for_function(check, arg=new, timeout=120_000)
+            except BaseException:
+                store.truncate_after(run_id, last)
+                raise
             shown = (time.perf_counter() - t0) * 1000
-            while pending[0] > 0:  # the rest of that refresh's requests
+            quiet = 0
+            while quiet < 15:  # the rest of that refresh's requests: none in flight for 300 ms
                 page.wait_for_timeout(20)
+                quiet = quiet + 1 if pending[0] == 0 else 0
             out[tab] = {"shown_ms": shown, "requests": len(reqs),
                         "bytes": sum(n for _, n in reqs)}
             print(f"  live update, {tab} tab: shown after {out[tab]['shown_ms']:.0f} ms (poll every 250 ms), "
@@ -342,8 +352,7 @@ def main() -> None:
     run_id, other = store.resolve("bench-console"), store.resolve("bench-compare")
     n_roll = store.count_rollouts(run_id, split=None)
     store.close()
-    print(f"store {path}: run {run_id}, {n_roll} rollouts; code under test: "
-          f"{Path(__import__('rlft').__file__).parent}", flush=True)
+    print(f"store {path}: run {run_id}, {n_roll} rollouts; code under test: {Path(rlft.__file__).parent}", flush=True)
 
     proc, base = start_server(path, poll_ms=250)
     try:
