@@ -273,6 +273,26 @@ def measure_tabs(base: str, run_id: str, other: str, loads: int) -> tuple[dict[s
     return results, seen
 
 
+class Refresh:
+    """The API requests a page makes, less its poll of the run (every 250 ms): what a change sets off."""
+
+    POLL = re.compile(r"/api/runs/[^/?]+(\?.*)?$")
+
+    def __init__(self, page: Any):
+        self.pending = 0
+        self.done: list[tuple[str, int]] = []
+        page.on("request", lambda r: self._counts(r) and self._add(1))
+        page.on("requestfinished", lambda r: self._counts(r) and (self._add(-1), self.done.append(
+            (r.url, r.sizes()["responseBodySize"]))))
+        page.on("requestfailed", lambda r: self._counts(r) and self._add(-1))
+
+    def _counts(self, r: Any) -> bool:
+        return "/api/" in r.url and not self.POLL.search(r.url)
+
+    def _add(self, n: int) -> None:
+        self.pending += n
+
+
 def measure_live(base: str, store_path: Path, run_id: str) -> dict[str, Any]:
     """Open the train and rollouts tabs, write one more step, count what each page fetched
     until it showed that step; then truncate the store back."""
@@ -297,13 +317,7 @@ def measure_live(base: str, store_path: Path, run_id: str) -> dict[str, Any]:
             page.wait_for_function("() => document.body.dataset.ready === '1'", timeout=120_000)
             page.wait_for_selector(TABS[tab], timeout=120_000)
             page.wait_for_timeout(1500)  # let any poll that was under way finish
-            reqs: list[tuple[str, int]] = []
-            pending = [0]
-            page.on("request", lambda r, pending=pending: "/api/" in r.url and pending.__setitem__(0, pending[0] + 1))
-            page.on("requestfinished", lambda r, reqs=reqs, pending=pending: "/api/" in r.url and (
-                pending.__setitem__(0, pending[0] - 1), reqs.append((r.url, r.sizes()["responseBodySize"]))))
-            page.on("requestfailed", lambda r, pending=pending: "/api/" in r.url and pending.__setitem__(
-                0, pending[0] - 1))
+            seen = Refresh(page)
             ros = _rollouts(rng, new, list(range(32)), 8)
             try:
                 store.add_rollouts(run_id, new, ros)
@@ -316,13 +330,12 @@ def measure_live(base: str, store_path: Path, run_id: str) -> dict[str, Any]:
                 raise
             shown = (time.perf_counter() - t0) * 1000
             quiet = 0
-            while quiet < 15:  # the rest of that refresh's requests: none in flight for 300 ms
+            while quiet < 25:  # the rest of that refresh's requests: none in flight for 500 ms
                 page.wait_for_timeout(20)
-                quiet = quiet + 1 if pending[0] == 0 else 0
-            out[tab] = {"shown_ms": shown, "requests": len(reqs),
-                        "bytes": sum(n for _, n in reqs)}
+                quiet = quiet + 1 if seen.pending == 0 else 0
+            out[tab] = {"shown_ms": shown, "requests": len(seen.done), "bytes": sum(n for _, n in seen.done)}
             print(f"  live update, {tab} tab: shown after {out[tab]['shown_ms']:.0f} ms (poll every 250 ms), "
-                  f"{len(reqs)} API requests, {out[tab]['bytes'] / 1e3:.1f} kB", flush=True)
+                  f"{len(seen.done)} API requests, {out[tab]['bytes'] / 1e3:.1f} kB", flush=True)
             page.close()
             store.truncate_after(run_id, last)
         browser.close()

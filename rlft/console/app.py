@@ -301,7 +301,7 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
 
     @api.get("/api/runs/{ref}/health")
     def run_health(ref: str):
-        return _json(views.health(store(), rid(ref)))
+        return _json(views.health(store(), cache, rid(ref)))
 
     @api.get("/api/runs/{ref}/heatmap")
     def run_heatmap(ref: str, split: str = "auto", max_cols: int = 200, examples_offset: int = 0,

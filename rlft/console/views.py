@@ -93,9 +93,12 @@ def evals(store: RunStore, run_id: str) -> dict[str, Any]:
     return {"run": store.evals(run_id), "external": external}
 
 
-def health(store: RunStore, run_id: str) -> dict[str, Any]:
-    """The run's training-health findings (docs/health.md), most severe first."""
-    return {"findings": [f.to_dict() for f in run_findings(store, run_id)]}
+def health(store: RunStore, cache: RunCache, run_id: str) -> dict[str, Any]:
+    """The run's training-health findings (docs/health.md), most severe first; kept until the run
+    row (the trainer updates it every step), its last metric step or its rollouts change."""
+    version = (store.get_run(run_id).get("updated_at"), agg.metric_extent(store, run_id))
+    return cache.derived(store, run_id, "health", version=version,
+                         compute=lambda: {"findings": [f.to_dict() for f in run_findings(store, run_id)]})
 
 
 def _preview(messages: list[dict[str, Any]], role: str, last: bool) -> str:
@@ -224,7 +227,7 @@ def compare(store: RunStore, cache: RunCache, run_ids: Iterable[str], keys: list
     diff = {k: {rid: c.get(k) for rid, c in configs.items()} for k in all_keys
             if len({repr(c.get(k)) for c in configs.values()}) > 1}
     return {"runs": [run_summary(store, cache, r) | {"latest": store.latest_metrics(r["id"]),
-                                              "findings": health(store, r["id"])["findings"]} for r in runs],
+                                              "findings": health(store, cache, r["id"])["findings"]} for r in runs],
             "metrics": {r["id"]: metrics(store, r["id"], keys, max_points=max_points) for r in runs},
             "config_diff": diff}
 
