@@ -175,6 +175,11 @@ def test_kept_rollout_counts_follow_new_and_truncated_rollouts(tmp_path):
         assert counts() == truth()
         steps = c.get(f"/api/runs/{live.run_id}/steps").json()
         assert steps == list(range(1, 17))
+        assert c.get(f"/api/runs/{live.run_id}/steps", params={"split": "eval"}).json() == [0]
+        # an eval of an older checkpoint, written later: its step joins the list
+        live.store.add_rollouts(live.run_id, 5, step_rollouts(random.Random(4), 5, [0]), split="eval")
+        assert c.get(f"/api/runs/{live.run_id}/steps", params={"split": "eval"}).json() == [0, 5]
+        assert counts() == truth()
 
 
 def test_component_and_error_filters_run_in_sql_with_their_totals(client, big):

@@ -51,13 +51,19 @@ class RunCache:
             if not appended:
                 entry = _Entry()
             rows, read_top = agg.rollout_tally(store, run_id, after_id=entry.top)
-            for split, term, n, errors in rows:
+            earliest: dict[str, int] = {}
+            for split, term, n, errors, first in rows:
                 by_term = entry.counts.setdefault(split, {})
                 by_term[term] = by_term.get(term, 0) + n
                 entry.errors[split] = entry.errors.get(split, 0) + errors
+                earliest[split] = min(first, earliest.get(split, first))
             for split, steps in list(entry.steps.items()):
-                after = steps[-1] if steps else None
-                entry.steps[split] = steps + agg.rollout_steps(store, run_id, split, after_step=after)
+                if split not in earliest:
+                    continue
+                if steps and earliest[split] > steps[-1]:  # new steps after the known ones
+                    entry.steps[split] = steps + agg.rollout_steps(store, run_id, split, after_step=steps[-1])
+                else:  # rows at an earlier step (an eval of an old checkpoint): read them all again
+                    entry.steps[split] = agg.rollout_steps(store, run_id, split)
             entry.top, entry.last_step = max(top, read_top), last_step
             entry.newest = agg.newest_rollout(store, run_id)
             self._entries[run_id] = entry

@@ -120,15 +120,15 @@ def heatmap_cells(store: RunStore, run_id: str, split: str, example_ids: list[in
 
 # -- counts and filtered pages of rollouts ----------------------------------------------------------
 def rollout_tally(store: RunStore, run_id: str, after_id: int = 0
-                  ) -> tuple[list[tuple[str, str | None, int, int]], int]:
-    """(``[(split, termination, rollouts, with errors), ...]``, the largest rollout id read) over
-    the run's rollouts with an id above ``after_id``. Ids only grow, so counts kept from an
-    earlier call plus this call's counts are the run's counts, as long as none was deleted."""
+                  ) -> tuple[list[tuple[str, str | None, int, int, int]], int]:
+    """(``[(split, termination, rollouts, with errors, earliest step), ...]``, the largest rollout
+    id read) over the run's rollouts with an id above ``after_id``. Ids only grow, so counts kept
+    from an earlier call plus this call's counts are the run's counts, as long as none was deleted."""
     conn = _conn(store)
-    rows = conn.execute("SELECT split, termination, COUNT(*), SUM(errors != '[]'), MAX(id) FROM rollouts "
+    rows = conn.execute("SELECT split, termination, COUNT(*), SUM(errors != '[]'), MIN(step), MAX(id) FROM rollouts "
                         "WHERE id>? AND run_id=? GROUP BY split, termination", (int(after_id), run_id)).fetchall()
-    top = max([after_id, *(r[4] for r in rows)])
-    return [(s, t, int(n), int(e or 0)) for s, t, n, e, _ in rows], top
+    top = max([after_id, *(r[5] for r in rows)])
+    return [(s, t, int(n), int(e or 0), int(first)) for s, t, n, e, first, _ in rows], top
 
 
 def rollout_marker(store: RunStore, run_id: str) -> tuple[int, int]:
