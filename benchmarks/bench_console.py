@@ -361,6 +361,7 @@ def main() -> None:
         shutil.rmtree(path.parent)
     if not path.exists():
         build_store(path, args.steps, args.batch, args.group, args.dataset, eval_every=50, eval_size=64, eval_k=2)
+    RunStore(path).close()  # a writable open migrates the store to the schema of the code under test
     store = RunStore(path, readonly=True)
     run_id, other = store.resolve("bench-console"), store.resolve("bench-compare")
     n_roll = store.count_rollouts(run_id, split=None)

@@ -6,9 +6,10 @@ truncates it (``RunStore.truncate_after``) or it is deleted. Each entry remember
 rollout id it has read, the run's latest rollout step and the id of the run's newest rollout:
 when the store's largest id grew and the other two still hold, only rows with a larger id are
 read; when the latest step fell or the newest rollout is gone, the entry is rebuilt. Derived
-values that cannot be updated that way (a split's example statistics, the health findings) are
-kept until the marker changes. Left out: metric series (their queries are cheap with the store's
-``metrics_key`` index) and any eviction (one small entry per run opened in this console).
+values that cannot be updated that way (a split's example statistics, the latest metrics, the
+health findings) are kept while a version read with them (cheap to read again) stays the same.
+Left out: metric series (read from the store's ``metrics_series`` index) and any eviction (one
+small entry per run opened in this console).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ class _Entry:
     counts: dict[str, dict[str | None, int]] = field(default_factory=dict)  # split -> termination -> n
     errors: dict[str, int] = field(default_factory=dict)  # split -> rollouts with errors
     steps: dict[str, list[int]] = field(default_factory=dict)  # split -> sampled steps, sorted
-    derived: dict[Any, tuple[tuple[int, int, Any], Any]] = field(default_factory=dict)  # key -> (marker, value)
 
 
 class RunCache:
@@ -38,6 +38,7 @@ class RunCache:
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
+        self._derived: dict[tuple[str, Any], tuple[Any, Any]] = {}  # (run, key) -> (version, value)
         self._lock = threading.Lock()
 
     def _fresh(self, store: RunStore, run_id: str) -> _Entry:
@@ -89,14 +90,14 @@ class RunCache:
                 entry.steps[split] = agg.rollout_steps(store, run_id, split)
             return entry.steps[split]
 
-    def derived(self, store: RunStore, run_id: str, key: Any, compute: Callable[[], Any], version: Any = None) -> Any:
-        """``compute()``, kept until the run's rollouts change (or ``version``, when given: e.g. the
-        run row's ``updated_at`` for what also reads its metrics)."""
-        entry = self._fresh(store, run_id)
-        marker = (entry.newest or 0, entry.last_step, version)
-        hit = entry.derived.get(key)
-        if hit is not None and hit[0] == marker:
+    def derived(self, store: RunStore, run_id: str, key: Any, compute: Callable[[], Any], version: Any) -> Any:
+        """``compute()``, kept while ``version`` (something cheap to read that changes with what
+        ``compute`` reads, e.g. :func:`rlft.store.aggregates.rollout_version`) stays the same."""
+        with self._lock:
+            hit = self._derived.get((run_id, key))
+        if hit is not None and hit[0] == version:
             return hit[1]
         value = compute()
-        entry.derived[key] = (marker, value)
+        with self._lock:
+            self._derived[(run_id, key)] = (version, value)
         return value

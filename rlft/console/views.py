@@ -37,7 +37,7 @@ def _duration(run: dict[str, Any], now: float | None = None) -> float | None:
 
 def run_summary(store: RunStore, cache: RunCache, run: dict[str, Any]) -> dict[str, Any]:
     """A runs-list row: the run's columns plus latest reward, pass@k, planned steps and duration."""
-    latest = store.latest_metrics(run["id"])
+    latest = latest_metrics(store, cache, run)
     counts = cache.counts(store, run["id"], "train") if run.get("status") == "completed" else None
     config = run.get("config") or {}
     return {
@@ -53,6 +53,12 @@ def run_summary(store: RunStore, cache: RunCache, run: dict[str, Any]) -> dict[s
     }
 
 
+def latest_metrics(store: RunStore, cache: RunCache, run: dict[str, Any]) -> dict[str, float | None]:
+    """Each metric's value at the last step it was logged, kept until a step's metrics arrive."""
+    return cache.derived(store, run["id"], "latest", lambda: store.latest_metrics(run["id"]),
+                         version=(run.get("updated_at"), agg.metric_version(store, run["id"])))
+
+
 def list_runs(store: RunStore, cache: RunCache) -> list[dict[str, Any]]:
     return [run_summary(store, cache, r) for r in store.list_runs()]
 
@@ -62,7 +68,7 @@ def run_detail(store: RunStore, cache: RunCache, run_id: str) -> dict[str, Any]:
     run = store.get_run(run_id)
     out = run_summary(store, cache, run)
     out.update(traceback=run.get("traceback"), stop_requested=run.get("stop_requested"),
-               latest=store.latest_metrics(run_id), checkpoints=store.checkpoints(run_id),
+               latest=latest_metrics(store, cache, run), checkpoints=store.checkpoints(run_id),
                rollouts={"train": cache.total(store, run_id, "train"), "eval": cache.total(store, run_id, "eval")})
     return out
 
@@ -96,7 +102,8 @@ def evals(store: RunStore, run_id: str) -> dict[str, Any]:
 def health(store: RunStore, cache: RunCache, run_id: str) -> dict[str, Any]:
     """The run's training-health findings (docs/health.md), most severe first; kept until the run
     row (the trainer updates it every step), its last metric step or its rollouts change."""
-    version = (store.get_run(run_id).get("updated_at"), agg.metric_extent(store, run_id))
+    version = (store.get_run(run_id).get("updated_at"), agg.metric_version(store, run_id),
+               agg.rollout_version(store, run_id))
     return cache.derived(store, run_id, "health", version=version,
                          compute=lambda: {"findings": [f.to_dict() for f in run_findings(store, run_id)]})
 
@@ -156,7 +163,8 @@ def _auto_split(store: RunStore, cache: RunCache, run_id: str) -> str:
     eval), ties going to train."""
     def coverage(split: str) -> float:
         examples, cells = cache.derived(store, run_id, ("examples", split),
-                                        lambda: agg.example_stats(store, run_id, split))
+                                        lambda: agg.example_stats(store, run_id, split),
+                                        version=agg.rollout_version(store, run_id))
         return cells / examples if examples else 0.0
 
     return max(("train", "eval"), key=lambda s: (coverage(s), s == "train"))
@@ -183,10 +191,11 @@ def heatmap(store: RunStore, cache: RunCache, run_id: str, split: str = "auto", 
         raise ValueError(f"split must be train, eval or auto, not {split!r}")
     steps = cache.steps(store, run_id, split)
     width, columns = agg.heatmap_columns(steps, max_cols)
+    version = agg.rollout_version(store, run_id)
     examples_total = cache.derived(store, run_id, ("examples", split),
-                                   lambda: agg.example_stats(store, run_id, split))[0]
-    ids = cache.derived(store, run_id, ("page", split, offset, limit),
-                        lambda: agg.example_page(store, run_id, split, offset, limit))
+                                   lambda: agg.example_stats(store, run_id, split), version=version)[0]
+    ids = cache.derived(store, run_id, "page", lambda: agg.example_page(store, run_id, split, offset, limit),
+                        version=(version, split, offset, limit))
     since = since_step if since_step is not None and bin == width else None
     if since is not None:
         columns = [c for c in columns if c >= since // width * width]
@@ -219,16 +228,17 @@ def config(store: RunStore, run_id: str) -> dict[str, Any]:
 
 def compare(store: RunStore, cache: RunCache, run_ids: Iterable[str], keys: list[str] | None = None,
             max_points: int | None = None) -> dict[str, Any]:
-    """Several runs side by side: summaries, metric series (downsampled as :func:`metrics` with
-    ``max_points``) and the config keys that differ."""
+    """Several runs side by side: summaries, metric series (``keys``, or all; downsampled as
+    :func:`metrics` with ``max_points``), each run's metric names and the config keys that differ."""
     runs = [store.get_run(r) for r in run_ids]
     configs = {r["id"]: r.get("config") or {} for r in runs}
     all_keys = sorted({k for c in configs.values() for k in c})
     diff = {k: {rid: c.get(k) for rid, c in configs.items()} for k in all_keys
             if len({repr(c.get(k)) for c in configs.values()}) > 1}
-    return {"runs": [run_summary(store, cache, r) | {"latest": store.latest_metrics(r["id"]),
+    return {"runs": [run_summary(store, cache, r) | {"latest": latest_metrics(store, cache, r),
                                               "findings": health(store, cache, r["id"])["findings"]} for r in runs],
             "metrics": {r["id"]: metrics(store, r["id"], keys, max_points=max_points) for r in runs},
+            "keys": {r["id"]: store.metric_keys(r["id"]) for r in runs},
             "config_diff": diff}
 
 

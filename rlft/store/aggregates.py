@@ -140,6 +140,28 @@ def rollout_marker(store: RunStore, run_id: str) -> tuple[int, int]:
     return int(top), int(step if step is not None else -1)
 
 
+def rollout_version(store: RunStore, run_id: str) -> tuple[int, int]:
+    """(the run's latest rollout step, the largest rollout id at it): changes when rollouts are
+    added at a new step, rewritten at the latest one, or truncated (two index lookups)."""
+    conn = _conn(store)
+    step = conn.execute("SELECT MAX(step) FROM rollouts WHERE run_id=?", (run_id,)).fetchone()[0]
+    if step is None:
+        return -1, 0
+    top = conn.execute("SELECT MAX(id) FROM rollouts WHERE run_id=? AND step=?", (run_id, step)).fetchone()[0]
+    return int(step), int(top)
+
+
+def metric_version(store: RunStore, run_id: str) -> tuple[int, int]:
+    """(the run's last metric step, how many values were logged at it): changes when a step's
+    metrics arrive (an eval's too, logged after the step's own), or a resume truncates them."""
+    conn = _conn(store)
+    step = conn.execute("SELECT MAX(step) FROM metrics WHERE run_id=?", (run_id,)).fetchone()[0]
+    if step is None:
+        return -1, 0
+    n = conn.execute("SELECT COUNT(*) FROM metrics WHERE run_id=? AND step=?", (run_id, step)).fetchone()[0]
+    return int(step), int(n)
+
+
 def newest_rollout(store: RunStore, run_id: str) -> int | None:
     """The largest id among the run's rollouts at its latest step (``None`` when it has none)."""
     row = _conn(store).execute("SELECT MAX(id) FROM rollouts WHERE run_id=? AND step=(SELECT MAX(step) FROM rollouts "

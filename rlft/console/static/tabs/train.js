@@ -56,7 +56,7 @@
     return ls.map((pts) => { const m = new Map(pts); return steps.map((s) => [s, m.has(s) ? m.get(s) : 0]); });
   }
 
-  const MAX_POINTS = 400;
+  const MAX_POINTS = 200;
 
   const label = (k) => (k.startsWith("termination/") ? k.slice(12) : k.startsWith("reward/") ? k.slice(7) : k);
 
