@@ -79,7 +79,10 @@
     async fetchSeries(ctx) {
       const url = "/api/runs/" + encodeURIComponent(ctx.runId) + "/metrics";
       const last = ctx.lastStep;
-      const bucket = Math.max(1, Math.ceil(Math.max(ctx.run.steps || 0, ctx.run.step || 0, 1) / MAX_POINTS));
+      // steps per point from the planned steps, doubled only when the run goes past twice as many
+      // points: a live run keeps its buckets, and polls fetch only the newest
+      let bucket = Math.max(1, Math.ceil(Math.max(ctx.run.steps || 0, 1) / MAX_POINTS));
+      while (Math.ceil((ctx.run.step || 0) / bucket) > 2 * MAX_POINTS) bucket *= 2;
       if (last === undefined || ctx.run.step < last || bucket !== ctx.bucket) {
         ctx.bucket = bucket;
         ctx.series = await RL.api(url, { bucket });
