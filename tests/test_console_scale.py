@@ -173,8 +173,14 @@ def test_kept_rollout_counts_follow_new_and_truncated_rollouts(tmp_path):
         assert counts() == truth() and truth()[0] == 15 * EXAMPLES * GROUP
         live.store.add_rollouts(live.run_id, 16, step_rollouts(random.Random(3), 16, [1, 2, 3]))
         assert counts() == truth()
+        # a resume between two requests: truncated, then rewritten past where it was (SQLite
+        # gives the new rows the ids the deleted ones had)
+        live.store.truncate_after(live.run_id, 10)
+        for step in range(11, 23):
+            live.store.add_rollouts(live.run_id, step, step_rollouts(random.Random(step), step, [1, 5, 7, 9]))
+        assert counts() == truth() and truth()[0] == 10 * EXAMPLES * GROUP + 12 * 4 * GROUP
         steps = c.get(f"/api/runs/{live.run_id}/steps").json()
-        assert steps == list(range(1, 17))
+        assert steps == list(range(1, 23))
         assert c.get(f"/api/runs/{live.run_id}/steps", params={"split": "eval"}).json() == [0]
         # an eval of an older checkpoint, written later: its step joins the list
         live.store.add_rollouts(live.run_id, 5, step_rollouts(random.Random(4), 5, [0]), split="eval")

@@ -3,9 +3,10 @@ to date from the rows written since, instead of recounting a run of 250k rollout
 
 A run's rollouts are append-only while it trains (rollout ids only grow), except when a resume
 truncates it (``RunStore.truncate_after``) or it is deleted. Each entry remembers the largest
-rollout id it has read, the run's latest rollout step and the id of the run's newest rollout:
-when the store's largest id grew and the other two still hold, only rows with a larger id are
-read; when the latest step fell or the newest rollout is gone, the entry is rebuilt. Derived
+rollout id it has read, the run's latest rollout step and the id and write time of the run's
+newest rollout: when the store's largest id grew and the other two still hold, only rows with a
+larger id are read; when the latest step fell or the newest rollout is gone or rewritten (SQLite
+reuses the ids of deleted top rows, so the write time tells), the entry is rebuilt. Derived
 values that cannot be updated that way (a split's example statistics, the latest metrics, the
 health findings) are kept while a version read with them (cheap to read again) stays the same.
 Left out: metric series (read from the store's ``metrics_series`` index) and any eviction (one
@@ -27,7 +28,7 @@ from rlft.store import aggregates as agg
 class _Entry:
     top: int = 0  # largest rollout id read
     last_step: int = -1  # the run's latest rollout step when read
-    newest: int | None = None  # id of the run's newest rollout when read
+    newest: tuple[int, float] | None = None  # (id, created_at) of the run's newest rollout when read
     counts: dict[str, dict[str | None, int]] = field(default_factory=dict)  # split -> termination -> n
     errors: dict[str, int] = field(default_factory=dict)  # split -> rollouts with errors
     steps: dict[str, list[int]] = field(default_factory=dict)  # split -> sampled steps, sorted
@@ -48,7 +49,7 @@ class RunCache:
             if entry is not None and top == entry.top and last_step == entry.last_step:
                 return entry
             appended = (entry is not None and top >= entry.top and last_step >= entry.last_step
-                        and (entry.newest is None or agg.rollout_exists(store, entry.newest)))
+                        and (entry.newest is None or agg.rollout_stamp(store, entry.newest[0]) == entry.newest))
             if not appended:
                 entry = _Entry()
             rows, read_top = agg.rollout_tally(store, run_id, after_id=entry.top)

@@ -162,15 +162,19 @@ def metric_version(store: RunStore, run_id: str) -> tuple[int, int]:
     return int(step), int(n)
 
 
-def newest_rollout(store: RunStore, run_id: str) -> int | None:
-    """The largest id among the run's rollouts at its latest step (``None`` when it has none)."""
-    row = _conn(store).execute("SELECT MAX(id) FROM rollouts WHERE run_id=? AND step=(SELECT MAX(step) FROM rollouts "
-                               "WHERE run_id=?)", (run_id, run_id)).fetchone()
-    return row[0]
+def newest_rollout(store: RunStore, run_id: str) -> tuple[int, float] | None:
+    """(id, created_at) of the newest of the run's rollouts at its latest step (``None`` when it
+    has none). SQLite reuses the ids of deleted rows at the top, so an id alone does not say
+    the row is the same one: its write time does (a rewrite stamps a new one)."""
+    row = _conn(store).execute("SELECT id, created_at FROM rollouts WHERE run_id=? AND step=(SELECT MAX(step) FROM "
+                               "rollouts WHERE run_id=?) ORDER BY id DESC LIMIT 1", (run_id, run_id)).fetchone()
+    return (int(row[0]), float(row[1])) if row else None
 
 
-def rollout_exists(store: RunStore, rollout_id: int) -> bool:
-    return _conn(store).execute("SELECT 1 FROM rollouts WHERE id=?", (int(rollout_id),)).fetchone() is not None
+def rollout_stamp(store: RunStore, rollout_id: int) -> tuple[int, float] | None:
+    """(id, created_at) of a rollout, ``None`` when it is gone."""
+    row = _conn(store).execute("SELECT id, created_at FROM rollouts WHERE id=?", (int(rollout_id),)).fetchone()
+    return (int(row[0]), float(row[1])) if row else None
 
 
 def rollout_steps(store: RunStore, run_id: str, split: str, after_step: int | None = None) -> list[int]:
