@@ -372,3 +372,43 @@ def test_an_sft_run_shows_its_kind_and_loss_curves(browser, console_sft_workspac
         w.shot("09-sft")
         w.assert_clean()
         w.context.close()
+
+
+def test_a_long_run_draws_downsampled_charts_that_zoom_and_a_binned_paged_heatmap(browser, tmp_path):
+    """300 of 1,000 planned steps (test_console_scale's store): the charts get buckets of 5 steps
+    with each bucket's min..max band (the grad-norm spikes), a drag zooms in at full resolution
+    and a double-click goes back; the heatmap shows columns of 2 steps for 64 examples a page."""
+    from test_console_scale import build_scale_store
+
+    big = build_scale_store(tmp_path / "runs")
+    with BackgroundServer(create_app(tmp_path / "runs", poll_ms=300)) as srv:
+        watched = Watched(browser, srv.url)
+        try:
+            page = watched.open(f"/run/{big.run_id}/train", "#train-charts .chart")
+            grad = "RL.charts.find(c => c.title === 'Grad norm')"
+            xs = page.evaluate(f"() => {grad}.u.data[0].slice()")
+            assert xs == sorted({s // 5 * 5 or 1 for s in range(1, 301)})  # each bucket at its first logged step
+            env = page.evaluate(f"() => {grad}.u.rlEnv[0]")
+            assert len(env) == len(xs) and max(hi for _, hi in env) == 50.0  # the spikes stay as the band's top
+            box = page.locator("[data-chart='Grad norm'] .u-over").bounding_box()
+            y = box["y"] + box["height"] / 2
+            page.mouse.move(box["x"] + box["width"] * 0.3, y)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.5, y, steps=5)
+            page.mouse.up()
+            page.wait_for_function(f"() => {grad}.zoomed")
+            zoomed = page.evaluate(f"() => {grad}.u.data[0].slice()")
+            assert len(zoomed) > 20 and zoomed == list(range(zoomed[0], zoomed[0] + len(zoomed)))  # every step
+            page.locator("[data-chart='Grad norm'] .u-over").dblclick()
+            page.wait_for_function(f"() => !{grad}.zoomed && {grad}.u.data[0].length === {len(xs)}")
+            watched.shot("12-long-run-train")
+            page = watched.open(f"/run/{big.run_id}/rollouts", "#heatmap canvas")
+            head = page.inner_text("#heatmap .muted")
+            assert head.startswith("train rollouts: examples 1–64 of 150") and "columns of 2 steps" in head
+            assert int(page.get_attribute("#heatmap canvas", "data-cells")) > 64
+            page.click("#heat-next")
+            page.wait_for_function("() => document.querySelector('#heatmap .muted').textContent.includes('examples 65–128')")
+            watched.shot("13-long-run-heatmap")
+            watched.assert_clean()
+        finally:
+            watched.context.close()

@@ -8,12 +8,16 @@ Routes (all GET unless said; ``{run}`` is a run id, name or unique id prefix):
 - ``/api/runs`` the runs list; ``/api/runs/{run}`` one run (error + traceback, latest metrics,
   checkpoints, rollout counts); ``/api/runs/{run}/health`` its training-health findings
   (:mod:`rlft.health`: name, severity, summary, advice, the chart key and step window, evidence);
-- ``/api/runs/{run}/metrics?keys=a,b&after_step=N``, ``/evals``, ``/rollouts`` (filters: step,
+- ``/api/runs/{run}/metrics?keys=a,b&after_step=N`` (every point), with ``max_points=N`` or
+  ``bucket=steps`` downsampled for a chart ([first step, mean, min, max] per bucket), with
+  ``first_step``/``last_step`` a range (a zoomed chart asks for it at full resolution);
+  ``/evals``, ``/rollouts`` (filters: step,
   split (train, eval or all), example, min_reward, max_reward, termination (repeatable), search,
   component + cmin + cmax, errors, limit, offset), ``/rollouts/{id}``, ``/steps``,
-  ``/heatmap`` (split train, eval or auto), ``/logs``
-  (level, after_id, limit; termination counts), ``/config`` (resolved config, environment source);
-- ``/api/compare?runs=a,b&keys=...`` several runs' series and the config keys that differ;
+  ``/heatmap`` (split train, eval or auto; max_cols, examples_offset, examples_limit: the cells on
+  screen, mean reward per example and column of steps; since_step + bin: only the newer columns),
+  ``/logs`` (level, after_id, limit; termination counts), ``/config`` (resolved config, environment source);
+- ``/api/compare?runs=a,b&keys=...&max_points=N`` several runs' series and the config keys that differ;
 - ``/api/chat/models?run=...`` and ``POST /api/chat`` (JSON) proxied to ``serve_url``
   (:mod:`rlft.console.chat_proxy`), the latter streaming SSE. With ``"run"`` in the body the run's
   environment is loaded (from its config's ``env``, once per run) and the chat is an episode of
@@ -47,11 +51,12 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from rlft.console import views
 from rlft.console.chat_proxy import ChatError, ChatProxy, EnvCache
+from rlft.console.runcache import RunCache
 from rlft.store import RunStore
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -183,6 +188,12 @@ def _csv(value: str | None) -> list[str] | None:
     return [v for v in value.split(",") if v] if value else None
 
 
+def _json(data: Any) -> Response:
+    """JSON straight from ``json.dumps``: FastAPI's encoder walks every value in Python first,
+    which for 20k-point series costs more than the query."""
+    return Response(json.dumps(data, separators=(",", ":"), ensure_ascii=False), media_type="application/json")
+
+
 def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
                serve_url: str = "http://127.0.0.1:8000", serve_api_key: str | None = None,
                poll_ms: int = 2000) -> Any:
@@ -197,6 +208,7 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
     proxy = ChatProxy(serve_url, serve_api_key)
     envs = EnvCache()
     files = static_files()
+    cache = RunCache()
     api = FastAPI(title="rlft console", docs_url=None, redoc_url=None, openapi_url=None)
     api.state.holder = holder
 
@@ -250,19 +262,21 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
     @api.get("/api/runs")
     def runs():
         s = holder.get()
-        return views.list_runs(s) if s is not None else []
+        return _json(views.list_runs(s, cache) if s is not None else [])
 
     @api.get("/api/runs/{ref}")
     def run(ref: str):
-        return views.run_detail(store(), rid(ref))
+        return _json(views.run_detail(store(), cache, rid(ref)))
 
     @api.get("/api/runs/{ref}/metrics")
-    def run_metrics(ref: str, keys: str | None = None, after_step: int | None = None):
-        return views.metrics(store(), rid(ref), _csv(keys), after_step)
+    def run_metrics(ref: str, keys: str | None = None, after_step: int | None = None, max_points: int | None = None,
+                    bucket: int | None = None, first_step: int | None = None, last_step: int | None = None):
+        return _json(views.metrics(store(), rid(ref), _csv(keys), after_step, max_points=max_points, bucket=bucket,
+                                   first_step=first_step, last_step=last_step))
 
     @api.get("/api/runs/{ref}/evals")
     def run_evals(ref: str):
-        return views.evals(store(), rid(ref))
+        return _json(views.evals(store(), rid(ref)))
 
     @api.get("/api/runs/{ref}/rollouts")
     def run_rollouts(ref: str, split: str = "train", step: int | None = None, example: int | None = None,
@@ -271,42 +285,45 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
                      search: str | None = None,
                      component: str | None = None, cmin: float | None = None, cmax: float | None = None,
                      errors: bool | None = None, limit: int = 50, offset: int = 0):
-        return views.rollouts(store(), rid(ref), split=None if split in ("", "all") else split, step=step,
+        return _json(views.rollouts(store(), cache, rid(ref), split=None if split in ("", "all") else split, step=step,
                               example_id=example, min_reward=min_reward, max_reward=max_reward,
                               termination=termination or None, search=search or None,
                               component=component or None, cmin=cmin, cmax=cmax, has_errors=errors,
-                              limit=limit, offset=offset)
+                              limit=limit, offset=offset))
 
     @api.get("/api/runs/{ref}/rollouts/{rollout_id}")
     def run_rollout(ref: str, rollout_id: int):
-        return views.rollout(store(), rid(ref), rollout_id)
+        return _json(views.rollout(store(), rid(ref), rollout_id))
 
     @api.get("/api/runs/{ref}/steps")
     def run_steps(ref: str, split: str = "train"):
-        return store().rollout_steps(rid(ref), split=split)
+        return _json(cache.steps(store(), rid(ref), split))
 
     @api.get("/api/runs/{ref}/health")
     def run_health(ref: str):
-        return views.health(store(), rid(ref))
+        return _json(views.health(store(), cache, rid(ref)))
 
     @api.get("/api/runs/{ref}/heatmap")
-    def run_heatmap(ref: str, split: str = "auto"):
-        return views.heatmap(store(), rid(ref), split=split)
+    def run_heatmap(ref: str, split: str = "auto", max_cols: int = 200, examples_offset: int = 0,
+                    examples_limit: int = 64, since_step: int | None = None, bin: int | None = None):
+        return _json(views.heatmap(store(), cache, rid(ref), split=split, max_cols=max_cols,
+                                   examples_offset=examples_offset, examples_limit=examples_limit,
+                                   since_step=since_step, bin=bin))
 
     @api.get("/api/runs/{ref}/logs")
     def run_logs(ref: str, level: str | None = None, after_id: int = 0, limit: int = 500):
-        return views.logs(store(), rid(ref), level=level, after_id=after_id, limit=limit)
+        return _json(views.logs(store(), cache, rid(ref), level=level, after_id=after_id, limit=limit))
 
     @api.get("/api/runs/{ref}/config")
     def run_config(ref: str):
-        return views.config(store(), rid(ref))
+        return _json(views.config(store(), rid(ref)))
 
     @api.get("/api/compare")
-    def compare(runs: str, keys: str | None = None):
+    def compare(runs: str, keys: str | None = None, max_points: int | None = None):
         ids = [rid(r) for r in _csv(runs) or []]
         if not ids:
             raise ValueError("name the runs to compare: ?runs=a,b")
-        return views.compare(store(), ids, _csv(keys))
+        return _json(views.compare(store(), cache, ids, _csv(keys), max_points=max_points))
 
     # -- chat ----------------------------------------------------------------------------------
     @api.get("/api/chat/models")

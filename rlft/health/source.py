@@ -71,12 +71,13 @@ def eval_findings(store: Any) -> dict[int, list[Finding]]:
     return {e["id"]: diagnose_eval(e.get("metrics") or {}) for e in store.evals() if e.get("run_id") is None}
 
 
-def status_label(store: Any, run: dict[str, Any]) -> str:
-    """The run's status, "completed with errors (N rollouts with reward errors)" when rewards failed."""
+def status_label(store: Any, run: dict[str, Any], counts: dict[str | None, int] | None = None) -> str:
+    """The run's status, "completed with errors (N rollouts with reward errors)" when rewards failed.
+    ``counts``: the run's train rollouts by termination when the caller has them (else counted here)."""
     status = run.get("status") or ""
     if status != "completed":
         return status
-    n = store.termination_counts(run["id"]).get("reward_error", 0)
+    n = (counts if counts is not None else store.termination_counts(run["id"])).get("reward_error", 0)
     return f"completed with errors ({n} rollouts with reward errors)" if n else status
 
 

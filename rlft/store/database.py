@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 DB_NAME = "rlft.db"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA_V1 = [
@@ -76,7 +76,10 @@ _SCHEMA_V2 = [
 _SCHEMA_V3 = ["ALTER TABLE rollouts ADD COLUMN prompt_text TEXT NOT NULL DEFAULT ''"]
 # v4: the run kind ("rl" | "sft": rlft.sft); runs made before it are RL runs
 _SCHEMA_V4 = ["ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'rl'"]
-MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
+# v5: metric series read from the index alone (the console reads 20k points a chart page; the
+# metrics_key index needed a table lookup for every value)
+_SCHEMA_V5 = ["CREATE INDEX IF NOT EXISTS metrics_series ON metrics(run_id, key, step, value)"]
+MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
 
 _D = TypeVar("_D", bound="Database")
 JSON_COLS = {"config", "messages", "rewards", "errors", "example", "logs", "metrics"}

@@ -1,6 +1,9 @@
 /* rlft console, charts: line charts over steps with the vendored uPlot, aligned series, EMA
- * smoothing, and resizing with their container. Every chart is kept in RL.charts (the browser
- * tests read u.data from there). Left out: zoom persistence across refreshes. */
+ * smoothing, and resizing with their container. Downsampled series ([step, mean, min, max] per
+ * bucket of steps) draw the mean as the line and min..max as a shaded band, so spikes stay
+ * visible; dragging across a chart zooms in and opts.onZoom(lo, hi) may return the range at
+ * full resolution (double-click goes back). Every chart is kept in RL.charts (the browser tests
+ * read u.data from there). Left out: zoom persistence across refreshes. */
 "use strict";
 
 RL.COLORS = ["#2f6fde", "#e4572e", "#17a398", "#f2a541", "#8c5bd6", "#d6338a", "#5c946e", "#7a7a7a", "#1b998b", "#c1292e"];
@@ -15,6 +18,18 @@ RL.align = function (lists) {
     return a;
   });
   return [steps, ...ys];
+};
+
+/* per list, [min, max] at each of `steps` for downsampled points ([step, mean, min, max]), or
+ * null for a list of plain points */
+RL.envelopes = function (lists, steps) {
+  const index = new Map(steps.map((s, i) => [s, i]));
+  return lists.map((pts) => {
+    if (!pts.some((p) => p.length >= 4)) return null;
+    const a = new Array(steps.length).fill(null);
+    for (const p of pts) if (p.length >= 4 && p[2] !== null && p[3] !== null) a[index.get(p[0])] = [p[2], p[3]];
+    return a;
+  });
 };
 
 /* exponential moving average, debiased (as TensorBoard's smoothing); nulls stay null */
@@ -56,8 +71,14 @@ function lastValue(ys) {
   return null;
 }
 
-/* y range with room around a flat line (uPlot's default for all-zero data is 0..100) */
+/* y range with room around a flat line (uPlot's default for all-zero data is 0..100), widened
+ * to the min..max bands of downsampled series */
 function yRange(u, min, max) {
+  for (const e of (u.rlEnv || [])) for (const r of e || []) {
+    if (!r) continue;
+    if (min === null || r[0] < min) min = r[0];
+    if (max === null || r[1] > max) max = r[1];
+  }
   if (min === null || max === null) return [0, 1];
   if (min === max) { const pad = Math.abs(min) * 0.1 || 1; return [min - pad, max + pad]; }
   return uPlot.rangeNum(min, max, 0.1, true);
@@ -83,6 +104,34 @@ function drawBands(chart) {
 /* A chart: title, series labels and [[step, value]] lists; chart.update(lists, alpha) redraws.
  * The legend shows the value under the cursor, or the latest value when the cursor is away.
  * opts.bands: step windows to shade (health findings); chart.setBands(bands) changes them. */
+/* the min..max band of each downsampled series, under its line */
+function drawEnvelopes(u) {
+  const ctx = u.ctx, xs = u.data[0], { left, top, width, height } = u.bbox;
+  (u.rlEnv || []).forEach((env, si) => {
+    if (!env || !u.series[si + 1].show) return;
+    const lo = [], hi = [];
+    env.forEach((r, i) => {
+      if (!r) return;
+      const x = u.valToPos(xs[i], "x", true);
+      hi.push([x, u.valToPos(r[1], "y", true)]);
+      lo.push([x, u.valToPos(r[0], "y", true)]);
+    });
+    if (!hi.length) return;
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(left, top, width, height);
+    ctx.clip();
+    ctx.globalAlpha = 0.16;
+    ctx.fillStyle = RL.COLORS[si % RL.COLORS.length];
+    ctx.beginPath();
+    hi.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+    for (let i = lo.length - 1; i >= 0; i--) ctx.lineTo(lo[i][0], lo[i][1]);
+    ctx.closePath();
+    ctx.fill();
+    ctx.restore();
+  });
+}
+
 RL.lineChart = function (parent, title, labels, lists, alpha, opts) {
   opts = opts || {};
   const box = RL.el("div", { class: "chart", dataset: { chart: title } });
@@ -90,13 +139,41 @@ RL.lineChart = function (parent, title, labels, lists, alpha, opts) {
   const raw = RL.align(lists);
   const smooth = (data, a) => [data[0], ...data.slice(1).map((ys) => RL.ema(ys, a))];
   const many = raw[0].length > 60;
-  const chart = { title, labels, raw, bands: opts.bands || [] };
+  const chart = { title, labels, raw, env: RL.envelopes(lists, raw[0]), bands: opts.bands || [], zoomed: false, alpha };
+  let zoomTicket = 0;
   const u = new uPlot({
-    hooks: { drawClear: [drawBands(chart)] },
+    hooks: {
+      drawClear: [drawBands(chart)], drawAxes: [drawEnvelopes],
+      setSelect: [(u) => {  // a drag zooms in: ask for that range at full resolution
+        if (!opts.onZoom || u.select.width < 2) return;
+        const lo = Math.floor(u.posToVal(u.select.left, "x")), hi = Math.ceil(u.posToVal(u.select.left + u.select.width, "x"));
+        const ticket = ++zoomTicket;
+        Promise.resolve(opts.onZoom(lo, hi)).then((zoomLists) => {
+          if (!zoomLists || ticket !== zoomTicket || !chart.alive) return;
+          chart.zoomed = true;
+          const data = RL.align(zoomLists);
+          u.rlEnv = RL.envelopes(zoomLists, data[0]);
+          u.setData(smooth(data, chart.alpha), false);
+          u.setScale("x", { min: lo, max: hi });
+          box.classList.add("zoomed");
+        }).catch(() => { /* the overview stays */ });
+      }],
+    },
     title, width: Math.max(box.clientWidth || 420, 280), height: opts.height || 210,
     scales: { x: { time: false }, y: { range: yRange } },
     legend: { live: true },
-    cursor: { drag: { x: true, y: false } },
+    cursor: {
+      drag: { x: true, y: false },
+      bind: { dblclick: (u, targ, handler) => (e) => {  // back from a zoom: the overview again
+        if (!chart.zoomed) return handler(e);
+        zoomTicket++;
+        chart.zoomed = false;
+        box.classList.remove("zoomed");
+        u.rlEnv = chart.env;
+        u.setData(smooth(chart.raw, chart.alpha), true);
+        return null;
+      } },
+    },
     axes: [{ label: opts.xLabel || "step", size: 36, incrs: STEP_INCRS, values: (u, splits) => splits.map(RL.tick) },
       { size: 56, values: (u, splits) => splits.map(RL.tick) }],
     series: [{ label: opts.xLabel || "step", value: (u, v, si, idx) => (idx === null ? "latest" : String(v)) },
@@ -106,6 +183,8 @@ RL.lineChart = function (parent, title, labels, lists, alpha, opts) {
         value: (u, v, si, idx) => RL.fmt(idx === null ? lastValue(u.data[si]) : v),
       }))],
   }, smooth(raw, alpha), box);
+  u.rlEnv = chart.env;
+  u.redraw(false);
   chart.u = u;
   chart.setBands = function (bands) {
     chart.bands = bands || [];
@@ -114,18 +193,24 @@ RL.lineChart = function (parent, title, labels, lists, alpha, opts) {
   };
   box.classList.toggle("has-bands", chart.bands.length > 0);
   chart.update = function (newLists, a) {
-    if (newLists) chart.raw = RL.align(newLists);
-    u.setData(smooth(chart.raw, a));
+    if (newLists) {
+      chart.raw = RL.align(newLists);
+      chart.env = RL.envelopes(newLists, chart.raw[0]);
+    }
+    if (a !== undefined) chart.alpha = a;
+    if (chart.zoomed) return;  // the zoomed range stays until a double-click
+    u.rlEnv = chart.env;
+    u.setData(smooth(chart.raw, chart.alpha));
   };
   const ro = new ResizeObserver(() => {
     const w = box.clientWidth;
     if (w && Math.abs(w - u.width) > 4) u.setSize({ width: w, height: u.height });
   });
   ro.observe(box);
-  let alive = true;
+  chart.alive = true;
   chart.destroy = function () {
-    if (!alive) return;
-    alive = false;
+    if (!chart.alive) return;
+    chart.alive = false;
     ro.disconnect();
     u.destroy();
     box.remove();

@@ -5,6 +5,7 @@
 "use strict";
 
 (function () {
+  const MAX_POINTS = 300;  // per run and metric: the series come downsampled (mean, min, max per bucket)
   const DEFAULT_KEYS = ["reward/mean", "pass@k", "max@k", "response/length", "loss/policy", "loss/kl", "policy/entropy", "optim/grad_norm", "eval/reward/mean"];
 
   RL.comparePage = async function (view, ids) {
@@ -20,12 +21,17 @@
       view.appendChild(RL.el("p", { class: "muted" }, "Pick runs to overlay their metrics."));
       return;
     }
-    const data = await RL.api("/api/compare", { runs: [...picked].join(",") });
-    const names = data.runs.map((r) => r.name || r.id);
-    const allKeys = [...new Set(Object.values(data.metrics).flatMap((m) => Object.keys(m)))].sort();
+    // only the charted metrics' series are fetched (downsampled); the reply names every metric
     const saved = JSON.parse(localStorage.getItem("rlft_compare_keys") || "null");
+    const fetchData = (keys) => RL.api("/api/compare", { runs: [...picked].join(","), max_points: MAX_POINTS, keys: [...keys].join(",") || "-" });
+    let data = await fetchData(saved || DEFAULT_KEYS);
+    const names = data.runs.map((r) => r.name || r.id);
+    const allKeys = [...new Set(Object.values(data.keys).flat())].sort();
     const chosen = new Set((saved || DEFAULT_KEYS).filter((k) => allKeys.includes(k)));
-    if (!chosen.size) allKeys.slice(0, 4).forEach((k) => chosen.add(k));
+    if (!chosen.size) {
+      allKeys.slice(0, 4).forEach((k) => chosen.add(k));
+      data = await fetchData(chosen);
+    }
     const keySel = RL.el("select", { id: "compare-add" }, RL.el("option", { value: "" }, "add a metric…"), allKeys.map((k) => RL.el("option", { value: k }, k)));
     const grid = RL.el("div", { class: "charts", id: "compare-charts" });
     let charts = [];
@@ -42,7 +48,14 @@
       });
     }
     function save() { localStorage.setItem("rlft_compare_keys", JSON.stringify([...chosen])); }
-    keySel.addEventListener("change", () => { if (keySel.value) { chosen.add(keySel.value); save(); draw(); keySel.value = ""; } });
+    keySel.addEventListener("change", async () => {
+      if (!keySel.value) return;
+      chosen.add(keySel.value);
+      keySel.value = "";
+      save();
+      data.metrics = (await fetchData(chosen)).metrics;
+      draw();
+    });
 
     const latestKeys = ["reward/mean", "pass@k", "max@k", "solve_rate", "eval/reward/mean", "eval/pass@k", "response/length"]
       .filter((k) => data.runs.some((r) => r.latest[k] !== undefined));
@@ -64,7 +77,7 @@
     draw();
     RL.poll(async () => {
       if (!data.runs.some((r) => r.status === "running" || r.status === "created")) return;
-      const fresh = await RL.api("/api/compare", { runs: [...picked].join(",") });
+      const fresh = await fetchData(chosen);
       if (JSON.stringify(fresh.metrics) === JSON.stringify(data.metrics)) return;
       data.metrics = fresh.metrics;
       data.runs.forEach((r, i) => { r.status = fresh.runs[i].status; });

@@ -2,11 +2,15 @@
  * range, a reward component's range, termination reason, example, errors), open a transcript
  * (system, user, assistant and tool messages, tool-call arguments and results, rewards per
  * component, errors with tracebacks, environment logs, the dataset row), and a per-example
- * heatmap of mean reward across steps (click a cell to filter). Every text is a text node. */
+ * heatmap of mean reward across steps (click a cell to filter). Every text is a text node.
+ * The heatmap asks the server for the cells on screen only: at most HEAT_COLS columns (steps
+ * binned when there are more) and HEAT_ROWS examples a page; a live run fetches only the columns
+ * from its last one on. */
 "use strict";
 
 (function () {
   const PAGE = 50;
+  const HEAT_COLS = 200, HEAT_ROWS = 64;
 
   function componentsOf(run) {
     return Object.keys(run.latest || {}).filter((k) => k.startsWith("reward/") && !["reward/mean", "reward/std", "reward/max"].includes(k)).map((k) => k.slice(7));
@@ -78,6 +82,7 @@
     if (!vals.length) return RL.append(box, [RL.el("p", { class: "muted" }, "No rollouts yet.")]);
     const lo = Math.min(...vals), hi = Math.max(...vals);
     const cw = Math.max(4, Math.min(28, Math.floor(900 / h.steps.length))), ch = Math.max(3, Math.min(16, Math.floor(360 / h.examples.length)));
+    const cols = (j) => (h.bin > 1 ? "steps " + h.steps[j] + "–" + (h.steps[j] + h.bin - 1) : "step " + h.steps[j]);
     const canvas = RL.el("canvas", { width: cw * h.steps.length, height: ch * h.examples.length, dataset: { cells: vals.length } });
     const g = canvas.getContext("2d");
     h.values.forEach((row, i) => row.forEach((v, j) => {
@@ -91,15 +96,20 @@
     };
     canvas.addEventListener("mousemove", (ev) => {
       const p = at(ev);
-      canvas.title = p ? "example " + h.examples[p.i] + ", step " + h.steps[p.j] + ": mean reward " + RL.fmt(h.values[p.i][p.j]) : "";
+      canvas.title = p ? "example " + h.examples[p.i] + ", " + cols(p.j) + ": mean reward " + RL.fmt(h.values[p.i][p.j]) +
+        (h.counts ? " (" + h.counts[p.i][p.j] + " rollouts)" : "") : "";
     });
-    canvas.addEventListener("click", (ev) => { const p = at(ev); if (p) onPick(h.examples[p.i], h.steps[p.j]); });
+    // a column of several steps filters by the example only
+    canvas.addEventListener("click", (ev) => { const p = at(ev); if (p) onPick(h.examples[p.i], h.bin > 1 ? "" : h.steps[p.j]); });
     // column labels: the step of each column (every n-th when the columns are narrow)
     const every = Math.ceil(24 / cw);
     const axis = RL.el("div", { class: "heat-axis", id: "heat-axis", style: { width: canvas.width + "px" } },
       h.steps.map((s, j) => RL.el("span", { style: { left: j * cw + "px", width: cw * every + "px" } }, j % every ? "" : String(s))));
-    return RL.append(box, [RL.el("div", { class: "muted small" }, h.split + " rollouts: " + h.examples.length + " examples (rows) × " + h.steps.length +
-      " steps (columns); mean reward from " + RL.fmt(lo) + " (dark) to " + RL.fmt(hi) + " (light); click a cell to list its rollouts"),
+    const total = h.examples_total ?? h.examples.length, first = (h.examples_offset || 0) + 1;
+    return RL.append(box, [RL.el("div", { class: "muted small" }, h.split + " rollouts: " +
+      (total > h.examples.length ? "examples " + first + "–" + (first + h.examples.length - 1) + " of " + total : h.examples.length + " examples") +
+      " (rows) × " + h.steps.length + (h.bin > 1 ? " columns of " + h.bin + " steps" : " steps (columns)") +
+      "; mean reward from " + RL.fmt(lo) + " (dark) to " + RL.fmt(hi) + " (light); click a cell to list its rollouts"),
       canvas, axis, RL.el("div", { class: "muted small" }, "step")]);
   }
 
@@ -126,9 +136,12 @@
       const next = RL.el("button", { onclick: () => { f.offset += PAGE; load(); } }, "next ›");
       const list = RL.el("table", { class: "grid rollouts", id: "rollout-list" });
       const detail = RL.el("div", { class: "detail", id: "rollout-detail" }, RL.el("p", { class: "muted" }, "Click a rollout to read its transcript."));
-      const heatSplit = RL.el("select", { id: "heat-split", onchange: () => loadHeat() },
+      const heatSplit = RL.el("select", { id: "heat-split", onchange: () => { heatOffset = 0; loadHeat(false); } },
         [["auto", "split with data across steps"], ["train", "train"], ["eval", "eval (held-out)"]].map(([v, l]) => RL.el("option", { value: v }, l)));
-      const heat = RL.el("details", { open: true, class: "panel" }, RL.el("summary", {}, "Reward per example across steps"), heatSplit);
+      let heatOffset = 0, heatData = null;
+      const heatPrev = RL.el("button", { id: "heat-prev", onclick: () => { heatOffset = Math.max(0, heatOffset - HEAT_ROWS); loadHeat(); } }, "‹ examples");
+      const heatNext = RL.el("button", { id: "heat-next", onclick: () => { heatOffset += HEAT_ROWS; loadHeat(); } }, "examples ›");
+      const heat = RL.el("details", { open: true, class: "panel" }, RL.el("summary", {}, "Reward per example across steps"), heatSplit, " ", heatPrev, heatNext);
       ctx.body.append(
         RL.el("div", { class: "filters" }, field("split", inputs.split), field("step", inputs.step), field("search", inputs.search),
           field("example", inputs.example), field("reward ≥", inputs.min_reward), field("reward ≤", inputs.max_reward),
@@ -143,9 +156,23 @@
         inputs.step.value = steps.includes(Number(f.step)) ? f.step : "";
         f.step = inputs.step.value;
       }
-      async function loadHeat() {
+      /* the cells on screen; live (`newer`): only the columns from the last one shown on, merged */
+      async function loadHeat(newer) {
         // the split whose examples were sampled at several steps, unless one is picked here
-        const h = await RL.api(base + "/heatmap", { split: heatSplit.value });
+        const q = { split: heatSplit.value, max_cols: HEAT_COLS, examples_offset: heatOffset, examples_limit: HEAT_ROWS };
+        const old = heatData;
+        if (newer && old && old.last_step !== null) Object.assign(q, { split: old.split, since_step: old.last_step, bin: old.bin });
+        let h = await RL.api(base + "/heatmap", q);
+        if (h.since_step !== undefined) {
+          if (JSON.stringify(h.examples) !== JSON.stringify(old.examples)) return loadHeat(false);  // new examples in this page
+          const keep = old.steps.filter((s) => s < h.since_step).length;
+          h = Object.assign({}, h, { steps: old.steps.slice(0, keep).concat(h.steps),
+            values: old.values.map((row, i) => row.slice(0, keep).concat(h.values[i])),
+            counts: old.counts.map((row, i) => row.slice(0, keep).concat(h.counts[i])) });
+        }
+        heatData = h;
+        heatPrev.disabled = heatOffset === 0;
+        heatNext.disabled = heatOffset + HEAT_ROWS >= (h.examples_total || 0);
         if (heatSplit.value === "auto") heatSplit.dataset.shown = h.split;
         heat.querySelectorAll(".heatmap").forEach((n) => n.remove());
         heat.appendChild(heatmap(h, (example, step) => { inputs.example.value = example; inputs.step.value = String(step); apply(); }));
@@ -182,7 +209,7 @@
         const splitChanged = f.split !== inputs.split.value;
         for (const k of Object.keys(inputs)) f[k] = inputs[k].value.trim();
         f.offset = 0;
-        if (splitChanged) { await loadSteps(); await loadHeat(); }
+        if (splitChanged) { await loadSteps(); heatOffset = 0; await loadHeat(); }
         await load();
       }
       function reset() {
@@ -191,13 +218,13 @@
       }
       const soon = RL.debounce(apply, 300);
       Object.values(inputs).forEach((el) => el.addEventListener(el.tagName === "SELECT" ? "change" : "input", el.tagName === "SELECT" ? apply : soon));
-      ctx.reload = async () => { await loadSteps(); await loadHeat(); await load(); };
-      await ctx.reload();
+      ctx.reload = async (live) => { await loadSteps(); await loadHeat(live); await load(); };
+      await ctx.reload(false);
       if (ctx.arg && /^\d+$/.test(ctx.arg)) await open(Number(ctx.arg));
     },
 
     async refresh(ctx) {
-      await ctx.reload();
+      await ctx.reload(true);
     },
   };
 })();

@@ -1,7 +1,10 @@
 /* rlft console, train tab: every training metric as a chart over steps, grouped (reward,
  * pass@k/max@k/solve rate, each reward component, length and truncation, turns and tool calls,
  * loss, KL, entropy, clip ratio, grad norm, lr, time per phase, tokens/s, SFT loss and eval
- * loss, held-out eval, the rest by prefix), with EMA smoothing and live updates while the run trains. */
+ * loss, held-out eval, the rest by prefix), with EMA smoothing and live updates while the run trains.
+ * Series come downsampled to about MAX_POINTS points (buckets of steps: mean, min, max; the
+ * bucket fixed by the run's planned steps, so a live run only fetches its newest buckets); a
+ * zoomed chart fetches its range at full resolution. */
 "use strict";
 
 (function () {
@@ -53,6 +56,8 @@
     return ls.map((pts) => { const m = new Map(pts); return steps.map((s) => [s, m.has(s) ? m.get(s) : 0]); });
   }
 
+  const MAX_POINTS = 200;
+
   const label = (k) => (k.startsWith("termination/") ? k.slice(12) : k.startsWith("reward/") ? k.slice(7) : k);
 
   RL.tabs.train = {
@@ -68,17 +73,24 @@
       await this.refresh(ctx);
     },
 
-    /* Fetches only the points from the last seen step on (a step's eval metrics may arrive
-     * after its training metrics); a run that went back (resumed) is fetched whole again. */
+    /* Fetches only the buckets from the one holding the last seen step on (a step's eval
+     * metrics may arrive after its training metrics, a bucket fills over several steps); a run
+     * that went back (resumed) or outgrew its planned steps is fetched whole again. */
     async fetchSeries(ctx) {
       const url = "/api/runs/" + encodeURIComponent(ctx.runId) + "/metrics";
       const last = ctx.lastStep;
-      if (last === undefined || ctx.run.step < last) {
-        ctx.series = await RL.api(url);
+      // steps per point from the planned steps, doubled only when the run goes past twice as many
+      // points: a live run keeps its buckets, and polls fetch only the newest
+      let bucket = Math.max(1, Math.ceil(Math.max(ctx.run.steps || 0, 1) / MAX_POINTS));
+      while (Math.ceil((ctx.run.step || 0) / bucket) > 2 * MAX_POINTS) bucket *= 2;
+      if (last === undefined || ctx.run.step < last || bucket !== ctx.bucket) {
+        ctx.bucket = bucket;
+        ctx.series = await RL.api(url, { bucket });
       } else {
-        const fresh = await RL.api(url, { after_step: last - 1 });
+        const from = Math.floor(last / bucket) * bucket;
+        const fresh = await RL.api(url, { bucket, after_step: from - 1 });
         for (const [k, pts] of Object.entries(fresh)) {
-          ctx.series[k] = (ctx.series[k] || []).filter((p) => p[0] < last).concat(pts);
+          ctx.series[k] = (ctx.series[k] || []).filter((p) => p[0] < from).concat(pts);
         }
       }
       ctx.lastStep = Object.values(ctx.series).reduce((m, pts) => (pts.length ? Math.max(m, pts[pts.length - 1][0]) : m), 0);
@@ -96,7 +108,13 @@
       } else {
         ctx.charts.forEach((c) => c.destroy());
         RL.clear(ctx.grid);
-        ctx.charts = groups.map((g) => Object.assign(RL.lineChart(ctx.grid, g.title, g.keys.map(label), lists(g, series), alpha), { keys: g.keys }));
+        const url = "/api/runs/" + encodeURIComponent(ctx.runId) + "/metrics";
+        const zoom = (g) => async (lo, hi) => {  // the dragged range at full resolution (up to MAX_POINTS buckets)
+          const part = await RL.api(url, { keys: g.keys.join(","), first_step: lo, last_step: hi, max_points: MAX_POINTS });
+          return lists(g, Object.fromEntries(g.keys.map((k) => [k, part[k] || []])));
+        };
+        ctx.charts = groups.map((g) => Object.assign(RL.lineChart(ctx.grid, g.title, g.keys.map(label), lists(g, series), alpha,
+          { onZoom: zoom(g) }), { keys: g.keys }));
         ctx.shape = shape;
       }
       // health findings: each chart shades the step windows of the findings about its metrics
