@@ -449,8 +449,15 @@ def chat_messages(raw: list[dict[str, Any]], instruction: str | None) -> list[di
                                    param=f"messages[{i}].tool_calls[{k}]")
                 call_names[tc.get("id")] = fn["name"]
             msg["tool_calls"] = m["tool_calls"]
-        if role == "tool":
-            msg["tool_call_id"] = m.get("tool_call_id")
+        if role == "tool":  # as OpenAI's API: a tool result answers a call made earlier in the conversation
+            if not isinstance(m.get("tool_call_id"), str):
+                raise APIError(400, f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                               param=f"messages[{i}].tool_call_id", code="missing_required_parameter")
+            if m["tool_call_id"] not in call_names:
+                raise APIError(400, f"Invalid parameter: messages[{i}] with role 'tool' must be a response to a "
+                                    f"preceding message with 'tool_calls': no earlier call has id "
+                                    f"{m['tool_call_id']!r}.", param=f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = m["tool_call_id"]
             name = m.get("name") or call_names.get(m.get("tool_call_id"))
             if name:
                 msg["name"] = name
