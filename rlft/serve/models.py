@@ -122,6 +122,7 @@ class ServedModel:
     renderer: Renderer
     max_context: int | None = None
     policy: Any = None
+    constrained: bool = False  # the engine honours SamplingParams.grammar (HFEngine): forced tool calls, JSON
     active: int = 0  # requests in flight
     evicted: bool = False
 
@@ -352,15 +353,16 @@ class ModelRegistry:
             policy.model.eval()
         else:  # a base model, an rlft checkpoint (LoRA or full) or an adapter naming its base
             policy = load_policy(entry.path, dtype=self.dtype, device=self.device)
+        from rlft.engines.hf import HFEngine
+
         engine: ServedEngine
         if self.engine_factory is not None:
             engine = self.engine_factory(policy)
         else:
-            from rlft.engines.hf import HFEngine
-
             engine = HFEngine(policy.model, policy.tokenizer, max_batch_size=self.max_batch_size)
         context = engine.max_context or getattr(policy.base_model.config, "max_position_embeddings", None)
-        return ServedModel(engine, Renderer(policy.tokenizer), context, policy)
+        return ServedModel(engine, Renderer(policy.tokenizer), context, policy,
+                           constrained=isinstance(engine, HFEngine))
 
 
 # -- generating: token streams, samples -> OpenAI choice fields ---------------------------------------
