@@ -129,3 +129,57 @@ def test_a_tool_message_answering_no_earlier_call_is_a_400(scripted_client):
         with pytest.raises(openai.BadRequestError) as e:
             scripted_client.chat.completions.create(model="scripted", messages=bad)
         assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
+
+
+# -- adapters share one loaded base -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir, tmp_path_factory):
+    """Two LoRA adapters of the tiny model (different non-zero weights), saved as the trainer saves them."""
+    import torch
+
+    from rlft.policy import LoraSpec, load_policy
+
+    out = []
+    for seed in (1, 2):
+        policy = load_policy(tiny_model_dir, dtype="float32", lora=LoraSpec(rank=4))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in policy.model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        out.append(policy.save(tmp_path_factory.mktemp(f"adapter{seed}")))
+    return out
+
+
+def test_adapters_share_the_loaded_base_and_answer_as_a_full_load(tiny_model_dir, adapter_dirs):
+    import httpx
+
+    from rlft.engines.base import SamplingParams
+    from rlft.engines.hf import HFEngine
+    from rlft.policy import load_policy
+    from rlft.renderer import Renderer
+
+    app = create_app(tiny_model_dir, dtype="float32", device="cpu")
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        greedy = {}
+        for name, path in zip(["a1", "a2"], adapter_dirs):
+            assert httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}).is_success
+            greedy[name] = client.chat.completions.create(model=name, messages=HI, max_tokens=10, temperature=0,
+                                                          extra_body={"return_token_ids": True}).choices[0].token_ids
+        base = app.state.registry.bases.base(tiny_model_dir).model
+        views = [s.policy.model for s in app.state.registry.loaded.values()]
+        assert len(views) == 2 and greedy["a1"] != greedy["a2"]
+        base_ptrs = {p.data_ptr() for p in base.parameters()}
+        for view in views:  # every base tensor is the base's own; only the LoRA weights are the adapter's
+            for name, p in view.named_parameters():
+                assert (p.data_ptr() in base_ptrs) == ("lora_" not in name), name
+    for name, path in zip(["a1", "a2"], adapter_dirs):  # the same tokens as the adapter loaded on its own base
+        policy = load_policy(path, dtype="float32")
+        engine = HFEngine(policy.model, policy.tokenizer)
+        try:
+            prompt = Renderer(policy.tokenizer).render_prompt(HI)
+            assert engine.generate_sync(prompt, SamplingParams(temperature=0, max_new_tokens=10)).tokens == greedy[name]
+        finally:
+            engine.close()
