@@ -199,6 +199,7 @@ class ModelRegistry:
         self.engine_factory = engine_factory
         self.dtype, self.device = dtype, device
         self.bases = BaseModels(dtype, device)  # each base loaded once; its LoRA adapters share its weights
+        self._renderers: dict[int, tuple[Any, Renderer]] = {}  # id(tokenizer) -> (tokenizer, its Renderer)
         self.max_loaded, self.max_batch_size = max(1, int(max_loaded)), int(max_batch_size)
         self.adapters: dict[str, str] = {}
         self.loaded: collections.OrderedDict[str, ServedModel] = collections.OrderedDict()
@@ -362,8 +363,13 @@ class ModelRegistry:
         else:
             engine = HFEngine(policy.model, policy.tokenizer, max_batch_size=self.max_batch_size)
         context = engine.max_context or getattr(policy.base_model.config, "max_position_embeddings", None)
-        return ServedModel(engine, Renderer(policy.tokenizer), context, policy,
-                           constrained=isinstance(engine, HFEngine))
+        # one Renderer per tokenizer (its template probing costs ~0.8 s on SmolLM2): the checkpoints of a
+        # run share their tokenizer (rlft.serve.shared_base)
+        tok = policy.tokenizer
+        if id(tok) not in self._renderers:  # the tokenizer is kept in the value: its id stays its own
+            self._renderers[id(tok)] = (tok, Renderer(tok))
+        renderer = self._renderers[id(tok)][1]
+        return ServedModel(engine, renderer, context, policy, constrained=isinstance(engine, HFEngine))
 
 
 # -- generating: token streams, samples -> OpenAI choice fields ---------------------------------------

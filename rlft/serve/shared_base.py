@@ -19,6 +19,7 @@ batching requests of different adapters into one forward pass (multi-LoRA kernel
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import os
@@ -50,6 +51,8 @@ class BaseModels:
         self._bases: dict[tuple[str, str | None], Policy] = {}
         self._locks: dict[tuple[str, str | None], threading.Lock] = {}
         self._lock = threading.Lock()
+        self._templates: dict[tuple, Any] = {}  # (base, LoRA layout) -> a PeftModel view whose LoRA weights are copied
+        self._tokenizers: dict[str, Any] = {}  # hash of the saved tokenizer files -> tokenizer
 
     def base(self, model: str, gguf_file: str | None = None) -> Policy:
         """The loaded base (loaded on first use; every caller gets the same Policy)."""
@@ -67,8 +70,6 @@ class BaseModels:
         """The LoRA adapter in ``adapter_dir`` on its base, sharing the base's weights. The base is
         the one its ``rlft_policy.json`` records (an rlft checkpoint), else ``default_base`` (a plain
         peft adapter put on the served model), else its ``adapter_config.json``'s."""
-        from peft import PeftModel
-
         meta: dict[str, Any] = {}
         if os.path.isfile(os.path.join(adapter_dir, POLICY_META_FILE)):
             with open(os.path.join(adapter_dir, POLICY_META_FILE)) as f:
@@ -84,9 +85,54 @@ class BaseModels:
         if not base_name:
             raise FileNotFoundError(f"{adapter_dir} holds a LoRA adapter that names no base model")
         base = self.base(base_name, gguf)
-        tokenizer = base.tokenizer
-        if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")):
-            # saved with the adapter: it carries the chat template the run used
+        model = self._view(base, adapter_dir)
+        spec = LoraSpec(**meta["lora"]) if meta.get("lora") else None
+        return Policy(model=model, tokenizer=self._tokenizer(base, adapter_dir), is_lora=True, source=base.source,
+                      gguf_file=base.gguf_file, dtype=base.dtype, lora=spec)
+
+    def _view(self, base: Policy, adapter_dir: str) -> Any:
+        """A PeftModel of ``adapter_dir`` over ``base``'s shared tensors. peft builds the LoRA layers
+        once per base and LoRA layout (~1 s: it walks and wraps every linear layer); each adapter
+        after that is a copy of that template (base tensors shared, LoRA tensors copied) with the
+        adapter's weights loaded into it (~0.1 s on SmolLM2)."""
+        from peft import PeftModel
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+            layout = {k: v for k, v in json.load(f).items() if k not in _NOT_LAYOUT}
+        key = (id(base), json.dumps(layout, sort_keys=True, default=str))
+        with self._lock:
+            template = self._templates.get(key)
+        if template is None:
+            # low_cpu_mem_usage: LoRA weights created empty, then filled from the file (no random init)
+            template = PeftModel.from_pretrained(sharing_copy(base.model), adapter_dir, low_cpu_mem_usage=True)
+            template.eval()
+            with self._lock:
+                self._templates[key] = template
+        memo = {id(t): t for t in itertools.chain(base.model.parameters(), base.model.buffers())}
+        model = copy.deepcopy(template, memo)
+        result = set_peft_model_state_dict(model, load_peft_weights(adapter_dir, device=str(base.device)))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{adapter_dir}: adapter weights do not fit its adapter_config.json "
+                             f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+        return model.eval()
+
+    def _tokenizer(self, base: Policy, adapter_dir: str) -> Any:
+        """The tokenizer saved with the adapter (it carries the chat template the run used), loaded
+        once per distinct set of files (every checkpoint of a run has the same); else the base's."""
+        files = [os.path.join(adapter_dir, n) for n in _TOKENIZER_FILES]
+        if not os.path.isfile(files[0]):
+            return base.tokenizer
+        digest = hashlib.sha256()
+        for path in files:
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    digest.update(os.path.basename(path).encode() + b"\0" + f.read())
+        key = digest.hexdigest()
+        with self._lock:
+            tokenizer = self._tokenizers.get(key)
+        if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
@@ -94,9 +140,12 @@ class BaseModels:
                 tokenizer.chat_template = base.tokenizer.chat_template
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-        # low_cpu_mem_usage: the LoRA weights are created empty and filled from the file (no random init)
-        model = PeftModel.from_pretrained(sharing_copy(base.model), adapter_dir, low_cpu_mem_usage=True)
-        model.eval()
-        spec = LoraSpec(**meta["lora"]) if meta.get("lora") else None
-        return Policy(model=model, tokenizer=tokenizer, is_lora=True, source=base.source, gguf_file=base.gguf_file,
-                      dtype=base.dtype, lora=spec)
+            with self._lock:
+                tokenizer = self._tokenizers.setdefault(key, tokenizer)
+        return tokenizer
+
+
+# adapter_config.json fields that do not change the LoRA layers' shapes and places
+_NOT_LAYOUT = ("base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja", "special_tokens_map.json",
+                    "vocab.json", "merges.txt", "tokenizer.model")
