@@ -183,3 +183,15 @@ def test_adapters_share_the_loaded_base_and_answer_as_a_full_load(tiny_model_dir
             assert engine.generate_sync(prompt, SamplingParams(temperature=0, max_new_tokens=10)).tokens == greedy[name]
         finally:
             engine.close()
+
+
+# -- seeds: what is promised (docs/serve.md) ------------------------------------------------------------
+
+def test_a_seeded_request_repeats_its_tokens_when_run_the_same_way(client, tiny_model_dir):
+    kw = {"model": tiny_model_dir, "messages": HI, "max_tokens": 12, "temperature": 1.0, "n": 3,
+          "extra_body": {"return_token_ids": True}}
+    first = client.chat.completions.create(**kw, seed=11)
+    again = client.chat.completions.create(**kw, seed=11)
+    other = client.chat.completions.create(**kw, seed=12)
+    assert [c.token_ids for c in first.choices] == [c.token_ids for c in again.choices]
+    assert [c.token_ids for c in first.choices] != [c.token_ids for c in other.choices]
