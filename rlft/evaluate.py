@@ -10,6 +10,7 @@ Left out: model loading and storage (the callers do that).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -108,6 +109,36 @@ def tool_warnings(groups: list[Group], tools: int) -> list[str]:
             f"samples. {SFT_ADVICE[0].upper()}{SFT_ADVICE[1:]}."]
 
 
+def add_usage_totals(metrics: dict[str, float], rollouts: list[Any], *, priced: bool) -> None:
+    """``rlft eval``'s token totals into ``metrics``: an external chat model's from its reported
+    usage (and, when ``priced``, ``cost/total_usd`` and ``cost/per_request_usd``; without a price
+    the cost is unknown, so no cost figure is written rather than a 0), an in-process model's from
+    its prompts and sampled tokens."""
+    requests = sum(r.metrics.get("usage/requests", 0) for r in rollouts)
+    if not requests:
+        metrics["tokens/prompt"] = float(sum(len(r.prompt_ids) for r in rollouts))
+        metrics["tokens/completion"] = float(sum(r.num_sampled_tokens for r in rollouts))
+        return
+    metrics["tokens/prompt"] = float(sum(r.metrics.get("usage/prompt_tokens", 0) for r in rollouts))
+    metrics["tokens/completion"] = float(sum(r.metrics.get("usage/completion_tokens", 0) for r in rollouts))
+    if priced:
+        metrics["cost/total_usd"] = sum(r.metrics.get("usage/cost", 0) for r in rollouts)
+        metrics["cost/per_request_usd"] = metrics["cost/total_usd"] / requests
+    else:
+        metrics.pop("usage/cost", None)
+
+
+def metric_text(key: str, value: float) -> str:
+    """A metric as the eval table shows it: USD amounts with three significant digits however small
+    (a request costs ~1e-5 USD: ``$0.0000135``, not ``0.0000``), anything else to 4 decimals."""
+    if not (key.endswith("_usd") or key == "usage/cost"):
+        return f"{value:.4f}"
+    if value == 0:
+        return "$0"
+    decimals = max(2, 2 - math.floor(math.log10(abs(value))))
+    return f"${value:.{decimals}f}"
+
+
 def message_lines(messages: list[dict[str, Any]], prompt_text: str = "") -> list[str]:
     """A conversation as terminal lines. With ``prompt_text`` (the rendered prompt the model saw:
     template, system prompt, tool schemas), that text replaces the messages before the first
@@ -137,5 +168,6 @@ def format_transcript(ro, *, tracebacks: bool = True) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "validate", "message_lines", "tool_warnings", "ValidationReport", "signal_report",
+__all__ = ["evaluate", "validate", "message_lines", "metric_text", "add_usage_totals", "tool_warnings",
+           "ValidationReport", "signal_report",
            "SignalReport", "format_transcript", "Termination"]

@@ -76,7 +76,9 @@ def group_metrics(groups: list[Group], success_threshold: float = 0.0) -> dict[s
         "pass@k": fmean(float(any(r.reward > success_threshold for r in g.rollouts)) for g in groups),
         "max@k": fmean(max(r.reward for r in g.rollouts) for g in groups),
         "solve_rate": fmean(float(r.reward > success_threshold) for r in rollouts),
-        "response/length": fmean(r.num_sampled_tokens for r in rollouts),
+        # sampled tokens; a rollout of an external chat model has none of ours: its usage's completion tokens
+        "response/length": fmean(r.num_sampled_tokens or r.metrics.get("usage/completion_tokens", 0)
+                                 for r in rollouts),
         "response/truncated_ratio": fmean(float(r.truncated) for r in rollouts),
         "rollout/turns": fmean(r.turns for r in rollouts),
         "rollout/tool_calls": fmean(r.tool_calls for r in rollouts),

@@ -279,11 +279,11 @@ def _print_audit(audit, note: str = "") -> None:
 def cmd_eval(args) -> int:
     import os
 
-    from rlft.evaluate import evaluate
+    from rlft.evaluate import add_usage_totals, evaluate, metric_text
     from rlft.store import RunStore
 
     cfg = _config(args)
-    label, step, run_id = cfg.model, None, None
+    label, step, run_id, priced = cfg.model, None, None, False
     if args.base_url:  # an external model: message-level rollouts, usage and cost recorded
         from rlft.engines.base import SamplingParams
         from rlft.engines.external_chat import OpenAIChatEngine
@@ -305,7 +305,7 @@ def cmd_eval(args) -> int:
         engine = OpenAIChatEngine(args.base_url, args.external_model, api_key=os.environ.get(args.api_key_env),
                                   prices=prices)
         sampler = ChatSampler(engine, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p))
-        label = f"{args.external_model}@{args.base_url}"
+        label, priced = f"{args.external_model}@{args.base_url}", engine.price() is not None
     else:
         env, _, eval_set, sampler, policy = _session(cfg, out=sys.stderr if args.json else sys.stdout)
         if args.run:
@@ -318,15 +318,7 @@ def cmd_eval(args) -> int:
     metrics, groups = asyncio.run(evaluate(env, examples, sampler, k=k, temperature=cfg.eval_temperature,
                                            success_threshold=cfg.success_threshold))
     rollouts = [r for g in groups for r in g.rollouts]
-    requests = sum(r.metrics.get("usage/requests", 0) for r in rollouts)
-    if requests:
-        metrics["cost/total_usd"] = sum(r.metrics.get("usage/cost", 0) for r in rollouts)
-        metrics["cost/per_request_usd"] = metrics["cost/total_usd"] / requests
-        metrics["tokens/prompt"] = sum(r.metrics.get("usage/prompt_tokens", 0) for r in rollouts)
-        metrics["tokens/completion"] = sum(r.metrics.get("usage/completion_tokens", 0) for r in rollouts)
-    else:
-        metrics["tokens/prompt"] = float(sum(len(r.prompt_ids) for r in rollouts))
-        metrics["tokens/completion"] = float(sum(r.num_sampled_tokens for r in rollouts))
+    add_usage_totals(metrics, rollouts, priced=priced)
     store = RunStore(cfg.runs_dir)
     eval_id = store.add_eval(run_id, model=label, split="eval", k=k, metrics=metrics, step=step)
     from rlft.health import Context, diagnose_eval
@@ -338,9 +330,12 @@ def cmd_eval(args) -> int:
         return 0
     from rlft.cli.runs import print_table
 
-    rows = [(key, f"{v:.4f}") for key, v in sorted(metrics.items())]
+    rows = [(key, metric_text(key, v)) for key, v in sorted(metrics.items())]
     print(f"eval of {label}: {len(examples)} prompts x {k} samples (stored as eval {eval_id})")
     print_table(["metric", "value"], rows)
+    if args.base_url and not priced:
+        print(f"no price set for {args.external_model}: cost not computed (pass --price IN,OUT in USD per million "
+              "prompt,completion tokens)")
     for f in findings:  # the health checks that apply to one eval (docs/health.md)
         print(textwrap.fill(f.line().replace(" (step 0)", ""), 110, subsequent_indent="    "))
     return 0

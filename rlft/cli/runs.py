@@ -46,7 +46,10 @@ def add_run_commands(cmd) -> None:
     p.add_argument("--runs", default="runs")
     p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
     p.add_argument("--merge", metavar="OUT", required=True, help="output directory (LoRA merged into the weights)")
-    p.epilog = "example:\n  rlft export my-run --merge ./my-model"
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="weights' dtype (default: the dtype the run trained and served in, from the checkpoint)")
+    p.epilog = ("example:\n  rlft export my-run --merge ./my-model\n"
+                "  rlft export my-run --merge ./my-model-fp32 --dtype float32")
 
     p = cmd("serve", "OpenAI-compatible HTTP server for a base model or a run's checkpoints")
     from rlft.serve import add_serve_arguments
@@ -239,11 +242,26 @@ def cmd_export(args) -> int:
     store = _store(args)
     run_id = store.resolve(args.run)
     step, path = resolve_checkpoint(store.run_dir(run_id), args.step)
-    policy = load_policy(str(path), dtype="float32")
+    # the trained dtype by default: its greedy answers are the ones the run sampled and rlft serve gives
+    # (a float32 export of a bfloat16 run answers differently); LoRA is merged into the weights in it
+    dtype = args.dtype or _trained_dtype(path)
+    policy = load_policy(str(path), dtype=dtype)
     out = _replace_dir(Path(args.merge), lambda tmp: policy.save(tmp, merged=True) if policy.is_lora
                        else policy.save(tmp), step)
-    print(f"exported run {run_id} step {step} to {out} (plain transformers: AutoModelForCausalLM.from_pretrained)")
+    print(f"exported run {run_id} step {step} in {dtype} to {out} (plain transformers: "
+          "AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _trained_dtype(checkpoint: Path) -> str:
+    """The dtype a checkpoint's run trained in (its ``rlft_policy.json``); float32 when not recorded."""
+    from rlft.policy import POLICY_META_FILE
+
+    try:
+        dtype = json.loads((checkpoint / POLICY_META_FILE).read_text()).get("dtype")
+    except (OSError, ValueError):
+        dtype = None
+    return dtype if dtype in ("bfloat16", "float16", "float32") else "float32"
 
 
 def _replace_dir(out: Path, write, step: int) -> Path:

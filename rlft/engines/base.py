@@ -37,6 +37,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (the stop text is kept)
     seed: int | None = None
     top_logprobs: int = 0  # also return the k most likely tokens of each sampled position (HFEngine; rlft serve)
+    # an llguidance grammar (rlft.engines.constrained) the sample must follow; HFEngine honours it
+    # (rlft serve sets it only there), other engines ignore it
+    grammar: str | None = None
 
 
 @dataclass

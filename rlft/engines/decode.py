@@ -48,7 +48,7 @@ class BatchedDecode:
     the running batch) and ``_step`` (decode one token for every running sequence), which the
     :class:`~rlft.engines.scheduler.Scheduler` loop calls. HFEngine supplies ``model``,
     ``tokenizer``, ``device``, ``num_layers``, ``pad_id``, ``stop_token_ids``, ``max_context``,
-    ``max_prefill_tokens``, ``min_shared_prefix``, ``policy_version``, ``stats``, ``_rng``,
+    ``max_prefill_tokens``, ``min_shared_prefix``, ``policy_version``, ``stats``, ``grammars``, ``_rng``,
     ``_cache_kw``/``_logits_kw`` (set in its ``__init__``) and, from the Scheduler, ``_deliver``
     and ``_sample_of``."""
 
@@ -145,9 +145,13 @@ class BatchedDecode:
     def _sample(self, batch: _Batch, logits: torch.Tensor) -> torch.Tensor:
         n = len(batch.reqs)
         uniform = torch.rand(n, generator=self._rng)
+        constrained = False
         for i, r in enumerate(batch.reqs):
             if r.generator is not None:
                 uniform[i] = torch.rand(1, generator=r.generator)[0]
+            constrained |= r.params.grammar is not None
+        if constrained:  # grammar-constrained rows: disallowed tokens at -inf (rlft.engines.constrained)
+            logits = self.grammars.mask(batch.reqs, logits)
         tokens, logprobs = sample_tokens(logits, batch.temperature, batch.top_p, batch.top_k,
                                          uniform.to(logits.device))
         tok_list, lp_list = tokens.tolist(), logprobs.tolist()
@@ -155,6 +159,8 @@ class BatchedDecode:
         for r, t, lp in zip(batch.reqs, tok_list, lp_list):
             r.tokens.append(t)
             r.logprobs.append(lp)
+            if r.grammar is not None:
+                r.grammar.advance(t)
             self._check_finished(r, t)
         self.stats.tokens_generated += n
         return tokens
@@ -173,7 +179,8 @@ class BatchedDecode:
     def _check_finished(self, r: _Request, token: int) -> None:
         if r.cancelled:
             r.finish = "cancelled"
-        elif token in self.stop_token_ids or (r.stop_window and self._hits_stop(r)):
+        elif token in self.stop_token_ids or (r.stop_window and self._hits_stop(r)) or (
+                r.grammar is not None and r.grammar.done):
             r.finish = "stop"
         elif len(r.tokens) >= r.params.max_new_tokens or (
                 self.max_context is not None and len(r.prompt) + len(r.tokens) >= self.max_context):

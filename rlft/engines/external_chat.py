@@ -57,8 +57,10 @@ class OpenAIChatEngine:
             self._sems[loop_id] = asyncio.Semaphore(self.max_concurrency)
         return self._clients[loop_id], self._sems[loop_id]
 
-    def price(self) -> tuple[float, float]:
-        return {**DEFAULT_PRICES, **self.prices}.get(self.model, (0.0, 0.0))
+    def price(self) -> tuple[float, float] | None:
+        """USD per million (prompt, completion) tokens; None when no price is known for the model
+        (its cost is then unknown, not zero)."""
+        return {**DEFAULT_PRICES, **self.prices}.get(self.model)
 
     async def chat(self, messages: list[Message], tools: list[dict] | None, params: SamplingParams) -> ChatReply:
         client, sem = self._client()
@@ -90,7 +92,7 @@ class OpenAIChatEngine:
         usage = resp.usage
         p_tok = getattr(usage, "prompt_tokens", 0) or 0
         c_tok = getattr(usage, "completion_tokens", 0) or 0
-        pin, pout = self.price()
+        pin, pout = self.price() or (0.0, 0.0)  # no price: cost 0 here, and rlft eval says it is not set
         return ChatReply(message=message, calls=calls, finish_reason=choice.finish_reason or "stop",
                          prompt_tokens=p_tok, completion_tokens=c_tok, cost=(p_tok * pin + c_tok * pout) / 1e6,
                          latency=latency)

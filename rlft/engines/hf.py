@@ -54,6 +54,7 @@ import torch
 from rlft.allocator import keep_freed_memory
 from rlft.attention import use_fast_attention
 from rlft.engines.base import Sample, SamplingParams, WeightFormat, WeightUpdate
+from rlft.engines.constrained import Grammars, check_grammar
 from rlft.engines.decode import BatchedDecode
 from rlft.engines.kv_cache import HFCache
 from rlft.engines.lora_merge import MergedCopy, is_lora_model
@@ -171,6 +172,7 @@ class HFEngine(Scheduler, BatchedDecode):
         config = base.config
         self.num_layers = int(config.num_hidden_layers)
         self.vocab_size = int(base.get_input_embeddings().num_embeddings)
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.stop_token_ids)  # constrained requests only
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         params = inspect.signature(base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -301,6 +303,8 @@ class HFEngine(Scheduler, BatchedDecode):
                 f"prompt of {len(prompt)} tokens does not fit the model's context of {self.max_context} tokens")
         if params.temperature < 0 or params.top_p <= 0 or params.top_k < 0:
             raise ValueError(f"invalid sampling params: {params}")
+        if params.grammar:
+            check_grammar(params.grammar)  # GrammarError (a ValueError) now, not at sampling time
         req = _Request(prompt=prompt, params=params, loop=loop, future=future, policy_version=self.policy_version)
         if params.seed is not None:
             req.generator = torch.Generator()

@@ -60,6 +60,7 @@ class _Request:
     policy_version: int = 0
     stop_window: int = 0  # tokens to decode when checking stop strings
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # params.top_logprobs > 0: per token
+    grammar: Any = None  # params.grammar: its matcher, made at the first sampling step (rlft.engines.constrained)
 
 
 def enqueue(engine: Any, req: Any, thread_name: str) -> None:

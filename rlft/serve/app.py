@@ -10,7 +10,7 @@ Routes (FastAPI + uvicorn; names, loading and the request/sample translation: :m
   ``stream_options.include_usage``, ends with ``data: [DONE]``), ``n``, ``temperature``,
   ``top_p``, ``top_k`` (vLLM's), ``max_tokens`` / ``max_completion_tokens``, ``stop`` (cut from the
   text), ``seed`` (choice ``i`` uses ``seed + i``), ``logprobs`` and ``top_logprobs`` (up to 20, streamed
-  too); ``usage`` in every response.
+  too), ``response_format`` and ``parallel_tool_calls`` (below); ``usage`` in every response.
   Tool calls come back OpenAI-style (``finish_reason: "tool_calls"``, ``arguments`` a JSON string).
   The ``model`` of a response is the concrete name that answered (``...:latest`` -> ``...:<step>``).
 - ``POST /v1/completions`` (vLLM's names): ``prompt`` as token ids (``[1, 2, 3]``), a string, or a
@@ -39,9 +39,19 @@ model distribution whatever the temperature; here another temperature rescales i
 plugged in with ``engines=`` that does not report top logprobs answers a request for them with 400.
 
 ``tool_choice``: "auto" (default with tools) shows the tools and parses calls; "none" does not
-show them and parses nothing; "required" and a named function are a best effort, with no
-constrained decoding: an instruction to call a tool (that one; only its schema is then shown) is
-added to the system prompt, and a reply without a call comes back as text.
+show them and parses nothing; "required" and a named function are enforced by constrained
+decoding (``rlft.engines.constrained``, llguidance) on the in-process HFEngine: the reply is one
+or more calls (exactly one with ``parallel_tool_calls: false``; that function's, once, when
+named) in the model's tool-call format, their ``arguments`` valid against the tool's
+``parameters`` schema; an instruction to call a tool (that one; only its schema is then shown) is
+also added to the system prompt. An engine plugged in with ``engines=`` cannot be constrained:
+there the instruction is all (a reply without a call comes back as text).
+
+``response_format``: ``json_object`` (any JSON object) and ``json_schema`` (``{"name", "schema"}``:
+valid against ``schema``) are enforced the same way, streamed as sampled; an engine that cannot
+constrain answers them with 400. A constrained reply is written in ``json.dumps``'s layout; one
+cut by ``max_tokens`` (``finish_reason: "length"``) is a prefix of a valid reply. Logprobs of a
+constrained reply are those of the masked distribution (the allowed tokens renormalised).
 
 Streaming sends content deltas as tokens are sampled: every served engine has
 ``generate_stream(prompt, params)`` (``rlft.serve.models.ServedEngine``: an async iterator of
@@ -51,8 +61,10 @@ finished sample in per-token chunks. With tools active a reply is
 sent when complete (a call is recognisable only whole), as one content and/or tool_calls delta.
 
 Left out: streaming and ``echo`` on ``/v1/completions``, embeddings, images/audio
-parts, and (accepted, ignored) presence/frequency penalties, ``logit_bias``, ``response_format``,
-``parallel_tool_calls``.
+parts, and (accepted, ignored) presence/frequency penalties and ``logit_bias``.
+
+A ``tool`` message must answer a call of an earlier assistant message (its ``tool_call_id``),
+else 400, as OpenAI's API answers.
 
 Why one module: each route reads top to bottom with its streaming (SSE) and error mapping; the
 request bodies and their translation live in ``requests.py``, the model side in ``models.py``.
@@ -102,9 +114,11 @@ from rlft.serve.requests import (
     ChatRequest,
     CompletionRequest,
     LoraRequest,
+    chat_grammar,
     check_top_logprobs,
     completion_logprobs,
     completion_prompts,
+    forces_structure,
     sampling_params,
 )
 
@@ -380,7 +394,14 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
                 prompt = await off_loop(served.renderer.render_prompt, messages, tools)
             except Exception as e:  # the chat template rejected the conversation
                 raise APIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
-            params = sampling_params(req, len(prompt), served.max_context, default_max_tokens)
+            grammar = None
+            if forces_structure(req, tools):
+                if served.constrained:  # compiled off the event loop, like the prompt
+                    grammar = await off_loop(chat_grammar, req, tools, served.renderer.parser_name)
+                elif req.response_format is not None and req.response_format.get("type") != "text":
+                    raise APIError(400, f"the engine serving {entry.name!r} cannot constrain its output: "
+                                        "response_format is not supported", param="response_format")
+            params = sampling_params(req, len(prompt), served.max_context, default_max_tokens, grammar)
             if req.stream:  # the stream releases the model when it ends
                 streaming = True
                 return StreamingResponse(_stream(served, entry.name, prompt, params, req, parse, release),

@@ -16,11 +16,12 @@ and every name that is not already known), so checkpoints written while the serv
 without a restart, and ``latest`` resolves at request time (the response's ``model`` says which
 step answered).
 
-Loaded models are kept in an LRU of ``max_loaded``. Each checkpoint is its own policy: a LoRA
-checkpoint loads its base again rather than swapping adapter weights into a shared base. That is
-simple, keeps requests to different checkpoints running concurrently on their own batched
-engines, and costs memory: at most ``max_loaded`` copies of the base. An evicted model's engine is
-closed once its in-flight requests are done.
+Loaded models are kept in an LRU of ``max_loaded``. A LoRA checkpoint or adapter is served on its
+base loaded once (``rlft.serve.shared_base``): a module copy sharing every base tensor, with the
+adapter's own weights, so a new adapter version loads in well under a second and the base's
+weights are held once however many adapters are served; each still gets its own batched engine,
+so requests to different checkpoints run concurrently. A full-finetune checkpoint loads its own
+weights. An evicted model's engine is closed once its in-flight requests are done (bases stay).
 
 Engines: what the server asks of one is :class:`ServedEngine` (generate, generate_stream,
 ``max_context``, close). The registry's own (``engine_factory``, default HFEngine) are ServedEngines;
@@ -47,6 +48,7 @@ from typing import Any, Protocol
 
 from rlft.engines.base import Engine, Sample, SamplingParams
 from rlft.renderer import Renderer
+from rlft.serve.shared_base import BaseModels, is_lora_dir
 
 __all__ = ["APIError", "FT_PREFIX", "ModelEntry", "ModelNotFoundError", "ModelRegistry", "ServedEngine", "ServedModel",
            "Unstreamed", "as_served", "chat_messages", "cut_stop", "final_choice", "held_text", "token_logprobs",
@@ -122,6 +124,7 @@ class ServedModel:
     renderer: Renderer
     max_context: int | None = None
     policy: Any = None
+    constrained: bool = False  # the engine honours SamplingParams.grammar (HFEngine): forced tool calls, JSON
     active: int = 0  # requests in flight
     evicted: bool = False
 
@@ -195,6 +198,8 @@ class ModelRegistry:
         self.pinned = {name: as_served(v) for name, v in (engines or {}).items()}
         self.engine_factory = engine_factory
         self.dtype, self.device = dtype, device
+        self.bases = BaseModels(dtype, device)  # each base loaded once; its LoRA adapters share its weights
+        self._renderers: dict[int, tuple[Any, Renderer]] = {}  # id(tokenizer) -> (tokenizer, its Renderer)
         self.max_loaded, self.max_batch_size = max(1, int(max_loaded)), int(max_batch_size)
         self.adapters: dict[str, str] = {}
         self.loaded: collections.OrderedDict[str, ServedModel] = collections.OrderedDict()
@@ -341,26 +346,30 @@ class ModelRegistry:
             self._drop(key)
 
     def _load(self, entry: ModelEntry) -> ServedModel:
-        from rlft.policy import POLICY_META_FILE, load_policy
+        from rlft.policy import load_policy
 
-        if entry.kind == "adapter" and self.model and not os.path.exists(os.path.join(entry.path, POLICY_META_FILE)):
-            # a plain peft adapter (vLLM's case): put it on the served base model
-            from peft import PeftModel
-
-            policy = load_policy(self.model, dtype=self.dtype, device=self.device)
-            policy.model, policy.is_lora = PeftModel.from_pretrained(policy.model, entry.path), True
-            policy.model.eval()
-        else:  # a base model, an rlft checkpoint (LoRA or full) or an adapter naming its base
+        if entry.kind == "base":  # the one copy of its weights that the adapters on it share
+            policy = self.bases.base(entry.path)
+        elif is_lora_dir(entry.path):  # a LoRA checkpoint or adapter: a view of its loaded base (shared_base.py)
+            # a plain peft adapter (vLLM's case) goes on the served base; an rlft checkpoint on its recorded one
+            policy = self.bases.adapter(entry.path, default_base=self.model if entry.kind == "adapter" else None)
+        else:  # a full-finetune checkpoint: its own weights
             policy = load_policy(entry.path, dtype=self.dtype, device=self.device)
+        from rlft.engines.hf import HFEngine
+
         engine: ServedEngine
         if self.engine_factory is not None:
             engine = self.engine_factory(policy)
         else:
-            from rlft.engines.hf import HFEngine
-
             engine = HFEngine(policy.model, policy.tokenizer, max_batch_size=self.max_batch_size)
         context = engine.max_context or getattr(policy.base_model.config, "max_position_embeddings", None)
-        return ServedModel(engine, Renderer(policy.tokenizer), context, policy)
+        # one Renderer per tokenizer (its template probing costs ~0.8 s on SmolLM2): the checkpoints of a
+        # run share their tokenizer (rlft.serve.shared_base)
+        tok = policy.tokenizer
+        if id(tok) not in self._renderers:  # the tokenizer is kept in the value: its id stays its own
+            self._renderers[id(tok)] = (tok, Renderer(tok))
+        renderer = self._renderers[id(tok)][1]
+        return ServedModel(engine, renderer, context, policy, constrained=isinstance(engine, HFEngine))
 
 
 # -- generating: token streams, samples -> OpenAI choice fields ---------------------------------------
@@ -449,8 +458,15 @@ def chat_messages(raw: list[dict[str, Any]], instruction: str | None) -> list[di
                                    param=f"messages[{i}].tool_calls[{k}]")
                 call_names[tc.get("id")] = fn["name"]
             msg["tool_calls"] = m["tool_calls"]
-        if role == "tool":
-            msg["tool_call_id"] = m.get("tool_call_id")
+        if role == "tool":  # as OpenAI's API: a tool result answers a call made earlier in the conversation
+            if not isinstance(m.get("tool_call_id"), str):
+                raise APIError(400, f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                               param=f"messages[{i}].tool_call_id", code="missing_required_parameter")
+            if m["tool_call_id"] not in call_names:
+                raise APIError(400, f"Invalid parameter: messages[{i}] with role 'tool' must be a response to a "
+                                    f"preceding message with 'tool_calls': no earlier call has id "
+                                    f"{m['tool_call_id']!r}.", param=f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = m["tool_call_id"]
             name = m.get("name") or call_names.get(m.get("tool_call_id"))
             if name:
                 msg["name"] = name

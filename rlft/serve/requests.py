@@ -34,6 +34,8 @@ class ChatRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     return_token_ids: bool = False
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True  # with tool_choice "required": False = exactly one call
 
 
 class CompletionRequest(BaseModel):
@@ -66,7 +68,7 @@ class LoraRequest(BaseModel):
 # -- requests -> sampling params ------------------------------------------------------------------
 
 def sampling_params(req: ChatRequest | CompletionRequest, prompt_len: int, context: int | None,
-              default_max: int) -> list[SamplingParams]:
+                    default_max: int, grammar: str | None = None) -> list[SamplingParams]:
     limit = req.max_completion_tokens or req.max_tokens
     room = context - prompt_len if context else None
     what = "messages" if isinstance(req, ChatRequest) else "prompt"
@@ -87,8 +89,47 @@ def sampling_params(req: ChatRequest | CompletionRequest, prompt_len: int, conte
     return [SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
                            top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0),
                            max_new_tokens=limit, stop=stops, seed=None if req.seed is None else req.seed + i,
-                           top_logprobs=top)
+                           top_logprobs=top, grammar=grammar)
             for i in range(req.n)]
+
+
+def forces_structure(req: ChatRequest, tools: list[dict[str, Any]] | None) -> bool:
+    """Whether the request asks for a forced tool call or for JSON (see :func:`chat_grammar`)."""
+    return bool(tools and (req.tool_choice == "required" or isinstance(req.tool_choice, dict))) or (
+        req.response_format is not None and req.response_format.get("type") != "text")
+
+
+def chat_grammar(req: ChatRequest, tools: list[dict[str, Any]] | None, parser: str) -> str | None:
+    """The grammar a chat request's reply must follow (``rlft.engines.constrained``): a call of
+    ``tools`` (the ones shown) in the ``parser``'s format for ``tool_choice`` "required" (one or
+    more; one with ``parallel_tool_calls: false``) or a named function (that one, once); else JSON
+    for ``response_format`` ``json_object`` (any object) or ``json_schema`` (valid against its
+    ``schema``); None for plain text."""
+    from rlft.engines.constrained import GrammarError, json_grammar, tool_call_grammar
+
+    if tools and (req.tool_choice == "required" or isinstance(req.tool_choice, dict)):
+        try:
+            return tool_call_grammar(tools, parser, many=req.tool_choice == "required" and req.parallel_tool_calls)
+        except GrammarError as e:
+            raise APIError(400, f"the tools' parameter schemas cannot be enforced: {e}", param="tools") from e
+    fmt = req.response_format
+    kind = fmt.get("type") if fmt is not None else "text"
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar(None)
+    if kind != "json_schema":
+        raise APIError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', not {kind!r}",
+                       param="response_format.type")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise APIError(400, "response_format.json_schema needs a name (and a schema)",
+                       param="response_format.json_schema")
+    try:
+        return json_grammar(spec.get("schema"))
+    except GrammarError as e:
+        raise APIError(400, f"response_format.json_schema.schema: {e}",
+                       param="response_format.json_schema.schema") from e
 
 
 def check_top_logprobs(samples: list[Any], params: list[SamplingParams], model: str) -> None:
@@ -143,5 +184,5 @@ def completion_logprobs(tokenizer: Any, tokens: list[int], logprobs: list[float]
     return {"tokens": strs, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-__all__ = ["ChatRequest", "CompletionRequest", "LoraRequest", "check_top_logprobs", "completion_logprobs",
-           "completion_prompts", "sampling_params"]
+__all__ = ["ChatRequest", "CompletionRequest", "LoraRequest", "chat_grammar", "check_top_logprobs",
+           "completion_logprobs", "completion_prompts", "forces_structure", "sampling_params"]
