@@ -10,6 +10,9 @@ Rewards (partial credit, so a weak model's groups are not tied):
   correct           1.0   the last number of the final reply equals the answer (1); a near
                           number earns up to 0.5, falling with the relative error
   valid_tool_calls  0.2   share of the rollout's tool calls that the server answered without error (0 if none)
+
+Warm-up: `demonstrate(example)` calls `calculate` with the row's `expression`, then replies with
+the answer; config.toml trains on these demonstrations (train split) before RL.
 """
 
 import re
@@ -40,6 +43,12 @@ def valid_tool_calls(rollout) -> float:
     return max(0.0, 1.0 - failed / rollout.tool_calls)
 
 
+def demonstrate(example):
+    """The assistant turns that solve a row: one calculator call, then the number."""
+    call = {"function": {"name": "calculate", "arguments": {"expression": example["expression"]}}}
+    return [{"tool_calls": [call]}, str(example["ground_truth"])]
+
+
 SYSTEM = """Solve the word problem. Do the arithmetic with the calculate tool, for example:
 <tool_call>{"name": "calculate", "arguments": {"expression": "37 * 48"}}</tool_call>
 Then reply with the final number only."""
@@ -52,5 +61,6 @@ env = Environment(
     max_tool_calls=3,
     max_tokens=384,
     max_tokens_per_turn=96,
+    demonstrate=demonstrate,
     name="mcp-calculator",
 )
