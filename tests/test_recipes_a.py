@@ -38,8 +38,10 @@ def test_recipe_validates_and_trains_two_steps(recipe, tiny_model_dir, tmp_path,
     config, runs = str(ROOT / recipe / "config.toml"), tmp_path / "runs"
     assert main(["validate", config, *_overrides(tiny_model_dir, runs)]) == 0, capsys.readouterr().out
     name = "smoke-" + recipe.replace("/", "-")
+    # without the recipes' warm-up (sft_data): playing all train rows' demonstrations and an extra eval
+    # would multiply this smoke test's time; the demonstrations are checked below, the warm-up in test_warmup
     small = ["steps=2", "batch_size=2", "group_size=2", "eval_max_examples=2", "eval_k=2", "validate=false",
-             f"run_name={name}"]
+             "sft_data=", f"run_name={name}"]
     assert main(["train", config, *_overrides(tiny_model_dir, runs, small)]) == 0
     run = RunStore(runs, readonly=True).get_run(name)
     assert run["status"] == "completed" and run["step"] == 2
