@@ -20,8 +20,11 @@ import sys
 
 from rlft import Environment, MCPServer, Reward
 
+# timeout: a call that takes longer is abandoned (a huge `**` can keep the server busy). 30 s, not
+# 10: on the 2-core CPU shared with other jobs (load 16), plain calls like "54 * 33 + 15" took over
+# 10 s and failed (see README, "Warm-up, then RL")
 calculator = MCPServer(command=sys.executable, args=["-m", "mcp_server_calculator"], name="calculator",
-                       timeout=10, startup_timeout=60)
+                       timeout=30, startup_timeout=60)
 
 _NUM = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
