@@ -38,8 +38,10 @@ def test_recipe_validates_and_trains_two_steps(recipe, tiny_model_dir, tmp_path,
     config, runs = str(ROOT / recipe / "config.toml"), tmp_path / "runs"
     assert main(["validate", config, *_overrides(tiny_model_dir, runs)]) == 0, capsys.readouterr().out
     name = "smoke-" + recipe.replace("/", "-")
+    # without the recipes' warm-up (sft_data): playing all train rows' demonstrations and an extra eval
+    # would multiply this smoke test's time; the demonstrations are checked below, the warm-up in test_warmup
     small = ["steps=2", "batch_size=2", "group_size=2", "eval_max_examples=2", "eval_k=2", "validate=false",
-             f"run_name={name}"]
+             "sft_data=", f"run_name={name}"]
     assert main(["train", config, *_overrides(tiny_model_dir, runs, small)]) == 0
     run = RunStore(runs, readonly=True).get_run(name)
     assert run["status"] == "completed" and run["step"] == 2
@@ -101,3 +103,27 @@ def test_mcp_calculator_server_answers_tool_calls():
     ro = _scripted("mcp", {"prompt": "A box holds 37 apples. How many apples are in 48 boxes?", "ground_truth": 1776},
                    [_call("calculate", expression="37 * 48"), "1776"])
     assert ro.messages[3]["content"] == "1776" and ro.rewards == {"correct": 1.0, "valid_tool_calls": 1.0}
+
+
+# every reward component at 1: the sum of the weights (search's citations are two components of 0.25)
+FULL_REWARD = {"tool_use": 1.3, "mcp": 1.2, "search": 1.85, "structured/sql": 1.3}
+
+
+@pytest.mark.parametrize("recipe", FULL_REWARD)
+def test_recipe_demonstrations_solve_train_rows_with_full_reward(recipe):
+    """The warm-up's demonstrations, played through the recipe's environment (tools really run),
+    score every reward component 1 on train rows, two-step ones (cost, two-hop) included."""
+    from rlft.config import load_config
+    from rlft.loader import load_splits
+    from rlft.sft.demonstrations import play
+
+    cfg = load_config(str(ROOT / recipe / "config.toml"))
+    env, module, _ = load_environment(cfg.env)
+    train, _ = load_splits(cfg, module)
+    rows = train[:6] + [r for r in train if r.get("kind") == "cost" or len(r.get("relevant_ids", ())) == 2][:1]
+    demos = asyncio.run(play(env, rows))
+    assert demos.problems == [] and len(demos.transcripts) == len(rows)
+    assert demos.rewards == pytest.approx([FULL_REWARD[recipe]] * len(rows))
+    for t in demos.transcripts:
+        calls = [m for m in t.messages if m.get("tool_calls")]
+        assert (len(calls) > 0) == bool(env.tools)  # the tool recipes demonstrate real tool calls

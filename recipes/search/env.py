@@ -11,6 +11,9 @@ Rewards (partial credit, so a weak model's groups are not tied):
   citation_recall     0.25  share of relevant ids cited
   search_efficiency   0.25  searched at all, and used at most one call more than needed
   answer_format       0.1   a short final reply citing at least one [doc-N]
+
+Warm-up: `demonstrate(example)` searches for the name in each relevant document's title, reads
+that document, then answers "<answer> [doc-N]"; config.toml trains on these (train split) before RL.
 """
 
 import json
@@ -91,6 +94,20 @@ def search_efficiency(rollout) -> float:
     return min(1.0, budget / max(rollout.tool_calls, 1))
 
 
+def _call(name: str, **arguments) -> dict:
+    return {"tool_calls": [{"function": {"name": name, "arguments": arguments}}]}
+
+
+def demonstrate(example):
+    """Per relevant document (one per hop): search its name, read it; then the short cited answer."""
+    turns = []
+    for doc_id in example["relevant_ids"]:
+        name = DOCS[doc_id]["title"].removesuffix(" Island").removesuffix(" (city)")
+        turns += [_call("search", query=name), _call("read", doc_id=doc_id)]
+    cited = " ".join(f"[{doc_id}]" for doc_id in example["relevant_ids"])
+    return [*turns, f"{example['ground_truth']} {cited}"]
+
+
 SYSTEM = """You answer questions about an encyclopedia of islands and cities. You know nothing about them: \
 first call search with the name from the question, then read the most relevant document, then answer.
 Example:
@@ -107,5 +124,6 @@ env = Environment(
     max_tool_calls=6,
     max_tokens=768,
     max_tokens_per_turn=96,
+    demonstrate=demonstrate,
     name="search",
 )

@@ -8,6 +8,9 @@ Rewards (partial credit, so a weak model's groups are not tied):
   correct           1.0   the last number of the final reply equals the answer (1); a near
                           number earns up to 0.5, falling with the relative error
   valid_tool_calls  0.3   share of the rollout's tool calls that ran without an error (0 if none)
+
+Warm-up: `demonstrate(example)` writes the solving turns from the row's `solution` (the query,
+then the calculator for cost questions, then the number); config.toml trains on them before RL.
 """
 
 import ast
@@ -94,6 +97,19 @@ def valid_tool_calls(rollout) -> float:
     return max(0.0, 1.0 - failed / rollout.tool_calls)
 
 
+def _call(name: str, **arguments) -> dict:
+    return {"tool_calls": [{"function": {"name": name, "arguments": arguments}}]}
+
+
+def demonstrate(example):
+    """The assistant turns that solve a row: query, calculate (cost questions), the final number."""
+    solution = example["solution"]
+    turns = [_call("query", sql=solution["sql"])]
+    if "expression" in solution:
+        turns.append(_call("calculate", expression=solution["expression"]))
+    return [*turns, str(example["ground_truth"])]
+
+
 SYSTEM = """You answer questions about a shop. Look the facts up with the query tool (SQLite; table \
 products(name, category, price, stock)) and do arithmetic with the calculate tool. Example:
 <tool_call>{"name": "query", "arguments": {"sql": "SELECT price FROM products WHERE name = 'red mug'"}}</tool_call>
@@ -110,5 +126,6 @@ env = Environment(
     max_tool_calls=4,
     max_tokens=512,
     max_tokens_per_turn=96,
+    demonstrate=demonstrate,
     name="tool-use",
 )

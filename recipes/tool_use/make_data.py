@@ -8,6 +8,8 @@ question needs the database (`query`) and often the calculator (`calculate`):
   cost      "How much do N units of X cost in total?"         (query, then calculate N * price)
   category  "How many units of <category> products are in stock in total?"  (query with SUM)
 The answers are computed from the same data; the last 32 rows (`split: eval`) are held out.
+Each row's `solution` holds the calls that solve it (`sql`, and `expression` for cost questions):
+env.py's `demonstrate` writes the warm-up's demonstrations from it.
 """
 
 import json
@@ -38,13 +40,16 @@ def build(seed: int = 0, n_products: int = 60, n_rows: int = 272):
         kind = rng.choices(["stock", "cost", "category"], weights=[2, 3, 1])[0]
         if kind == "stock":
             q, a = f"How many units of the {name} are in stock?", stock
+            solution = {"sql": f"SELECT stock FROM products WHERE name = '{name}'"}
         elif kind == "cost":
             n = rng.randint(2, 12)
             q, a = f"How much do {n} units of the {name} cost in total?", round(n * price, 2)
+            solution = {"sql": f"SELECT price FROM products WHERE name = '{name}'", "expression": f"{n} * {price}"}
         else:
             q, a = (f"How many units of {cat} products are in stock in total?",
                     sum(s for _, c, _, s in products if c == cat))
-        rows.append({"prompt": q, "ground_truth": a, "kind": kind})
+            solution = {"sql": f"SELECT SUM(stock) FROM products WHERE category = '{cat}'"}
+        rows.append({"prompt": q, "ground_truth": a, "kind": kind, "solution": solution})
     for j, row in enumerate(rows):
         row["split"] = "eval" if j >= len(rows) - 32 else "train"
     return "\n".join(sql) + "\n", rows

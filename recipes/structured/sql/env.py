@@ -9,6 +9,9 @@ Rewards (partial credit, so a weak model's groups are not tied):
   sql_match     1.0   the query returns the gold rows
   sql_executes  0.3   the reply holds a SELECT query (fenced, or anywhere in the text) that runs
                       on the database (read-only) without error
+
+Warm-up: `demonstrate(example)` replies with the row's gold query in a ```sql block, the shape
+the system prompt asks for; config.toml trains on these (train split) before RL.
 """
 
 import atexit
@@ -55,6 +58,11 @@ def sql_executes(rollout) -> float:
         con.close()
 
 
+def demonstrate(example):
+    """The reply that solves a row: its gold query, fenced."""
+    return f"```sql\n{example['ground_truth']}\n```"
+
+
 SYSTEM = """You write SQLite queries. Tables:
 products(name TEXT, category TEXT, price REAL, stock INTEGER)
 customers(id INTEGER, name TEXT, city TEXT)
@@ -69,5 +77,6 @@ env = Environment(
     rewards=[checks.sql_match(), Reward(sql_executes, weight=0.3)],
     max_turns=1,
     max_tokens=80,
+    demonstrate=demonstrate,
     name="structured-sql",
 )
