@@ -444,3 +444,19 @@ def test_restart_false_fails_fast_once_the_server_is_gone():
             assert conn.restarts == 0
 
     asyncio.run(main())
+
+
+def test_a_connection_that_breaks_while_its_server_lives_is_restarted_for_the_next_call():
+    """Seen in a recipe run under load: the session's stream closed while the server process was
+    still alive; every later call failed with "is gone" and no restart was ever tried."""
+    async def main():
+        server = MCPServer(command=sys.executable, args=[DEMO], max_restarts=2)
+        async with server.connect() as conn:
+            first = int(await conn.call_tool("pid"))
+            await conn._session._write_stream.aclose()  # fault injection: the transport breaks, the process lives
+            with pytest.raises(FatalToolError, match="is gone"):
+                await conn.call_tool("pid")
+            second = int(await conn.call_tool("pid"))  # started again
+            assert second != first and conn.restarts == 1
+
+    asyncio.run(main())

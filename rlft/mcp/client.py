@@ -185,6 +185,8 @@ class MCPConnection:
         except McpError as exc:
             code = getattr(exc.error, "code", None)
             if code == _CONNECTION_CLOSED or self._closed.is_set():
+                # the transport can end before the owner task notices: mark it, so the next call restarts
+                self._mark_closed("the connection closed")
                 raise FatalToolError(self._gone_message(name)) from exc
             if code == _REQUEST_TIMEOUT:
                 raise TimeoutError(f"MCP tool {name!r} on server {self.server.name!r} did not answer "
@@ -192,6 +194,7 @@ class MCPConnection:
             raise MCPToolError(exc.error.message) from exc
         except Exception as exc:
             if self._closed.is_set() or _is_closed_stream_error(exc):
+                self._mark_closed(f"the connection broke ({type(exc).__name__})")
                 raise FatalToolError(self._gone_message(name)) from exc
             raise
         text = _result_text(result)
@@ -235,7 +238,9 @@ class MCPConnection:
             log.warning("MCP server %r died (%s); restart %d of %d in %.1f s", self.server.name, self._reason,
                         self.restarts, self.server.max_restarts, delay)
             await asyncio.sleep(delay)
-            await self._wait_owner()  # the dead session's clean-up is bounded (see the module docstring)
+            # the dead session's clean-up is bounded (see the module docstring); an owner still
+            # holding a broken session (its stream closed, its process alive) is cancelled
+            await self._wait_owner(cancel=True)
             self._closed, self._session, self._reason = asyncio.Event(), None, ""
             self._stderr = StderrTail(self.server.name or "mcp")
             ready: asyncio.Future[list[Tool]] = asyncio.get_running_loop().create_future()
