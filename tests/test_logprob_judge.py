@@ -132,6 +132,7 @@ def test_a_rubric_whose_verdict_tokens_get_no_mass_raises_a_named_error(served, 
 def test_local_judge_matches_the_served_judge_and_batches_the_step_in_one_forward(served, direct,
                                                                                   pretrained_tiny_dir):
     local = LocalJudge(pretrained_tiny_dir)
+    assert local.lm is None  # built from a path, it loads the model at its first verdict, not here
     remote = LogprobJudge(pretrained_tiny_dir, served.url + "/v1", api_key="x")
     answers = ["8", "3", "5", "1", "eight", "8 is the largest"]
 

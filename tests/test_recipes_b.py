@@ -1,6 +1,7 @@
 """Recipes constrained/, code/ and roleplay/: each validates end to end and trains two steps on the
-tiny model (in-process CLI); roleplay's judge is a real ``rlft serve`` on 127.0.0.1 answering with
-a scripted verdict. Plus the recipes' own graders on hand-written replies."""
+tiny model (in-process CLI); roleplay's logprob judge is the tiny pretrained model in process
+(``RLFT_JUDGE_MODEL``), calibrated by ``rlft judge check`` on the recipe's judge_examples. Plus the
+recipes' own graders on hand-written replies."""
 
 import importlib.util
 import json
@@ -28,28 +29,6 @@ def done(text: str, **row) -> Rollout:
                    termination=Termination.FINISHED)
 
 
-@pytest.fixture(scope="module")
-def judge_url(tiny_renderer):
-    """A real rlft serve on 127.0.0.1 whose 'smollm2' answers every rubric with a fixed level."""
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
-    pytest.importorskip("openai")
-    from rlft.serve import BackgroundServer, create_app
-    from rlft.testing import ScriptedPolicy
-
-    verdict = ScriptedPolicy(tiny_renderer, ['{"reasoning": "sounds like a pirate", "score": "partly"}'])
-    with BackgroundServer(create_app(engines={"smollm2": verdict})) as srv:
-        yield srv.url + "/v1"
-
-
-@pytest.fixture
-def recipe_env(request, monkeypatch):
-    if request.param == "roleplay":
-        monkeypatch.setenv("RLFT_JUDGE_URL", request.getfixturevalue("judge_url"))
-        monkeypatch.setenv("RLFT_JUDGE_MODEL", "smollm2")
-    return request.param
-
-
 def tiny_overrides(model, runs):
     from rlft.rewards.sandbox import isolation
 
@@ -68,7 +47,7 @@ def test_recipe_ships_data_config_and_readme(name):
     assert (d / "make_data.py").exists() and (d / "config.toml").exists() and "rlft train" in (d / "README.md").read_text()
 
 
-@pytest.mark.parametrize("recipe_env", ["constrained", "code", "roleplay"], indirect=True)
+@pytest.mark.parametrize("recipe_env", ["constrained", "code", "roleplay"])
 def test_recipe_validates_and_trains_two_steps_on_the_tiny_model(recipe_env, tiny_model_dir, tmp_path, capsys):
     cfg = str(RECIPES / recipe_env / "config.toml")
     runs = tmp_path / "runs"
@@ -112,22 +91,59 @@ def test_code_rewards_run_the_hidden_tests_in_the_sandbox():
     assert right.reward == pytest.approx(1.3)
 
 
-def test_roleplay_scores_through_the_served_judge_and_keeps_signal_when_it_fails(judge_url, monkeypatch):
+def test_roleplay_trains_the_checks_and_its_judged_env_scores_probabilities_from_a_local_judge(
+        pretrained_tiny_dir, monkeypatch):
     import asyncio
 
     from rlft.rewards import score_group
 
-    monkeypatch.setenv("RLFT_JUDGE_URL", judge_url)
-    env = load_env("roleplay").env
+    monkeypatch.delenv("RLFT_JUDGE_URL", raising=False)
+    monkeypatch.setenv("RLFT_JUDGE_MODEL", pretrained_tiny_dir)
+    mod = load_env("roleplay")
+    assert mod.judge.lm is None  # importing the recipe loads no judge model
+    assert [r.name for r in mod.env.rewards] == ["persona_words", "word_limit", "no_ai_talk"]
     pirate = done("Arr matey! Storms be loud, but me ship and crew sail through them with courage.")
     assistant = done("As an AI language model, I can explain storms in detail for you.")
-    asyncio.run(score_group([pirate, assistant], env.rewards, 60.0))
-    assert pirate.rewards["in_character"] == 0.5 and pirate.rewards["breaks_character"] == 0.5
-    assert pirate.reward == pytest.approx(0.25 - 0.25 + 0.3 + 0.2 + 0.2)
-    assert assistant.reward < pirate.reward and not pirate.errors
+    asyncio.run(score_group([pirate, assistant], mod.judged_env.rewards, 120.0))
+    assert mod.judge.lm is not None and not pirate.errors and not assistant.errors
+    for ro in (pirate, assistant):  # verdicts are probability-weighted levels in [0, 1], with their mass recorded
+        assert 0.0 <= ro.rewards["in_character"] <= 1.0 and 0.0 <= ro.rewards["breaks_character"] <= 1.0
+        assert 0.0 < ro.metrics["judge/mass_in_character"] <= 1.0
+    judged = 0.5 * pirate.rewards["in_character"] - 0.5 * pirate.rewards["breaks_character"]
+    assert pirate.reward == pytest.approx(judged + 0.3 + 0.2 + 0.2)
+    assert assistant.rewards["no_ai_talk"] == 0.0 and assistant.rewards["persona_words"] == 0.0
+
+
+def test_roleplay_judged_env_keeps_the_checks_signal_when_the_judge_endpoint_is_down(monkeypatch):
+    import asyncio
+
+    from rlft.rewards import score_group
+
     monkeypatch.setenv("RLFT_JUDGE_URL", "http://127.0.0.1:9/v1")  # nobody listens: judge components 0
     down = load_env("roleplay")
     down.judge.retries, down.judge.timeout = 0, 2
     ro = done("Arr matey! Storms be loud, but me ship and crew sail through them with courage.")
-    asyncio.run(score_group([ro], down.env.rewards, 30.0))
+    asyncio.run(score_group([ro], down.judged_env.rewards, 30.0))
     assert ro.rewards["in_character"] == 0.0 and ro.reward == pytest.approx(0.7) and ro.errors
+
+
+def test_roleplay_judge_check_calibrates_both_rubrics_on_the_judge_examples(pretrained_tiny_dir, monkeypatch,
+                                                                             capsys):
+    from rlft.rewards.calibration import load_examples
+
+    examples = RECIPES / "roleplay" / "judge_examples.jsonl"
+    pairs = load_examples(examples, None)
+    prompts = {json.loads(line)["prompt"] for name in ("train", "eval")
+               for line in (RECIPES / "roleplay" / f"{name}.jsonl").read_text().splitlines()}
+    assert len(pairs) == 16 and not {p.messages[-1]["content"] for p in pairs} & prompts
+    monkeypatch.delenv("RLFT_JUDGE_URL", raising=False)
+    monkeypatch.setenv("RLFT_JUDGE_MODEL", pretrained_tiny_dir)
+    code = main(["judge", "check", str(RECIPES / "roleplay" / "config.toml"), "--set", "env=env.py:judged_env",
+                 "--json"])
+    out = capsys.readouterr()
+    if code == 0:  # the tiny judge passed: the figures come back as JSON
+        names = [c["name"] for c in json.loads(out.out)]
+    else:  # it did not (a judge that never saw a pirate): the named error carries every rubric's figures
+        assert code == 2 and "agreement" in out.err + out.out
+        names = [n for n in ("in_character", "breaks_character") if f"{n}: agreement" in out.err + out.out]
+    assert names == ["in_character", "breaks_character"]

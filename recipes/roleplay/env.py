@@ -1,15 +1,18 @@
-"""Roleplay: Captain Barnacle, a kind old pirate captain, scored by an LLM judge's rubrics (one
-positive, one negative) plus cheap deterministic checks that give signal even when the judge fails.
+"""Roleplay: Captain Barnacle, a kind old pirate captain. Two environments share the persona:
 
-The judge is any OpenAI-compatible endpoint; by default a SmolLM2-135M-Instruct served locally:
+- ``env`` (what ``config.toml`` trains): the deterministic persona checks only (persona words,
+  word limit, no "I am an AI" talk). The small local judges measured for this recipe order the
+  calibration pairs at chance (README), so their verdicts would add noise, not signal.
+- ``judged_env``: the same checks plus two logprob-scored judge rubrics (one positive, one
+  negative), for a judge that passes calibration:
 
-    rlft serve --model smollm2 --port 8001        # terminal 1: the judge
-    rlft train recipes/roleplay/config.toml       # terminal 2
+      rlft judge check recipes/roleplay/config.toml --set env=env.py:judged_env
 
-RLFT_JUDGE_URL (default http://127.0.0.1:8001/v1) and RLFT_JUDGE_MODEL (default smollm2) point it
-elsewhere. SmolLM2-135M is a weak judge: its verdicts are noisy and often unparsable (an
-unparsable verdict scores 0 for that component and is recorded in the run store); the rubrics use
-named score levels so a one-word verdict parses. Use a stronger judge for real work.
+The judge is a local Hugging Face model in this process (``LocalJudge``: one batched forward per
+step, the verdict read off the next-token probabilities), by default SmolLM2-135M-Instruct;
+``RLFT_JUDGE_MODEL`` names another (hub id, alias, directory or .gguf). ``RLFT_JUDGE_URL`` uses an
+OpenAI-compatible endpoint that returns ``top_logprobs`` instead (``LogprobJudge``: OpenAI, vLLM,
+``rlft serve``). The local model loads at the first verdict, so importing this file loads none.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import re
 
 from rlft import Environment, Reward
 from rlft.rewards import checks
-from rlft.rewards.judge import Judge, Rubric
+from rlft.rewards.judge import Rubric
+from rlft.rewards.logprob_judge import LocalJudge, LogprobJudge
 
 SYSTEM = """You are Captain Barnacle, a cheerful old pirate captain who loves the sea and teaches children about it.
 Guidelines:
@@ -28,11 +32,12 @@ Guidelines:
 - Keep every reply under 60 words.
 - Never say you are an AI, a language model or an assistant."""
 
-JUDGE_URL = os.environ.get("RLFT_JUDGE_URL", "http://127.0.0.1:8001/v1")
+JUDGE_URL = os.environ.get("RLFT_JUDGE_URL", "")
 JUDGE_MODEL = os.environ.get("RLFT_JUDGE_MODEL", "smollm2")
-LEVELS = {"no": 0.0, "partly": 0.5, "yes": 1.0}
+LEVELS = {"no": 0.0, "partly": 0.5, "yes": 1.0}  # asked as the digits 1 / 2 / 3 (logprob verdicts)
 
-judge = Judge(JUDGE_MODEL, JUDGE_URL, timeout=90, retries=1, max_tokens=80, max_concurrency=16)
+judge = (LogprobJudge(JUDGE_MODEL, JUDGE_URL, timeout=90, retries=1, max_concurrency=16) if JUDGE_URL
+         else LocalJudge(JUDGE_MODEL, name=JUDGE_MODEL))
 
 IN_CHARACTER = Rubric(
     "In character",
@@ -56,18 +61,19 @@ def persona_words(rollout) -> float:
     return min(found, 3) / 3
 
 
-env = Environment(
-    system_prompt=SYSTEM,
-    rewards=[
-        judge.reward(IN_CHARACTER, 0.5),
-        judge.reward(BREAKS_CHARACTER, -0.5),
-        Reward(persona_words, weight=0.3),
-        Reward(checks.word_limit(max_words=60, min_words=5), weight=0.2, name="word_limit"),
-        Reward(checks.forbidden_phrases(["as an ai", "language model", "ai assistant", "i am an assistant"]),
-               weight=0.2, name="no_ai_talk"),
-    ],
-    max_turns=1,
-    max_tokens=96,
-    reward_timeout=240,
-    name="roleplay",
-)
+CHECKS = [
+    Reward(persona_words, weight=0.3),
+    Reward(checks.word_limit(max_words=60, min_words=5), weight=0.2, name="word_limit"),
+    Reward(checks.forbidden_phrases(["as an ai", "language model", "ai assistant", "i am an assistant"]),
+           weight=0.2, name="no_ai_talk"),
+]
+
+
+def _persona_env(rewards: list[Reward], name: str) -> Environment:
+    return Environment(system_prompt=SYSTEM, rewards=rewards, max_turns=1, max_tokens=96, reward_timeout=240,
+                       name=name)
+
+
+env = _persona_env(CHECKS, "roleplay")
+judged_env = _persona_env([judge.reward(IN_CHARACTER, 0.5), judge.reward(BREAKS_CHARACTER, -0.5), *CHECKS],
+                          "roleplay-judged")

@@ -257,10 +257,11 @@ class LogprobJudge(Judge):
 
 class LocalJudge(LogprobJudge):
     """A Hugging Face causal LM in this process as the judge (module docstring). ``model``: a hub
-    id, alias or directory (loaded with ``rlft.policy.load_policy`` in ``dtype`` on ``device``), or a
-    loaded model with its ``tokenizer``. Prompts are rendered with the model's chat template
-    (exactly as ``rlft serve`` renders them) and scored in batches of at most ``max_batch_size``
-    prompts and ``max_batch_tokens`` padded tokens, one forward pass each, in a worker thread.
+    id, alias or directory (loaded with ``rlft.policy.load_policy`` in ``dtype`` on ``device`` at the
+    first verdict, so building one loads nothing), or a loaded model with its ``tokenizer``.
+    Prompts are rendered with the model's chat template (exactly as ``rlft serve`` renders them)
+    and scored in batches of at most ``max_batch_size`` prompts and ``max_batch_tokens`` padded
+    tokens, one forward pass each, in a worker thread.
     ``name`` labels it in errors and the cache key. Metrics as for ``Judge``: requests = prompts
     scored, prompt_tokens = their tokens, seconds = forward time (shared by a batch's prompts)."""
 
@@ -271,16 +272,16 @@ class LocalJudge(LogprobJudge):
         label = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__)
         super().__init__(label, "in-process", "local", answer=answer, scale=scale, cache_size=cache_size,
                          cache_ttl=cache_ttl, retries=0, timeout=3600.0)
+        self._source: tuple[Any, Any, Any] | None = None
+        self.lm = self.tokenizer = self.renderer = None
         if isinstance(model, (str, os.PathLike)):
-            from rlft.policy import load_policy
-
-            policy = load_policy(model, dtype=dtype, device=device)
-            model, tokenizer = policy.model, policy.tokenizer
-        if tokenizer is None:
+            # loaded at the first verdict (_load), not here: an environment module that builds a
+            # LocalJudge imports without loading weights (rlft config, test collection, judge-free runs)
+            self._source = (model, dtype, device)
+        elif tokenizer is None:
             raise ValueError("LocalJudge needs the model's tokenizer")
-        from rlft.renderer import Renderer
-
-        self.lm, self.tokenizer, self.renderer = model.eval(), tokenizer, Renderer(tokenizer)
+        else:
+            self._use(model, tokenizer)
         self.max_batch_size, self.max_batch_tokens, self.batch_wait_s = max_batch_size, max_batch_tokens, batch_wait_s
         self._pending: list[tuple[list[Message], asyncio.Future, list[Rollout]]] = []
         self._flusher: asyncio.Task | None = None
@@ -288,6 +289,21 @@ class LocalJudge(LogprobJudge):
         self._vocab_text: list[str] | None = None
         self._verdict_ids: dict[str, list[int]] = {}  # verdict text -> the token ids whose stripped text is it
         self._verdict_keys: set[str] = set("0123456789")  # the verdict texts of the rubrics scored so far
+
+    def _use(self, model: Any, tokenizer: Any) -> None:
+        from rlft.renderer import Renderer
+
+        self.lm, self.tokenizer, self.renderer = model.eval(), tokenizer, Renderer(tokenizer)
+
+    def _load(self) -> None:
+        """Load the model named at construction, once (any thread: under the forward lock)."""
+        with self._lock:
+            if self.lm is None and self._source is not None:
+                from rlft.policy import load_policy
+
+                name, dtype, device = self._source
+                policy = load_policy(name, dtype=dtype, device=device)
+                self._use(policy.model, policy.tokenizer)
 
     def verdicts(self, rubric: Rubric) -> Verdicts:
         v = super().verdicts(rubric)
@@ -307,6 +323,7 @@ class LocalJudge(LogprobJudge):
     def _ids_for(self, keys: Iterable[str]) -> list[int]:
         missing = [k for k in keys if k not in self._verdict_ids]
         if missing:
+            self._load()
             if self._vocab_text is None:  # once: the text of every token (49k decodes on SmolLM2: ~0.3 s)
                 n = len(self.tokenizer)
                 self._vocab_text = [t.strip().casefold() for t in
@@ -357,6 +374,7 @@ class LocalJudge(LogprobJudge):
         the top 20, and the prompt's length."""
         import torch
 
+        self._load()
         prompts = [self.renderer.render_prompt(m) for m in conversations]
         wanted = set(self._ids_for(keys))
         out: list[tuple[str, int]] = []
