@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from rlft import distributed
-from rlft.training import grpo, prefix
+from rlft.training import grpo, head, prefix
 from rlft.types import Group, Rollout
 
 
@@ -148,9 +148,46 @@ def _to(inputs, dev):
     return type(inputs)(**{f.name: getattr(inputs, f.name).to(dev) for f in fields(inputs)})
 
 
-def forward_logprobs(model: Any, inputs, temperature: float, *, entropy: bool = False):
+def forward_logprobs(model: Any, inputs, temperature: float, mask_NC: torch.Tensor, *, entropy: bool = False):
     """Each sequence's completion-window logprobs (N, C) under ``model`` and, with ``entropy``,
-    the entropies there (no gradient), from plain rows or packed ones."""
+    the entropies there (no gradient), from plain rows or packed ones; only where ``mask_NC`` is
+    set (the sampled tokens: the rest are 0). The output head runs at those positions alone, in
+    chunks (``rlft.training.head``)."""
+    base = distributed.unwrap(model)  # the causal LM (a peft model forwards to its base)
+    if not head.supported(base.config):
+        return _window_logprobs(model, inputs, temperature, mask_NC, entropy)
+    ids_BL = inputs.ids_BL
+    B, L = ids_BL.shape
+    if isinstance(inputs, prefix.PackedInputs):
+        W = inputs.keep_W.shape[0]
+        row_N, w_NC = inputs.gather_NC // W, inputs.gather_NC % W
+        at_NC = row_N * L + (L - 1 - W) + w_NC  # the flat (B * L) position predicting each window token
+        targets_NC = inputs.targets_BW.reshape(-1)[inputs.gather_NC]
+        attn = inputs.mask_B1LL
+    else:
+        C = inputs.tokens_BC.shape[1]
+        dev = ids_BL.device
+        at_NC = torch.arange(B, device=dev)[:, None] * L + torch.arange(L - C - 1, L - 1, device=dev)
+        targets_NC = inputs.tokens_BC
+        attn = inputs.attn_BL
+    # no logits from the model (an empty index keeps none); the final normed states instead
+    none = torch.zeros(0, dtype=torch.long, device=ids_BL.device)
+    out = model(input_ids=ids_BL, attention_mask=attn, position_ids=inputs.pos_BL, logits_to_keep=none,
+                output_hidden_states=True, use_cache=False)
+    h_BLH = out.hidden_states[-1]
+    sel_NC = mask_NC > 0
+    h_MH = h_BLH.reshape(B * L, -1)[at_NC[sel_NC]]
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    logp_M, ent_M = head.sampled_logprobs(base.get_output_embeddings(), h_MH, targets_NC[sel_NC], temperature,
+                                          entropy=entropy, softcap=softcap)
+    logp_NC = torch.zeros(mask_NC.shape, dtype=logp_M.dtype, device=logp_M.device).masked_scatter(sel_NC, logp_M)
+    ent_NC = torch.zeros_like(logp_NC).masked_scatter_(sel_NC, ent_M) if entropy else None
+    return logp_NC, ent_NC
+
+
+def _window_logprobs(model: Any, inputs, temperature: float, mask_NC: torch.Tensor, entropy: bool):
+    """``forward_logprobs`` through the model's own logits over the whole completion window
+    (B, C, V): for models whose logits ``rlft.training.head`` does not reproduce."""
     if isinstance(inputs, prefix.PackedInputs):
         logits = model(input_ids=inputs.ids_BL, attention_mask=inputs.mask_B1LL, position_ids=inputs.pos_BL,
                        logits_to_keep=inputs.keep_W, use_cache=False).logits  # (B, W, V)
@@ -163,7 +200,8 @@ def forward_logprobs(model: Any, inputs, temperature: float, *, entropy: bool = 
     if isinstance(inputs, prefix.PackedInputs):  # row positions -> each sequence's window (N, C)
         logp = logp.reshape(-1)[inputs.gather_NC]
         ent = ent.reshape(-1)[inputs.gather_NC] if ent is not None else None
-    return logp, ent
+    keep_NC = mask_NC > 0
+    return logp * keep_NC, (ent * keep_NC if ent is not None else None)
 
 
 def _tensors(mb: list[_Item], pad_id: int):
@@ -238,11 +276,11 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
             C = mask.shape[1]
             forwarded += inputs.ids_BL.numel()
             with training_precision(policy, bf16):
-                logp, ent = forward_logprobs(model, inputs, loss_cfg.temperature, entropy=epoch == 0)  # (B, C)
+                logp, ent = forward_logprobs(model, inputs, loss_cfg.temperature, mask, entropy=epoch == 0)  # (B, C)
             if epoch == 0:
                 first.record(mb.items, ent, logp, mask, sampler_logp)
                 if loss_cfg.beta > 0:
-                    _reference_logprobs(policy, mb.items, inputs, loss_cfg.temperature, bf16)
+                    _reference_logprobs(policy, mb.items, inputs, mask, loss_cfg.temperature, bf16)
             old_logp = _window([it.old_logp for it in mb.items], C).to(dev)
             ref_logp = _window([it.ref_logp for it in mb.items], C).to(dev) if loss_cfg.beta > 0 else None
             is_w = grpo.tis_weights(old_logp, sampler_logp, loss_cfg.tis_cap) if loss_cfg.tis_cap > 0 else None
@@ -325,10 +363,10 @@ class _FirstPass:
 
 
 @torch.no_grad()
-def _reference_logprobs(policy: Any, mb: list[_Item], inputs, temperature: float, bf16: bool) -> None:
+def _reference_logprobs(policy: Any, mb: list[_Item], inputs, mask_NC, temperature: float, bf16: bool) -> None:
     """Each sequence's reference-model logprobs (the KL term's), set on its item."""
     with policy.reference() as ref, training_precision(policy, bf16):
-        ref_lp, _ = forward_logprobs(ref, inputs, temperature)
+        ref_lp, _ = forward_logprobs(ref, inputs, temperature, mask_NC)
     C = ref_lp.shape[1]
     for b, it in enumerate(mb):
         it.ref_logp = ref_lp[b, C - len(it.rollout.completion_ids):]
