@@ -165,6 +165,7 @@ def update(run: Run, groups: list[Group], step: int, *, in_thread: bool) -> dict
     """One policy update (+ the learning-rate schedule's step). ``in_thread``: overlap, where the
     update runs in a thread while this event loop drives the next step's rollouts; the engine
     then samples from its own copy, so it is not paused."""
+    from rlft.allocator import release_freed_memory
     from rlft.training.update import policy_update
 
     settings = update_config(run.cfg)
@@ -175,6 +176,7 @@ def update(run: Run, groups: list[Group], step: int, *, in_thread: bool) -> dict
             out = policy_update(run.policy, groups, settings, run.optimizer, model=run.train_model,
                                 policy_version=step if run.cfg.overlap else None)
             run.scheduler.step()
+        release_freed_memory()  # the activations' heap back to the OS: sampling does not need it (rlft.allocator)
         return out
 
     return run.wait(asyncio.to_thread(step_once)) if in_thread else step_once()
