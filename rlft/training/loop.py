@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from rlft import distributed
+from rlft.allocator import release_freed_memory
 from rlft.config import TrainConfig
 from rlft.errors import ValidationError
 from rlft.faults import kill_point
@@ -117,6 +118,7 @@ async def sample(run: Run, step: int) -> tuple[list[Group], float]:
     examples = distributed.shard(run.train_set.batch(step, cfg.batch_size, cfg.seed))
     groups = await run.rollouts.run_groups(examples, run.sampler_at(step, "train"), cfg.group_size,
                                            max_concurrency=cfg.max_concurrency)
+    release_freed_memory()  # the KV caches' heap back to the OS before the update (rlft.allocator)
     return groups, time.perf_counter() - t0
 
 
@@ -165,7 +167,6 @@ def update(run: Run, groups: list[Group], step: int, *, in_thread: bool) -> dict
     """One policy update (+ the learning-rate schedule's step). ``in_thread``: overlap, where the
     update runs in a thread while this event loop drives the next step's rollouts; the engine
     then samples from its own copy, so it is not paused."""
-    from rlft.allocator import release_freed_memory
     from rlft.training.update import policy_update
 
     settings = update_config(run.cfg)
@@ -224,6 +225,7 @@ def evaluate(run: Run, at_step: int) -> dict[str, float] | None:
     metrics, groups = run.wait(run_eval(run.env, examples, run.sampler_at(at_step, "eval"), k=cfg.eval_k,
                                         temperature=cfg.eval_temperature, success_threshold=cfg.success_threshold,
                                         max_concurrency=cfg.max_concurrency))
+    release_freed_memory()
     run.store.add_rollouts(run.run_id, at_step, [r for g in groups for r in g.rollouts], split="eval")
     run.store.log_metrics(run.run_id, at_step, {f"eval/{k}": v for k, v in metrics.items()})
     run.reporter.log(at_step, {f"eval/{k}": v for k, v in metrics.items()})
