@@ -100,13 +100,22 @@ def _is_coroutine(fn) -> bool:
 
 
 def _bytes(tensors) -> int:
+    import torch
+
     seen, total = set(), 0
     for t in tensors:
-        key = t.untyped_storage().data_ptr()
+        key = _storage(t)
         if key not in seen:
             seen.add(key)
-            total += t.untyped_storage().nbytes()
+            total += t.untyped_storage().nbytes() if t.layout == torch.strided else t.numel() * t.element_size()
     return total
+
+
+def _storage(t) -> int:
+    """Where a tensor's memory is: its storage, or itself for an opaque (oneDNN-packed) one."""
+    import torch
+
+    return t.untyped_storage().data_ptr() if t.layout == torch.strided else id(t)
 
 
 def _module_tensors(model):
@@ -171,9 +180,9 @@ def main() -> None:
     policy, eng = held["policy"], held["engine"]
     policy_bytes = _bytes(_module_tensors(policy.model))
     eng_model = getattr(eng, "model", None)
-    own = set(t.untyped_storage().data_ptr() for t in _module_tensors(policy.model))
-    engine_bytes = _bytes(t for t in _module_tensors(eng_model) if t.untyped_storage().data_ptr() not in own) \
-        if eng_model is not None else 0
+    own = {_storage(t) for t in _module_tensors(policy.model)}
+    engine_bytes = 0 if eng_model is None else _bytes(
+        t for t in _module_tensors(eng_model) if _storage(t) not in own)
     c = policy.base_model.config
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
     print(f"\n{args.task}: {args.steps} steps in {wall:.0f} s, torch threads {torch.get_num_threads()}, "
