@@ -110,3 +110,40 @@ def test_gpu_and_non_sdpa_models_are_left_alone():
     model.set_attn_implementation("eager")
     assert not attention.use_fast_attention(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_bf16_training_saves_only_bf16_probabilities_and_keeps_the_softmax_gradient():
+    # the bf16 backward uses the bf16 probabilities the forward's p @ v used: its gradient equals
+    # torch's float32-softmax backward within bf16's rounding of p (2^-8 relative), and the
+    # scores' saved tensors shrink from float32 + bf16 (6 bytes per score) to bf16 alone
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(2, 3, 2, 40, 40, generator=g) * 3).requires_grad_(True)
+    grad = torch.randn(2, 3, 2, 40, 40, generator=g).bfloat16()
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mine = attention._SoftmaxAs.apply(scores, torch.bfloat16)
+    ref = torch.softmax(scores, dim=-1).to(torch.bfloat16)
+    assert torch.equal(mine, ref)  # the forward is unchanged
+    (g_mine,) = torch.autograd.grad(mine, scores, grad)
+    (g_ref,) = torch.autograd.grad(ref, scores, grad)
+    torch.testing.assert_close(g_mine, g_ref, rtol=2 ** -7, atol=2 ** -7 * float(g_ref.abs().max()))
+    assert float((g_mine - g_ref).abs().max()) > 0  # a different (bf16) p, not the same computation
+    assert [t.dtype for t in saved] == [torch.bfloat16] and saved[0].numel() == scores.numel()
+
+
+def test_bf16_lora_style_training_through_the_model_matches_the_float32_softmax_path(pair, monkeypatch):
+    _, fast = pair
+    model = copy.deepcopy(fast).to(torch.bfloat16)
+    ids, attn, pos = _left_padded(3, 20, model.config.vocab_size, seed=4)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        (out.float().log_softmax(-1)[attn.bool()].max(-1).values.sum()).backward()
+        return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+
+    mine = grads()
+    monkeypatch.setattr(attention._SoftmaxAs, "apply", lambda s, dtype: torch.softmax(s, dim=-1).to(dtype))
+    ref = grads()
+    rel = float((mine - ref).norm() / ref.norm())
+    assert 0 < rel < 2e-2  # bf16 gradients: the two differ by bf16 rounding only

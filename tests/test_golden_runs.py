@@ -5,7 +5,17 @@ architecture refactor (issue 13) and guard it: a change that alters what a seede
 scores or trains on fails here. ``lora_bf16`` was re-recorded when shared-prefix training became the default
 (issue 18): in bf16 the shared prompt's gradient is summed in another order (2e-3 relative to the
 gradient, a tenth of bf16's own error against float32, measured), which changes later samples;
-with ``shared_prefix = false`` the run still matched the old recording. Four runs, each a few seconds on the tiny models:
+with ``shared_prefix = false`` the run still matched the old recording. Re-recorded again when the
+update's logprobs moved to the sampled positions only (``rlft.training.head``): the output head's
+gradient is rounded to bf16 at another point (after a float32 log-softmax backward instead of from
+bf16 logits), 3e-3 relative to the LoRA gradient against the old path, while both stay 4.2 % from
+float32 (measured on the tiny model); only ``sync/probe_logprob_diff`` at step 3 moved (8.6e-4 ->
+7.5e-4) beyond the 1e-5 comparison, samples did not change, and the float32 runs pass as recorded.
+Re-recorded a third time when bf16 training's attention softmax began to save only its bf16
+probabilities (``rlft.attention._SoftmaxAs``: the backward uses the bf16 p that the forward's
+p @ v used, not the float32 p): step 1's gradient norm moved by 1.6e-6 relative (0.13812071 ->
+0.13812049), and the samples from step 2 on changed, as any bf16 rounding change does on this
+random tiny model; the float32 runs do not take that path and pass as recorded. Four runs, each a few seconds on the tiny models:
 
 - ``fp32``: full finetune in float32 of the random tiny model, evals every 2 steps;
 - ``overlap``: the same with ``overlap = true`` (sampling one version behind);

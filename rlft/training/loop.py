@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from rlft import distributed
+from rlft.allocator import release_freed_memory
 from rlft.config import TrainConfig
 from rlft.errors import ValidationError
 from rlft.faults import kill_point
@@ -117,6 +118,7 @@ async def sample(run: Run, step: int) -> tuple[list[Group], float]:
     examples = distributed.shard(run.train_set.batch(step, cfg.batch_size, cfg.seed))
     groups = await run.rollouts.run_groups(examples, run.sampler_at(step, "train"), cfg.group_size,
                                            max_concurrency=cfg.max_concurrency)
+    release_freed_memory()  # the KV caches' heap back to the OS before the update (rlft.allocator)
     return groups, time.perf_counter() - t0
 
 
@@ -175,6 +177,7 @@ def update(run: Run, groups: list[Group], step: int, *, in_thread: bool) -> dict
             out = policy_update(run.policy, groups, settings, run.optimizer, model=run.train_model,
                                 policy_version=step if run.cfg.overlap else None)
             run.scheduler.step()
+        release_freed_memory()  # the activations' heap back to the OS: sampling does not need it (rlft.allocator)
         return out
 
     return run.wait(asyncio.to_thread(step_once)) if in_thread else step_once()
@@ -222,6 +225,7 @@ def evaluate(run: Run, at_step: int) -> dict[str, float] | None:
     metrics, groups = run.wait(run_eval(run.env, examples, run.sampler_at(at_step, "eval"), k=cfg.eval_k,
                                         temperature=cfg.eval_temperature, success_threshold=cfg.success_threshold,
                                         max_concurrency=cfg.max_concurrency))
+    release_freed_memory()
     run.store.add_rollouts(run.run_id, at_step, [r for g in groups for r in g.rollouts], split="eval")
     run.store.log_metrics(run.run_id, at_step, {f"eval/{k}": v for k, v in metrics.items()})
     run.reporter.log(at_step, {f"eval/{k}": v for k, v in metrics.items()})

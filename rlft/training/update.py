@@ -25,6 +25,7 @@ import torch
 
 from rlft import distributed
 from rlft.training import grpo, prefix
+from rlft.training.logprobs import PlainInputs, completion_logits, forward_logprobs
 from rlft.types import Group, Rollout
 
 
@@ -71,7 +72,7 @@ class UpdateConfig:
 
     loss: grpo.LossConfig
     epochs: int = 1  # optimizer steps per batch (ratios vs the first pass's logprobs)
-    micro_batch_tokens: int = 4096  # padded tokens per forward/backward
+    micro_batch_tokens: int = 1024  # padded tokens per forward/backward
     max_grad_norm: float = 1.0  # 0 = no clipping
     bf16: bool = False  # forward passes under bf16 autocast (training_precision)
     filter_truncated: bool = False  # DAPO overlong filtering: truncated rollouts get no loss
@@ -122,22 +123,12 @@ def _plan(items: list[_Item], budget: int, shared: bool) -> list[_Micro]:
     return out
 
 
-@dataclass(frozen=True)
-class _Plain:
-    """Plain rows' model inputs: one left-padded sequence per row."""
-
-    ids_BL: torch.Tensor
-    attn_BL: torch.Tensor
-    pos_BL: torch.Tensor
-    tokens_BC: torch.Tensor  # the completion window's tokens
-
-
 def _inputs(mb: _Micro, pad_id: int, additive_mask: bool):
-    """The model inputs (``_Plain`` or ``prefix.PackedInputs``) and the completion window's
+    """The model inputs (``PlainInputs`` or ``prefix.PackedInputs``) and the completion window's
     mask (N, C), sampler logprobs (N, C) and advantages (N,), one row of those per sequence."""
     ids, attn, pos, tokens, mask, sampler_logp, adv = _tensors(mb.items, pad_id)
     if mb.rows is None:
-        return _Plain(ids, attn, pos, tokens), mask, sampler_logp, adv
+        return PlainInputs(ids, attn, pos, tokens), mask, sampler_logp, adv
     seqs = [it.rollout.prompt_ids + it.rollout.completion_ids for it in mb.items]
     packed = prefix.pack(mb.rows, seqs, [len(it.rollout.prompt_ids) for it in mb.items], tokens.shape[1], pad_id,
                          additive=additive_mask)
@@ -146,24 +137,6 @@ def _inputs(mb: _Micro, pad_id: int, additive_mask: bool):
 
 def _to(inputs, dev):
     return type(inputs)(**{f.name: getattr(inputs, f.name).to(dev) for f in fields(inputs)})
-
-
-def forward_logprobs(model: Any, inputs, temperature: float, *, entropy: bool = False):
-    """Each sequence's completion-window logprobs (N, C) under ``model`` and, with ``entropy``,
-    the entropies there (no gradient), from plain rows or packed ones."""
-    if isinstance(inputs, prefix.PackedInputs):
-        logits = model(input_ids=inputs.ids_BL, attention_mask=inputs.mask_B1LL, position_ids=inputs.pos_BL,
-                       logits_to_keep=inputs.keep_W, use_cache=False).logits  # (B, W, V)
-        targets = inputs.targets_BW
-    else:
-        logits = completion_logits(model, inputs.ids_BL, inputs.attn_BL, inputs.pos_BL, inputs.tokens_BC.shape[1])
-        targets = inputs.tokens_BC
-    logp = grpo.token_logprobs(logits, targets, temperature)
-    ent = grpo.entropy_from_logits(logits.detach(), temperature) if entropy else None
-    if isinstance(inputs, prefix.PackedInputs):  # row positions -> each sequence's window (N, C)
-        logp = logp.reshape(-1)[inputs.gather_NC]
-        ent = ent.reshape(-1)[inputs.gather_NC] if ent is not None else None
-    return logp, ent
 
 
 def _tensors(mb: list[_Item], pad_id: int):
@@ -187,17 +160,6 @@ def _tensors(mb: list[_Item], pad_id: int):
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     adv = torch.tensor([it.rollout.advantage for it in mb], dtype=torch.float32)
     return ids, attn, pos, ids[:, L - C:], mask, sampler_logp, adv
-
-
-def completion_logits(model: Any, ids, attn, pos, C: int):
-    """Logits (B, C, V) predicting the last C tokens of each left-padded row."""
-    L = ids.shape[1]
-    # positions as an index tensor, not an int: an int slices the hidden states into a strided
-    # view, and the output head over a strided (B, C, H) input made torch expand and copy the
-    # (V, H) head weight once per row (2.8 s of a 13 s SmolLM2 LoRA forward+backward, measured)
-    keep = torch.arange(L - C - 1, L - 1, device=ids.device)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep, use_cache=False)
-    return out.logits
 
 
 def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer: torch.optim.Optimizer, *,
@@ -238,11 +200,11 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
             C = mask.shape[1]
             forwarded += inputs.ids_BL.numel()
             with training_precision(policy, bf16):
-                logp, ent = forward_logprobs(model, inputs, loss_cfg.temperature, entropy=epoch == 0)  # (B, C)
+                logp, ent = forward_logprobs(model, inputs, loss_cfg.temperature, mask, entropy=epoch == 0)  # (B, C)
             if epoch == 0:
                 first.record(mb.items, ent, logp, mask, sampler_logp)
                 if loss_cfg.beta > 0:
-                    _reference_logprobs(policy, mb.items, inputs, loss_cfg.temperature, bf16)
+                    _reference_logprobs(policy, mb.items, inputs, mask, loss_cfg.temperature, bf16)
             old_logp = _window([it.old_logp for it in mb.items], C).to(dev)
             ref_logp = _window([it.ref_logp for it in mb.items], C).to(dev) if loss_cfg.beta > 0 else None
             is_w = grpo.tis_weights(old_logp, sampler_logp, loss_cfg.tis_cap) if loss_cfg.tis_cap > 0 else None
@@ -325,10 +287,10 @@ class _FirstPass:
 
 
 @torch.no_grad()
-def _reference_logprobs(policy: Any, mb: list[_Item], inputs, temperature: float, bf16: bool) -> None:
+def _reference_logprobs(policy: Any, mb: list[_Item], inputs, mask_NC, temperature: float, bf16: bool) -> None:
     """Each sequence's reference-model logprobs (the KL term's), set on its item."""
     with policy.reference() as ref, training_precision(policy, bf16):
-        ref_lp, _ = forward_logprobs(ref, inputs, temperature)
+        ref_lp, _ = forward_logprobs(ref, inputs, temperature, mask_NC)
     C = ref_lp.shape[1]
     for b, it in enumerate(mb):
         it.ref_logp = ref_lp[b, C - len(it.rollout.completion_ids):]

@@ -1,0 +1,82 @@
+"""Logprobs at sampled positions only (rlft.training.head) give the full-window path's results.
+
+``policy_update`` runs twice on the same batch of the tiny float32 model: once through
+``forward_logprobs``' default path (the decoder's final states gathered at the sampled positions,
+the output head and log-softmax over them in chunks, recomputed in the backward) and once through
+the model's own logits over the whole completion window (``_window_logprobs``, the path before
+this change, forced by making ``head.supported`` say no). Metrics, loss and every trainable
+gradient must agree within float32 tolerance (rtol 1e-5, atol 1e-6: the same sums in another
+order), for plain and shared-prefix rows, LoRA and full finetunes (a full finetune trains the
+tied output head through the chunks), multi-turn masks, a sampling temperature, KL and epochs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from rlft.training import head  # noqa: E402
+from tests.test_shared_prefix import ATOL, RTOL, _groups, _update  # noqa: E402
+from tests.test_shared_prefix import policies as policies  # noqa: E402  (the module fixture)
+
+KEYS = ("loss/policy", "loss/kl", "policy/entropy", "policy/clip_ratio", "sync/logprob_diff_mean",
+        "sync/logprob_diff_max", "batch/trained_sequences", "batch/forward_tokens")
+
+
+def _assert_same_as_window(monkeypatch, policy, groups, shared: str, **kw):
+    sampled, g_sampled = _update(policy, groups, shared, **dict(kw))
+    with monkeypatch.context() as m:
+        m.setattr(head, "supported", lambda config: False)
+        window, g_window = _update(policy, groups, shared, **kw)
+    for k in KEYS:
+        assert sampled[k] == pytest.approx(window[k], rel=RTOL, abs=ATOL), k
+    assert any(float(g.abs().max()) > 0 for g in g_window)
+    for a, b in zip(g_window, g_sampled, strict=True):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("shared", ["false", "true"])
+def test_sampled_positions_give_the_window_loss_and_gradients(policies, one_thread, monkeypatch, kind, shared):
+    policy = policies[kind]
+    groups = _groups(policy.tokenizer, tools=True, tool_turns=2, seed=1)  # mask-0 tool results in the completions
+    _assert_same_as_window(monkeypatch, policy, groups, shared=shared)
+
+
+@pytest.mark.parametrize("shared", ["false", "true"])
+def test_many_chunks_a_temperature_kl_and_epochs_give_the_window_loss_and_gradients(
+        policies, one_thread, monkeypatch, shared):
+    monkeypatch.setattr(head, "CHUNK_TOKENS", 7)  # several chunks per micro-batch: the recomputed backward
+    policy = policies["lora"]
+    groups = _groups(policy.tokenizer, tool_turns=1, seed=4)
+    _assert_same_as_window(monkeypatch, policy, groups, shared=shared, epochs=2,
+                           loss={"beta": 0.1, "temperature": 0.7, "loss_agg": "seq_mean_token_mean"})
+
+
+def test_the_full_finetune_trains_the_tied_head_through_recomputed_chunks(policies, one_thread, monkeypatch):
+    monkeypatch.setattr(head, "CHUNK_TOKENS", 5)
+    policy = policies["full"]
+    _assert_same_as_window(monkeypatch, policy, _groups(policy.tokenizer, seed=6), shared="true")
+
+
+def test_chunks_give_log_softmax_and_entropy_and_keep_no_vocabulary_wide_tensor_of_all_positions():
+    gen = torch.Generator().manual_seed(0)
+    N, H, V, chunk = 50, 8, 97, 16
+    lin = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(V, H, generator=gen))
+    h = torch.randn(N, H, generator=gen, requires_grad=True)
+    t = torch.randint(0, V, (N,), generator=gen)
+    w = torch.randn(N, generator=gen)
+    sizes: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: sizes.append(x.numel()) or x, lambda x: x):
+        logp, ent = head.sampled_logprobs(lin, h, t, 0.8, entropy=True, chunk_tokens=chunk)
+        (logp * w).sum().backward()
+    ref_all = torch.log_softmax(lin(h.detach()) / 0.8, -1)
+    torch.testing.assert_close(logp, ref_all.gather(-1, t[:, None]).squeeze(-1))
+    torch.testing.assert_close(ent, -(ref_all.exp() * ref_all).sum(-1))
+    h2 = h.detach().clone().requires_grad_(True)
+    (torch.log_softmax(lin(h2) / 0.8, -1).gather(-1, t[:, None]).squeeze(-1) * w).sum().backward()
+    torch.testing.assert_close(h.grad, h2.grad)
+    assert max(sizes) <= chunk * V  # one chunk's logits at most, never (N, V)
