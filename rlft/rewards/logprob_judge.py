@@ -39,6 +39,9 @@ others (G(G-1) calls per group). ``judge/position_bias_<name>`` records the bias
 
 Left out: multi-token verdicts, logit bias to force the verdict tokens, chain-of-thought before the
 verdict (a reasoning judge belongs to JSON mode: ``Judge``).
+
+Why one module: both judges and the pairwise reward share the verdict-token matching and the
+probability-weighted scoring; only where the next-token distribution comes from differs.
 """
 
 from __future__ import annotations
