@@ -53,8 +53,18 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
 }
 
 
+class FlatConfig:
+    """What a flat config dataclass (TrainConfig, rlft.sft's SFTConfig) shares: dict and TOML forms."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(to_toml(self.to_dict()))
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(FlatConfig):
     # -- model ---------------------------------------------------------------------------
     model: str = "smollm2"  # HF id, local dir, a .gguf file, or "smollm2" (the bundled SmolLM2-135M-Instruct)
     dtype: str = "bfloat16"  # frozen weights and compute: bfloat16 | float32 | float16 | auto
@@ -192,11 +202,6 @@ class TrainConfig:
                 raise ConfigError(f"{k} must be at least 1, got {getattr(out, k)}")
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(to_toml(self.to_dict()))
 
 
 class ConfigError(UserError, ValueError):

@@ -33,12 +33,7 @@ BASE = dict(seed=0, lora=False, dtype="float32", batch_size=4, group_size=4, max
 SYSTEM = "Reply with the largest number."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread per module
 
 
 @pytest.fixture(scope="module")

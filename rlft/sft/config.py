@@ -14,11 +14,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from rlft.config import ConfigError, coerce_value, read_values, relative_to_file, to_toml, unknown_key
+from rlft.config import ConfigError, FlatConfig, coerce_value, read_values, relative_to_file, unknown_key
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(FlatConfig):
     # -- model (as in TrainConfig) ---------------------------------------------------------
     model: str = "smollm2"  # HF id, local dir, a .gguf file, a checkpoint dir, or "smollm2"
     dtype: str = "bfloat16"  # frozen weights and compute: bfloat16 | float32 | float16 | auto
@@ -81,11 +81,6 @@ class SFTConfig:
             raise ConfigError(f"patience = {out.patience} needs eval_every > 0 (early stopping compares evals)")
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(to_toml(self.to_dict()))
 
 
 FIELDS = {f.name: f for f in fields(SFTConfig)}
