@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 __all__ = ["keep_freed_memory", "release_freed_memory"]
@@ -28,18 +29,26 @@ _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc refuses larger values on 64-bit 
 _done: bool | None = None
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, loaded once: ``find_library`` runs a subprocess, too slow for every training phase."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Tune glibc malloc (see the module docstring); True when it applied. Idempotent."""
     global _done
     if _done is not None:
         return _done
     _done = False
-    if not sys.platform.startswith("linux"):
-        return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc without mallopt
+        mallopt = _libc().mallopt
+    except AttributeError:  # no glibc (None), or a libc without mallopt (musl)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
@@ -51,11 +60,9 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Return the free memory of every glibc malloc arena to the OS (``malloc_trim(0)``); True
     when glibc did. For phase boundaries only: the next phase page-faults its memory in again."""
-    if not sys.platform.startswith("linux"):
-        return False
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+        trim = _libc().malloc_trim
+    except AttributeError:  # no glibc (None), or a libc without malloc_trim
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim(0) == 1
