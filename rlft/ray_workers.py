@@ -123,11 +123,19 @@ class RolloutWorker:
     """One Ray actor (async: its groups run concurrently on one event loop): the environment,
     imported from ``env_spec``, and its own engine."""
 
-    def __init__(self, env_spec: str, engine_spec: EngineSpec, index: int = 0, max_concurrency: int = 256):
+    def __init__(self, env_spec: str, engine_spec: EngineSpec, index: int = 0, max_concurrency: int = 256,
+                 unconfined: bool = False):
         from rlft.loader import load_environment
+        from rlft.rewards.confinement import environment_isolation
+        from rlft.rewards.sandbox import set_unconfined
 
         self.index = index
-        self.env = load_environment(env_spec)[0]
+        self.env, module, _ = load_environment(env_spec)
+        # The trainer's `sandbox_unconfined` holds in this process too, and the isolation is this
+        # node's own: a worker on a host without namespaces refuses untrusted code here, at start.
+        set_unconfined(unconfined)
+        iso = environment_isolation(self.env, module)
+        self.isolation = iso.line() if iso is not None else ""
         self.engine, self.renderer = build_engine(engine_spec)
         self.max_concurrency = max(1, int(max_concurrency))
         self._sem: asyncio.Semaphore | None = None
@@ -138,7 +146,8 @@ class RolloutWorker:
         import ray
 
         ctx = ray.get_runtime_context()
-        return {"index": self.index, "pid": os.getpid(), "node": ctx.get_node_id(), "actor": ctx.get_actor_id()}
+        return {"index": self.index, "pid": os.getpid(), "node": ctx.get_node_id(), "actor": ctx.get_actor_id(),
+                "isolation": self.isolation}
 
     async def _open(self) -> None:
         if self._lock is None:
@@ -176,11 +185,14 @@ class RayRolloutPool:
     """``n_workers`` RolloutWorker actors. ``ray_address``: an existing cluster (``ray start
     --head``; ``"auto"`` finds the local one); empty = start (or reuse) a local Ray instance.
     ``max_concurrency``: rollouts in flight per worker. ``retries``: re-runs of a group whose
-    worker died. ``num_cpus``: CPUs each actor reserves."""
+    worker died. ``num_cpus``: CPUs each actor reserves. ``unconfined``: the trainer's
+    ``sandbox_unconfined``, applied in each actor (whose sandbox isolation is checked on its own
+    node: a refusal raises SandboxRefusedError here). ``runtime_env``: Ray's, for each actor (e.g.
+    ``{"env_vars": {...}}``)."""
 
     def __init__(self, env_spec: str, engine_spec: EngineSpec, n_workers: int, ray_address: str | None = None, *,
-                 max_concurrency: int = 256, retries: int = 1, num_cpus: float = 1.0,
-                 ray_init_kwargs: dict[str, Any] | None = None):
+                 max_concurrency: int = 256, retries: int = 1, num_cpus: float = 1.0, unconfined: bool = False,
+                 runtime_env: dict[str, Any] | None = None, ray_init_kwargs: dict[str, Any] | None = None):
         import ray
 
         if n_workers < 1:
@@ -201,16 +213,25 @@ class RayRolloutPool:
         self.max_concurrency = max_concurrency
         self.retries = max(0, int(retries))
         self.num_cpus = num_cpus
+        self.unconfined = unconfined
+        self.runtime_env = runtime_env
         self._actor_cls = ray.remote(RolloutWorker)
         self.actors: list[Any] = [self._spawn(i) for i in range(n_workers)]
-        self.info: list[dict[str, Any]] = ray.get([a.ready.remote() for a in self.actors])  # raises a failed import
+        try:
+            self.info: list[dict[str, Any]] = ray.get([a.ready.remote() for a in self.actors])  # raises a failed import
+        except ray.exceptions.RayError as e:
+            self.shutdown()
+            raise _user_error_from(e) from e
         self.restarts = 0
         self.failed_groups = 0
         self.retried_groups = 0
 
     def _spawn(self, index: int) -> Any:
-        return self._actor_cls.options(num_cpus=self.num_cpus, max_concurrency=max(1000, self.max_concurrency)).remote(
-            self.env_spec, self.engine_spec, index, self.max_concurrency)
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "max_concurrency": max(1000, self.max_concurrency)}
+        if self.runtime_env:
+            options["runtime_env"] = self.runtime_env
+        return self._actor_cls.options(**options).remote(self.env_spec, self.engine_spec, index,
+                                                         self.max_concurrency, self.unconfined)
 
     def describe(self, index: int) -> str:
         info = self.info[index] if index < len(self.info) else {}
@@ -270,6 +291,18 @@ class RayRolloutPool:
         self.actors = []
 
 
+def _user_error_from(error: Exception) -> Exception:
+    """An actor's constructor refused by the sandbox (Ray keeps only the text of what it raised):
+    that refusal, a user error with its reason; anything else unchanged."""
+    from rlft.rewards.sandbox import SandboxRefusedError
+
+    text = str(error)
+    if "SandboxRefusedError: " not in text:
+        return error
+    reason = text[text.rindex("SandboxRefusedError: "):].split(": ", 1)[1].strip().splitlines()[0]
+    return SandboxRefusedError(f"a Ray rollout worker: {reason}")
+
+
 def failed_group(example: dict[str, Any], example_id: int, group_size: int, policy_version: int, why: str) -> Group:
     """A group whose workers died: every rollout ends with ERROR and the worker named."""
     rollouts = [Rollout(example=example, example_id=example_id, group_index=g, policy_version=policy_version,
@@ -281,7 +314,8 @@ def failed_group(example: dict[str, Any], example_id: int, group_size: int, poli
 
 def rollout_pool(env_spec: str, workers: int, engine: TrainableEngine, *, tokenizer: str,
                  chat_template: str | None = None, tool_parser: str = "auto", tool_format: str = "auto",
-                 ray_address: str | None = None, max_concurrency: int = 256) -> RayRolloutPool:
+                 ray_address: str | None = None, max_concurrency: int = 256,
+                 unconfined: bool = False) -> RayRolloutPool:
     """The trainer's pool: ``workers`` actors, each importing the environment from ``env_spec`` and
     generating on the server of the trainer's ``engine``, which must be a RemoteEngine (the
     in-process engines cannot be shared with actors)."""
@@ -302,14 +336,16 @@ def rollout_pool(env_spec: str, workers: int, engine: TrainableEngine, *, tokeni
         import ray  # noqa: F401
     except ImportError as e:
         raise ImportError("rollout_workers > 0 needs Ray: pip install 'rlft[ray]' (or pip install ray)") from e
-    return RayRolloutPool(env_spec, spec, workers, ray_address or None, max_concurrency=max_concurrency)
+    return RayRolloutPool(env_spec, spec, workers, ray_address or None, max_concurrency=max_concurrency,
+                          unconfined=unconfined)
 
 
 def pool_from_config(cfg: TrainConfig, engine: TrainableEngine) -> RayRolloutPool:
     """:func:`rollout_pool` with a training config's values."""
     return rollout_pool(cfg.env, cfg.rollout_workers, engine, tokenizer=cfg.model,
                         chat_template=cfg.chat_template or None, tool_parser=cfg.tool_parser,
-                        tool_format=cfg.tool_format, ray_address=cfg.ray_address, max_concurrency=cfg.max_concurrency)
+                        tool_format=cfg.tool_format, ray_address=cfg.ray_address, max_concurrency=cfg.max_concurrency,
+                        unconfined=cfg.sandbox_unconfined)
 
 
 __all__ = ["RayRolloutPool", "RolloutWorker", "WorkerEngine", "remote_engine", "engine_spec_for", "rollout_pool",

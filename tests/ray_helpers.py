@@ -64,3 +64,4 @@ def scripted():
 
     renderer = Renderer(build_tiny_tokenizer())
     return ScriptedPolicy(renderer, script), renderer
+

@@ -205,3 +205,24 @@ def test_remote_engine_factory_builds_from_plain_values(tmp_path):
     engine, renderer = build_engine(spec)
     assert engine.base_url == "http://127.0.0.1:9" and engine.adapter_name(3) == "m@r@v3" and engine.stop_token_ids == [0]
     assert renderer.render_prompt([{"role": "user", "content": "hi"}])
+
+
+NO_NAMESPACES = {"env_vars": {"RLFT_SANDBOX_NO_NAMESPACES": "1"}}  # each actor's sandbox: rlimits only
+
+
+@needs_ray
+def test_a_worker_without_namespaces_refuses_untrusted_code_unless_the_run_opted_in(local_ray):
+    from rlft.ray_workers import RayRolloutPool
+    from rlft.rewards.sandbox import SandboxRefusedError
+
+    spec = f"{HELPERS.with_name('ray_sandbox_helpers.py')}:env"
+    with pytest.raises(SandboxRefusedError, match=r"Ray rollout worker.*sandbox_unconfined = true"):
+        RayRolloutPool(spec, ENGINE_SPEC, 1, num_cpus=0.5, runtime_env=NO_NAMESPACES)
+
+    pool = RayRolloutPool(spec, ENGINE_SPEC, 1, num_cpus=0.5, runtime_env=NO_NAMESPACES, unconfined=True)
+    try:
+        assert pool.info[0]["isolation"].startswith("sandbox isolation: rlimits-only")
+        got = asyncio.run(pool.run_groups(examples()[:2], sampler(), 2))
+        assert [ro.rewards["ran_in_sandbox"] for g in got for ro in g.rollouts] == [1.0] * 4  # the code ran
+    finally:
+        pool.shutdown()
