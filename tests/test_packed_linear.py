@@ -58,7 +58,7 @@ def test_packed_forward_falls_back_to_the_weight_when_gradients_are_needed():
 
 def test_engine_with_its_own_copy_packs_and_samples_exactly_what_the_plain_engine_samples(tiny_bf16):
     model, tok = tiny_bf16
-    packed = HFEngine(model, tok, seed=0, inline=True, copy_weights=True)
+    packed = HFEngine(model, tok, seed=0, inline=True, copy_weights=True, fast_forward=False)
     shared = HFEngine(model, tok, seed=0, inline=True)
     try:
         assert packed.prepacked and is_packed(packed.model)
@@ -74,7 +74,7 @@ def test_engine_with_its_own_copy_packs_and_samples_exactly_what_the_plain_engin
 def test_sync_weights_repacks_so_the_engine_follows_new_weights(tiny_bf16):
     model, tok = tiny_bf16
     source = copy.deepcopy(model)
-    engine = HFEngine(source, tok, seed=0, inline=True, copy_weights=True)
+    engine = HFEngine(source, tok, seed=0, inline=True, copy_weights=True, fast_forward=False)
     try:
         before = _sample(engine, tok)
         with torch.no_grad():  # an "optimizer step" that moves every projection

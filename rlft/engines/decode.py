@@ -53,6 +53,8 @@ class BatchedDecode:
     and ``_sample_of``."""
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        if self.fast_forward is not None:  # HFEngine's lean forward of its own copy (rlft.engines.fast_forward)
+            return self.fast_forward(ids, mask, pos, cache)
         kw: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
         if self._logits_kw == "logits_to_keep":
             # an index, not the int 1: the int slices a strided view, and the head over it made

@@ -56,6 +56,8 @@ from rlft.attention import use_fast_attention
 from rlft.engines.base import Sample, SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.constrained import Grammars, check_grammar
 from rlft.engines.decode import BatchedDecode
+from rlft.engines.fast_forward import FastForward
+from rlft.engines.fast_forward import supports as supports_fast_forward
 from rlft.engines.kv_cache import HFCache
 from rlft.engines.lora_merge import MergedCopy, is_lora_model
 from rlft.engines.packed_linear import can_pack, pack_linears, repack_linears
@@ -93,6 +95,10 @@ class HFEngine(Scheduler, BatchedDecode):
     by :meth:`sync_weights`). ``prepack``: when the engine has its own copy, on the CPU in bf16,
     its linear layers run on weights pre-packed for oneDNN (:mod:`rlft.engines.packed_linear`:
     bit-identical, ~20 % faster decoding on SmolLM2), re-packed by :meth:`sync_weights`.
+    ``fast_forward``: when the engine has its own copy of a Llama-family model on the CPU, prefill
+    and decode run through :class:`rlft.engines.fast_forward.FastForward` (no transformers module
+    dispatch, fused q/k/v and gate/up matmuls; bit-identical logits) instead of the model's
+    modules; its fused weights are rebuilt by :meth:`sync_weights`.
 
     Threads: by default a worker thread runs the model, so the event loop stays responsive. On a
     CPU that costs more than it saves when the same process also trains: each thread that runs
@@ -126,6 +132,7 @@ class HFEngine(Scheduler, BatchedDecode):
         inline: bool = False,
         merge_lora: bool = False,
         copy_weights: bool = False,
+        fast_forward: bool = True,
         prepack: bool = True,
     ):
         if tokenizer is None and hasattr(model, "tokenizer") and hasattr(model, "model"):
@@ -154,7 +161,12 @@ class HFEngine(Scheduler, BatchedDecode):
         # an own copy on the CPU in bf16: linear weights pre-packed for oneDNN (rlft.engines.packed_linear);
         # never a shared model's, whose packed copy would go stale under the trainer
         owns_copy = self.weight_format is WeightFormat.MODULE
-        self.prepacked = bool(prepack and owns_copy and can_pack(self.model) and pack_linears(self.model))
+        # an own copy of a Llama-family model on the CPU: a lean forward over fused, packed weights
+        # (rlft.engines.fast_forward), which then replaces the modules' packed copies
+        self.fast_forward = FastForward(self.model, pack=prepack) if (
+            fast_forward and owns_copy and supports_fast_forward(self.model)) else None
+        self.prepacked = bool(prepack and owns_copy and self.fast_forward is None and can_pack(self.model)
+                              and pack_linears(self.model))
         if self.device.type == "cpu":
             keep_freed_memory()  # sampling allocates ~12 MiB per step: no page faults each time (rlft.allocator)
         self.dtype = _param(self.model).dtype
@@ -270,6 +282,8 @@ class HFEngine(Scheduler, BatchedDecode):
 
                 src = update.model if update.model is not None else self.source_model
                 self.model.load_state_dict(full_state_dict(src))
+            if self.fast_forward is not None:  # its fused weights, from the new ones
+                self.fast_forward.refresh()
             if self.prepacked:  # only an own copy is packed: its new weights, packed again
                 repack_linears(self.model)
             self.policy_version = int(update.version)

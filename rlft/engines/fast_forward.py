@@ -1,0 +1,183 @@
+"""A lean forward pass over the engine's own copy of a Llama-family model (CPU).
+
+transformers runs a decode step through ~60 small ops and as many module calls per layer
+(masks, rotary, ``repeat``/``view`` bookkeeping, hooks); at SmolLM2's size (576 wide, 30 layers,
+batch 64) that dispatch was ~1/6 of a step. :class:`FastForward` computes the same function with
+what a decode step needs and no module dispatch, from weights it keeps itself:
+
+- one matmul for ``[q; k; v]`` and one for ``[gate; up]`` per layer (the weights concatenated),
+  each pre-packed for oneDNN in bf16 (as :mod:`rlft.engines.packed_linear` does per module);
+- rotary applied to q and k together, in place, as ``x * cos + swap_halves(x) * signed_sin``
+  (``rotate_half(x) * sin`` rounds the same products: negation is exact);
+- RMSNorm, residual adds and ``silu(gate) * up`` with HF's roundings, in place where the
+  tensor is this function's own;
+- attention through :func:`rlft.attention.rlft_attention` over the engine's KV cache, the same
+  function and mask the model's own modules use.
+
+Every op that rounds is the one transformers runs, in the same dtype and order, so the logits
+are the model's bit for bit wherever oneDNN computes a column of a concatenated weight as it
+does the column alone (measured on this CPU for bf16 and float32: ``tests/test_fast_forward.py``
+checks it). Prefill and decode steps both run here; ``logits`` only for the last position.
+
+Supported (:func:`supports`): ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``
+(q/k/v biases) and ``Qwen3ForCausalLM`` (per-head q/k norms) on the CPU, with full attention in
+every layer, SiLU MLPs, the ``rlft`` attention (``rlft.attention.use_fast_attention``) and the
+engine's KV cache. Anything else (sliding windows, soft-capping, other activations, a shared
+model that trains underneath, CUDA) keeps the model's own forward.
+Left out: weights that change without :meth:`FastForward.refresh` (the engine calls it after each
+sync), training (no autograd), returning hidden states or attention weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlft.attention import NAME as RLFT_ATTENTION
+from rlft.attention import rlft_attention
+from rlft.engines.packed_linear import can_pack
+
+__all__ = ["FastForward", "supports"]
+
+_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+_ROWS_HINT = 64  # the batch size oneDNN picks its blocking for (as rlft.engines.packed_linear)
+
+
+def supports(model: Any) -> bool:
+    """True when :class:`FastForward` computes exactly what ``model``'s own forward does."""
+    if type(model).__name__ not in _ARCHITECTURES:
+        return False
+    config = model.config
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return False
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    return (device.type == "cpu" and getattr(config, "_attn_implementation", None) == RLFT_ATTENTION
+            and config.hidden_act == "silu" and not getattr(config, "mlp_bias", False)
+            and getattr(config, "pretraining_tp", 1) == 1
+            and all(t == "full_attention" for t in layer_types) and not sliding)
+
+
+@dataclass
+class _Weights:
+    """One decoder layer's weights: concatenated, packed for oneDNN when bf16."""
+
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head's dimensions, before rotary
+    k_norm: torch.Tensor | None
+
+
+class FastForward:
+    """``forward(ids, mask, pos, cache)``: the model's last-position logits ``[B, V]``, updating
+    ``cache`` (an ``EngineCache``) as the model's own forward would. Call :meth:`refresh` after
+    the model's weights change."""
+
+    def __init__(self, model: Any, *, pack: bool = True):
+        if not supports(model):
+            raise ValueError(f"FastForward does not support {type(model).__name__} with this config")
+        self.model = model
+        config = model.config
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.intermediate = int(config.intermediate_size)
+        self.eps = float(config.rms_norm_eps)
+        self.dtype = next(model.parameters()).dtype
+        self.packed = pack and can_pack(model)
+        self.layers: list[_Weights] = []
+        self.head: torch.Tensor | None = None
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """(Re)build the concatenated and packed weights from the model's current ones."""
+        layers = []
+        for layer in self.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+            layers.append(_Weights(
+                qkv=self._pack(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+                qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+                o=self._pack(attn.o_proj.weight),
+                gate_up=self._pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                down=self._pack(mlp.down_proj.weight),
+                norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
+                q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
+                k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
+            ))
+        self.layers = layers
+        self.head = self._pack(self.model.lm_head.weight)
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach()
+        return torch.ops.mkldnn._reorder_linear_weight(w, batch_size=_ROWS_HINT) if self.packed else w.contiguous()
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+        return F.linear(x, w, bias)
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # LlamaRMSNorm's roundings: normalise in float32, round to the input dtype, then scale
+        xf = x.to(torch.float32, copy=True)
+        var = xf.pow(2).mean(-1, keepdim=True)
+        xf.mul_(torch.rsqrt(var.add_(self.eps)))
+        return weight * xf.to(x.dtype)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        """``ids``/``pos`` [B, q] (new tokens and their positions), ``mask`` [B, L] bool over the
+        cache's slots after this step (``L`` = cached + q; False = padding), ``cache`` the engine's
+        KV cache. Returns the last position's logits [B, V] in the model's dtype. No autograd: call
+        it under ``torch.inference_mode()`` (the engine's scheduler does)."""
+        B, q = ids.shape
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        base = self.model.model
+        h = F.embedding(ids, base.embed_tokens.weight)  # [B, q, hidden]
+        cos, sin = base.rotary_emb(h, pos)  # [B, q, D] in the model's dtype
+        cos = cos[:, :, None]
+        half = D // 2
+        # rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: the same products, negated exactly
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
+        attn_mask = _attention_mask(mask, q)
+        modules = base.layers
+        for i, w in enumerate(self.layers):
+            x = self._rms_norm(h, w.norm1)
+            qkv = self._linear(x, w.qkv, w.qkv_bias).view(B, q, H + 2 * KV, D)
+            qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
+            if w.q_norm is not None:  # Qwen3: norms over each head, then rotary
+                qk = torch.cat([self._rms_norm(qk[:, :, :H], w.q_norm), self._rms_norm(qk[:, :, H:], w.k_norm)], 2)
+            swapped = qk.view(B, q, H + KV, 2, half).flip(3).view(B, q, H + KV, D).mul_(sin)
+            qk = qk.mul_(cos).add_(swapped) if w.q_norm is None else qk.mul(cos).add_(swapped)
+            query = qk[:, :, :H].transpose(1, 2)  # [B, H, q, D]
+            key, value = cache.layers[i].update(qk[:, :, H:].transpose(1, 2), v.transpose(1, 2))
+            out, _ = rlft_attention(modules[i].self_attn, query, key, value, attn_mask,
+                                    scaling=modules[i].self_attn.scaling)
+            h = h.add_(self._linear(out.view(B, q, H * D), w.o))
+            x = self._rms_norm(h, w.norm2)
+            gate_up = self._linear(x, w.gate_up)
+            act = F.silu(gate_up[..., :self.intermediate]).mul_(gate_up[..., self.intermediate:])
+            h = h.add_(self._linear(act, w.down))
+        return self._linear(self._rms_norm(h[:, -1], base.norm.weight), self.head)
+
+    __call__ = forward
+
+
+def _attention_mask(mask: torch.Tensor, q: int) -> torch.Tensor:
+    """The sdpa-format boolean mask [B, 1, q, L] that transformers builds for the same call:
+    slot ``j`` is visible to the query in slot ``L - q + i`` when it is real and ``j <= L - q + i``."""
+    L = mask.shape[1]
+    if q == 1:
+        return mask[:, None, None, :]
+    causal = torch.ones(q, L, dtype=torch.bool, device=mask.device).tril(L - q)
+    return mask[:, None, None, :] & causal[None, None]

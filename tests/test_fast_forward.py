@@ -1,0 +1,146 @@
+"""The engine's lean forward (rlft.engines.fast_forward) computes the model's own logits, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlft.attention import use_fast_attention
+from rlft.engines.base import SamplingParams, WeightUpdate
+from rlft.engines.fast_forward import FastForward, supports
+from rlft.engines.hf import HFEngine
+from rlft.engines.kv_cache import EngineCache
+from rlft.engines.packed_linear import can_pack, pack_linears
+from rlft.testing.models import build_tiny_model
+from tests.test_hf_engine import PROMPTS, chat, gather
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _tiny(arch: str, dtype: torch.dtype):
+    """A tiny random model of ``arch`` with the tiny tokenizer, on rlft's attention."""
+    model, tok = build_tiny_model(seed=0)
+    if arch != "llama":
+        import transformers
+
+        cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+        config = cls[0](vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = cls[1](config)
+            with torch.no_grad():  # random biases and norm weights: zeros and ones would hide a wrong order
+                for name, p in model.named_parameters():
+                    if name.endswith("bias") or "norm" in name:
+                        p.add_(torch.randn_like(p) * 0.1)
+    model = model.to(dtype).eval()
+    assert use_fast_attention(model)
+    return model, tok
+
+
+def _hf(model):
+    """The model's own forward, as the engine calls it, on a copy whose linears are packed as the
+    engine packs its modules (bf16)."""
+    ref = copy.deepcopy(model)
+    if can_pack(ref):
+        pack_linears(ref)
+
+    def forward(ids, mask, pos, cache):
+        out = ref(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                  logits_to_keep=torch.tensor([ids.shape[1] - 1]))
+        return out.logits[:, -1]
+
+    return forward
+
+
+def _decode(model, forward, steps=5):
+    """A left-padded prefill of 5 rows (one with 3 padding slots, one with 1), then greedy steps."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (5, 9), generator=gen)
+    mask = torch.ones(5, 9, dtype=torch.bool)
+    mask[0, :3] = False
+    mask[2, :1] = False
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = EngineCache(model.config.num_hidden_layers)
+    with torch.inference_mode():
+        logits = [forward(ids, mask, pos, cache)]
+        last = pos[:, -1:]
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones(5, 1, dtype=torch.bool)], 1)
+            last = last + 1
+            logits.append(forward(logits[-1].float().argmax(-1, keepdim=True), mask, last, cache))
+    return logits
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_fast_forward_gives_the_models_logits_bit_for_bit_in_prefill_and_decode(arch, dtype):
+    model, _ = _tiny(arch, dtype)
+    assert supports(model)
+    expected = _decode(model, _hf(model))
+    got = _decode(model, FastForward(model))
+    for step, (a, b) in enumerate(zip(expected, got)):
+        assert a.dtype == b.dtype == dtype
+        assert torch.equal(a, b), (step, (a.float() - b.float()).abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_engine_with_fast_forward_samples_exactly_what_the_module_engine_samples(dtype):
+    model, tok = _tiny("llama", dtype)
+    fast = HFEngine(model, tok, seed=0, inline=True, copy_weights=True)
+    modules = HFEngine(model, tok, seed=0, inline=True, copy_weights=True, fast_forward=False)
+    prompts = [chat(tok, f"{PROMPTS[i % len(PROMPTS)]} {i}") for i in range(6)] + [chat(tok, PROMPTS[0])] * 2
+    params = [SamplingParams(temperature=1.0, max_new_tokens=10, seed=100 + i) for i in range(len(prompts))]
+    try:
+        assert fast.fast_forward is not None and modules.fast_forward is None
+        assert not fast.prepacked  # the fused weights replace the modules' packed copies
+        a, b = gather(fast, prompts, params), gather(modules, prompts, params)
+    finally:
+        fast.close()
+        modules.close()
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+    assert [s.logprobs for s in a] == [s.logprobs for s in b]
+
+
+def test_sync_weights_rebuilds_the_fused_weights():
+    model, tok = _tiny("llama", torch.bfloat16)
+    source = copy.deepcopy(model)
+    engine = HFEngine(source, tok, seed=0, inline=True, copy_weights=True)
+    prompts = [chat(tok, p) for p in PROMPTS]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=8, seed=7 + i) for i in range(len(prompts))]
+    try:
+        before = gather(engine, prompts, params)
+        with torch.no_grad():  # an "optimizer step" that moves every projection
+            for name, p in source.named_parameters():
+                if name.endswith("proj.weight"):
+                    p.add_(torch.randn_like(p) * 0.5)
+        engine.sync_weights(WeightUpdate(1))
+        after = gather(engine, prompts, params)
+        fresh = HFEngine(source, tok, seed=0, inline=True)  # the new weights, through the model's modules
+        try:
+            expected = gather(fresh, prompts, params)
+        finally:
+            fresh.close()
+    finally:
+        engine.close()
+    assert [s.logprobs for s in after] == [s.logprobs for s in expected]
+    assert [s.logprobs for s in after] != [s.logprobs for s in before]
+
+
+def test_only_an_own_copy_of_a_supported_model_takes_the_fast_forward():
+    model, tok = _tiny("llama", torch.float32)
+    shared = HFEngine(model, tok, seed=0)  # the trainer's module: its weights change under the engine
+    try:
+        assert shared.fast_forward is None
+    finally:
+        shared.close()
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")  # another attention than rlft's: the forward would differ
+    assert not supports(sdpa)
+    windowed = copy.deepcopy(model)
+    windowed.config.layer_types = ["sliding_attention"] * windowed.config.num_hidden_layers
+    assert not supports(windowed)
