@@ -21,8 +21,9 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 def _tiny(arch: str, dtype: torch.dtype):
     """A tiny random model of ``arch`` with the tiny tokenizer, on rlft's attention."""
-    model, tok = build_tiny_model(seed=0)
-    if arch != "llama":
+    # head_dim 16 (scale 1/4: decode attention folds it into its matmul); 8 (scale 8^-0.5: it cannot)
+    model, tok = build_tiny_model(seed=0, heads=8 if arch == "llama-head-dim-8" else 4)
+    if not arch.startswith("llama"):
         import transformers
 
         cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -77,7 +78,7 @@ def _decode(model, forward, steps=5):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-head-dim-8", "qwen2", "qwen3"])
 def test_fast_forward_gives_the_models_logits_bit_for_bit_in_prefill_and_decode(arch, dtype):
     model, _ = _tiny(arch, dtype)
     assert supports(model)

@@ -30,6 +30,7 @@ sync), training (no autograd), returning hidden states or attention weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,9 @@ class FastForward:
         self.intermediate = int(config.intermediate_size)
         self.eps = float(config.rms_norm_eps)
         self.dtype = next(model.parameters()).dtype
+        self.scale = float(model.model.layers[0].self_attn.scaling)
+        # decode attention folds the scale into its matmul, exact only for a power of two (head_dim 64: 1/8)
+        self.exact_scale = self.scale > 0 and math.frexp(self.scale)[0] == 0.5
         self.packed = pack and can_pack(model)
         self.layers: list[_Weights] = []
         self.head: torch.Tensor | None = None
@@ -150,6 +154,7 @@ class FastForward:
         # rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: the same products, negated exactly
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
         attn_mask = _attention_mask(mask, q)
+        biases: dict[int, torch.Tensor] = {}  # decode steps: the additive mask per buffer capacity
         modules = base.layers
         for i, w in enumerate(self.layers):
             x = self._rms_norm(h, w.norm1)
@@ -160,15 +165,36 @@ class FastForward:
             swapped = qk.view(B, q, H + KV, 2, half).flip(3).view(B, q, H + KV, D).mul_(sin)
             qk = qk.mul_(cos).add_(swapped) if w.q_norm is None else qk.mul(cos).add_(swapped)
             query = qk[:, :, :H].transpose(1, 2)  # [B, H, q, D]
-            key, value = cache.layers[i].update(qk[:, :, H:].transpose(1, 2), v.transpose(1, 2))
-            out, _ = rlft_attention(modules[i].self_attn, query, key, value, attn_mask,
-                                    scaling=modules[i].self_attn.scaling)
+            layer = cache.layers[i]
+            key, value = layer.update(qk[:, :, H:].transpose(1, 2), v.transpose(1, 2))
+            if q == 1 and self.exact_scale and layer.kbuf.is_contiguous() and layer.vbuf.is_contiguous():
+                out = self._decode_attention(query, layer.kbuf, layer.vbuf, mask, biases)
+            else:
+                out, _ = rlft_attention(modules[i].self_attn, query, key, value, attn_mask, scaling=self.scale)
             h = h.add_(self._linear(out.view(B, q, H * D), w.o))
             x = self._rms_norm(h, w.norm2)
             gate_up = self._linear(x, w.gate_up)
             act = F.silu(gate_up[..., :self.intermediate]).mul_(gate_up[..., self.intermediate:])
             h = h.add_(self._linear(act, w.down))
         return self._linear(self._rms_norm(h[:, -1], base.norm.weight), self.head)
+
+    def _decode_attention(self, query: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, mask: torch.Tensor,
+                          biases: dict[int, torch.Tensor]) -> torch.Tensor:
+        """One query per row over the cache's whole buffers ``[B, KV, cap, D]`` (slots not written
+        yet masked, as ``rlft.attention`` does): ``softmax(q k^T * scale + bias) v`` in three ops.
+        The same numbers as ``rlft_attention``: the scale is a power of two (exact in the matmul's
+        output), the masked scores' exponentials are 0 either way, and a bf16 softmax rounds the
+        float32 softmax once, as the cast after it did (checked by the tests)."""
+        B, KV, cap, D = kbuf.shape
+        G = self.heads // KV
+        bias = biases.get(cap)
+        if bias is None:
+            full = torch.full((B, cap), torch.finfo(kbuf.dtype).min, dtype=kbuf.dtype, device=kbuf.device)
+            full[:, :mask.shape[1]].masked_fill_(mask, 0.0)
+            bias = biases[cap] = full[:, None, None].expand(B, KV, G, cap).reshape(B * KV, G, cap)
+        scores = torch.baddbmm(bias, query.reshape(B * KV, G, D), kbuf.view(B * KV, cap, D).transpose(1, 2),
+                               alpha=self.scale)
+        return torch.bmm(torch.softmax(scores, dim=-1), vbuf.view(B * KV, cap, D))  # [B * KV, G, D]
 
     __call__ = forward
 

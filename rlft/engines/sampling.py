@@ -35,21 +35,30 @@ def sample_tokens(
     ``topk_cap`` most likely tokens and falls back to a full sort only when they do not hold
     ``top_p`` of the mass, so the common case avoids sorting the vocabulary.
     """
-    logits = logits.float()
     bsz, vocab = logits.shape
     greedy = temperature <= 0
-    temp = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits.dtype)
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     k_row = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
     truncate = ~greedy & ((k_row < vocab) | (top_p < 1.0))
     plain = ~greedy & ~truncate
     if bool(plain.all()):  # the common case (RL sampling at T, no truncation): no log_softmax
-        z = logits if bool((temp == 1).all()) else logits / temp[:, None]  # (B, V)
-        zmax = z.amax(dim=-1, keepdim=True)
-        weights = (z - zmax).exp_()  # unnormalised probabilities
+        # z = logits.float() / T, zmax and z - zmax in as few passes over (B, V) as give the same
+        # bits: the max of bf16 values is exact in float32, and a bf16 tensor minus (or divided by)
+        # a float32 one is computed in float32 (type promotion), like the cast copy it replaces
+        if bool((temp == 1).all()):
+            zmax = logits.amax(dim=-1, keepdim=True).float()
+            weights = torch.sub(logits, zmax)
+        else:
+            weights = torch.div(logits, temp[:, None])  # float32: z
+            zmax = weights.amax(dim=-1, keepdim=True)
+            weights.sub_(zmax)
+        weights.exp_()  # unnormalised probabilities
         inverse_cdf = _two_level_inverse_cdf if vocab >= 4 * _BLOCK else _inverse_cdf
         tokens, total = inverse_cdf(weights, uniform)  # total: the partition sum
-        return tokens, z.gather(1, tokens[:, None]).squeeze(1) - zmax.squeeze(1) - total.log()
+        z_tok = torch.div(logits.gather(1, tokens[:, None]).squeeze(1), temp)  # float32, as z at the token
+        return tokens, z_tok - zmax.squeeze(1) - total.log()
 
+    logits = logits.float()
     logp = torch.log_softmax(logits / temp[:, None], dim=-1)
 
     if bool(greedy.all()):
