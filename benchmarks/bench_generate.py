@@ -65,7 +65,11 @@ def bench_hf_generate(model, tokenizer, ids: list[list[int]], new: int) -> tuple
     return dt, int((out.shape[1] - width) * len(ids))
 
 
-def bench_engine(engine: HFEngine, ids: list[list[int]], new: int) -> tuple[float, int]:
+def bench_engine(engine: HFEngine, ids: list[list[int]], new: int, outputs: dict | None = None,
+                 name: str = "") -> tuple[float, int]:
+    """Time one batch through ``engine``. Unseeded requests, as the trainer sends: engines built with
+    the same seed and called in the same order draw the same uniforms, so two engines computing the
+    same logits sample the same tokens (``outputs[name]`` keeps them for that check)."""
     params = SamplingParams(temperature=1.0, max_new_tokens=new)
 
     async def run():
@@ -74,7 +78,69 @@ def bench_engine(engine: HFEngine, ids: list[list[int]], new: int) -> tuple[floa
     t0 = time.perf_counter()
     samples = asyncio.run(run())
     dt = time.perf_counter() - t0
+    if outputs is not None:
+        outputs[name] = [(s.tokens, s.logprobs) for s in samples]
     return dt, sum(len(s.tokens) for s in samples)
+
+
+# op name -> what it is, for --profile's breakdown of the engine's time
+_OP_GROUPS = [
+    ("linear layers (packed matmuls, incl. the output head)", ("_linear_pointwise", "aten::linear", "aten::addmm",
+                                                                "aten::mm")),
+    ("attention matmuls over the KV cache", ("aten::bmm", "aten::baddbmm", "aten::matmul")),
+    ("attention softmax", ("aten::_softmax", "aten::softmax")),
+    ("KV cache writes and other copies", ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::index",
+                                          "aten::cat", "aten::flip")),
+]
+
+
+def profile_engine(engine: HFEngine, ids: list[list[int]], new: int) -> None:
+    """One batch under ``torch.profiler``: self CPU time per decode step, grouped; the forward's and
+    the sampler's wall time per step measured around the engine's own calls (unprofiled run first)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    forward, sample = engine._forward, engine._sample
+    spent = {"forward": 0.0, "sample": 0.0}
+
+    def timed(key, fn, label):
+        def call(*a):
+            t0 = time.perf_counter()
+            with record_function(label):
+                out = fn(*a)
+            spent[key] += time.perf_counter() - t0
+            return out
+        return call
+
+    engine._forward, engine._sample = timed("forward", forward, "## forward"), timed("sample", sample, "## sample")
+    try:
+        steps0 = engine.stats.decode_steps
+        dt, n = bench_engine(engine, ids, new)
+        steps = engine.stats.decode_steps - steps0
+        print(f"# unprofiled run: {n / dt:.0f} tok/s, {dt:.2f} s; per decode step (prefill included): "
+              f"{dt / steps * 1e3:.1f} ms = forward {spent['forward'] / steps * 1e3:.1f} + sampling "
+              f"{spent['sample'] / steps * 1e3:.1f} + scheduling {(dt - sum(spent.values())) / steps * 1e3:.1f}")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            bench_engine(engine, ids, new)
+    finally:
+        engine._forward, engine._sample = forward, sample
+    events = prof.key_averages()
+    total = {e.key: e.self_cpu_time_total / 1e3 for e in events}  # ms
+    sampled = {e.key: e.cpu_time_total / 1e3 for e in events if e.key.startswith("## ")}
+    rows, seen = [], set()
+    for label, names in _OP_GROUPS:
+        keys = [k for k in total if any(k == n or k.endswith(n) for n in names) and k not in seen]
+        seen.update(keys)
+        rows.append((label, sum(total[k] for k in keys)))
+    # the sampler's own ops are inside "## sample": count them there, not in the groups above
+    sample_ms = sampled.get("## sample", 0.0)
+    all_ms = sum(total.values())
+    other = all_ms - sum(ms for _, ms in rows) - sample_ms
+    print(f"# profiled run, self CPU time per decode step ({steps} steps; the profiler slows small ops):")
+    for label, ms in rows + [("sampling (all its ops)", sample_ms), ("everything else: small per-layer ops "
+                                                                       "(norms, rotary, residuals, SiLU*mul), "
+                                                                       "Python", other)]:
+        print(f"#   {label:<75} {ms / steps:6.2f} ms  {100 * ms / all_ms:5.1f} %")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def main() -> None:
@@ -88,6 +154,10 @@ def main() -> None:
                     help="also time the engine with shared-prefix prefill turned off")
     ap.add_argument("--unpacked-row", action="store_true",
                     help="also time the engine sharing the model's modules (plain F.linear, no packed weights)")
+    ap.add_argument("--modules-row", action="store_true",
+                    help="also time the engine's own copy through the model's modules (packed, no fast forward)")
+    ap.add_argument("--profile", action="store_true",
+                    help="then run the engine once more under torch.profiler and print where a decode step goes")
     ap.add_argument("--lora", action="store_true", help="also time the engine on a LoRA policy, merged and not")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method, interleaved; the best is reported")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the engine runs where the model is)")
@@ -111,12 +181,20 @@ def main() -> None:
         shared = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0, inline=True)
         plain = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0, min_shared_prefix=10**9,
                          inline=True, copy_weights=True)
+        modules = HFEngine(model, tok, max_batch_size=args.batch, stop_token_ids=[], seed=0, inline=True,
+                           copy_weights=True, fast_forward=False) if args.modules_row else None
         bench_engine(engine, ids[:4], 4)  # warm-up (allocator, kernels)
         bench_engine(shared, ids[:4], 4)
+        if modules is not None:
+            bench_engine(modules, ids[:4], 4)
         if not args.skip_hf_generate:
             bench_hf_generate(model, tok, ids[:4], 2)
         # partial binds this dtype's engines now (a lambda would read the loop's variables when called)
-        methods = {"rlft HFEngine": partial(bench_engine, engine, ids, args.max_new_tokens)}
+        outputs: dict[str, list] = {}
+        methods = {"rlft HFEngine": partial(bench_engine, engine, ids, args.max_new_tokens, outputs, "rlft HFEngine")}
+        if args.modules_row:  # the engine's own packed copy through transformers' modules (before FastForward)
+            methods["HFEngine, HF modules"] = partial(bench_engine, modules, ids, args.max_new_tokens, outputs,
+                                                      "HFEngine, HF modules")
         if args.unpacked_row:  # the model's own modules: no packed weights
             methods["HFEngine, not packed"] = partial(bench_engine, shared, ids, args.max_new_tokens)
         if args.no_sharing_row:  # every prompt prefilled in full
@@ -140,15 +218,23 @@ def main() -> None:
                 print(f"  [{r + 1}/{args.repeat}] {name} {dtype}: {n / dt:.0f} tok/s ({dt:.1f} s)", flush=True)
                 if name not in best or dt < best[name][0]:
                     best[name] = (dt, n)
-        for name in ("HF model.generate", "rlft HFEngine", "HFEngine, not packed", "HFEngine, no prefix",
-                     "HFEngine LoRA merged", "HFEngine LoRA peft"):
+        if "HFEngine, HF modules" in outputs:
+            same = outputs["HFEngine, HF modules"] == outputs["rlft HFEngine"]
+            print(f"  HFEngine (fast forward) and through the HF modules sampled the same tokens and logprobs: {same}",
+                  flush=True)
+        if args.profile:
+            profile_engine(engine, ids, args.max_new_tokens)
+        for name in ("HF model.generate", "rlft HFEngine", "HFEngine, HF modules", "HFEngine, not packed",
+                     "HFEngine, no prefix", "HFEngine LoRA merged", "HFEngine LoRA peft"):
             if name in best:
                 rows.append((name, dtype, args.batch, best[name][1], best[name][0]))
         print(f"  engine stats: {engine.stats}", flush=True)
         engine.close()
+        if modules is not None:
+            modules.close()
         plain.close()
         shared.close()
-        del policy, model, engine, plain, shared
+        del policy, model, engine, modules, plain, shared
 
     print()
     print(f"| {'method':<20} | {'dtype':<9} | {'batch':>5} | {'tokens':>6} | {'seconds':>7} | {'tok/s':>6} |")

@@ -145,3 +145,30 @@ def test_only_an_own_copy_of_a_supported_model_takes_the_fast_forward():
     windowed = copy.deepcopy(model)
     windowed.config.layer_types = ["sliding_attention"] * windowed.config.num_hidden_layers
     assert not supports(windowed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_attention_equals_rlft_attention_at_every_cache_length(dtype):
+    """The decode path's four ops against the attention the model's modules run, over the cache's
+    whole buffers (written slots < capacity) and full ones, with padding slots in some rows."""
+    from rlft.attention import rlft_attention
+
+    model, _ = _tiny("llama", dtype)
+    fast = FastForward(model)
+    B, KV, G, D = 3, 3, 3, 64  # SmolLM2's heads
+    fast.heads, fast.scale = KV * G, D ** -0.5
+    gen = torch.Generator().manual_seed(0)
+    for cap in range(1, 66):  # a bf16 softmax (not float32) is off by a bit at 54 and 57 here
+        for length in {cap, max(1, cap - 7)}:
+            query = torch.randn(B, KV * G, 1, D, generator=gen).to(dtype)
+            kbuf, vbuf = (torch.randn(B, KV, cap, D, generator=gen).to(dtype) for _ in range(2))
+            mask = torch.ones(B, length, dtype=torch.bool)
+            mask[1, : length // 2] = False  # left padding
+            key, value = kbuf[:, :, :length], vbuf[:, :, :length]
+            if length < cap:  # how the KV cache hands its buffers to rlft.attention
+                key._rlft_buffer, value._rlft_buffer = kbuf, vbuf
+            with torch.inference_mode():
+                expected, _ = rlft_attention(model.model.layers[0].self_attn, query, key, value, mask[:, None, None],
+                                             scaling=fast.scale)
+                got = fast._decode_attention(query, kbuf, vbuf, mask, {})
+            assert torch.equal(got.view(B, 1, KV * G, D), expected), (cap, length)
