@@ -107,13 +107,18 @@ def test_engine_with_fast_forward_samples_exactly_what_the_module_engine_samples
     assert [s.logprobs for s in a] == [s.logprobs for s in b]
 
 
-def test_sync_weights_rebuilds_the_fused_weights():
-    model, tok = _tiny("llama", torch.bfloat16)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sync_weights_rebuilds_the_fused_weights(dtype):
+    model, tok = _tiny("llama", dtype)
     source = copy.deepcopy(model)
     engine = HFEngine(source, tok, seed=0, inline=True, copy_weights=True)
     prompts = [chat(tok, p) for p in PROMPTS]
     params = [SamplingParams(temperature=1.0, max_new_tokens=8, seed=7 + i) for i in range(len(prompts))]
     try:
+        if not engine.fast_forward.packed:  # float32: the modules' q/k/v weights are views of the fused one
+            attn = engine.model.model.layers[0].self_attn
+            fused = engine.fast_forward.layers[0].qkv
+            assert attn.k_proj.weight.data_ptr() == fused[attn.q_proj.weight.shape[0]:].data_ptr()
         before = gather(engine, prompts, params)
         with torch.no_grad():  # an "optimizer step" that moves every projection
             for name, p in source.named_parameters():

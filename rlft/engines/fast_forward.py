@@ -100,21 +100,22 @@ class FastForward:
         self.exact_scale = self.scale > 0 and math.frexp(self.scale)[0] == 0.5
         self.packed = pack and can_pack(model)
         self.layers: list[_Weights] = []
+        self._stacks: dict[int, dict[str, torch.Tensor]] = {}  # not packed: the tensors the modules' weights view
         self.head: torch.Tensor | None = None
         self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """(Re)build the concatenated and packed weights from the model's current ones."""
+        """(Re)build the concatenated (and packed) weights from the model's current ones."""
         layers = []
         for layer in self.model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
             layers.append(_Weights(
-                qkv=self._pack(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
-                qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+                qkv=self._fused(qkv, "weight"),
+                qkv_bias=self._fused(qkv, "bias") if all(m.bias is not None for m in qkv) else None,
                 o=self._pack(attn.o_proj.weight),
-                gate_up=self._pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                gate_up=self._fused([mlp.gate_proj, mlp.up_proj], "weight"),
                 down=self._pack(mlp.down_proj.weight),
                 norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
                 q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
@@ -125,7 +126,27 @@ class FastForward:
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
         w = weight.detach()
-        return torch.ops.mkldnn._reorder_linear_weight(w, batch_size=_ROWS_HINT) if self.packed else w.contiguous()
+        return torch.ops.mkldnn._reorder_linear_weight(w, batch_size=_ROWS_HINT) if self.packed else w
+
+    def _fused(self, linears: list[torch.nn.Linear], name: str) -> torch.Tensor:
+        """``linears``' weights (or biases) stacked along their outputs. Packed: a packed copy. Not
+        packed: one tensor whose row blocks the modules' parameters then are, so there is no second
+        copy and loading new weights into the modules (``sync_weights``) writes it."""
+        params = [getattr(m, name) for m in linears]
+        if self.packed and name == "weight":
+            return self._pack(torch.cat([p.detach() for p in params]))
+        if self.packed:
+            return torch.cat([p.detach() for p in params])
+        rows = [p.shape[0] for p in params]
+        stacked = self._stacks.get(id(linears[0]), {}).get(name)
+        if stacked is not None and all(p.data_ptr() == stacked[at:at + n].data_ptr() and p.is_contiguous()
+                                       for p, at, n in zip(params, _offsets(rows), rows)):
+            return stacked  # the modules' parameters are still the views an earlier refresh made
+        stacked = torch.cat([p.detach() for p in params])
+        for p, part in zip(params, stacked.split(rows)):
+            p.data = part
+        self._stacks.setdefault(id(linears[0]), {})[name] = stacked
+        return stacked
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed:
@@ -199,6 +220,14 @@ class FastForward:
         return torch.bmm(probs, vbuf.view(B * KV, cap, D))  # [B * KV, G, D]
 
     __call__ = forward
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(at)
+        at += n
+    return out
 
 
 def _attention_mask(mask: torch.Tensor, q: int) -> torch.Tensor:
