@@ -83,6 +83,38 @@ def bench_engine(engine: HFEngine, ids: list[list[int]], new: int, outputs: dict
     return dt, sum(len(s.tokens) for s in samples)
 
 
+def matmul_bound(model, batch: int) -> str:
+    """The bf16 compute bound of a decode step, measured now: this CPU's rate on one packed
+    ``[batch, 576] x [576, 3072]`` product, hot in cache (best of 30 timings of 10 calls: oneDNN's
+    peak here), and on all the model's linear layers in turn, cold (the weights stream from memory
+    as in a decode step); tok/s = rate / (2 x linear parameters per token, output head included)."""
+    params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    flop_per_token = 2 * params
+
+    def rate(weights, reps):
+        xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=torch.bfloat16) for w in weights}
+        packed = [(xs[w.shape[1]], torch.ops.mkldnn._reorder_linear_weight(w, batch_size=batch)) for w in weights]
+        flop = sum(2 * batch * w.numel() for w in weights) * reps
+        best = float("inf")
+        for _ in range(30 if reps > 1 else 5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                for x, w in packed:
+                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            best = min(best, time.perf_counter() - t0)
+        return flop / best
+
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return "no oneDNN packed linear here"
+    with torch.no_grad():
+        hot = rate([torch.randn(3072, 576, dtype=torch.bfloat16)], 10)
+        weights = [m.weight.detach().to(torch.bfloat16) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        cold = rate(weights, 1)
+    return (f"bf16 matmul at batch {batch}: {hot / 1e12:.2f} TFLOP/s hot (bound {hot / flop_per_token:,.0f} tok/s), "
+            f"{cold / 1e12:.2f} TFLOP/s over the model's {len(weights)} linear layers in turn "
+            f"({cold / flop_per_token:,.0f} tok/s); {flop_per_token / 1e6:.0f} MFLOP per token")
+
+
 # op name -> what it is, for --profile's breakdown of the engine's time
 _OP_GROUPS = [
     ("linear layers (packed matmuls, incl. the output head)", ("_linear_pointwise", "aten::linear", "aten::addmm",
@@ -156,6 +188,8 @@ def main() -> None:
                     help="also time the engine sharing the model's modules (plain F.linear, no packed weights)")
     ap.add_argument("--modules-row", action="store_true",
                     help="also time the engine's own copy through the model's modules (packed, no fast forward)")
+    ap.add_argument("--bound", action="store_true",
+                    help="first measure this CPU's bf16 matmul rate now and the decode bound it gives")
     ap.add_argument("--profile", action="store_true",
                     help="then run the engine once more under torch.profiler and print where a decode step goes")
     ap.add_argument("--lora", action="store_true", help="also time the engine on a LoRA policy, merged and not")
@@ -173,6 +207,8 @@ def main() -> None:
         policy = load_policy(args.model, dtype=dtype, device=args.device)
         model, tok = policy.model, policy.tokenizer
         ids = prompts(tok, args.batch)
+        if args.bound and args.device == "cpu":
+            print(f"  {matmul_bound(model, args.batch)}", flush=True)
         # inline: the forward passes on the event loop's thread, as the trainer runs them; its own
         # copy of the weights, as the trainer's engines have (LoRA merged, or bf16 of fp32 masters),
         # which makes its linear layers run on oneDNN-packed weights (rlft.engines.packed_linear)
