@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode_step.py                      # batch 64, after 64 decode steps
     python benchmarks/bench_decode_step.py --threads 1 --steps 100
+    python benchmarks/bench_decode_step.py --ab --repeat 2     # fast forward vs the model's modules
 
 Builds the engine as ``bench_generate.py`` does (own bf16 copy of SmolLM2-135M-Instruct, so the
 lean forward of ``rlft.engines.fast_forward``), prefills the benchmark's 64 prompts and decodes
@@ -14,6 +15,12 @@ the rest (norms, rotary, cache writes, residuals, SiLU*mul, Python). Then the sa
 step's logits, and the engine's whole ``_step`` (forward, sampling, bookkeeping). A profiler slows
 the small ops several-fold, so these are the figures to add up; ``bench_generate.py --profile``
 gives the per-op view. Also prints this CPU's bf16 matmul rate now (``bench_generate.matmul_bound``).
+
+``--ab``: instead, two engines (the fast forward, and the same own copy through transformers'
+modules) decode the benchmark batch in lock step, one step each in turn (which goes first
+alternates), ``--repeat`` times, every step timed: load from other processes hits both alike
+within a tenth of a second, so the median of the per-step time ratios is a fair A/B on a shared
+machine. Checks that both sampled the same tokens and logprobs.
 """
 
 from __future__ import annotations
@@ -42,10 +49,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps before the timed one (cache length)")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
+    ap.add_argument("--ab", action="store_true", help="lock-step A/B: fast forward vs the model's modules")
+    ap.add_argument("--new", type=int, default=128, help="--ab: tokens per request")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = load_policy(args.model, dtype="bfloat16")
+    if args.ab:
+        return lock_step(policy, args)
     engine = HFEngine(policy.model, policy.tokenizer, max_batch_size=args.batch, stop_token_ids=[], seed=0,
                       inline=True, copy_weights=True)
     fast = engine.fast_forward
@@ -119,6 +130,43 @@ def main() -> None:
           f"Python) {ms['neither']:.1f}; sampler {sampler * 1e3:.1f} ms; whole engine step {step * 1e3:.1f} ms "
           f"= {args.batch / step:.0f} tok/s at this length; load avg {os.getloadavg()[0]:.1f}")
     engine.close()
+
+
+def lock_step(policy, args) -> None:
+    engines = {name: HFEngine(policy.model, policy.tokenizer, max_batch_size=args.batch, stop_token_ids=[], seed=0,
+                              inline=True, copy_weights=True, fast_forward=name == "fast forward")
+               for name in ("fast forward", "HF modules")}
+    ids = prompts(policy.tokenizer, args.batch)
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.new)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    print(f"# {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}", flush=True)
+    for r in range(args.repeat):
+        reqs = {name: [e._make_request(p, params, None, concurrent.futures.Future()) for p in ids]
+                for name, e in engines.items()}
+        with torch.inference_mode():
+            batches = {name: e._admit(None, reqs[name]) for name, e in engines.items()}
+            step = 0
+            while any(b is not None for b in batches.values()):
+                for name in (list(engines) if step % 2 == 0 else list(engines)[::-1]):
+                    if batches[name] is not None:
+                        t0 = time.perf_counter()
+                        batches[name] = engines[name]._step(batches[name])
+                        times[name].append(time.perf_counter() - t0)
+                step += 1
+        print(f"# repeat {r + 1}: load avg {os.getloadavg()[0]:.1f}", flush=True)
+    outs = {name: [(r.tokens, r.logprobs) for r in rs] for name, rs in reqs.items()}
+    same = outs["fast forward"] == outs["HF modules"]
+    ratios = sorted(a / b for a, b in zip(times["fast forward"], times["HF modules"]))
+    for name, ts in times.items():
+        ts = sorted(ts)
+        median = ts[len(ts) // 2]
+        print(f"{name}: decode step median {median * 1e3:.1f} ms ({args.batch / median:.0f} tok/s), "
+              f"best {ts[0] * 1e3:.1f} ms")
+    q = [ratios[len(ratios) * k // 4] for k in (1, 2, 3)]
+    print(f"fast forward / HF modules step time: median {q[1]:.3f} (quartiles {q[0]:.3f}, {q[2]:.3f}) over "
+          f"{len(ratios)} step pairs; same tokens and logprobs: {same}; load avg {os.getloadavg()[0]:.1f}")
+    for e in engines.values():
+        e.close()
 
 
 if __name__ == "__main__":
