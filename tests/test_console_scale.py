@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 from rlft.console.app import create_app
+from rlft.health.source import run_findings
 from rlft.store import RunStore
 from rlft.types import Rollout, RolloutError, Termination
 
@@ -233,6 +234,21 @@ def fresh_json(store, run_id, **kw) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
+def buckets_of(series: dict, width: int) -> dict:
+    """{key: [[first step, mean, min, max], ...]} of buckets of ``width`` steps, from raw points."""
+    out = {}
+    for key, pts in series.items():
+        groups = defaultdict(list)
+        for s, v in pts:
+            groups[s // width].append((s, v))
+        out[key] = []
+        for b in sorted(groups):
+            vals = [v for _, v in groups[b] if v is not None]
+            stats = [sum(vals) / len(vals), min(vals), max(vals)] if vals else [None, None, None]
+            out[key].append([groups[b][0][0], *stats])
+    return out
+
+
 def test_kept_metric_series_equal_a_fresh_read_as_rows_are_added_rewritten_and_truncated(tmp_path):
     live = build_scale_store(tmp_path, steps=40, planned=40)
     store, run_id = live.store, live.run_id
@@ -246,11 +262,18 @@ def test_kept_metric_series_equal_a_fresh_read_as_rows_are_added_rewritten_and_t
                 ({"reward/mean": newer} if newer else {})  # a key with no point in the range is left out
             cmp = c.get("/api/compare", params={"runs": run_id}).json()
             assert cmp["metrics"][run_id] == json.loads(fresh_json(store, run_id))
+            assert cmp["keys"][run_id] == store.metric_keys(run_id)
+            assert c.get(url, params={"bucket": 3}).json() == buckets_of(store.metrics(run_id), 3)
+            findings = json.loads(json.dumps([f.to_dict() for f in run_findings(store, run_id)]))
+            assert c.get(f"/api/runs/{run_id}/health").json()["findings"] == findings
 
         check()
-        store.log_metrics(run_id, 41, {"reward/mean": 0.25, "optim/grad_norm": 2.0})  # the next step
+        for step in (41, 42, 43, 44):  # new steps, filling the last bucket of 3 and starting the next
+            store.log_metrics(run_id, step, {"reward/mean": step / 160, "optim/grad_norm": 2.0})
+            check()
+        assert c.get(url).json()["reward/mean"][-1] == [44, 0.275]
+        store.log_metrics(run_id, 44, {"reward/mean": 0.5})  # the last step rewritten (a weight push, an eval)
         check()
-        assert c.get(url).json()["reward/mean"][-1] == [41, 0.25]
         store.log_metrics(run_id, 7, {"reward/mean": -1.0})  # an older step rewritten in place
         store.log_metrics(run_id, 0, {"sync/ok": 1.0, "reward/mean": float("nan")})  # a new key, a null value
         check()

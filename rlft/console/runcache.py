@@ -128,6 +128,16 @@ class RunCache:
         with self._lock:
             return self._fresh_series(store, run_id).answer(keys, bucket, after_step, first_step, last_step)
 
+    def metric_points(self, store: RunStore, run_id: str) -> dict[str, list[tuple[int, float | None]]]:
+        """The run's metric series as ``RunStore.metrics`` returns them, from the kept series."""
+        with self._lock:
+            return self._fresh_series(store, run_id).points()
+
+    def metric_keys(self, store: RunStore, run_id: str) -> list[str]:
+        """The run's metric names in order, from the kept series."""
+        with self._lock:
+            return sorted(self._fresh_series(store, run_id).steps)
+
     def _fresh_series(self, store: RunStore, run_id: str) -> MetricSeries:
         with agg.snapshot(store):
             n, newest = agg.metric_stamp(store, run_id)
@@ -140,8 +150,7 @@ class RunCache:
                     if series.n != n:  # rows were deleted (a resume truncated the run)
                         series = None
             if series is None:
-                series = MetricSeries()
-                series.apply(agg.metric_rows(store, run_id))
+                series = MetricSeries.read(agg.metric_series(store, run_id), newest)
         self._series[run_id] = series
         while len(self._series) > MAX_SERIES_RUNS:
             self._series.pop(next(iter(self._series)))

@@ -103,12 +103,14 @@ def evals(store: RunStore, run_id: str) -> dict[str, Any]:
 
 
 def health(store: RunStore, cache: RunCache, run_id: str) -> dict[str, Any]:
-    """The run's training-health findings (docs/health.md), most severe first; kept until the run
-    row (the trainer updates it every step), its last metric step or its rollouts change."""
-    version = (store.get_run(run_id).get("updated_at"), agg.metric_version(store, run_id),
+    """The run's training-health findings (docs/health.md), most severe first, from the kept metric
+    series; kept until the run row (the trainer updates it every step), any metric row or its
+    rollouts change."""
+    version = (store.get_run(run_id).get("updated_at"), agg.metric_stamp(store, run_id),
                agg.rollout_version(store, run_id))
     return cache.derived(store, run_id, "health", version=version,
-                         compute=lambda: {"findings": [f.to_dict() for f in run_findings(store, run_id)]})
+                         compute=lambda: {"findings": [f.to_dict() for f in run_findings(
+                             store, run_id, cache.metric_points(store, run_id))]})
 
 
 def _preview(messages: list[dict[str, Any]], role: str, last: bool) -> str:
@@ -244,7 +246,7 @@ def compare(store: RunStore, cache: RunCache, run_ids: Iterable[str], keys: list
     series = {r["id"]: metrics(store, cache, r["id"], keys, max_points=max_points) for r in runs}
     return "".join(['{"runs":', _dumps(summaries), ',"metrics":{',
                     ",".join(_dumps(rid) + ":" + text for rid, text in series.items()),
-                    '},"keys":', _dumps({r["id"]: store.metric_keys(r["id"]) for r in runs}),
+                    '},"keys":', _dumps({r["id"]: cache.metric_keys(store, r["id"]) for r in runs}),
                     ',"config_diff":', _dumps(diff), "}"])
 
 

@@ -1,7 +1,8 @@
 """Aggregating reads over the run store, computed in SQL: what a chart or a heatmap draws, not the rows.
 
-- ``metric_stamp`` / ``metric_rows``: a run's metric row count and newest write time, and the
-  rows written since a time, so that a caller can keep the series and read only what changed;
+- ``metric_series`` / ``metric_stamp`` / ``metric_rows``: a run's metric points, their count and
+  newest write time, and the rows written since a time, so that a caller can keep the series
+  and read only what changed;
 - ``heatmap_columns`` / ``example_page`` / ``heatmap_cells``: the reward heatmap of a split as
   columns of ``bin`` steps, one page of examples at a time, mean reward and count per cell
   (``GROUP BY example_id, step / bin``: the dense examples x steps grid is never built);
@@ -50,14 +51,25 @@ def metric_stamp(store: RunStore, run_id: str) -> tuple[int, float | None]:
     return int(n), newest
 
 
-def metric_rows(store: RunStore, run_id: str, since: float | None = None) -> list[tuple[str, int, float | None, float]]:
-    """``(key, step, value, write time)`` of the run's metric rows written at ``since`` or later
-    (all of them without it), in no particular order."""
-    if since is None:
-        return _conn(store).execute("SELECT key, step, value, wall_time FROM metrics WHERE run_id=?",
-                                    (run_id,)).fetchall()
-    return _conn(store).execute("SELECT key, step, value, wall_time FROM metrics WHERE run_id=? AND wall_time>=?",
-                                (run_id, since)).fetchall()
+def metric_rows(store: RunStore, run_id: str, since: float) -> list[tuple[str, int, float | None, float]]:
+    """``(key, step, value, write time)`` of the run's metric rows written at ``since`` or later,
+    in no particular order (the ``metrics_written`` index finds them)."""
+    return _tuples(store, "SELECT key, step, value, wall_time FROM metrics WHERE run_id=? AND wall_time>=?",
+                   (run_id, since))
+
+
+def metric_series(store: RunStore, run_id: str) -> list[tuple[str, int, float | None]]:
+    """Every ``(key, step, value)`` of the run, ordered by key and step (from the
+    ``metrics_series`` index alone)."""
+    return _tuples(store, "SELECT key, step, value FROM metrics WHERE run_id=? ORDER BY key, step", (run_id,))
+
+
+def _tuples(store: RunStore, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Rows as plain tuples (the store's connection makes ``sqlite3.Row`` objects, slower to
+    make by the ten thousand)."""
+    cursor = _conn(store).cursor()
+    cursor.row_factory = None
+    return cursor.execute(sql, args).fetchall()
 
 
 @contextmanager
