@@ -18,7 +18,7 @@ step answered).
 
 Loaded models are kept in an LRU of ``max_loaded``. A LoRA checkpoint or adapter is served on its
 base loaded once (``rlft.serve.shared_base``): a module copy sharing every base tensor, with the
-adapter's own weights (``rlft.serve.lora_view``), so a new adapter version loads in ~0.1-0.3 s
+adapter's own weights (``rlft.serve.lora_view``), so a new adapter version loads in 0.06-0.15 s
 on SmolLM2 and the base's weights are held once however many adapters are served; each still
 gets its own batched engine, so requests to different checkpoints run concurrently. A
 full-finetune checkpoint loads its own weights. An evicted model's engine is closed once its

@@ -8,7 +8,7 @@ tensor is copied), and the adapter's layers are put into that copy: a plain LoRA
 trains) as :class:`~rlft.serve.lora_view.LoraLinear` layers read straight from its safetensors
 file (``rlft.serve.lora_view``), any other peft adapter through peft's load path. So a new
 adapter version (a new checkpoint of a run, ``/v1/load_lora_adapter``) costs its own small
-weights and a module copy (~0.1-0.3 s on SmolLM2, ``benchmarks/bench_serve_adapters.py``), every
+weights and a module copy (0.06-0.15 s on SmolLM2, ``benchmarks/bench_serve_adapters.py``), every
 adapter of a base holds the one copy of its weights, and each still gets its own batched engine,
 so requests to different adapters run concurrently. The base weights are never written (LoRA
 layers only add their product), so sharing them is safe while every view samples.
@@ -90,9 +90,9 @@ class BaseModels:
 
     def _view(self, base: Policy, adapter_dir: str) -> tuple[Any, bool]:
         """``(model, is peft's)``: the adapter in ``adapter_dir`` over ``base``'s shared tensors.
-        Plain LoRA (what rlft trains) is a :func:`~rlft.serve.lora_view.lora_view` (~0.1 s on
-        SmolLM2); anything else goes through peft's load path on a sharing copy (~1 s: peft wraps
-        every targeted layer)."""
+        Plain LoRA (what rlft trains) is a :func:`~rlft.serve.lora_view.lora_view`; anything else
+        goes through peft's load path on a sharing copy (peft wraps every targeted layer: main's
+        first-adapter load, which took this path, was 1.0-2.0 s on SmolLM2 r16)."""
         with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
             config = json.load(f)
         if why_not_plain(config, adapter_dir) is None:
