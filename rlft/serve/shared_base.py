@@ -130,9 +130,12 @@ class BaseModels:
         base): a checkpoint trained on that base with its tokenizer unchanged saved those same
         files, so its adapter gets this tokenizer and its Renderer, with nothing to load (~0.1-0.3 s
         and ~0.1 s of template probing otherwise, on SmolLM2's first adapter)."""
-        with tempfile.TemporaryDirectory(prefix="rlft-tokenizer-") as tmp:
-            tokenizer.save_pretrained(tmp)
-            key = _tokenizer_digest(tmp)
+        try:
+            with tempfile.TemporaryDirectory(prefix="rlft-tokenizer-") as tmp:
+                tokenizer.save_pretrained(tmp)
+                key = _tokenizer_digest(tmp)
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot save itself is just not reused: adapters load theirs
+            return
         if key is not None:
             with self._lock:
                 self._tokenizers.setdefault(key, tokenizer)
