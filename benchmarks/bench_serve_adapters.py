@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -88,6 +89,7 @@ def main() -> None:
         back = [ask(f"v{k}") for k in range(args.adapters)]
         print("switching back, one request each: " + ", ".join(f"v{k} {t:.2f} s" for k, t in enumerate(back)))
     print(f"peak rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
