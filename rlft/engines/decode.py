@@ -10,7 +10,8 @@ is prefilled once and shared by their cache rows. A prompt that extends a finish
 (the next turn of a multi-turn rollout) starts from that sequence's kept KV and prefills only
 the rest (``rlft.engines.prefix_cache``). A sequence that finishes (end-of-turn token, stop
 string, ``max_new_tokens``, the context) has its KV kept in the prefix cache (``_keep``), is
-delivered at once and its cache rows dropped (``_compact``); newly prefilled requests join the running batch (``_merge``).
+delivered at once and its cache rows dropped (``_compact``); newly prefilled requests join the
+running batch (``_merge``).
 
 Left out: the engine itself (``hf.py``: construction, weights, the public API, request checks)
 and request queueing and the scheduling loop that calls ``_admit`` and ``_step``
