@@ -210,3 +210,32 @@ def test_lookup_finds_the_longest_common_prefix_and_a_kept_extension_replaces_it
     assert len(cache) == 2 and cache.nbytes == (5 + 3 + 2) * 2 * 4
     cache.clear()
     assert len(cache) == 0 and cache.nbytes == 0 and cache.lookup([1, 2, 3], 3) == (0, [])
+
+
+def test_tool_calling_rollouts_are_the_same_with_and_without_the_cache(pretrained_tiny_tools_dir):
+    """Whole multi-turn rollouts through the environment (tool calls, results rendered by the
+    template, greedy): the same token ids and logprobs either way, with most of the later turns'
+    prompts reused rather than prefilled."""
+    from rlft.env import Sampler
+    from rlft.policy import load_policy
+    from rlft.renderer import Renderer
+    from rlft.testing.pretrained import task_environment
+
+    policy = load_policy(pretrained_tiny_tools_dir, dtype="float32")
+    env, rows = task_environment("max", n=4, seed=3, with_tools=True)
+    renderer = Renderer(policy.tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=48)
+    out = {}
+    for mb in (512, 0):
+        eng = HFEngine(policy.model, policy.tokenizer, seed=0, inline=True, prefix_cache_mb=mb)
+        try:
+            groups = asyncio.run(env.run_groups(rows, Sampler(eng, renderer, params), group_size=2))
+        finally:
+            eng.close()
+        out[mb] = ([r for g in groups for r in g.rollouts], eng.stats)
+    (cached, stats), (plain, plain_stats) = out[512], out[0]
+    assert sum(r.tool_calls for r in cached) >= len(rows)  # multi-turn: the model calls its tool
+    for a, b in zip(cached, plain):
+        assert a.completion_ids == b.completion_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    assert stats.prefill_tokens < plain_stats.prefill_tokens / 2 and stats.reused_tokens > 0
