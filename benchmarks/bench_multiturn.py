@@ -1,22 +1,31 @@
-"""Multi-turn rollouts with and without the HF engine's prefix cache, on the tool_use recipe.
+"""Multi-turn rollouts with and without the HF engine's prefix cache (``prefix_cache_mb``), SmolLM2.
 
-    PYTHONPATH=. python benchmarks/bench_multiturn.py [--steps 2] [--warmup-steps 6] [--threads 0]
+    PYTHONPATH=. python benchmarks/bench_multiturn.py                     # synthetic, ~1 min
+    PYTHONPATH=. python benchmarks/bench_multiturn.py --task tool_use --steps 2 --warm-cache /tmp/warm.pt
 
-Opens the tool_use recipe's run (``recipes/tool_use/config.toml``: SmolLM2-135M-Instruct, LoRA,
-the merged copy the trainer samples from, 4 prompts x 4 rollouts, its tools, data and sampling
-settings), runs its SFT warm-up (``--warmup-steps``, the recipe's 6 by default: before it the
-model answers at once and rollouts have one turn; after it, it calls the tools), then samples
-each of ``--steps`` steps (``rlft.training.loop.sample``, the trainer's own) once per mode,
-interleaved: ``prefix_cache_mb = 0`` (every turn prefills the whole conversation again) and 512,
-the default (a turn that extends a finished one prefills only the new tokens,
-``rlft.engines.prefix_cache``). After each sampling the engine is synced as after an optimizer
-step (which drops the cache) but no update runs, so both modes sample the same weights, prompts
-and seeds.
+Both modes run in one invocation: ``prefix_cache_mb = 0`` (every turn prefills the whole
+conversation again, as before the cache) and 512, the default (a turn that extends a finished one
+prefills only the new tokens, ``rlft.engines.prefix_cache``).
 
-Reported per mode: seconds of sampling (the sum over steps), the engine's prefill tokens computed
-and reused, prefill forwards, decode steps, assistant turns and sampled tokens. The sampled text
-can differ between modes where bf16 rounding moves a near-tie (reused KV was computed in decode
-steps, a re-prefill computes it in one pass), so compare the token counts beside the times.
+``--task synthetic``: the engine alone, as the trainer builds it for a LoRA run (SmolLM2-135M-Instruct
++ LoRA r16, sampled from the merged bf16 copy, inline): 4 prompts x 4 rollouts, each prompt a
+~470-token system prompt (standing in for tool schemas) and a question, 3 turns of up to
+``--max-new-tokens`` at temperature 0.7 (seeded per rollout and turn), a fixed 40-token tool
+result appended after each turn. A fresh engine per mode.
+
+``--task tool_use``: the recipe itself (``recipes/tool_use/config.toml``: 4 prompts x 4 rollouts,
+its tools, data and sampling settings). It runs the recipe's SFT warm-up first (``--warmup-steps``,
+its 6 by default: before it the model answers at once and rollouts have one turn; ``--warm-cache``
+keeps the warmed weights in a file for the next invocation), then samples each of ``--steps`` steps
+(``rlft.training.loop.sample``, the trainer's own) once per mode, interleaved, syncing the engine
+after each as after an optimizer step (which drops the cache) but without an update, so both modes
+sample the same weights, prompts and seeds. Its sampling seconds include the tools and rewards.
+
+Reported per mode: seconds (wall of the sampling), the engine's busy seconds (its forward passes
+and sampling), prefill tokens computed and reused, prefill forwards, decode steps, assistant turns
+and sampled tokens. Sampled text can differ between modes where bf16 rounding moves a near-tie
+(reused KV was computed in decode steps, a re-prefill computes it in one pass), so compare the
+token counts beside the times.
 """
 
 from __future__ import annotations
@@ -30,6 +39,60 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+SYSTEM = "You are a shop assistant with tools. " + " ".join(
+    f"Tool number {i} takes arguments a, b and c and returns a JSON object." for i in range(25))
+QUESTIONS = ["How many orders did Alice place in March?", "What is the total cost of the red shoes with tax?",
+             "Which customer spent the most?", "List the products under 10 dollars."]
+TOOL_RESULT = ('<|im_end|>\n<|im_start|>user\n<tool_response>\n{"rows": [["Alice", 3], ["Bob", 5]]}\n'
+               "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+KEYS = ("s", "busy", "prefill", "reused", "prefills", "decode_steps", "rollouts", "turns", "sampled")
+
+
+def run_synthetic(modes: list[int], group: int, turns: int, max_new_tokens: int) -> dict[int, dict[str, float]]:
+    import asyncio
+
+    from rlft.engines.base import SamplingParams
+    from rlft.engines.hf import HFEngine
+    from rlft.policy import LoraSpec, load_policy
+
+    policy = load_policy("smollm2", dtype="bfloat16", lora=LoraSpec(rank=16))
+    tok = policy.tokenizer
+    prompts = []
+    for q in QUESTIONS:
+        enc = tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                                      add_generation_prompt=True)
+        prompts.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    result = tok.encode(TOOL_RESULT, add_special_tokens=False)
+    print(f"prompts of {[len(p) for p in prompts]} tokens, tool result {len(result)} tokens", flush=True)
+
+    async def rollout(engine, ids: list[int], seed: int) -> int:
+        n = 0
+        for turn in range(turns):
+            sample = await engine.generate(ids, SamplingParams(temperature=0.7, max_new_tokens=max_new_tokens,
+                                                               seed=seed * 100 + turn))
+            ids, n = ids + sample.tokens + result, n + len(sample.tokens)
+        return n
+
+    async def step(engine) -> list[int]:
+        return await asyncio.gather(*[rollout(engine, prompts[i // group], i) for i in range(len(prompts) * group)])
+
+    out = {}
+    for mb in modes:
+        engine = HFEngine(policy.model, tok, merge_lora=True, inline=True, prefix_cache_mb=mb, seed=0)
+        try:
+            t0 = time.perf_counter()
+            sampled = asyncio.run(step(engine))
+            wall = time.perf_counter() - t0
+        finally:
+            engine.close()
+        st = engine.stats
+        out[mb] = {"s": wall, "busy": st.busy_s, "prefill": st.prefill_tokens, "reused": st.reused_tokens,
+                   "prefills": st.prefill_batches, "decode_steps": st.decode_steps, "rollouts": len(sampled),
+                   "turns": turns * len(sampled), "sampled": sum(sampled)}
+        print(f"prefix_cache_mb {mb}: {wall:.1f} s, load {os.getloadavg()[0]:.2f}", flush=True)
+    return out
 
 
 def warm(run, steps: int, cache: str) -> None:
@@ -54,14 +117,13 @@ def warm(run, steps: int, cache: str) -> None:
         torch.save({k: v for k, v in model.state_dict().items() if "lora_" in k}, cache)
 
 
-def run(cfg, modes: list[int], steps: int, warmup_steps: int, warm_cache: str) -> dict[int, dict[str, float]]:
+def run_tool_use(cfg, modes: list[int], steps: int, warmup_steps: int, warm_cache: str) -> dict[int, dict[str, float]]:
     from rlft.engines.base import WeightUpdate
     from rlft.engines.prefix_cache import PrefixCache
     from rlft.training import loop
     from rlft.training.run import as_config, open_run
 
-    keys = ("s", "busy", "prefill", "reused", "prefills", "decode_steps", "rollouts", "turns", "sampled")
-    out = {mb: dict.fromkeys(keys, 0.0) for mb in modes}
+    out = {mb: dict.fromkeys(KEYS, 0.0) for mb in modes}
     with tempfile.TemporaryDirectory() as runs:
         t0 = time.perf_counter()
         with open_run(as_config(cfg, {"runs_dir": runs, "progress": False, "sft_steps": warmup_steps})) as run:
@@ -94,35 +156,43 @@ def run(cfg, modes: list[int], steps: int, warmup_steps: int, warm_cache: str) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--warmup-steps", type=int, default=6, help="SFT warm-up steps first (the recipe's 6; 0 = none)")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--task", choices=("synthetic", "tool_use"), default="synthetic")
     ap.add_argument("--modes", default="0,512", help="prefix_cache_mb values, in order")
-    ap.add_argument("--warm-cache", default="", help="file keeping the warm-up's LoRA weights between invocations")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--group", type=int, default=4, help="synthetic: rollouts per prompt")
+    ap.add_argument("--turns", type=int, default=3, help="synthetic: turns per rollout")
+    ap.add_argument("--max-new-tokens", type=int, default=80, help="synthetic: per turn")
+    ap.add_argument("--steps", type=int, default=2, help="tool_use: sampling steps per mode")
+    ap.add_argument("--warmup-steps", type=int, default=6, help="tool_use: SFT warm-up steps first (0 = none)")
+    ap.add_argument("--warm-cache", default="", help="tool_use: file keeping the warm-up's weights between runs")
     args = ap.parse_args()
 
     import torch
 
-    from rlft.config import load_config
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(os.path.join(ROOT, "recipes", "tool_use", "config.toml"))
     load = os.getloadavg()
     modes = [int(m) for m in args.modes.split(",")]
-    out = run(cfg, modes, args.steps, args.warmup_steps, args.warm_cache)
-    print(f"\ntool_use sampling, {args.steps} steps of {cfg.batch_size} x {cfg.group_size} rollouts, "
-          f"warm-up {args.warmup_steps} SFT steps, torch threads {torch.get_num_threads()}, "
-          f"load average (1/5/15 min) at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, "
-          f"at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("| prefix_cache_mb | sampling s | engine busy s | prefill tokens computed | reused | prefill forwards "
+    if args.task == "synthetic":
+        out = run_synthetic(modes, args.group, args.turns, args.max_new_tokens)
+        what = (f"synthetic: 4 prompts x {args.group} rollouts x {args.turns} turns of <= {args.max_new_tokens} "
+                "tokens, LoRA merged bf16 engine")
+    else:
+        from rlft.config import load_config
+
+        cfg = load_config(os.path.join(ROOT, "recipes", "tool_use", "config.toml"))
+        out = run_tool_use(cfg, modes, args.steps, args.warmup_steps, args.warm_cache)
+        what = (f"tool_use sampling: {args.steps} steps of {cfg.batch_size} x {cfg.group_size} rollouts, "
+                f"after {args.warmup_steps} SFT warm-up steps")
+    print(f"\n{what}; torch threads {torch.get_num_threads()}; load average (1/5/15 min) at start "
+          f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| prefix_cache_mb | seconds | engine busy s | prefill tokens computed | reused | prefill forwards "
           "| decode steps | turns / rollout | sampled tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
     for mb, o in out.items():
         print(f"| {mb} | {o['s']:.1f} | {o['busy']:.1f} | {o['prefill']:,.0f} | {o['reused']:,.0f} "
               f"| {o['prefills']:.0f} | {o['decode_steps']:.0f} | {o['turns'] / max(o['rollouts'], 1):.2f} "
               f"| {o['sampled']:,.0f} |")
-
 
 if __name__ == "__main__":
     main()
