@@ -22,10 +22,12 @@ after each as after an optimizer step (which drops the cache) but without an upd
 sample the same weights, prompts and seeds. Its sampling seconds include the tools and rewards.
 
 Reported per mode: seconds (wall of the sampling), the engine's busy seconds (its forward passes
-and sampling), prefill tokens computed and reused, prefill forwards, decode steps, assistant turns
-and sampled tokens. Sampled text can differ between modes where bf16 rounding moves a near-tie
-(reused KV was computed in decode steps, a re-prefill computes it in one pass), so compare the
-token counts beside the times.
+and sampling) and the part of them spent admitting requests (prefill, joining the batch: the work
+the cache cuts; decoding is the same work either way), prefill tokens computed and reused, prefill
+forwards, decode steps, assistant turns and sampled tokens. Sampled text can differ between modes
+(and between runs of one mode: the inline engine batches whatever has arrived): where bf16
+rounding moves a near-tie, reused KV having been computed in decode steps and a re-prefill in one
+pass, a seeded rollout continues differently. So compare the token counts beside the times.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ QUESTIONS = ["How many orders did Alice place in March?", "What is the total cos
              "Which customer spent the most?", "List the products under 10 dollars."]
 TOOL_RESULT = ('<|im_end|>\n<|im_start|>user\n<tool_response>\n{"rows": [["Alice", 3], ["Bob", 5]]}\n'
                "</tool_response><|im_end|>\n<|im_start|>assistant\n")
-KEYS = ("s", "busy", "prefill", "reused", "prefills", "decode_steps", "rollouts", "turns", "sampled")
+KEYS = ("s", "busy", "admit", "prefill", "reused", "prefills", "decode_steps", "rollouts", "turns", "sampled")
 
 
 def run_synthetic(modes: list[int], group: int, turns: int, max_new_tokens: int) -> dict[int, dict[str, float]]:
@@ -88,9 +90,9 @@ def run_synthetic(modes: list[int], group: int, turns: int, max_new_tokens: int)
         finally:
             engine.close()
         st = engine.stats
-        got = {"s": wall, "busy": st.busy_s, "prefill": st.prefill_tokens, "reused": st.reused_tokens,
-               "prefills": st.prefill_batches, "decode_steps": st.decode_steps, "rollouts": len(sampled),
-               "turns": turns * len(sampled), "sampled": sum(sampled)}
+        got = {"s": wall, "busy": st.busy_s, "admit": st.admit_s, "prefill": st.prefill_tokens,
+               "reused": st.reused_tokens, "prefills": st.prefill_batches, "decode_steps": st.decode_steps,
+               "rollouts": len(sampled), "turns": turns * len(sampled), "sampled": sum(sampled)}
         o = out.setdefault(mb, dict.fromkeys(KEYS, 0.0))  # a mode named twice (ABBA order): summed
         for k in KEYS:
             o[k] += got[k]
@@ -138,14 +140,14 @@ def run_tool_use(cfg, modes: list[int], steps: int, warmup_steps: int, warm_cach
             for step in range(steps):
                 for mb in modes:  # interleaved: the same step's prompts and seeds, once per mode
                     engine.prefix_cache = PrefixCache(mb << 20, min_match=engine.min_shared_prefix)
-                    before = (stats.busy_s, stats.prefill_tokens, stats.reused_tokens, stats.prefill_batches,
-                              stats.decode_steps)
+                    before = (stats.busy_s, stats.admit_s, stats.prefill_tokens, stats.reused_tokens,
+                              stats.prefill_batches, stats.decode_steps)
                     groups, t = run.wait(loop.sample(run, step))
                     o = out[mb]
                     o["s"] += t
-                    for key, now, was in zip(("busy", "prefill", "reused", "prefills", "decode_steps"), (
-                            stats.busy_s, stats.prefill_tokens, stats.reused_tokens, stats.prefill_batches,
-                            stats.decode_steps), before):
+                    for key, now, was in zip(("busy", "admit", "prefill", "reused", "prefills", "decode_steps"), (
+                            stats.busy_s, stats.admit_s, stats.prefill_tokens, stats.reused_tokens,
+                            stats.prefill_batches, stats.decode_steps), before):
                         o[key] += now - was
                     for g in groups:
                         for r in g.rollouts:
@@ -191,11 +193,11 @@ def main() -> None:
                 f"after {args.warmup_steps} SFT warm-up steps")
     print(f"\n{what}; torch threads {torch.get_num_threads()}; load average (1/5/15 min) at start "
           f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("| prefix_cache_mb | seconds | engine busy s | prefill tokens computed | reused | prefill forwards "
-          "| decode steps | turns / rollout | sampled tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| prefix_cache_mb | seconds | engine busy s | of which prefill s | prefill tokens computed | reused "
+          "| prefill forwards | decode steps | turns / rollout | sampled tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mb, o in out.items():
-        print(f"| {mb} | {o['s']:.1f} | {o['busy']:.1f} | {o['prefill']:,.0f} | {o['reused']:,.0f} "
+        print(f"| {mb} | {o['s']:.1f} | {o['busy']:.1f} | {o['admit']:.1f} | {o['prefill']:,.0f} | {o['reused']:,.0f} "
               f"| {o['prefills']:.0f} | {o['decode_steps']:.0f} | {o['turns'] / max(o['rollouts'], 1):.2f} "
               f"| {o['sampled']:,.0f} |")
 

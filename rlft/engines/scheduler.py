@@ -37,6 +37,7 @@ class EngineStats:
     tokens_generated: int = 0
     max_running: int = 0  # largest number of sequences decoded together
     busy_s: float = 0.0  # wall time the worker spent in forward passes and sampling
+    admit_s: float = 0.0  # the part of busy_s spent admitting requests (prefill, joining the running batch)
 
     @property
     def forward_batches(self) -> int:
@@ -139,6 +140,7 @@ class Scheduler:
             with self.lock, torch.inference_mode(), _eval_mode(self.model):
                 if new:
                     batch = self._admit(batch, new)
+                    self.stats.admit_s += time.perf_counter() - t0
                 if batch is not None:
                     batch = self._step(batch)
             self.stats.busy_s += time.perf_counter() - t0
