@@ -11,11 +11,13 @@ entries, so a rollout's turn also matches the prompt part of a sibling's kept se
 rollouts of a group share their prompt's KV at every turn, not only when admitted together).
 
 Storage: a prefix's KV is a list of *parts*, each one tensor ``[layers, 2 (K, V), H_kv, n, D]``
-and how many of its tokens it uses. A sequence kept after reusing a prefix holds the parts that
-prefix came from plus one new part, so the G rollouts of a group hold their shared prompt prefix
-once, not G times. The budget counts the bytes of the distinct parts the entries hold; the least
-recently used entries go first. Keeping a sequence drops the entries it extends (a kept sequence
-whose ids are a prefix of the new one): the new entry matches everything they matched.
+and how many of its tokens it uses. A kept sequence holds, by reference, the parts its prompt
+started from (a reused prefix, the prefix shared by the prompts prefilled with it), a part for
+the rest of its prompt (made at its prefill, one per distinct prompt) and a part for its fed
+tokens, so the G rollouts of a group hold their prompt's KV once, not G times. The budget counts
+the bytes of the distinct parts the entries hold; the least recently used entries go first.
+Keeping a sequence drops the entries it extends (a kept sequence whose ids are a prefix of the
+new one): the new entry matches everything they matched.
 
 Invalidation: the KV was computed by one version of the weights. The engine clears the cache in
 ``sync_weights`` and in ``paused()`` (where a shared module's weights change), and a sequence
@@ -24,11 +26,13 @@ admitted before a clear is not kept after it (``epoch``).
 Left out: paged / block-level sharing (two sequences built separately that happen to share
 tokens hold two copies; sharing follows how a sequence was built); the parts a running request
 still uses after its entry was evicted are not counted against the budget until it finishes;
-keeping a sequence is a copy of its rows (~23 KB per token for SmolLM2 in bf16), done for every
-finished sequence, needed or not (the engine cannot know whether a next turn will come); reuse
-across engines, processes or restarts. Reused KV was computed one token at a time in decode
-steps, where a fresh prefill computes it in one pass: in float32 the logits agree to ~1e-6, in
-bf16 they can move by an ulp (as batching already can, ``rlft.engines.hf``).
+keeping costs a copy of each prompt's KV at its prefill and of each sequence's sampled tokens'
+KV when it ends (~23 KB per token for SmolLM2 in bf16), needed or not (the engine cannot know
+whether a next turn will come); reuse across engines, processes or restarts. Reused KV was
+computed one token at a time in decode steps, where a fresh prefill computes it in one pass: in
+float32 the tests find the same tokens and logprobs within 1e-4; in bf16 a logit can move by an
+ulp (as batching already can, ``rlft.engines.hf``), and a seeded sample then continues
+differently at a near-tie.
 """
 
 from __future__ import annotations
