@@ -97,6 +97,7 @@ class TrainConfig(FlatConfig):
     engine: str = "hf"  # hf (in-process) | vllm | openai (remote server)
     engine_url: str = ""  # base URL of the remote engine (engine = openai)
     engine_model: str = ""  # the base model's name on the remote engine (empty = model)
+    prefix_cache_mb: int = 512  # hf engine: MB for finished turns' KV (a next turn prefills only new tokens); 0 = off
     rollout_workers: int = 0  # Ray actors running the environment (tools, rewards; engine = openai); 0 = in-process
     ray_address: str = ""  # connect to an existing Ray cluster (ray start --head; "auto"); empty = a local instance
     sync_check: bool = True  # after each weight sync, probe the engine; stale/mismatched weights stop the run
