@@ -8,10 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_shared_prefix import _groups, _update  # noqa: E402
-
 from rlft.policy import LoraSpec, load_policy  # noqa: E402
 from rlft.training.recompute import recompute_if_over  # noqa: E402
+from test_shared_prefix import _groups, _update  # noqa: E402
 
 
 @pytest.fixture(scope="module")
