@@ -22,6 +22,8 @@ run with metrics only (the compare page). Then:
 5. live update: with the rollouts tab and the train tab open, one more step (metrics, 256
    rollouts) is written and the run's step advanced; the bytes the page fetched until it showed
    the new step are summed (the store is truncated back to its last step afterwards).
+6. the metrics and compare requests again, each once after each of ``--reps`` new steps of
+   metrics is written (a running run: the first request after a change; truncated back after).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_console.py [--store /tmp/rlft-bench-console]
         [--steps 1000] [--reps 20] [--loads 5] [--json out.json]
@@ -236,6 +238,39 @@ def time_urls(base: str, urls: list[str], reps: int) -> list[dict[str, Any]]:
     return out
 
 
+def time_after_writes(base: str, store_path: Path, run_id: str, urls: list[str], reps: int) -> list[dict[str, Any]]:
+    """Each URL requested once after each of ``reps`` new steps of metrics (24 keys) is written,
+    as a running run's poll finds them: what the first request after a change costs (the
+    console's kept series and their JSON are brought up to date then). Truncated back after."""
+    import httpx
+
+    store = RunStore(store_path)
+    last = store.get_run(run_id)["step"]
+    rng = random.Random(last)
+    times: dict[str, list[float]] = {u: [] for u in urls}
+    sizes: dict[str, int] = {}
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for u in urls:
+                client.get(u)  # warm
+            for i in range(1, reps + 1):
+                store.log_metrics(run_id, last + i, _metrics(rng, last + i, _rollouts(rng, last + i, [0], 8)))
+                for u in urls:
+                    t0 = time.perf_counter()
+                    r = client.get(u)
+                    times[u].append((time.perf_counter() - t0) * 1000)
+                    sizes[u] = len(r.content)
+    finally:
+        store.truncate_after(run_id, last)
+        store.close()
+    out = []
+    for u in urls:
+        ts = sorted(times[u])
+        out.append({"url": u + " (after a new step)", "status": 200, "bytes": sizes.get(u, 0),
+                    "p50_ms": statistics.median(ts), "p95_ms": ts[min(len(ts) - 1, round(0.95 * (len(ts) - 1)))]})
+    return out
+
+
 def measure_tabs(base: str, run_id: str, other: str, loads: int) -> tuple[dict[str, Any], list[str]]:
     from playwright.sync_api import sync_playwright
 
@@ -388,6 +423,9 @@ def main() -> None:
             with RunStore(path) as writer:
                 writer.set_status(run_id, "running")
         api += [r | {"url": r["url"] + " (run completed)"} for r in done]
+        # a running run: a new step of metrics before each request
+        changing = [u for u in urls if ("/metrics" in u and "after_step" not in u) or u.startswith("/api/compare")]
+        api += time_after_writes(base, path, run_id, changing, args.reps)
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -97,6 +97,7 @@ class TrainConfig(FlatConfig):
     engine: str = "hf"  # hf (in-process) | vllm | openai (remote server)
     engine_url: str = ""  # base URL of the remote engine (engine = openai)
     engine_model: str = ""  # the base model's name on the remote engine (empty = model)
+    prefix_cache_mb: int = 512  # hf engine: MB for finished turns' KV (a next turn prefills only new tokens); 0 = off
     rollout_workers: int = 0  # Ray actors running the environment (tools, rewards; engine = openai); 0 = in-process
     ray_address: str = ""  # connect to an existing Ray cluster (ray start --head; "auto"); empty = a local instance
     sync_check: bool = True  # after each weight sync, probe the engine; stale/mismatched weights stop the run
@@ -130,7 +131,7 @@ class TrainConfig(FlatConfig):
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.99  # AdamW beta2
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    micro_batch_tokens: int = 1024  # tokens per forward/backward micro-batch (length-bucketed; activation memory)
+    micro_batch_tokens: int = 1024  # padded tokens per forward/backward (activation memory; a longer row: recomputed)
     shared_prefix: str = "auto"  # train each group's common prompt once: auto (where exact) | true | false
     distributed: str = "ddp"  # multi-process strategy under torchrun: ddp | fsdp2 (sharded); gloo on CPU, NCCL on GPU
     seed: int = 0  # seeds data order, sampling and init

@@ -28,6 +28,7 @@ EVAL_KEYS = ["time/eval", "examples", "k"]
 KEYS = GROUP_KEYS + [
     "loss/policy", "loss/kl", "policy/entropy", "policy/clip_ratio", "optim/grad_norm", "optim/lr",
     "batch/skipped_groups", "batch/trained_sequences", "batch/forward_tokens",
+    "batch/recomputed_micro_batches",
     "sync/logprob_diff_mean", "sync/logprob_diff_max", "sync/policy_lag", "sync/policy_lag_max",
     "sync/probe_logprob_diff", "sync/probe_logprob_diff_max", "rollout/worker",
     "time/generate", "time/train", "time/step", "throughput/tokens_per_s",

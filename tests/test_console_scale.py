@@ -5,6 +5,7 @@ only what was asked, and the run's kept rollout counts follow new and truncated 
 ``build_scale_store`` is shared with test_console_browser.py. No timings here
 (benchmarks/bench_console.py has them)."""
 
+import json
 import math
 import random
 from collections import defaultdict
@@ -16,6 +17,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 from rlft.console.app import create_app
+from rlft.health.source import run_findings
 from rlft.store import RunStore
 from rlft.types import Rollout, RolloutError, Termination
 
@@ -197,3 +199,102 @@ def test_component_and_error_filters_run_in_sql_with_their_totals(client, big):
     assert all(r["errors"] for r in bad["items"])
     good = client.get(url, params={"split": "train", "errors": "false", "limit": 1}).json()
     assert good["total"] == big.store.count_rollouts(big.run_id, split="train") - len(big.store.rollout_errors(big.run_id))
+
+
+def test_the_first_tally_reads_indexes_not_rollout_rows_and_later_ones_only_newer_rows(big):
+    """A run's first count in a console reads the v6 indexes (a 250k-rollout run's rows are
+    800 MB); later counts read the rows above the last id seen, by id."""
+    from rlft.store import aggregates as agg
+
+    conn = big.store._conn()
+    executed: list[str] = []
+    conn.set_trace_callback(executed.append)
+    try:
+        rows, errors, top = agg.rollout_tally(big.store, big.run_id)
+        first = list(executed)
+        executed.clear()
+        agg.rollout_tally(big.store, big.run_id, after_id=top - 10)
+        later = list(executed)
+    finally:
+        conn.set_trace_callback(None)
+
+    def plan(sql: str) -> str:
+        return " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
+
+    assert [plan(s) for s in first] == ["SEARCH rollouts USING COVERING INDEX rollouts_tally (run_id=?)",
+                                        "SEARCH rollouts USING INDEX rollouts_errors (run_id=?)"]
+    assert len(later) == 1 and plan(later[0]).startswith("SEARCH rollouts USING INTEGER PRIMARY KEY (rowid>?)")
+    assert sum(n for _, _, n, _ in rows) == big.store.count_rollouts(big.run_id, split=None)
+    assert sum(errors.values()) == len(big.store.rollout_errors(big.run_id, split=None)) > 0
+
+
+def fresh_json(store, run_id, **kw) -> str:
+    """What the no-option metrics route must return: the store's series read now."""
+    data = {k: [[s, v] for s, v in pts] for k, pts in store.metrics(run_id, **kw).items()}
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def buckets_of(series: dict, width: int) -> dict:
+    """{key: [[first step, mean, min, max], ...]} of buckets of ``width`` steps, from raw points."""
+    out = {}
+    for key, pts in series.items():
+        groups = defaultdict(list)
+        for s, v in pts:
+            groups[s // width].append((s, v))
+        out[key] = []
+        for b in sorted(groups):
+            vals = [v for _, v in groups[b] if v is not None]
+            stats = [sum(vals) / len(vals), min(vals), max(vals)] if vals else [None, None, None]
+            out[key].append([groups[b][0][0], *stats])
+    return out
+
+
+def test_kept_metric_series_equal_a_fresh_read_as_rows_are_added_rewritten_and_truncated(tmp_path):
+    live = build_scale_store(tmp_path, steps=40, planned=40)
+    store, run_id = live.store, live.run_id
+    with TestClient(create_app(tmp_path), base_url="http://127.0.0.1") as c:
+        url = f"/api/runs/{run_id}/metrics"
+
+        def check() -> None:
+            assert c.get(url).text == fresh_json(store, run_id)
+            newer = [[s, v] for s, v in store.metrics(run_id, ["reward/mean"]).get("reward/mean", []) if s > 30]
+            assert c.get(url, params={"keys": "reward/mean", "after_step": 30}).json() == \
+                ({"reward/mean": newer} if newer else {})  # a key with no point in the range is left out
+            cmp = c.get("/api/compare", params={"runs": run_id}).json()
+            assert cmp["metrics"][run_id] == json.loads(fresh_json(store, run_id))
+            assert cmp["keys"][run_id] == store.metric_keys(run_id)
+            assert c.get(url, params={"bucket": 3}).json() == buckets_of(store.metrics(run_id), 3)
+            findings = json.loads(json.dumps([f.to_dict() for f in run_findings(store, run_id)]))
+            assert c.get(f"/api/runs/{run_id}/health").json()["findings"] == findings
+
+        check()
+        for step in (41, 42, 43, 44):  # new steps, filling the last bucket of 3 and starting the next
+            store.log_metrics(run_id, step, {"reward/mean": step / 160, "optim/grad_norm": 2.0})
+            check()
+        assert c.get(url).json()["reward/mean"][-1] == [44, 0.275]
+        store.log_metrics(run_id, 44, {"reward/mean": 0.5})  # the last step rewritten (a weight push, an eval)
+        check()
+        store.log_metrics(run_id, 7, {"reward/mean": -1.0})  # an older step rewritten in place
+        store.log_metrics(run_id, 0, {"sync/ok": 1.0, "reward/mean": float("nan")})  # a new key, a null value
+        check()
+        assert c.get(url).json()["reward/mean"][:2] == [[0, None], [1, c.get(url).json()["reward/mean"][1][1]]]
+        store.truncate_after(run_id, 30)  # a resume from step 30
+        check()
+        assert max(p[0] for p in c.get(url).json()["reward/mean"]) == 30
+        # truncated and written again past where it was, between two requests
+        store.truncate_after(run_id, 20)
+        for step in range(21, 45):
+            store.log_metrics(run_id, step, {"reward/mean": step / 100})
+        check()
+        store.truncate_after(run_id, -1)  # every row gone
+        check()
+        assert c.get(url).json() == {}
+
+
+def test_kept_series_bucket_negative_steps_by_floor_like_the_documented_buckets():
+    from rlft.console.series import MetricSeries
+
+    series = MetricSeries()
+    series.apply([("loss", s, float(s), 1.0) for s in range(-7, 8)])  # warm-up steps are negative
+    assert series.select(bucket=5)["loss"] == [[-7, -6.5, -7.0, -6.0], [-5, -3.0, -5.0, -1.0],
+                                               [0, 2.0, 0.0, 4.0], [5, 6.0, 5.0, 7.0]]

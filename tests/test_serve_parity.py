@@ -152,7 +152,8 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_adapters_share_the_loaded_base_and_answer_as_a_full_load(tiny_model_dir, adapter_dirs):
+def test_adapters_share_the_loaded_base_and_each_answers_as_its_own_full_load_back_and_forth(tiny_model_dir,
+                                                                                             adapter_dirs):
     import httpx
 
     from rlft.engines.base import SamplingParams
@@ -163,24 +164,28 @@ def test_adapters_share_the_loaded_base_and_answer_as_a_full_load(tiny_model_dir
     app = create_app(tiny_model_dir, dtype="float32", device="cpu")
     with BackgroundServer(app) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        greedy = {}
         for name, path in zip(["a1", "a2"], adapter_dirs):
             assert httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}).is_success
-            greedy[name] = client.chat.completions.create(model=name, messages=HI, max_tokens=10, temperature=0,
-                                                          extra_body={"return_token_ids": True}).choices[0].token_ids
+        greedy: dict[str, list] = {}
+        for name in ["a1", "a2", tiny_model_dir, "a1", "a2", tiny_model_dir, "a1"]:  # switching back and forth
+            greedy.setdefault(name, []).append(client.chat.completions.create(
+                model=name, messages=HI, max_tokens=10, temperature=0,
+                extra_body={"return_token_ids": True}).choices[0].token_ids)
         base = app.state.registry.bases.base(tiny_model_dir).model
-        views = [s.policy.model for s in app.state.registry.loaded.values()]
-        assert len(views) == 2 and greedy["a1"] != greedy["a2"]
+        views = [s.policy.model for e, s in app.state.registry.loaded.items() if e.startswith("adapter:")]
+        assert len(views) == 2
         base_ptrs = {p.data_ptr() for p in base.parameters()}
         for view in views:  # every base tensor is the base's own; only the LoRA weights are the adapter's
             for name, p in view.named_parameters():
                 assert (p.data_ptr() in base_ptrs) == ("lora_" not in name), name
-    for name, path in zip(["a1", "a2"], adapter_dirs):  # the same tokens as the adapter loaded on its own base
-        policy = load_policy(path, dtype="float32")
+    assert all(len(set(map(tuple, answers))) == 1 for answers in greedy.values()), greedy  # each its own, always
+    assert len({tuple(answers[0]) for answers in greedy.values()}) == 3
+    for name, path in [("a1", adapter_dirs[0]), ("a2", adapter_dirs[1]), (tiny_model_dir, tiny_model_dir)]:
+        policy = load_policy(path, dtype="float32")  # the adapter loaded by peft on its own base (or the base)
         engine = HFEngine(policy.model, policy.tokenizer)
         try:
             prompt = Renderer(policy.tokenizer).render_prompt(HI)
-            assert engine.generate_sync(prompt, SamplingParams(temperature=0, max_new_tokens=10)).tokens == greedy[name]
+            assert engine.generate_sync(prompt, SamplingParams(temperature=0, max_new_tokens=10)).tokens == greedy[name][0]
         finally:
             engine.close()
 

@@ -384,3 +384,52 @@ def test_upgrading_a_store_removes_duplicate_eval_rows_keeping_the_newest(tmp_pa
     store = RunStore(tmp_path)
     assert [e["metrics"]["v"] for e in store.evals(run_id)] == [0.2]
     store.close()
+
+
+V6_INDEXES = {"rollouts_tally", "rollouts_errors", "metrics_written"}
+
+
+def test_upgrading_a_v5_store_adds_the_v6_indexes_and_keeps_every_row(tmp_path):
+    store = RunStore(tmp_path)
+    run_id = store.create_run()
+    bad = RolloutError("reward:correct", "boom")
+    store.add_rollouts(run_id, 1, [make_rollout(0, 0), make_rollout(0, 1, termination=Termination.LENGTH),
+                                   make_rollout(1, 0, errors=[bad], termination=Termination.REWARD_ERROR)])
+    store.log_metrics(run_id, 1, {"reward/mean": 0.5})
+    conn = store._conn()
+    for name in V6_INDEXES:  # the store as rlft with schema v5 left it
+        conn.execute(f"DROP INDEX {name}")
+    conn.execute("DELETE FROM schema_version WHERE version=6")
+    conn.execute("PRAGMA user_version=5")
+    store.close()
+    store = RunStore(tmp_path)
+    conn = store._conn()
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert indexes >= V6_INDEXES
+    assert store.termination_counts(run_id) == {"finished": 1, "length": 1, "reward_error": 1}
+    assert [r["errors"][0]["message"] for r in store.rollouts(run_id) if r["errors"]] == ["boom"]
+    assert store.metrics(run_id) == {"reward/mean": [(1, 0.5)]}
+    store.close()
+
+
+def test_a_metric_row_is_stamped_when_its_write_commits_not_when_it_began_waiting(tmp_path):
+    """The console reads the metric rows written since the newest stamp it has: a row stamped
+    before a write that committed ahead of it would never be read."""
+    import threading
+    import time
+
+    store = RunStore(tmp_path)
+    run_id = store.create_run()
+    other = sqlite3.connect(tmp_path / "rlft.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    writer = threading.Thread(target=store.log_metrics, args=(run_id, 1, {"loss": 1.0}))
+    writer.start()
+    time.sleep(0.3)
+    released = time.time()
+    other.execute("COMMIT")
+    writer.join()
+    (stamp,) = store._conn().execute("SELECT wall_time FROM metrics WHERE run_id=?", (run_id,)).fetchone()
+    assert stamp >= released
+    other.close()
+    store.close()

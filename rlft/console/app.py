@@ -194,6 +194,11 @@ def _json(data: Any) -> Response:
     return Response(json.dumps(data, separators=(",", ":"), ensure_ascii=False), media_type="application/json")
 
 
+def _json_text(text: str) -> Response:
+    """JSON already serialized (the metric series' answers, kept between requests)."""
+    return Response(text, media_type="application/json")
+
+
 def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
                serve_url: str = "http://127.0.0.1:8000", serve_api_key: str | None = None,
                poll_ms: int = 2000) -> Any:
@@ -271,8 +276,8 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
     @api.get("/api/runs/{ref}/metrics")
     def run_metrics(ref: str, keys: str | None = None, after_step: int | None = None, max_points: int | None = None,
                     bucket: int | None = None, first_step: int | None = None, last_step: int | None = None):
-        return _json(views.metrics(store(), rid(ref), _csv(keys), after_step, max_points=max_points, bucket=bucket,
-                                   first_step=first_step, last_step=last_step))
+        return _json_text(views.metrics(store(), cache, rid(ref), _csv(keys), after_step, max_points=max_points,
+                                        bucket=bucket, first_step=first_step, last_step=last_step))
 
     @api.get("/api/runs/{ref}/evals")
     def run_evals(ref: str):
@@ -323,7 +328,7 @@ def create_app(runs_dir: str | Path = "runs", *, token: str | None = None,
         ids = [rid(r) for r in _csv(runs) or []]
         if not ids:
             raise ValueError("name the runs to compare: ?runs=a,b")
-        return _json(views.compare(store(), cache, ids, _csv(keys), max_points=max_points))
+        return _json_text(views.compare(store(), cache, ids, _csv(keys), max_points=max_points))
 
     # -- chat ----------------------------------------------------------------------------------
     @api.get("/api/chat/models")

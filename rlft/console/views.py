@@ -2,15 +2,17 @@
 
 Each function takes the store and request arguments and returns JSON-ready dicts and lists (run
 summaries, metric series, filtered rollout pages, the reward heatmap, a comparison of runs). No
-HTTP here (that is :mod:`rlft.console.app`) and no writes: the store is opened read-only. What a
-chart or the heatmap draws is aggregated in SQL (:mod:`rlft.store.aggregates`): metric series in
-buckets of steps (mean, min, max) for as many points as the chart has room for, the heatmap as
-columns of steps for one page of examples; counts of a run's rollouts come from the console's
-:class:`~rlft.console.runcache.RunCache`, kept up to date from the rows written since.
+HTTP here (that is :mod:`rlft.console.app`) and no writes: the store is opened read-only. The heatmap
+is aggregated in SQL (:mod:`rlft.store.aggregates`) as columns of steps for one page of
+examples; metric series (in buckets of steps, mean, min and max, for as many points as a chart
+has room for) and counts of a run's rollouts come from the console's
+:class:`~rlft.console.runcache.RunCache`, kept up to date from the rows written since. The
+metrics and compare routes return JSON text (the series' JSON is kept between requests).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -73,21 +75,22 @@ def run_detail(store: RunStore, cache: RunCache, run_id: str) -> dict[str, Any]:
     return out
 
 
-def metrics(store: RunStore, run_id: str, keys: list[str] | None = None, after_step: int | None = None, *,
-            max_points: int | None = None, bucket: int | None = None, first_step: int | None = None,
-            last_step: int | None = None) -> dict[str, list[list[float | None]]]:
-    """``{key: [[step, value], ...]}``, every logged point; ``after_step``: only later steps (polling),
-    ``first_step``/``last_step``: a range (zooming in). Downsampled for a chart: ``bucket`` steps
-    per point, or ``max_points`` (the bucket that fits the run's planned steps, or the range, in
-    that many points): each point is ``[first step of the bucket, mean, min, max]`` (a bucket of
-    one step stays ``[step, value]``), so a spike still shows as the bucket's max."""
+def metrics(store: RunStore, cache: RunCache, run_id: str, keys: list[str] | None = None,
+            after_step: int | None = None, *, max_points: int | None = None, bucket: int | None = None,
+            first_step: int | None = None, last_step: int | None = None) -> str:
+    """``{key: [[step, value], ...]}`` as JSON text, every logged point; ``after_step``: only later
+    steps (polling), ``first_step``/``last_step``: a range (zooming in). Downsampled for a chart:
+    ``bucket`` steps per point, or ``max_points`` (the bucket that fits the run's planned steps,
+    or the range, in that many points): each point is ``[first step of the bucket, mean, min,
+    max]`` (a bucket of one step stays ``[step, value]``), so a spike still shows as the bucket's
+    max. Answered from the run's kept series (:mod:`rlft.console.series`)."""
     if bucket is None and max_points is not None:
         planned = (store.get_run(run_id).get("config") or {}).get("steps")
         end = last_step if last_step is not None else max(agg.metric_extent(store, run_id),
                                                            planned if isinstance(planned, int) else 0)
         span = end - (first_step or 0) + 1
         bucket = agg.bucket_for(span, min(max(int(max_points), 1), MAX_POINTS))
-    return agg.metric_buckets(store, run_id, keys, bucket=max(1, int(bucket or 1)), after_step=after_step,
+    return cache.metrics_json(store, run_id, keys, bucket=max(1, int(bucket or 1)), after_step=after_step,
                               first_step=first_step, last_step=last_step)
 
 
@@ -100,12 +103,14 @@ def evals(store: RunStore, run_id: str) -> dict[str, Any]:
 
 
 def health(store: RunStore, cache: RunCache, run_id: str) -> dict[str, Any]:
-    """The run's training-health findings (docs/health.md), most severe first; kept until the run
-    row (the trainer updates it every step), its last metric step or its rollouts change."""
-    version = (store.get_run(run_id).get("updated_at"), agg.metric_version(store, run_id),
+    """The run's training-health findings (docs/health.md), most severe first, from the kept metric
+    series; kept until the run row (the trainer updates it every step), any metric row or its
+    rollouts change."""
+    version = (store.get_run(run_id).get("updated_at"), agg.metric_stamp(store, run_id),
                agg.rollout_version(store, run_id))
     return cache.derived(store, run_id, "health", version=version,
-                         compute=lambda: {"findings": [f.to_dict() for f in run_findings(store, run_id)]})
+                         compute=lambda: {"findings": [f.to_dict() for f in run_findings(
+                             store, run_id, cache.metric_points(store, run_id))]})
 
 
 def _preview(messages: list[dict[str, Any]], role: str, last: bool) -> str:
@@ -227,19 +232,26 @@ def config(store: RunStore, run_id: str) -> dict[str, Any]:
 
 
 def compare(store: RunStore, cache: RunCache, run_ids: Iterable[str], keys: list[str] | None = None,
-            max_points: int | None = None) -> dict[str, Any]:
-    """Several runs side by side: summaries, metric series (``keys``, or all; downsampled as
-    :func:`metrics` with ``max_points``), each run's metric names and the config keys that differ."""
+            max_points: int | None = None) -> str:
+    """Several runs side by side, as JSON text: summaries, metric series (``keys``, or all;
+    downsampled as :func:`metrics` with ``max_points``; each run's kept JSON placed as it is),
+    each run's metric names and the config keys that differ."""
     runs = [store.get_run(r) for r in run_ids]
     configs = {r["id"]: r.get("config") or {} for r in runs}
     all_keys = sorted({k for c in configs.values() for k in c})
     diff = {k: {rid: c.get(k) for rid, c in configs.items()} for k in all_keys
             if len({repr(c.get(k)) for c in configs.values()}) > 1}
-    return {"runs": [run_summary(store, cache, r) | {"latest": latest_metrics(store, cache, r),
-                                              "findings": health(store, cache, r["id"])["findings"]} for r in runs],
-            "metrics": {r["id"]: metrics(store, r["id"], keys, max_points=max_points) for r in runs},
-            "keys": {r["id"]: store.metric_keys(r["id"]) for r in runs},
-            "config_diff": diff}
+    summaries = [run_summary(store, cache, r) | {"latest": latest_metrics(store, cache, r),
+                                                 "findings": health(store, cache, r["id"])["findings"]} for r in runs]
+    series = {r["id"]: metrics(store, cache, r["id"], keys, max_points=max_points) for r in runs}
+    return "".join(['{"runs":', _dumps(summaries), ',"metrics":{',
+                    ",".join(_dumps(rid) + ":" + text for rid, text in series.items()),
+                    '},"keys":', _dumps({r["id"]: cache.metric_keys(store, r["id"]) for r in runs}),
+                    ',"config_diff":', _dumps(diff), "}"])
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
 TERMINATION_DOCS = {t.value: " ".join((t.__doc__ or "").split()) for t in Termination}

@@ -6,9 +6,12 @@ the model's ``forward`` with a KV cache whose buffers grow in chunks (no per-ste
 of the whole cache, ``rlft.engines.kv_cache``), then sampling on the last-position logits in
 float32 (``rlft.engines.sampling``). Prompts admitted together are deduplicated (the G rollouts
 of a GRPO group prefill once) and a prefix common to all of them (system prompt, tool schemas)
-is prefilled once and shared by their cache rows. A sequence that finishes (end-of-turn token,
-stop string, ``max_new_tokens``, the context) is delivered at once and its cache rows dropped
-(``_compact``); newly prefilled requests join the running batch (``_merge``).
+is prefilled once and shared by their cache rows. A prompt that extends a finished sequence
+(the next turn of a multi-turn rollout) starts from that sequence's kept KV and prefills only
+the rest (``rlft.engines.prefix_cache``). A sequence that finishes (end-of-turn token, stop
+string, ``max_new_tokens``, the context) has its KV kept in the prefix cache (``_keep``), is
+delivered at once and its cache rows dropped (``_compact``); newly prefilled requests join the
+running batch (``_merge``).
 
 Left out: the engine itself (``hf.py``: construction, weights, the public API, request checks)
 and request queueing and the scheduling loop that calls ``_admit`` and ``_step``
@@ -22,7 +25,8 @@ from typing import Any
 
 import torch
 
-from rlft.engines.kv_cache import EngineCache
+from rlft.engines.kv_cache import SPARE_SLOTS, EngineCache
+from rlft.engines.prefix_cache import Prefix, truncate
 from rlft.engines.sampling import sample_tokens, top_logprobs
 from rlft.engines.scheduler import _Request
 
@@ -48,9 +52,9 @@ class BatchedDecode:
     the running batch) and ``_step`` (decode one token for every running sequence), which the
     :class:`~rlft.engines.scheduler.Scheduler` loop calls. HFEngine supplies ``model``,
     ``tokenizer``, ``device``, ``num_layers``, ``pad_id``, ``stop_token_ids``, ``max_context``,
-    ``max_prefill_tokens``, ``min_shared_prefix``, ``policy_version``, ``stats``, ``grammars``, ``_rng``,
-    ``_cache_kw``/``_logits_kw`` (set in its ``__init__``) and, from the Scheduler, ``_deliver``
-    and ``_sample_of``."""
+    ``max_prefill_tokens``, ``min_shared_prefix``, ``policy_version``, ``stats``, ``grammars``,
+    ``prefix_cache``, ``_rng``, ``_cache_kw``/``_logits_kw`` (set in its ``__init__``) and, from the
+    Scheduler, ``_deliver`` and ``_sample_of``."""
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         if self.fast_forward is not None:  # HFEngine's lean forward of its own copy (rlft.engines.fast_forward)
@@ -86,39 +90,46 @@ class BatchedDecode:
         # cache rows are repeated: each row still samples with its own random draws
         unique: dict[tuple[int, ...], int] = {}
         rows = [unique.setdefault(tuple(r.prompt), len(unique)) for r in reqs]
-        prompts = list(unique)
+        prompts = [list(p) for p in unique]
         n = len(prompts)
-        cache = EngineCache(self.num_layers)
+        # each prompt starts from the longest prefix whose KV is kept (an earlier turn of the same
+        # rollout, a sibling's; rlft.engines.prefix_cache), keeping >= 1 token of its own to run
+        starts = [self.prefix_cache.lookup(p, len(p) - 1) for p in prompts]
+        self.stats.reused_tokens += sum(m for m, _ in starts)
         # a prefix shared by all prompts (system prompt, tool schemas) is prefilled once too
         shared = _common_prefix_len(prompts) if n > 1 else 0
         shared = min(shared, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 token of its own
-        if shared < self.min_shared_prefix:
-            shared = 0
-        if shared:
-            ids = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=dev)
-            ones = torch.ones((1, shared), dtype=torch.bool, device=dev)
-            self._forward(ids, ones, torch.arange(shared, device=dev)[None], cache)
-            for layer in cache.layers:
-                layer.select(torch.zeros(n, dtype=torch.long, device=dev))
-            self.stats.prefill_tokens += shared
-        width = max(len(p) for p in prompts) - shared
+        if shared >= self.min_shared_prefix and any(m < shared for m, _ in starts):
+            common = self._prefill_prefix(prompts[0][:shared], max(starts, key=lambda s: s[0]))
+            self.stats.reused_tokens -= sum(m for m, _ in starts if m < shared)  # replaced by the shared prefix
+            starts = [s if s[0] >= shared else (shared, common) for s in starts]
+        lengths = [m for m, _ in starts]
+        width = max(len(p) - m for p, m in zip(prompts, lengths))
+        cache, prefix_mask = self._cache_from([parts for _, parts in starts], lengths, room=width)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) + shared:] = torch.tensor(p[shared:], dtype=torch.long)
-            mask[i, width - len(p) + shared:] = True
+        for i, (p, m) in enumerate(zip(prompts, lengths)):
+            ids[i, width - len(p) + m:] = torch.tensor(p[m:], dtype=torch.long)
+            mask[i, width - len(p) + m:] = True
         ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.long().cumsum(-1) - 1).clamp_(min=0) + shared
-        if shared:  # cache layout per row: [shared prefix | padding | own suffix]
-            mask = torch.cat([torch.ones((n, shared), dtype=torch.bool, device=dev), mask], dim=1)
+        pos = (mask.long().cumsum(-1) - 1).clamp_(min=0) + torch.tensor(lengths, dtype=torch.long, device=dev)[:, None]
+        self.stats.prefill_tokens += int(mask.sum())
+        # cache layout per row: [padding | reused prefix | padding | own suffix]
+        mask = torch.cat([prefix_mask, mask], dim=1)
         logits = self._forward(ids, mask, pos, cache)
         self.stats.prefill_batches += 1
-        self.stats.prefill_tokens += int(mask.sum()) - n * shared
+        if self.prefix_cache.enabled:  # each prompt's own KV as a part, which the G rows of a group share
+            for i, (p, m) in enumerate(zip(prompts, lengths)):
+                own = mask[i].nonzero().squeeze(1)[m:]
+                starts[i] = (len(p), starts[i][1] + [(_rows_kv(cache, i, own), len(p) - m)])
+            lengths = [len(p) for p in prompts]
         if n < len(reqs):
             index = torch.tensor(rows, dtype=torch.long, device=dev)
             for layer in cache.layers:
                 layer.select(index)
             logits, mask = logits[index], mask[index]
+        for r, row in zip(reqs, rows):  # what the row's KV starts from, to keep it by reference when it ends
+            r.kv_prefix, r.kv_prefix_len, r.kv_epoch = starts[row][1], lengths[row], self.prefix_cache.epoch
         n = len(reqs)
         batch = _Batch(
             reqs=list(reqs), cache=cache, mask=mask,
@@ -132,6 +143,57 @@ class BatchedDecode:
             r.policy_version = self.policy_version
         batch.last = self._sample(batch, logits)
         return batch
+
+    def _prefill_prefix(self, ids: list[int], start: tuple[int, Prefix]) -> Prefix:
+        """The KV of ``ids`` (one row, no sampling), run from ``start`` (a kept prefix of them,
+        possibly longer: it is cut to ``ids``) on."""
+        m = min(start[0], len(ids))
+        base = truncate(start[1], m)
+        if m == len(ids):
+            return base
+        cache, prefix_mask = self._cache_from([base], [m], room=len(ids) - m)
+        dev = self.device
+        rest = torch.tensor([ids[m:]], dtype=torch.long, device=dev)
+        mask = torch.cat([prefix_mask, torch.ones((1, len(ids) - m), dtype=torch.bool, device=dev)], dim=1)
+        self._forward(rest, mask, torch.arange(m, len(ids), device=dev)[None], cache)
+        self.stats.prefill_tokens += len(ids) - m
+        self.stats.reused_tokens += m
+        return base + [(_rows_kv(cache, 0, torch.arange(m, len(ids), device=dev)), len(ids) - m)]
+
+    def _cache_from(self, prefixes: list[Prefix], lengths: list[int], room: int) -> tuple[Any, torch.Tensor]:
+        """A cache whose row ``i`` holds ``prefixes[i]`` (``lengths[i]`` tokens) right-aligned in its
+        first ``max(lengths)`` slots, with room for ``room`` more; and the mask of those slots."""
+        n, width = len(prefixes), max(lengths)
+        cache = EngineCache(self.num_layers)
+        mask = torch.zeros((n, width), dtype=torch.bool, device=self.device)
+        if width == 0:
+            return cache, mask
+        first = next(part for parts in prefixes for part, _ in parts)
+        layers, _, heads, _, dim = first.shape
+        # one buffer for all layers, filled by one copy per (row, part); each layer views its slice
+        buf = first.new_zeros((layers, 2, n, heads, width + room + SPARE_SLOTS, dim))
+        for i, parts in enumerate(prefixes):
+            at = width - lengths[i]
+            mask[i, at:] = True
+            for part, used in parts:
+                buf[:, :, i, :, at:at + used] = part[:, :, :, :used]
+                at += used
+        for k, layer in enumerate(cache.layers):
+            layer.preload(buf[k, 0], buf[k, 1], width)
+        return cache, mask
+
+    def _keep(self, batch: _Batch, i: int) -> None:
+        """Row ``i`` finished: keep its KV in the prefix cache (the parts it started from, by
+        reference, and a copy of the rest of its rows)."""
+        r = batch.reqs[i]
+        slots = batch.mask[i].nonzero().squeeze(1)  # its tokens' slots, in order
+        # the last sampled token was never fed: its KV does not exist
+        assert slots.numel() == len(r.prompt) + len(r.tokens) - 1, (slots.numel(), len(r.prompt), len(r.tokens))
+        own = slots[r.kv_prefix_len:]
+        parts = list(r.kv_prefix)
+        if own.numel():
+            parts.append((_rows_kv(batch.cache, i, own), int(own.numel())))
+        self.prefix_cache.insert((r.prompt + r.tokens)[:slots.numel()], parts)
 
     def _step(self, batch: _Batch) -> _Batch | None:
         n = len(batch.reqs)
@@ -158,12 +220,17 @@ class BatchedDecode:
                                          uniform.to(logits.device))
         tok_list, lp_list = tokens.tolist(), logprobs.tolist()
         self._note_top_logprobs(batch, logits)
-        for r, t, lp in zip(batch.reqs, tok_list, lp_list):
+        for i, (r, t, lp) in enumerate(zip(batch.reqs, tok_list, lp_list)):
             r.tokens.append(t)
             r.logprobs.append(lp)
             if r.grammar is not None:
                 r.grammar.advance(t)
             self._check_finished(r, t)
+            if r.finish is not None and r.finish != "cancelled":
+                # its KV kept before it is delivered: a next turn submitted at once finds it
+                if self.prefix_cache.enabled and r.kv_epoch == self.prefix_cache.epoch:
+                    self._keep(batch, i)
+                self._deliver(r, result=self._sample_of(r))
         self.stats.tokens_generated += n
         return tokens
 
@@ -187,8 +254,6 @@ class BatchedDecode:
         elif len(r.tokens) >= r.params.max_new_tokens or (
                 self.max_context is not None and len(r.prompt) + len(r.tokens) >= self.max_context):
             r.finish = "length"
-        if r.finish is not None and r.finish != "cancelled":
-            self._deliver(r, result=self._sample_of(r))
 
     def _hits_stop(self, r: _Request) -> bool:
         # a stop string of N bytes spans at most N tokens; decode a window of the latest tokens
@@ -234,6 +299,12 @@ class BatchedDecode:
         a.top_p = torch.cat([a.top_p, b.top_p])
         a.top_k = torch.cat([a.top_k, b.top_k])
         return a
+
+
+def _rows_kv(cache: Any, row: int, slots: torch.Tensor) -> torch.Tensor:
+    """A copy of ``row``'s K and V at cache ``slots``, all layers: ``[layers, 2, H_kv, len(slots), D]``."""
+    return torch.stack([torch.stack([layer.keys[row][:, slots], layer.values[row][:, slots]])
+                        for layer in cache.layers])
 
 
 def _common_prefix_len(seqs: list[tuple[int, ...]]) -> int:

@@ -44,6 +44,7 @@ class EngineOptions:
     url: str = ""
     served_model: str = ""
     vllm: VLLMSettings | None = None
+    prefix_cache_mb: float = 512  # hf: finished sequences' KV kept for the next turn (rlft.engines.prefix_cache)
 
 
 def engine_options(cfg: TrainConfig) -> EngineOptions:
@@ -54,7 +55,7 @@ def engine_options(cfg: TrainConfig) -> EngineOptions:
     return EngineOptions(
         kind=cfg.engine, max_concurrency=cfg.max_concurrency, overlap=cfg.overlap, bf16=cfg.dtype == "bfloat16",
         sharded=cfg.distributed == "fsdp2" and distributed.is_distributed(),
-        url=cfg.engine_url, served_model=cfg.engine_model or cfg.model,
+        url=cfg.engine_url, served_model=cfg.engine_model or cfg.model, prefix_cache_mb=cfg.prefix_cache_mb,
         vllm=VLLMSettings(runs_dir=cfg.runs_dir, dtype=cfg.dtype,
                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep=cfg.vllm_sleep,
                           max_model_len=cfg.max_seq_len, seed=cfg.seed, lora_rank=cfg.lora_rank,
@@ -69,7 +70,7 @@ def make_engine(options: EngineOptions, policy: Any, *, tag: str = "") -> Traina
 
         if policy.is_lora:  # a merged copy: fast sampling, refreshed by each sync (overlap needs a snapshot too)
             return HFEngine(policy.model, policy.tokenizer, max_batch_size=options.max_concurrency, merge_lora=True,
-                            inline=not options.overlap)
+                            inline=not options.overlap, prefix_cache_mb=options.prefix_cache_mb)
         if options.overlap or options.sharded or options.bf16:
             # its own copy of the weights, refreshed by each sync: overlap samples while the trainer
             # steps; under FSDP2 the trainer's module becomes shards (each forward a collective);
@@ -77,10 +78,11 @@ def make_engine(options: EngineOptions, policy: Any, *, tag: str = "") -> Traina
             # (batch-64 SmolLM2 on CPU: ~1,100 tok/s packed bf16 vs ~365 float32, benchmarks/README.md)
             return HFEngine(policy.model, policy.tokenizer, max_batch_size=options.max_concurrency,
                             dtype="bfloat16" if options.bf16 else None, copy_weights=True,
-                            inline=not options.overlap)
+                            inline=not options.overlap, prefix_cache_mb=options.prefix_cache_mb)
         # sampling and training take turns: the forward passes run on the training loop's thread
         # (one OpenMP team; a second thread doing torch work slows both, see HFEngine)
-        return HFEngine(policy.model, policy.tokenizer, max_batch_size=options.max_concurrency, inline=True)
+        return HFEngine(policy.model, policy.tokenizer, max_batch_size=options.max_concurrency, inline=True,
+                        prefix_cache_mb=options.prefix_cache_mb)
     if options.kind == "openai":
         from rlft.engines.remote import RemoteEngine
         from rlft.engines.tokens import end_of_turn_ids

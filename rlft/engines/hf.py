@@ -7,7 +7,10 @@ the model between the rollouts' own steps (``rlft.engines.scheduler``; why: HFEn
 docstring). The scheduling loop keeps one running batch and does *continuous batching*: a request that arrives
 while a batch is decoding is prefilled on its own and joins the batch at the next step, and a
 sequence that finishes (end-of-turn token, stop string, ``max_new_tokens``) leaves the batch at
-once: its rows of the KV cache are dropped, so no compute is spent on finished sequences.
+once: its rows of the KV cache leave the batch, so no compute is spent on finished sequences;
+they are kept a while in a bounded prefix cache (``rlft.engines.prefix_cache``), so that the next
+turn of a multi-turn rollout prefills only the tokens appended since (tool results, the next
+assistant header), not its whole conversation again.
 
 The model work (the hand-written decode loop: left-padded prefill with deduplicated prompts and a
 shared prefix, one token per step through ``forward`` with a chunk-grown KV cache, sampling,
@@ -61,6 +64,7 @@ from rlft.engines.fast_forward import supports as supports_fast_forward
 from rlft.engines.kv_cache import HFCache
 from rlft.engines.lora_merge import MergedCopy, is_lora_model
 from rlft.engines.packed_linear import can_pack, pack_linears, repack_linears
+from rlft.engines.prefix_cache import PrefixCache
 from rlft.engines.sampling import sample_tokens
 from rlft.engines.scheduler import EngineStats, Scheduler, _Request
 from rlft.engines.tokens import end_of_turn_ids, pad_id
@@ -99,6 +103,10 @@ class HFEngine(Scheduler, BatchedDecode):
     and decode run through :class:`rlft.engines.fast_forward.FastForward` (no transformers module
     dispatch, fused q/k/v and gate/up matmuls; bit-identical logits) instead of the model's
     modules; its fused weights are rebuilt by :meth:`sync_weights`.
+    ``prefix_cache_mb``: memory for the KV of finished sequences, so that a request extending one
+    (a rollout's next turn: its conversation so far plus the tool results) prefills only the new
+    tokens (:mod:`rlft.engines.prefix_cache`; 0 = off); dropped by :meth:`sync_weights` and
+    :meth:`paused`.
 
     Threads: by default a worker thread runs the model, so the event loop stays responsive. On a
     CPU that costs more than it saves when the same process also trains: each thread that runs
@@ -134,6 +142,7 @@ class HFEngine(Scheduler, BatchedDecode):
         copy_weights: bool = False,
         fast_forward: bool = True,
         prepack: bool = True,
+        prefix_cache_mb: float = 512,
     ):
         if tokenizer is None and hasattr(model, "tokenizer") and hasattr(model, "model"):
             model, tokenizer = model.model, model.tokenizer  # a Policy
@@ -174,6 +183,8 @@ class HFEngine(Scheduler, BatchedDecode):
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.batch_wait_s = float(batch_wait_s)
         self.min_shared_prefix = max(1, int(min_shared_prefix))
+        # finished sequences' KV, so a rollout's next turn prefills only what was appended (rlft.engines.prefix_cache)
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20)), min_match=self.min_shared_prefix)
         self.policy_version = int(policy_version)
         self.stop_token_ids = set(stop_token_ids) if stop_token_ids is not None else end_of_turn_ids(
             tokenizer, self.model)
@@ -264,8 +275,10 @@ class HFEngine(Scheduler, BatchedDecode):
 
     @contextlib.contextmanager
     def paused(self):
-        """Hold the engine between forward passes (e.g. around an optimizer step on a shared model)."""
+        """Hold the engine between forward passes (e.g. around an optimizer step on a shared model).
+        The prefix cache is dropped: the weights may change meanwhile, and kept KV would be stale."""
         with self.lock:
+            self.prefix_cache.clear()
             yield
 
     def sync_weights(self, update: WeightUpdate) -> None:
@@ -286,6 +299,7 @@ class HFEngine(Scheduler, BatchedDecode):
                 self.fast_forward.refresh()
             if self.prepacked:  # only an own copy is packed: its new weights, packed again
                 repack_linears(self.model)
+            self.prefix_cache.clear()  # KV computed by the old weights
             self.policy_version = int(update.version)
 
     def close(self) -> None:

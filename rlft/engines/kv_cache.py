@@ -3,7 +3,8 @@
 HF's ``DynamicLayer`` concatenates the whole cache at every step (~0.3 GB per step for SmolLM2
 at batch 64 and 200 tokens); ``GrowLayer`` writes one slot into buffers with spare capacity and
 supports what continuous batching needs: select rows (finished sequences leave), merge two
-batches right-aligned (late requests join), and trim shared left padding. Needs transformers
+batches right-aligned (late requests join), trim shared left padding, and start from KV reused
+from earlier requests (``preload``). Needs transformers
 >= 4.56 (a ``Cache`` made of per-layer objects); ``EngineCache`` is None on older versions.
 Left out: paged attention, sliding-window layers.
 """
@@ -19,7 +20,7 @@ except ImportError:  # pragma: no cover
     HFCache = HFDynamicLayer = None
 
 
-_GROW = 32  # sequence slots added at a time (decode attends over them all: rlft.attention)
+SPARE_SLOTS = _GROW = 32  # sequence slots added at a time (decode attends over them all: rlft.attention)
 
 
 if HFDynamicLayer is not None:
@@ -47,6 +48,13 @@ if HFDynamicLayer is not None:
             # buffers (unwritten slots masked) rather than copy the strided views
             if kbuf.is_contiguous() and vbuf.is_contiguous():
                 self.keys._rlft_buffer, self.values._rlft_buffer = kbuf, vbuf
+
+        def preload(self, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int) -> None:
+            """Start from ``length`` slots already written in ``kbuf``/``vbuf`` ``[B, H, cap, D]`` (a
+            prefix's KV reused from ``rlft.engines.prefix_cache``); the next update appends after them."""
+            self.device = kbuf.device
+            self.is_initialized = True
+            self._set(kbuf, vbuf, length)
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:

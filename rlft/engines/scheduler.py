@@ -33,9 +33,11 @@ class EngineStats:
     prefill_batches: int = 0  # prefill forward passes (one per group of admitted requests)
     decode_steps: int = 0  # decode forward passes (one token for every running sequence)
     prefill_tokens: int = 0  # prompt tokens run through prefill (identical prompts count once)
+    reused_tokens: int = 0  # prompt tokens whose KV came from the prefix cache instead (identical prompts once)
     tokens_generated: int = 0
     max_running: int = 0  # largest number of sequences decoded together
     busy_s: float = 0.0  # wall time the worker spent in forward passes and sampling
+    admit_s: float = 0.0  # the part of busy_s spent admitting requests (prefill, joining the running batch)
 
     @property
     def forward_batches(self) -> int:
@@ -61,6 +63,11 @@ class _Request:
     stop_window: int = 0  # tokens to decode when checking stop strings
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # params.top_logprobs > 0: per token
     grammar: Any = None  # params.grammar: its matcher, made at the first sampling step (rlft.engines.constrained)
+    # the KV this request's rows start from (rlft.engines.prefix_cache), set at its prefill: the
+    # parts (by reference), their length, and the cache's epoch then (a clear since: not kept)
+    kv_prefix: list = field(default_factory=list)
+    kv_prefix_len: int = 0
+    kv_epoch: int = -1
 
 
 def enqueue(engine: Any, req: Any, thread_name: str) -> None:
@@ -133,6 +140,7 @@ class Scheduler:
             with self.lock, torch.inference_mode(), _eval_mode(self.model):
                 if new:
                     batch = self._admit(batch, new)
+                    self.stats.admit_s += time.perf_counter() - t0
                 if batch is not None:
                     batch = self._step(batch)
             self.stats.busy_s += time.perf_counter() - t0

@@ -9,7 +9,8 @@ Left out: the diagnoses themselves (``rlft.health.diagnoses``) and any I/O.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 SEVERITIES = ("info", "warning", "critical")  # ascending; the strip and the CLI sort by it
@@ -37,8 +38,11 @@ class Finding:
     details: dict[str, Any] = field(default_factory=dict)  # extra numbers (shares, top error message...)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["window"] = list(self.window)
+        """The finding as plain JSON values (a copy: ``dataclasses.asdict`` did the same walking
+        every number of the evidence, 7 ms for a 1,000-step window, on every health request)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(window=list(self.window), details=copy.deepcopy(self.details),
+                 evidence=[{"key": e.key, "steps": list(e.steps), "values": list(e.values)} for e in self.evidence])
         return d
 
     def line(self) -> str:

@@ -59,8 +59,10 @@ def run_context(store: Any, run_id: str, series: dict[str, list] | None = None) 
                    top_error=top_error)
 
 
-def run_findings(store: Any, run_id: str) -> list[Finding]:
-    series = store.metrics(run_id)
+def run_findings(store: Any, run_id: str, series: dict[str, list] | None = None) -> list[Finding]:
+    """The run's findings; ``series``: its metric series when the caller keeps them (the
+    console), else read from the store."""
+    series = store.metrics(run_id) if series is None else series
     return diagnose(series, run_context(store, run_id, series))
 
 

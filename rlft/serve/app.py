@@ -38,27 +38,10 @@ next-token distribution sends ``temperature`` 0 or 1 (OpenAI and vLLM's default 
 model distribution whatever the temperature; here another temperature rescales it). An engine
 plugged in with ``engines=`` that does not report top logprobs answers a request for them with 400.
 
-``tool_choice``: "auto" (default with tools) shows the tools and parses calls; "none" does not
-show them and parses nothing; "required" and a named function are enforced by constrained
-decoding (``rlft.engines.constrained``, llguidance) on the in-process HFEngine: the reply is one
-or more calls (exactly one with ``parallel_tool_calls: false``; that function's, once, when
-named) in the model's tool-call format, their ``arguments`` valid against the tool's
-``parameters`` schema; an instruction to call a tool (that one; only its schema is then shown) is
-also added to the system prompt. An engine plugged in with ``engines=`` cannot be constrained:
-there the instruction is all (a reply without a call comes back as text).
-
-``response_format``: ``json_object`` (any JSON object) and ``json_schema`` (``{"name", "schema"}``:
-valid against ``schema``) are enforced the same way, streamed as sampled; an engine that cannot
-constrain answers them with 400. A constrained reply is written in ``json.dumps``'s layout; one
-cut by ``max_tokens`` (``finish_reason: "length"``) is a prefix of a valid reply. Logprobs of a
-constrained reply are those of the masked distribution (the allowed tokens renormalised).
-
-Streaming sends content deltas as tokens are sampled: every served engine has
-``generate_stream(prompt, params)`` (``rlft.serve.models.ServedEngine``: an async iterator of
-cumulative ``(tokens, logprobs)`` snapshots ending with the ``Sample``); the in-process HFEngine's
-polls its running request every 20 ms, and a plain engine plugged in with ``engines=`` sends its
-finished sample in per-token chunks. With tools active a reply is
-sent when complete (a call is recognisable only whole), as one content and/or tool_calls delta.
+``tool_choice`` "required" or a named function, and ``response_format`` ``json_object`` /
+``json_schema``, are enforced by constrained decoding on the in-process HFEngine
+(``structured.py`` says how, and what an engine plugged in with ``engines=`` does instead).
+Streaming sends content deltas as tokens are sampled (``streaming.py``).
 
 Left out: streaming and ``echo`` on ``/v1/completions``, embeddings, images/audio
 parts, and (accepted, ignored) presence/frequency penalties and ``logit_bias``.
@@ -66,8 +49,10 @@ parts, and (accepted, ignored) presence/frequency penalties and ``logit_bias``.
 A ``tool`` message must answer a call of an earlier assistant message (its ``tool_call_id``),
 else 400, as OpenAI's API answers.
 
-Why one module: each route reads top to bottom with its streaming (SSE) and error mapping; the
-request bodies and their translation live in ``requests.py``, the model side in ``models.py``.
+The parts: request bodies -> prompt ids and sampling params ``requests.py``, chat messages
+``messages.py``, tools and forced structure ``structured.py``, sampled tokens -> choice fields
+``replies.py``, streamed chats ``streaming.py``, errors ``errors.py``, the model side ``models.py``,
+running the app ``server.py``.
 """
 
 from __future__ import annotations
@@ -77,13 +62,10 @@ import concurrent.futures
 import contextlib
 import functools
 import hmac
-import json
 import os
-import socket
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 try:  # the serve extra; without it this module still imports (the CLI's arguments), create_app says what to install
@@ -95,34 +77,21 @@ try:  # the serve extra; without it this module still imports (the CLI's argumen
 except ImportError:  # pragma: no cover
     FastAPI = None  # type: ignore[assignment,misc]
 
-from rlft.engines.base import Sample, SamplingParams
-from rlft.serve.models import (
-    APIError,
-    ModelNotFoundError,
-    ModelRegistry,
-    ServedEngine,
-    ServedModel,
-    chat_messages,
-    cut_stop,
-    final_choice,
-    held_text,
-    token_logprobs,
-    token_stream,
-    tool_setup,
-)
+from rlft.serve.errors import APIError, engine_error
+from rlft.serve.messages import chat_messages
+from rlft.serve.models import ModelNotFoundError, ModelRegistry, ServedEngine
+from rlft.serve.replies import completion_logprobs, final_choice, token_logprobs, token_stream
 from rlft.serve.requests import (
     ChatRequest,
     CompletionRequest,
     LoraRequest,
-    chat_grammar,
     check_top_logprobs,
-    completion_logprobs,
     completion_prompts,
-    forces_structure,
     sampling_params,
 )
-
-MAX_BODY_BYTES = 32 * 2**20  # a request body larger than this is refused (413), before it is read
+from rlft.serve.server import MAX_BODY_BYTES, BackgroundServer, add_serve_arguments, run_server, serve_main
+from rlft.serve.streaming import chat_stream
+from rlft.serve.structured import forces_structure, reply_grammar, tool_setup
 
 __all__ = ["APIError", "BackgroundServer", "ChatRequest", "CompletionRequest", "add_serve_arguments", "create_app",
            "run_server", "serve_main", "token_stream"]
@@ -130,92 +99,6 @@ __all__ = ["APIError", "BackgroundServer", "ChatRequest", "CompletionRequest", "
 
 def _json(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
-
-
-def _sse(obj: Any) -> str:
-    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
-
-
-async def _stream(served: ServedModel, name: str, prompt: list[int], params: list[SamplingParams], req: ChatRequest,
-                  parse: bool, release: Callable[[], None]) -> AsyncIterator[str]:
-    cid, created, n, tok = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), len(params), served.renderer.tokenizer
-    stops = params[0].stop
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def produce(i: int, p: SamplingParams) -> None:
-        try:
-            async for item in token_stream(served.engine, prompt, p):
-                await queue.put((i, item))
-        except Exception as e:  # noqa: BLE001 - handed to the reader, which reports it
-            await queue.put((i, e))
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                     "choices": choices, **extra})
-
-    def choice(i: int, delta: dict[str, Any], tokens=(), logprobs=(), top=(),
-               finish: str | None = None) -> dict[str, Any]:
-        c: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-        if req.logprobs and tokens:
-            c["logprobs"] = {"content": token_logprobs(tok, list(tokens), list(logprobs), list(top))}
-        if req.return_token_ids:
-            c["token_ids"] = list(tokens)
-        return c
-
-    tasks = [asyncio.create_task(produce(i, p)) for i, p in enumerate(params)]
-    sent_text, sent_tok, completion, done = [0] * n, [0] * n, 0, 0
-    try:
-        yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(n)],
-                    **({"prompt_token_ids": prompt} if req.return_token_ids else {}))
-        while done < n:
-            i, item = await queue.get()
-            if isinstance(item, BaseException):
-                err = item if isinstance(item, APIError) else _engine_error(item)
-                yield _sse(err.body())
-                break
-            final = isinstance(item, Sample)
-            tokens, lps, tops = (item.tokens, item.logprobs, item.top_logprobs or []) if final else item
-            new_t, new_l, new_top = tokens[sent_tok[i]:], lps[sent_tok[i]:], tops[sent_tok[i]:]
-            if req.logprobs and req.top_logprobs and len(tops) < len(tokens):
-                yield _sse(APIError(400, f"the engine serving {name!r} does not return top logprobs",
-                                    param="top_logprobs").body())
-                break
-            if not final:
-                if parse:
-                    continue  # with tools the reply is sent whole
-                text, hit = cut_stop(served.renderer.decode(tokens), stops)
-                delta = (text if hit else held_text(text, stops))[sent_text[i]:]
-                if delta:
-                    yield chunk([choice(i, {"content": delta}, new_t, new_l, new_top)])
-                    sent_text[i] += len(delta)
-                    sent_tok[i] = len(tokens)
-                continue
-            content, calls, finish = final_choice(served, item, stops, parse)
-            completion += len(item.tokens)
-            delta = {}
-            if parse:
-                delta = {**({"content": content} if content else {}),
-                         **({"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]} if calls else {})}
-            elif (content or "")[sent_text[i]:]:
-                delta = {"content": content[sent_text[i]:]}
-            if delta or (new_t and (req.logprobs or req.return_token_ids)):
-                yield chunk([choice(i, delta, new_t, new_l, new_top)])
-            yield chunk([choice(i, {}, finish=finish)])
-            done += 1
-        if done == n and (req.stream_options or {}).get("include_usage"):
-            yield chunk([], usage={"prompt_tokens": len(prompt), "completion_tokens": completion,
-                                   "total_tokens": len(prompt) + completion})
-        yield "data: [DONE]\n\n"
-    finally:
-        for t in tasks:
-            t.cancel()
-        release()
-
-
-def _engine_error(e: BaseException) -> APIError:
-    if isinstance(e, ValueError):  # ContextLengthError, invalid sampling params
-        return APIError(400, f"{type(e).__name__}: {e}")
-    return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
 
 
 # -- the app ------------------------------------------------------------------------------------------
@@ -353,7 +236,7 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
                 samples = await asyncio.gather(*(served.engine.generate(p, sp)
                                                  for p, params in jobs for sp in params))
             except Exception as e:
-                raise _engine_error(e) from e
+                raise engine_error(e) from e
         finally:
             registry.release(served)
         check_top_logprobs(samples, jobs[0][1], entry.name)
@@ -395,21 +278,18 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
             except Exception as e:  # the chat template rejected the conversation
                 raise APIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
             grammar = None
-            if forces_structure(req, tools):
-                if served.constrained:  # compiled off the event loop, like the prompt
-                    grammar = await off_loop(chat_grammar, req, tools, served.renderer.parser_name)
-                elif req.response_format is not None and req.response_format.get("type") != "text":
-                    raise APIError(400, f"the engine serving {entry.name!r} cannot constrain its output: "
-                                        "response_format is not supported", param="response_format")
+            if forces_structure(req, tools):  # compiled off the event loop, like the prompt
+                grammar = await off_loop(reply_grammar, req, tools, served.constrained, served.renderer.parser_name,
+                                         entry.name)
             params = sampling_params(req, len(prompt), served.max_context, default_max_tokens, grammar)
             if req.stream:  # the stream releases the model when it ends
                 streaming = True
-                return StreamingResponse(_stream(served, entry.name, prompt, params, req, parse, release),
+                return StreamingResponse(chat_stream(served, entry.name, prompt, params, req, parse, release),
                                          media_type="text/event-stream", background=BackgroundTask(release))
             try:
                 samples = await asyncio.gather(*(served.engine.generate(prompt, p) for p in params))
             except Exception as e:
-                raise _engine_error(e) from e
+                raise engine_error(e) from e
         finally:
             if not streaming:
                 release()
@@ -435,73 +315,3 @@ def create_app(model: str | None = None, *, runs_dir: str | None = None, run: st
         return body
 
     return app
-
-
-# -- running it ---------------------------------------------------------------------------------------
-
-class BackgroundServer:
-    """Serve an app with uvicorn in a daemon thread (tests, notebooks); ``port=0`` picks a free one.
-    ``with BackgroundServer(app) as srv: OpenAI(base_url=srv.url + "/v1", ...)``."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __enter__(self) -> BackgroundServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start (see its log)")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
-def run_server(model: str | None = None, *, runs_dir: str | None = None, run: str | None = None,
-               host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, log_level: str = "info",
-               **app_kwargs: Any) -> None:
-    """Serve until interrupted (``app_kwargs`` as for :func:`create_app`); the base model loads first."""
-    import uvicorn
-
-    app = create_app(model, runs_dir=runs_dir, run=run, api_key=api_key, preload=True, **app_kwargs)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
-
-
-def add_serve_arguments(parser: Any) -> None:
-    """The ``rlft serve`` options, on an argparse (sub)parser."""
-    parser.add_argument("--model", help="base model: hub id, alias, local dir, .gguf or a checkpoint dir")
-    parser.add_argument("--runs-dir", default="runs", help="run store workspace whose checkpoints are served")
-    parser.add_argument("--run", help="serve only this run's checkpoints (id or name)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("RLFT_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $RLFT_API_KEY)")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16, float32, float16 or auto")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--max-loaded", type=int, default=3, help="models kept loaded (LRU)")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per model")
-    parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20,
-                        help="larger request bodies are refused with 413")
-
-
-def serve_main(args: Any) -> int:
-    """``rlft serve``: ``args`` parsed with :func:`add_serve_arguments`."""
-    run_server(args.model, runs_dir=args.runs_dir, run=args.run, host=args.host, port=args.port,
-               api_key=args.api_key, dtype=args.dtype, device=args.device, max_loaded=args.max_loaded,
-               max_batch_size=args.max_batch_size, max_body_bytes=int(args.max_body_mb * 2**20))
-    return 0

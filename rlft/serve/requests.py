@@ -1,7 +1,9 @@
 """The OpenAI request bodies ``rlft serve`` accepts, and how each becomes prompt ids and sampling
 params (limits checked with OpenAI-style 400s naming the parameter).
 
-Left out: routing, streaming and model loading (``app.py``, ``models.py``).
+Left out: routing, streaming and model loading (``app.py``, ``streaming.py``, ``models.py``);
+what tools and ``response_format`` ask (``structured.py``); logprobs in replies (``replies.py``).
+``chat_grammar``, ``forces_structure`` and ``completion_logprobs`` moved there; still importable here.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlft.engines.base import SamplingParams
-from rlft.serve.models import APIError
+from rlft.serve.errors import APIError
+from rlft.serve.replies import completion_logprobs
+from rlft.serve.structured import chat_grammar, forces_structure
 
 
 class ChatRequest(BaseModel):
@@ -93,45 +97,6 @@ def sampling_params(req: ChatRequest | CompletionRequest, prompt_len: int, conte
             for i in range(req.n)]
 
 
-def forces_structure(req: ChatRequest, tools: list[dict[str, Any]] | None) -> bool:
-    """Whether the request asks for a forced tool call or for JSON (see :func:`chat_grammar`)."""
-    return bool(tools and (req.tool_choice == "required" or isinstance(req.tool_choice, dict))) or (
-        req.response_format is not None and req.response_format.get("type") != "text")
-
-
-def chat_grammar(req: ChatRequest, tools: list[dict[str, Any]] | None, parser: str) -> str | None:
-    """The grammar a chat request's reply must follow (``rlft.engines.constrained``): a call of
-    ``tools`` (the ones shown) in the ``parser``'s format for ``tool_choice`` "required" (one or
-    more; one with ``parallel_tool_calls: false``) or a named function (that one, once); else JSON
-    for ``response_format`` ``json_object`` (any object) or ``json_schema`` (valid against its
-    ``schema``); None for plain text."""
-    from rlft.engines.constrained import GrammarError, json_grammar, tool_call_grammar
-
-    if tools and (req.tool_choice == "required" or isinstance(req.tool_choice, dict)):
-        try:
-            return tool_call_grammar(tools, parser, many=req.tool_choice == "required" and req.parallel_tool_calls)
-        except GrammarError as e:
-            raise APIError(400, f"the tools' parameter schemas cannot be enforced: {e}", param="tools") from e
-    fmt = req.response_format
-    kind = fmt.get("type") if fmt is not None else "text"
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return json_grammar(None)
-    if kind != "json_schema":
-        raise APIError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', not {kind!r}",
-                       param="response_format.type")
-    spec = fmt.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise APIError(400, "response_format.json_schema needs a name (and a schema)",
-                       param="response_format.json_schema")
-    try:
-        return json_grammar(spec.get("schema"))
-    except GrammarError as e:
-        raise APIError(400, f"response_format.json_schema.schema: {e}",
-                       param="response_format.json_schema.schema") from e
-
-
 def check_top_logprobs(samples: list[Any], params: list[SamplingParams], model: str) -> None:
     """A 400 when top logprobs were asked of an engine that does not return them (a plugged-in one)."""
     if params and params[0].top_logprobs and any(s.top_logprobs is None for s in samples):
@@ -158,30 +123,6 @@ def completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         return [one(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
     return [one(prompt, "prompt")]
-
-
-def completion_logprobs(tokenizer: Any, tokens: list[int], logprobs: list[float],
-                        top: list[list[tuple[int, float]]] | None = None) -> dict[str, Any]:
-    """The legacy ``logprobs`` object: one entry per sampled token; ``top_logprobs`` maps token text
-    to logprob for the k most likely tokens of the position (``top``) plus the sampled one, as
-    OpenAI's legacy route does (tokens that decode to the same text share one key)."""
-    def text(t: int) -> str:
-        return tokenizer.decode([t], skip_special_tokens=False)
-
-    strs = [text(t) for t in tokens]
-    lps = [max(float(lp), -9999.0) for lp in logprobs]
-    offsets, at = [], 0
-    for t in strs:
-        offsets.append(at)
-        at += len(t)
-    tops = []
-    for k, (s, lp) in enumerate(zip(strs, lps)):
-        d: dict[str, float] = {}
-        for i, v in (top[k] if top else []):
-            d.setdefault(text(i), max(float(v), -9999.0))
-        d.setdefault(s, lp)
-        tops.append(d)
-    return {"tokens": strs, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 __all__ = ["ChatRequest", "CompletionRequest", "LoraRequest", "chat_grammar", "check_top_logprobs",

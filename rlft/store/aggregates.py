@@ -1,26 +1,31 @@
 """Aggregating reads over the run store, computed in SQL: what a chart or a heatmap draws, not the rows.
 
-- ``metric_buckets``: each metric key's series in buckets of ``bucket`` steps (mean, min and max
-  per bucket, at the bucket's first logged step), optionally only after a step or in a step range;
+- ``metric_series`` / ``metric_stamp`` / ``metric_rows``: a run's metric points, their count and
+  newest write time, and the rows written since a time, so that a caller can keep the series
+  and read only what changed;
 - ``heatmap_columns`` / ``example_page`` / ``heatmap_cells``: the reward heatmap of a split as
   columns of ``bin`` steps, one page of examples at a time, mean reward and count per cell
   (``GROUP BY example_id, step / bin``: the dense examples x steps grid is never built);
 - ``rollout_tally``: rollouts of a run counted by split and termination (and with errors), from
   the rows after a known rollout id, so that a caller can keep the counts and add only new rows;
 - ``rollout_page``: a page of rollouts with a reward component's range and "has errors" as SQL
-  conditions (``json_extract``), next to the store's own filters.
+  conditions (``json_extract``), next to the store's own filters;
+- ``snapshot``: several reads that see one state of the store.
 
 Functions take a :class:`RunStore` and use its connection read-only. Left out: caching (the
-console keeps what it reuses), writes and schema changes: these queries use the store's existing
-indexes (``rollouts_example`` on run, split, example and step; ``metrics_key`` on run, key and
-step; the rowid of ``rollouts``).
+console keeps what it reuses), writes and schema changes: these queries use the store's indexes
+(``rollouts_example`` on run, split, example and step; ``rollouts_tally`` on run, split,
+termination and step; ``rollouts_errors`` on the rollouts with errors; ``metrics_written`` on
+run and write time; the rowid of ``rollouts``). A read-only store of an older schema lacks the
+v6 ones: the same queries read the rows instead.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rlft.store.run_store import RunStore
@@ -37,34 +42,49 @@ def bucket_for(steps: int, max_points: int) -> int:
     return max(1, math.ceil(max(int(steps), 1) / max(int(max_points), 1)))
 
 
-def metric_buckets(store: RunStore, run_id: str, keys: Iterable[str] | None = None, bucket: int = 1,
-                   after_step: int | None = None, first_step: int | None = None, last_step: int | None = None
-                   ) -> dict[str, list[list[float | int | None]]]:
-    """``{key: [[step, mean, min, max], ...]}``: steps ``b*bucket .. (b+1)*bucket - 1`` make one
-    point at the first step logged in it; NULL values (NaN, inf) are left out of mean/min/max
-    (all NULL: ``None``). ``bucket=1``: ``[[step, value], ...]``, every logged point.
-    ``after_step``: only steps above it; ``first_step``/``last_step``: an inclusive range."""
-    bucket = max(1, int(bucket))
-    where, args = ["run_id=?"], [run_id]
-    if keys is not None:
-        keys = list(keys)
-        where.append(f"key IN ({','.join('?' * len(keys))})")
-        args += keys
-    for cond, val in (("step>?", after_step), ("step>=?", first_step), ("step<=?", last_step)):
-        if val is not None:
-            where.append(cond)
-            args.append(int(val))
-    out: dict[str, list[list[Any]]] = {}
-    if bucket == 1:
-        sql = f"SELECT key, step, value FROM metrics WHERE {' AND '.join(where)} ORDER BY key, step"
-        for key, step, value in _conn(store).execute(sql, args):
-            out.setdefault(key, []).append([step, value])
-        return out
-    sql = (f"SELECT key, MIN(step), AVG(value), MIN(value), MAX(value) FROM metrics WHERE {' AND '.join(where)} "
-           f"GROUP BY key, step / {bucket} ORDER BY key, step / {bucket}")
-    for key, step, mean, lo, hi in _conn(store).execute(sql, args):
-        out.setdefault(key, []).append([step, mean, lo, hi])
-    return out
+def metric_stamp(store: RunStore, run_id: str) -> tuple[int, float | None]:
+    """(the run's metric rows, the newest write time among them): from the ``metrics_written``
+    index alone. A write stamps a newer time (stamps are taken inside the write transaction, so
+    they follow the commit order); a deletion lowers the count."""
+    n, newest = _conn(store).execute("SELECT COUNT(*), MAX(wall_time) FROM metrics WHERE run_id=?",
+                                     (run_id,)).fetchone()
+    return int(n), newest
+
+
+def metric_rows(store: RunStore, run_id: str, since: float) -> list[tuple[str, int, float | None, float]]:
+    """``(key, step, value, write time)`` of the run's metric rows written at ``since`` or later,
+    in no particular order (the ``metrics_written`` index finds them)."""
+    return _tuples(store, "SELECT key, step, value, wall_time FROM metrics WHERE run_id=? AND wall_time>=?",
+                   (run_id, since))
+
+
+def metric_series(store: RunStore, run_id: str) -> list[tuple[str, int, float | None]]:
+    """Every ``(key, step, value)`` of the run, ordered by key and step (from the
+    ``metrics_series`` index alone)."""
+    return _tuples(store, "SELECT key, step, value FROM metrics WHERE run_id=? ORDER BY key, step", (run_id,))
+
+
+def _tuples(store: RunStore, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Rows as plain tuples (the store's connection makes ``sqlite3.Row`` objects, slower to
+    make by the ten thousand)."""
+    cursor = _conn(store).cursor()
+    cursor.row_factory = None
+    return cursor.execute(sql, args).fetchall()
+
+
+@contextmanager
+def snapshot(store: RunStore) -> Iterator[None]:
+    """Reads inside see one state of the store (a read transaction: in WAL mode a writer goes
+    on meanwhile), so that a count and the rows read after it agree."""
+    conn = _conn(store)
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
 
 
 def metric_extent(store: RunStore, run_id: str) -> int:
@@ -120,15 +140,32 @@ def heatmap_cells(store: RunStore, run_id: str, split: str, example_ids: list[in
 
 # -- counts and filtered pages of rollouts ----------------------------------------------------------
 def rollout_tally(store: RunStore, run_id: str, after_id: int = 0
-                  ) -> tuple[list[tuple[str, str | None, int, int, int]], int]:
-    """(``[(split, termination, rollouts, with errors, earliest step), ...]``, the largest rollout
-    id read) over the run's rollouts with an id above ``after_id``. Ids only grow, so counts kept
-    from an earlier call plus this call's counts are the run's counts, as long as none was deleted."""
+                  ) -> tuple[list[tuple[str, str | None, int, int]], dict[str, int], int]:
+    """(``[(split, termination, rollouts, earliest step), ...]``, ``{split: rollouts with errors}``,
+    the largest rollout id read) over the run's rollouts with an id above ``after_id``. Ids only
+    grow, so counts kept from an earlier call plus this call's counts are the run's counts, as
+    long as none was deleted.
+
+    ``after_id=0`` (every rollout of the run) reads two indexes and no row: ``rollouts_tally``
+    (run, split, termination, step) and the partial ``rollouts_errors`` (schema v6; an older
+    store read-only reads the rows). Later calls read the rows above ``after_id`` by their id
+    (``+run_id`` keeps SQLite from walking the run's index entries instead)."""
     conn = _conn(store)
-    rows = conn.execute("SELECT split, termination, COUNT(*), SUM(errors != '[]'), MIN(step), MAX(id) FROM rollouts "
-                        "WHERE id>? AND run_id=? GROUP BY split, termination", (int(after_id), run_id)).fetchall()
-    top = max([after_id, *(r[5] for r in rows)])
-    return [(s, t, int(n), int(e or 0), int(first)) for s, t, n, e, first, _ in rows], top
+    if after_id <= 0:
+        rows = conn.execute("SELECT split, termination, COUNT(*), MIN(step), MAX(id) FROM rollouts WHERE run_id=? "
+                            "GROUP BY split, termination", (run_id,)).fetchall()
+        errors = conn.execute("SELECT split, COUNT(*) FROM rollouts WHERE run_id=? AND errors != '[]' GROUP BY split",
+                              (run_id,)).fetchall()
+        by_split = {s: int(n) for s, n in errors}
+    else:
+        rows = conn.execute("SELECT split, termination, COUNT(*), MIN(step), MAX(id), SUM(errors != '[]') "
+                            "FROM rollouts WHERE id>? AND +run_id=? GROUP BY split, termination",
+                            (int(after_id), run_id)).fetchall()
+        by_split = {}
+        for r in rows:
+            by_split[r[0]] = by_split.get(r[0], 0) + int(r[5] or 0)
+    top = max([after_id, *(r[4] for r in rows)])
+    return [(r[0], r[1], int(r[2]), int(r[3])) for r in rows], by_split, top
 
 
 def rollout_marker(store: RunStore, run_id: str) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 DB_NAME = "rlft.db"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA_V1 = [
@@ -79,7 +79,16 @@ _SCHEMA_V4 = ["ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'rl'"]
 # v5: metric series read from the index alone (the console reads 20k points a chart page; the
 # metrics_key index needed a table lookup for every value)
 _SCHEMA_V5 = ["CREATE INDEX IF NOT EXISTS metrics_series ON metrics(run_id, key, step, value)"]
-MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
+# v6: what the console counts and follows without reading rollout rows (a run of 250k rollouts
+# made SQLite walk 800 MB of messages to reach termination and errors): rollouts by split and
+# termination from an index alone, those with errors from a partial index (1 % of the rows), and
+# a run's metric rows by write time (the console reads only the rows written since it last read)
+_SCHEMA_V6 = ["CREATE INDEX IF NOT EXISTS rollouts_tally ON rollouts(run_id, split, termination, step)",
+              "CREATE INDEX IF NOT EXISTS rollouts_errors ON rollouts(run_id, split, step, termination) "
+              "WHERE errors != '[]'",
+              "CREATE INDEX IF NOT EXISTS metrics_written ON metrics(run_id, wall_time)"]
+MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5,
+                                    6: _SCHEMA_V6}
 
 _D = TypeVar("_D", bound="Database")
 JSON_COLS = {"config", "messages", "rewards", "errors", "example", "logs", "metrics"}

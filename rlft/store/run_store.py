@@ -110,10 +110,12 @@ class RunStore(RolloutRecords):
         self.update_run(run_id, **fields)
 
     def log_metrics(self, run_id: str, step: int, metrics: dict[str, Any]) -> None:
-        """Upsert ``{key: value}`` at ``step``; NaN/inf/None are kept as NULL (the key still shows)."""
-        now = time.time()
-        rows = [(run_id, int(step), str(k), num(v), now) for k, v in metrics.items()]
+        """Upsert ``{key: value}`` at ``step``; NaN/inf/None are kept as NULL (the key still shows).
+        ``wall_time`` is stamped inside the write transaction, so that stamps follow the order in
+        which writes commit (a reader that saw every row up to a stamp misses none written later)."""
         with self._tx() as c:
+            now = time.time()
+            rows = [(run_id, int(step), str(k), num(v), now) for k, v in metrics.items()]
             c.executemany("INSERT INTO metrics VALUES (?,?,?,?,?) ON CONFLICT(run_id, step, key) DO UPDATE SET "
                           "value=excluded.value, wall_time=excluded.wall_time", rows)
 

@@ -26,6 +26,7 @@ import torch
 from rlft import distributed
 from rlft.training import grpo, prefix
 from rlft.training.logprobs import PlainInputs, completion_logits, forward_logprobs
+from rlft.training.recompute import recompute_if_over
 from rlft.types import Group, Rollout
 
 
@@ -177,7 +178,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
     normalizer, n_items = distributed.all_reduce_sum([normalizer, float(len(items))])
     stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "policy/clip_ratio": 0.0, "policy/entropy": 0.0,
                                "optim/grad_norm": 0.0, "batch/trained_sequences": n_items,
-                               "batch/forward_tokens": 0.0}
+                               "batch/forward_tokens": 0.0, "batch/recomputed_micro_batches": 0.0}
     if not n_items or normalizer == 0:
         optimizer.step()  # no gradients: a no-op that keeps the scheduler's step count honest
         return stats
@@ -190,7 +191,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
     model.train()
     for epoch in range(cfg.epochs):
         optimizer.zero_grad(set_to_none=True)
-        clip_sum = kl_sum = loss_sum = n_tokens = forwarded = 0.0
+        clip_sum = kl_sum = loss_sum = n_tokens = forwarded = recomputed = 0.0
         # FSDP2 + LoRA: the reference forward (adapters off) is a collective too: padding passes run one
         pad = ((lambda: _reference_pad(policy, dev, bf16)) if epoch == 0 and loss_cfg.beta > 0 and policy.is_lora
                and distributed.is_sharded(model) else None)
@@ -199,21 +200,24 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
             inputs, mask, sampler_logp, adv = _to(inputs, dev), mask.to(dev), sampler_logp.to(dev), adv.to(dev)
             C = mask.shape[1]
             forwarded += inputs.ids_BL.numel()
-            with training_precision(policy, bf16):
-                logp, ent = forward_logprobs(model, inputs, loss_cfg.temperature, mask, entropy=epoch == 0)  # (B, C)
-            if epoch == 0:
-                first.record(mb.items, ent, logp, mask, sampler_logp)
-                if loss_cfg.beta > 0:
-                    _reference_logprobs(policy, mb.items, inputs, mask, loss_cfg.temperature, bf16)
-            old_logp = _window([it.old_logp for it in mb.items], C).to(dev)
-            ref_logp = _window([it.ref_logp for it in mb.items], C).to(dev) if loss_cfg.beta > 0 else None
-            is_w = grpo.tis_weights(old_logp, sampler_logp, loss_cfg.tis_cap) if loss_cfg.tis_cap > 0 else None
-            loss, st = grpo.policy_loss(
-                logp, old_logp, adv, mask, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
-                ratio_level=loss_cfg.ratio_level, loss_agg=loss_cfg.loss_agg, max_tokens=loss_cfg.max_tokens,
-                normalizer=normalizer, ref_logp_BT=ref_logp, beta=loss_cfg.beta, kl_estimator=loss_cfg.kl_estimator,
-                is_weights_BT=is_w)
-            (loss * scale).backward()
+            # one sequence over the budget forms a micro-batch alone: recomputed, so the budget bounds memory
+            with recompute_if_over(model, inputs.ids_BL.numel(), cfg.micro_batch_tokens) as recomputing:
+                with training_precision(policy, bf16):
+                    logp, ent = forward_logprobs(model, inputs, loss_cfg.temperature, mask, entropy=epoch == 0)  # B, C
+                if epoch == 0:
+                    first.record(mb.items, ent, logp, mask, sampler_logp)
+                    if loss_cfg.beta > 0:
+                        _reference_logprobs(policy, mb.items, inputs, mask, loss_cfg.temperature, bf16)
+                old_logp = _window([it.old_logp for it in mb.items], C).to(dev)
+                ref_logp = _window([it.ref_logp for it in mb.items], C).to(dev) if loss_cfg.beta > 0 else None
+                is_w = grpo.tis_weights(old_logp, sampler_logp, loss_cfg.tis_cap) if loss_cfg.tis_cap > 0 else None
+                loss, st = grpo.policy_loss(
+                    logp, old_logp, adv, mask, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
+                    ratio_level=loss_cfg.ratio_level, loss_agg=loss_cfg.loss_agg, max_tokens=loss_cfg.max_tokens,
+                    normalizer=normalizer, ref_logp_BT=ref_logp, beta=loss_cfg.beta, kl_estimator=loss_cfg.kl_estimator,
+                    is_weights_BT=is_w)
+                (loss * scale).backward()
+            recomputed += recomputing
             n = float(mask.sum())
             n_tokens += n
             loss_sum += float(loss.detach())
@@ -224,11 +228,11 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
         norm = distributed.full_tensor(norm)  # FSDP2: a DTensor over the shards' norms
         optimizer.step()
         if epoch == 0:
-            loss_sum, clip_sum, kl_sum, n_tokens, forwarded = distributed.all_reduce_sum(
-                [loss_sum, clip_sum, kl_sum, n_tokens, forwarded])
+            loss_sum, clip_sum, kl_sum, n_tokens, forwarded, recomputed = distributed.all_reduce_sum(
+                [loss_sum, clip_sum, kl_sum, n_tokens, forwarded, recomputed])
             stats.update({"loss/policy": loss_sum, "policy/clip_ratio": clip_sum / max(n_tokens, 1),
                           "loss/kl": kl_sum / max(n_tokens, 1), "optim/grad_norm": float(norm),
-                          "batch/forward_tokens": forwarded})
+                          "batch/forward_tokens": forwarded, "batch/recomputed_micro_batches": recomputed})
     model.eval()
     optimizer.zero_grad(set_to_none=True)
     stats.update(first.metrics())
