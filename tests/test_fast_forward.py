@@ -177,3 +177,27 @@ def test_decode_attention_equals_rlft_attention_at_every_cache_length(dtype):
                                              scaling=fast.scale)
                 got = fast._decode_attention(query, kbuf, vbuf, mask, {})
             assert torch.equal(got.view(B, 1, KV * G, D), expected), (cap, length)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multi_turn_rollouts_from_the_kept_kv_sample_exactly_what_the_module_engine_samples(dtype):
+    """The fast forward continuing from KV kept by the prefix cache (rlft.engines.prefix_cache:
+    preloaded caches, left-padded rows of different reused lengths) against the module path."""
+    from tests.test_prefix_cache import QUESTIONS, first_turn, second_turns
+
+    model, tok = _tiny("llama", dtype)
+    fast = HFEngine(model, tok, seed=0, copy_weights=True)
+    modules = HFEngine(model, tok, seed=0, copy_weights=True, fast_forward=False)
+    try:
+        prompts = [first_turn(tok, q) for q in QUESTIONS] + [first_turn(tok, QUESTIONS[0])] * 3
+        params = [SamplingParams(temperature=1.0, max_new_tokens=8, seed=50 + i) for i in range(len(prompts))]
+        a, b = gather(fast, prompts, params), gather(modules, prompts, params)
+        assert [(s.tokens, s.logprobs) for s in a] == [(s.tokens, s.logprobs) for s in b]
+        nexts = second_turns(tok, prompts, a)
+        reused = fast.stats.reused_tokens
+        a2, b2 = gather(fast, nexts, params), gather(modules, nexts, params)
+        assert fast.stats.reused_tokens > reused  # the second turns did start from kept KV
+        assert [(s.tokens, s.logprobs) for s in a2] == [(s.tokens, s.logprobs) for s in b2]
+    finally:
+        fast.close()
+        modules.close()
