@@ -4,15 +4,16 @@
     python benchmarks/bench_memory.py --task tool_use --steps 2      # recipes/tool_use/config.toml
     python benchmarks/bench_memory.py --task demo --set micro_batch_tokens=2048
 
-Runs ``rlft.train`` in this process on the task's config (``--steps`` steps, evals and
-checkpoints as the config says, in a temporary runs directory) and wraps the phases of the run:
-loading the policy, building the engine, each step's sampling, update and checkpoint, each
-eval. At each phase's start the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), so
-the peak printed for a phase is that phase's own. Beside it: the RSS after the phase, and glibc's
-heap (``mallinfo2``): bytes in use, and bytes free but kept by the allocator ("allocator
-caching", which ``rlft.allocator`` keeps on purpose). Then the static items: the policy's
-weights, the engine's own copy (storage not shared with the policy), and the KV cache one
-sampling batch needs at the longest allowed sequence. Prints the process's peak RSS last.
+Runs ``rlft.train`` in this process on the task's config (``--steps`` steps, evals and checkpoints
+as the config says, in a temporary runs directory) and wraps the phases of the run: loading the
+policy, building the engine, the SFT warm-up (where the config has one: playing the
+demonstrations, then its steps), each step's sampling, update and checkpoint, each eval. At each
+phase's start the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), so the peak printed
+for a phase is that phase's own. Beside it: the RSS after the phase, and glibc's heap
+(``mallinfo2``): bytes in use, and bytes free but kept by the allocator ("allocator caching",
+which ``rlft.allocator`` keeps on purpose). Then the static items: the policy's weights, the
+engine's own copy (storage not shared with the policy), and the KV cache one sampling batch
+needs at the longest allowed sequence. Prints the process's peak RSS last.
 """
 
 from __future__ import annotations
@@ -163,6 +164,10 @@ def main() -> None:
     loop.update = phases.wrap(loop.update, lambda run, groups, step, **kw: f"step {step + 1}: update")
     loop.checkpoint = phases.wrap(loop.checkpoint, lambda run, at_step, m: f"step {at_step}: checkpoint")
     loop.evaluate = phases.wrap(loop.evaluate, lambda run, at_step: f"eval at step {at_step}")
+    from rlft.training import warmup  # the loop imports these when it runs, so the wrapped ones
+
+    warmup.plan_warmup = phases.wrap(warmup.plan_warmup, "warm-up: play and render the demonstrations")
+    warmup.warm_up = phases.wrap(warmup.warm_up, "warm-up: SFT steps")
 
     with tempfile.TemporaryDirectory() as runs:
         if args.task == "demo":

@@ -122,6 +122,8 @@ class TrainConfig(FlatConfig):
     overlong_cache: int = 64  # tokens before the limit where the soft penalty starts
     tis_cap: float = 0.0  # truncated importance sampling cap for sampler/trainer mismatch (0 = off)
     success_threshold: float = 0.0  # a rollout succeeds (pass@k, solve rate) when reward > this
+    guidance: str = "off"  # off | demonstrate: a group with no success gets the env's demonstration as a member (LUFFY)
+    guidance_gamma: float = 0.1  # policy shaping of demonstration tokens, p / (p + gamma) (LUFFY's 0.1)
     # -- optimization --------------------------------------------------------------------
     steps: int = 20  # optimizer steps
     learning_rate: float = 2e-4  # peak learning rate (LoRA; use ~1e-6 for full finetunes)
@@ -176,6 +178,9 @@ class TrainConfig(FlatConfig):
                 setattr(out, k, preset[k])
         _check_choice(out, "dynamic_sampling", ("off", "skip", "refill"))
         _check_choice(out, "overlong", ("off", "filter", "penalty"))
+        _check_choice(out, "guidance", ("off", "demonstrate"))
+        if out.guidance_gamma <= 0:
+            raise ConfigError(f"guidance_gamma must be > 0, got {out.guidance_gamma}")
         _check_choice(out, "kl_estimator", ("k1", "k3"))
         _check_choice(out, "lr_schedule", ("constant", "cosine"))
         _check_choice(out, "std_normalize", ("true", "false"))

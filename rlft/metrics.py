@@ -28,7 +28,7 @@ EVAL_KEYS = ["time/eval", "examples", "k"]
 KEYS = GROUP_KEYS + [
     "loss/policy", "loss/kl", "policy/entropy", "policy/clip_ratio", "optim/grad_norm", "optim/lr",
     "batch/skipped_groups", "batch/trained_sequences", "batch/forward_tokens",
-    "batch/recomputed_micro_batches",
+    "batch/recomputed_micro_batches", "batch/guided_groups",
     "sync/logprob_diff_mean", "sync/logprob_diff_max", "sync/policy_lag", "sync/policy_lag_max",
     "sync/probe_logprob_diff", "sync/probe_logprob_diff_max", "rollout/worker",
     "time/generate", "time/train", "time/step", "throughput/tokens_per_s",
@@ -41,6 +41,7 @@ OPTIONAL = {
                                "runs the trainer's own module: nothing to probe",
     "sync/probe_logprob_diff_max": "as sync/probe_logprob_diff",
     "rollout/worker": "rollout_workers > 0: the Ray rollout pool records each rollout's actor (rlft.ray_workers)",
+    "batch/guided_groups": "guidance = \"demonstrate\" (rlft.training.guidance): unsolved groups given a demonstration",
 }
 # Families whose names depend on the environment, its judges and external models (<...>: any one
 # path segment), in the step's metrics and, prefixed eval/, in the evals'.

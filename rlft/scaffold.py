@@ -51,9 +51,11 @@ TOOLS_ENV = '''"""Arithmetic with a calculator tool: multi-turn, the tool's resu
 import ast
 import operator
 import re
+import threading
 
 from rlft import Environment, Reward, tool
 
+_AST_LOCK = threading.Lock()
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
@@ -72,7 +74,9 @@ def calculate(expression: str) -> float:
     Args:
         expression: numbers with + - * / and parentheses, e.g. "12 * (3 + 4)"
     """
-    return _eval(ast.parse(expression, mode="eval").body)
+    with _AST_LOCK:  # CPython 3.11's ast.parse in concurrent threads can raise a spurious
+        tree = ast.parse(expression, mode="eval")  # SystemError (gh-106905); tools run in threads
+    return _eval(tree.body)
 
 
 def correct(rollout) -> float:

@@ -117,6 +117,9 @@ class Rollout:
     example_id: int = 0  # index of the example in its dataset
     group_index: int = 0  # index of this rollout among its G siblings
     policy_version: int = 0  # optimizer step of the weights that sampled it
+    # a played demonstration put in its group by guidance (rlft.training.guidance), not sampled by
+    # the policy: its ``logprobs`` are 0 and the update trains its tokens off-policy
+    demonstration: bool = False
     state: dict[str, Any] = field(default_factory=dict)  # per-rollout scratch (setup's workspace, ...)
     logs: list[str] = field(default_factory=list)  # lines the environment logged for this rollout
     metrics: dict[str, float] = field(default_factory=dict)  # extra per-rollout numbers (timings...)

@@ -20,6 +20,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import threading
 from pathlib import Path
 
 from rlft import Environment, Reward, tool
@@ -31,6 +32,7 @@ _TEMPLATE = Path(_TEMPLATE_DIR) / "shop.db"
 with sqlite3.connect(_TEMPLATE) as _db:
     _db.executescript((HERE / "shop.sql").read_text())
 
+_AST_LOCK = threading.Lock()
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.USub: operator.neg}
 
@@ -52,7 +54,9 @@ def calculate(expression: str) -> float:
     Args:
         expression: numbers with + - * / and parentheses, e.g. "3 * 12.5"
     """
-    return round(_eval(ast.parse(expression, mode="eval").body), 6)
+    with _AST_LOCK:  # CPython 3.11's ast.parse in concurrent threads can raise a spurious
+        tree = ast.parse(expression, mode="eval")  # SystemError (gh-106905); tools run in threads
+    return round(_eval(tree.body), 6)
 
 
 @tool(timeout=5)

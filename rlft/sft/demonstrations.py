@@ -44,11 +44,12 @@ class DemonstrationError(UserError):
 @dataclass
 class Demonstrations:
     """What playing the demonstrations gave: transcripts to train on, one sentence per row left
-    out, and the reward of each kept transcript (same order)."""
+    out, and the reward and played episode of each kept transcript (same order)."""
 
     transcripts: list[Transcript] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
+    played: list[Rollout] = field(default_factory=list)
     rows: int = 0  # rows asked for a demonstration
 
 
@@ -181,6 +182,7 @@ async def play(env: Any, examples: Sequence[dict[str, Any]], *, example_ids: Seq
         out.transcripts.append(Transcript(messages=_clean(ro.messages), tools=sampler.schemas.get(g.example_id),
                                           meta=meta))
         out.rewards.append(ro.reward)
+        out.played.append(ro)
     return out
 
 

@@ -64,6 +64,7 @@ class SFTExample:
     ids: list[int]  # the whole token sequence
     mask: list[int]  # 1 on the trained tokens: weight-1 assistant turns, end-of-turn token included
     source_index: int = -1  # row number in the source
+    prompt_len: int = 0  # tokens before the first assistant turn (what a rollout's prompt_ids hold)
 
 
 class NotPrefixStable(ValueError):
@@ -182,6 +183,7 @@ def render_transcript(renderer, t: Transcript, *, index: int = -1) -> SFTExample
         raise ValueError("the tokenizer has no end-of-turn token; set one (eos_token) to train on chats")
     eot = renderer.eos_token_ids[0]  # the renderer lists the template's end-of-turn token first
     ids = renderer.render_prompt(msgs[: turns[0]], schemas)
+    prompt_len = len(ids)
     mask = [0] * len(ids)
     prev_text: str | None = None
     prev_ids: list[int] = []
@@ -213,7 +215,7 @@ def render_transcript(renderer, t: Transcript, *, index: int = -1) -> SFTExample
         mask += [int(t.messages[a].get("weight", 1))] * len(reply)
         if k < len(turns):  # only a later turn needs these (and encoding the whole chat per turn costs)
             prev_text, prev_ids = full, renderer.encode(full)
-    return SFTExample(ids=ids, mask=mask, source_index=index)
+    return SFTExample(ids=ids, mask=mask, source_index=index, prompt_len=prompt_len)
 
 
 def render_transcripts(renderer, transcripts: list[Transcript]) -> tuple[list[SFTExample], list[str]]:

@@ -13,6 +13,10 @@ Each algorithm is a choice of arguments here:
   `ratio_level="sequence", eps_low=3e-4, eps_high=4e-4, loss_agg="seq_mean_token_mean"`.
 - RLOO: baseline = mean of the other G-1 rewards, i.e. G/(G-1) * (r - mean): unbiased for small G.
   `baseline="rloo", std_normalize=False`.
+- LUFFY (off-policy guidance): a group may hold a demonstration that the policy did not sample
+  (``rlft.training.guidance``). Its tokens have no behaviour logprobs, so their importance ratio is
+  taken as pi_theta itself (behaviour probability 1), shaped as f(p) = p / (p + gamma) and not
+  clipped: `off_policy_B` marks those rows, `shaping_gamma=0.1` (`shaped_objective`).
 
 Recommended for small models on small data (the arguments train.py should pass):
 - `baseline="mean", std_normalize=False`: std division up-weights prompts that are almost always
@@ -57,6 +61,7 @@ class LossConfig:
     tis_cap: float = 0.0  # truncated importance sampling vs the sampler's logprobs; 0 = off
     temperature: float = 1.0  # the sampling temperature: logits are divided by it
     max_tokens: int = 2048  # Dr.GRPO's constant (seq_mean_token_sum_norm): the context limit
+    shaping_gamma: float = 0.1  # LUFFY's policy shaping of demonstration tokens: p / (p + gamma)
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: beyond this a token is garbage, not a policy update
 _CHUNK_ELEMS = 1 << 25  # float32 elements per (chunk, V) slice in token_logprobs / entropy
 
@@ -132,6 +137,18 @@ def tis_weights(old_logp_BT: Tensor, sampler_logp_BT: Tensor, cap: float = 2.0) 
     return torch.exp(old_logp_BT.detach() - sampler_logp_BT.detach()).clamp(max=cap)
 
 
+def shaped_objective(logp_BT: Tensor, gamma: float) -> Tensor:
+    """LUFFY's policy shaping of a demonstration token: f(p) = p / (p + gamma) with p = exp(logp).
+    Its gradient, gamma / (p + gamma)^2 * dp = gamma * p / (p + gamma)^2 * dlogp, is largest for
+    tokens of middling probability and vanishes for near-certain ones, so low-probability tokens of
+    the demonstration are learned instead of the gradient going to those the policy already takes
+    (plain importance sampling with behaviour probability 1 would weigh each token by p). (B, T)"""
+    if gamma <= 0:
+        raise ValueError(f"shaping gamma must be > 0, got {gamma}")
+    p_BT = torch.exp(logp_BT.clamp(max=0.0))
+    return p_BT / (p_BT + gamma)
+
+
 # ---- KL and losses ---------------------------------------------------------------------------
 
 
@@ -186,6 +203,8 @@ def policy_loss(
     beta: float = 0.0,
     kl_estimator: str = "k3",
     is_weights_BT: Tensor | None = None,
+    off_policy_B: Tensor | None = None,
+    shaping_gamma: float = 0.1,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy-gradient loss over a flat micro-batch of B sequences.
 
@@ -198,10 +217,13 @@ def policy_loss(
       seq_mean_token_mean      sum over sequences of (token mean) / number of sequences (GRPO)
       seq_mean_token_sum_norm  sum over masked tokens / (sequences * max_tokens) (Dr.GRPO)
     `advantages_B` is (B,) (or (B, T) per token); mask_BT is 1/True on sampled tokens only.
+    `off_policy_B` (B,) bool: rows that are demonstrations, not samples (LUFFY): their per-token
+    term is -shaped_objective(logp, shaping_gamma) * A, no ratio to old_logp, no clip, no
+    is_weights; they count in the normalizer like any row.
     Returns (loss, stats); stats are detached 0-dim tensors (no device sync): pg_loss, kl,
     clip_ratio (share of masked tokens whose gradient the clip removed) = clip_ratio_low
     (A < 0, ratio < 1 - eps_low) + clip_ratio_high (A > 0, ratio > 1 + eps_high), ratio_mean,
-    ratio_max.
+    ratio_max (the ratio statistics over sampled rows only).
     """
     m_BT = mask_BT.bool()
     adv_BT = advantages_B[:, None] if advantages_B.dim() == 1 else advantages_B
@@ -217,6 +239,12 @@ def policy_loss(
     pg_BT = -torch.minimum(ratio_BT * adv_BT, clipped_BT * adv_BT)  # (B, T)
     if is_weights_BT is not None:
         pg_BT = pg_BT * is_weights_BT.detach()
+    if off_policy_B is not None:  # demonstrations: shaped, unclipped, no ratio to a behaviour policy
+        off_B1 = off_policy_B.bool()[:, None]
+        pg_BT = torch.where(off_B1, -shaped_objective(logp_BT, shaping_gamma) * adv_BT, pg_BT)
+        m_ratio_BT = m_BT & ~off_B1
+    else:
+        m_ratio_BT = m_BT
     kl_BT = None
     if ref_logp_BT is not None:
         kl_BT = kl_penalty(logp_BT, ref_logp_BT.detach(), m_BT, kl_estimator)
@@ -237,16 +265,17 @@ def policy_loss(
 
     with torch.no_grad():
         n_tok = m_BT.sum().clamp(min=1)
-        clip_low = ((ratio_BT < 1.0 - eps_low) & (adv_BT < 0) & m_BT).sum() / n_tok
-        clip_high = ((ratio_BT > 1.0 + eps_high) & (adv_BT > 0) & m_BT).sum() / n_tok
+        n_ratio = m_ratio_BT.sum().clamp(min=1)
+        clip_low = ((ratio_BT < 1.0 - eps_low) & (adv_BT < 0) & m_ratio_BT).sum() / n_ratio
+        clip_high = ((ratio_BT > 1.0 + eps_high) & (adv_BT > 0) & m_ratio_BT).sum() / n_ratio
         stats = {
             "pg_loss": pg_loss.detach(),
             "kl": (kl_BT.sum() / n_tok).detach() if kl_BT is not None else logp_BT.new_zeros(()),
             "clip_ratio": clip_low + clip_high,
             "clip_ratio_low": clip_low,
             "clip_ratio_high": clip_high,
-            "ratio_mean": torch.where(m_BT, ratio_BT, 0.0).sum() / n_tok,
-            "ratio_max": torch.where(m_BT, ratio_BT, 0.0).max(),
+            "ratio_mean": torch.where(m_ratio_BT, ratio_BT, 0.0).sum() / n_ratio,
+            "ratio_max": torch.where(m_ratio_BT, ratio_BT, 0.0).max(),
         }
     return loss, stats
 

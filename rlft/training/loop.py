@@ -14,6 +14,7 @@ What this loop adds to ``rlft.training.minimal`` (read that one first):
   of the weights while step n trains in a thread; those rollouts lag one version, and the update
   takes the sampler's logprobs as their old policy;
 - the SFT warm-up before step 1 (``sft_data``, ``rlft.training.warmup``);
+- demonstration-guided groups (``guidance``, LUFFY: ``rlft.training.guidance``);
 - dynamic sampling (``refill``), resume, validation before step 1, the step-1 signal report,
   stop requests from the console, trackers, and the held-out evals.
 Left out here: the update's math (``rlft.training.update``, ``rlft.training.grpo``), weight sync
@@ -47,6 +48,10 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
     with open_run(as_config(config, overrides), environment=environment, dataset=dataset, resume=resume) as run:
         cfg = run.cfg  # a resumed run's own config
         base_eval = warm_eval = None
+        if cfg.guidance != "off":
+            from rlft.training.guidance import check_guidance
+
+            check_guidance(run.env)
         if run.start_step == 0:
             if cfg.validate:
                 validate_environment(run)
@@ -70,6 +75,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 metrics.update(ahead.sync_before(step))
                 if step == run.start_step:
                     report_signal(run, groups, step)
+                metrics.update(guide(run, groups, step))  # (LUFFY: demonstrations in unsolved groups)
                 train_groups, skipped = advantages(run, groups, step)  # 2. advantages (+ refill)
                 kill_point("mid_step", step + 1)
                 ahead.start(step + 1)  # overlap: the next step samples meanwhile, with these weights
@@ -130,6 +136,22 @@ def batch_metrics(run: Run, groups: list[Group], step: int) -> dict[str, float]:
     metrics = group_metrics(all_groups, run.cfg.success_threshold)
     metrics.update(policy_lag(all_groups, step))
     return metrics
+
+
+def guide(run: Run, groups: list[Group], step: int) -> dict[str, float]:
+    """``guidance = "demonstrate"``: each group of this rank with no success gets its row's played
+    demonstration as a member (``rlft.training.guidance``); the batch metrics above were taken
+    before, so they stay the policy's own. Why a row got none goes to the run's log."""
+    if run.cfg.guidance == "off":
+        return {}
+    from rlft.training.guidance import guide_groups
+
+    report = run.wait(guide_groups(run.env, groups, run.sampler.renderer, success_threshold=run.cfg.success_threshold,
+                                   policy_version=step, max_concurrency=run.cfg.max_concurrency))
+    for problem in report.problems:
+        run.store.add_log(run.run_id, f"[guidance] {problem}", level="warning", step=step + 1, source="guidance")
+    (guided,) = distributed.all_reduce_sum([float(report.groups)])
+    return {"batch/guided_groups": guided}
 
 
 def advantages(run: Run, groups: list[Group], step: int) -> tuple[list[Group], int]:
@@ -328,5 +350,5 @@ class SampleAhead:
         return metrics
 
 
-__all__ = ["SampleAhead", "advantages", "batch_metrics", "checkpoint", "eval_due", "evaluate", "record",
+__all__ = ["SampleAhead", "advantages", "batch_metrics", "checkpoint", "eval_due", "evaluate", "guide", "record",
            "report_signal", "sample", "train", "update", "validate_environment"]

@@ -90,7 +90,8 @@ def loss_config(cfg: TrainConfig):
 
     return LossConfig(loss_agg=cfg.loss_agg, ratio_level=cfg.ratio_level, eps_low=float(cfg.eps_low),
                       eps_high=float(cfg.eps_high), beta=cfg.beta, kl_estimator=cfg.kl_estimator,
-                      tis_cap=cfg.tis_cap, temperature=cfg.temperature, max_tokens=cfg.max_seq_len)
+                      tis_cap=cfg.tis_cap, temperature=cfg.temperature, max_tokens=cfg.max_seq_len,
+                      shaping_gamma=cfg.guidance_gamma)
 
 
 def update_config(cfg: TrainConfig):

@@ -9,9 +9,11 @@ it is exact: ``rlft.training.prefix``) the rollouts of a group are packed into o
 their common prompt once, and micro-batches are made of such rows under the same budget. With
 ``epochs > 1`` the importance ratio is against the trainer's own logprobs of the first pass (the
 rollout-time policy); for a rollout sampled by older weights (``policy_version`` below the current
-one: overlap) it is against the sampler's logprobs. Distributed (``model`` a DDP/FSDP2 wrapper, see
-``rlft.distributed``): the normalizer and metrics are summed over ranks and the loss scaled so
-that the gradient is the single-process one.
+one: overlap) it is against the sampler's logprobs. A played demonstration in a group
+(``Rollout.demonstration``, LUFFY guidance: ``rlft.training.guidance``) has no sampler logprobs: its
+tokens take the shaped off-policy term (``grpo.policy_loss``'s ``off_policy_B``). Distributed
+(``model`` a DDP/FSDP2 wrapper, see ``rlft.distributed``): the normalizer and metrics are summed
+over ranks and the loss scaled so that the gradient is the single-process one.
 Left out: the loss math itself (``rlft.training.grpo``) and anything about where rollouts came from.
 """
 
@@ -136,6 +138,12 @@ def _inputs(mb: _Micro, pad_id: int, additive_mask: bool):
     return packed, mask, sampler_logp, adv
 
 
+def _demonstrations(mb: _Micro) -> torch.Tensor | None:
+    """(N,) bool: the micro-batch's played demonstrations (None when it has none: the plain loss)."""
+    off = [it.rollout.demonstration for it in mb.items]
+    return torch.tensor(off) if any(off) else None
+
+
 def _to(inputs, dev):
     return type(inputs)(**{f.name: getattr(inputs, f.name).to(dev) for f in fields(inputs)})
 
@@ -198,6 +206,8 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
         for mb in distributed.micro_steps(model, micro, pad=pad):  # the same number of passes on every rank
             inputs, mask, sampler_logp, adv = _inputs(mb, pad_id, additive)
             inputs, mask, sampler_logp, adv = _to(inputs, dev), mask.to(dev), sampler_logp.to(dev), adv.to(dev)
+            off = _demonstrations(mb)
+            off = off.to(dev) if off is not None else None
             C = mask.shape[1]
             forwarded += inputs.ids_BL.numel()
             # one sequence over the budget forms a micro-batch alone: recomputed, so the budget bounds memory
@@ -215,7 +225,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
                     logp, old_logp, adv, mask, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
                     ratio_level=loss_cfg.ratio_level, loss_agg=loss_cfg.loss_agg, max_tokens=loss_cfg.max_tokens,
                     normalizer=normalizer, ref_logp_BT=ref_logp, beta=loss_cfg.beta, kl_estimator=loss_cfg.kl_estimator,
-                    is_weights_BT=is_w)
+                    is_weights_BT=is_w, off_policy_B=off, shaping_gamma=loss_cfg.shaping_gamma)
                 (loss * scale).backward()
             recomputed += recomputing
             n = float(mask.sum())
@@ -275,11 +285,14 @@ class _FirstPass:
         C = logp_BC.shape[1]
         self.ent_sum += float((ent_BC * mask_BC).sum())
         self.ent_n += float(mask_BC.sum())
+        sampled_B = torch.ones(len(mb), dtype=torch.bool, device=mask_BC.device)
         for b, it in enumerate(mb):
             c = len(it.rollout.completion_ids)
             stale = self.policy_version is not None and it.rollout.policy_version < self.policy_version
             it.old_logp = (sampler_logp_BC if stale else logp_BC.detach())[b, C - c:].clone()
-        self.diffs.append(((logp_BC.detach() - sampler_logp_BC).abs() * mask_BC)[mask_BC.bool()])
+            sampled_B[b] = not it.rollout.demonstration  # a demonstration has no sampler logprobs to compare
+        m_BC = mask_BC.bool() & sampled_B[:, None]
+        self.diffs.append((logp_BC.detach() - sampler_logp_BC).abs()[m_BC])
 
     def metrics(self) -> dict[str, float]:
         d = torch.cat(self.diffs) if self.diffs else torch.zeros(0)
