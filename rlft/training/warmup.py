@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlft import distributed
+from rlft.allocator import release_freed_memory
 from rlft.config import ConfigError
 
 HELD_OUT_SHARE = 0.1  # of the transcripts, for warmup/eval_loss (none below 10 transcripts)
@@ -126,6 +127,7 @@ def warm_up(run: Any, plan: WarmupPlan) -> dict[str, float]:
         run.progress.note(f"warm-up step {i}/{plan.steps}  loss {st['loss']:.4f}  {metrics['warmup/tokens_per_s']:.0f}"
                           f" tok/s  {dt:.2f} s")
     del optimizer  # its state is not RL's: RL's AdamW starts fresh on the warmed-up weights
+    release_freed_memory()  # the warm-up's activation heap back to the OS before the evals and RL (rlft.allocator)
     run.store.log_metrics(run.run_id, 0, run.syncer.after_update(0))  # the engine serves the warmed-up weights
     return metrics
 
