@@ -6,6 +6,15 @@ Heavy dependencies (torch, transformers, peft, mcp) load only when the object th
 is used: importing rlft is cheap.
 """
 
+import os as _os
+
+# oneDNN keeps up to 1,024 compiled primitives by default, and every new batch shape of the engine's
+# packed linears (decode batches shrink sequence by sequence) adds some with their own buffers: the
+# demo's heap grew ~50 MB a phase. 64 still holds the shapes a step reuses. Measured on the demo:
+# peak RSS 2.59 -> 2.38 GiB, wall 2:14 -> 1:58 (benchmarks/README.md). It must be set before torch
+# runs its first oneDNN op; a value the user set wins.
+_os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+
 from rlft.config import TrainConfig, load_config
 from rlft.data import Dataset, DatasetError, load_dataset
 from rlft.engines.base import Engine, Sample, SamplingParams

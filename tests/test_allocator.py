@@ -44,3 +44,13 @@ def test_freed_tensor_memory_stays_in_rss_until_released():
     assert grown - base >= 250  # 300 MiB of blocks
     assert kept - base >= 250  # freed, but kept by the allocator (keep_freed_memory's purpose)
     assert kept - released >= 250  # handed back to the OS
+
+
+def test_importing_rlft_caps_onednn_primitive_cache_unless_the_user_set_it():
+    code = "import os, rlft; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "64"
+    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "512"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "512"
