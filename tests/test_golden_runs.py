@@ -15,7 +15,12 @@ Re-recorded a third time when bf16 training's attention softmax began to save on
 probabilities (``rlft.attention._SoftmaxAs``: the backward uses the bf16 p that the forward's
 p @ v used, not the float32 p): step 1's gradient norm moved by 1.6e-6 relative (0.13812071 ->
 0.13812049), and the samples from step 2 on changed, as any bf16 rounding change does on this
-random tiny model; the float32 runs do not take that path and pass as recorded. Four runs, each a few seconds on the tiny models:
+random tiny model; the float32 runs do not take that path and pass as recorded. Re-recorded a fourth
+time when the weight-sync probe became 4 x 16 tokens scored in one batched forward (it was 4 x 48,
+one forward each; ``rlft.training.sync``): only ``lora_bf16``'s ``sync/probe_logprob_diff`` and
+``_max`` moved beyond 1e-5 (a probe of other tokens), every sample and every other metric was
+unchanged; the re-record also filled in the metric keys registered since and refreshed values that
+differed by ~1e-7 (within the comparison). Four runs, each a few seconds on the tiny models:
 
 - ``fp32``: full finetune in float32 of the random tiny model, evals every 2 steps;
 - ``overlap``: the same with ``overlap = true`` (sampling one version behind);

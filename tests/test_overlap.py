@@ -101,3 +101,17 @@ def test_stale_rollouts_use_the_samplers_logprobs_in_the_ratio(tiny_model_dir):
     assert stale["policy/clip_ratio"] == pytest.approx(0.5)  # A > 0 tokens clipped at 1 + eps_high
     # the token mean of -1.28 (A = 1, clipped) and +e^0.5 (A = -1)
     assert stale["loss/policy"] == pytest.approx((-(1 + cfg.eps_high) + r) / 2, rel=1e-4)
+
+
+def test_the_probes_batched_trainer_logprobs_equal_one_forward_per_completion(tiny_model_dir):
+    from rlft.policy import load_policy
+    from rlft.training.sync import trainer_logprobs_many
+
+    policy = load_policy(tiny_model_dir, dtype="float32")
+    prompt = policy.tokenizer.encode("count to ten")
+    completions = [policy.tokenizer.encode(t) for t in (" one two three four", " one", " uno dos tres")]
+    many = trainer_logprobs_many(policy, prompt, completions)
+    assert [len(x) for x in many] == [len(c) for c in completions]  # the end padding is not scored
+    for got, tokens in zip(many, completions):
+        alone = trainer_logprobs_many(policy, prompt, [tokens])[0]
+        assert got == pytest.approx(alone, abs=1e-5)
