@@ -13,9 +13,7 @@ MAX_LINES = 400
 MARKER = "Why one module:"
 # Modules whose docstring gave its reason before the marker existed, with the sentence that
 # gives it (checked to be there). Add the marker to the file and drop its entry here.
-OLDER_REASONS = {
-    "rlft/rewards/sandbox.py": "This file imports nothing from rlft",
-}
+OLDER_REASONS: dict[str, str] = {}
 
 
 def oversized_without_reason(root: Path) -> list[str]:

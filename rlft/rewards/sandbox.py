@@ -79,8 +79,11 @@ permissions and the uid switch.
 
 This file imports nothing from rlft but ``rlft.errors`` when it is there (the child's two
 programs are strings in it): the tests run it as a standalone file under an unprivileged user
-that cannot read the installed package. That is also why it is one file of ~800 lines: the
-launcher, the harness, the parent's side and the isolation probe must travel together.
+that cannot read the installed package.
+
+Why one module: it must run as that standalone file, so the launcher, the harness, the parent's
+side and the isolation probe (which ``run_code`` consults, and which probes with ``run_code``)
+travel together; split into modules, the copy the tests load would no longer be the sandbox.
 """
 
 from __future__ import annotations
