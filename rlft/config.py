@@ -100,10 +100,10 @@ class TrainConfig(FlatConfig):
     prefix_cache_mb: int = 512  # hf engine: MB for finished turns' KV (a next turn prefills only new tokens); 0 = off
     rollout_workers: int = 0  # Ray actors running the environment (tools, rewards; engine = openai); 0 = in-process
     ray_address: str = ""  # connect to an existing Ray cluster (ray start --head; "auto"); empty = a local instance
-    sync_check: bool = True  # after each weight sync, probe the engine; stale/mismatched weights stop the run
+    sync_check: bool = True  # check each weight sync (next rollouts or a probe); stale/mismatched weights stop the run
     mcp_restart: bool = True  # start an MCP server that died again (bounded backoff); false: fail its calls at once
     sandbox_unconfined: bool = False  # let the code sandbox run without namespaces (rlimits only; network open)
-    sync_tolerance: float = 0.15  # max mean |engine - trainer| logprob on the sync probe (nats; bf16 noise ~0.05)
+    sync_tolerance: float = 0.15  # max mean |engine - trainer| logprob, rollouts or probe (nats; bf16 noise ~0.05)
     vllm_gpu_memory_utilization: float = 0.3  # GPU memory share for vLLM (colocated with the trainer)
     vllm_sleep: bool = True  # vLLM sleeps (frees its GPU memory) during each policy update
     # -- algorithm -----------------------------------------------------------------------

@@ -38,7 +38,8 @@ KEYS = GROUP_KEYS + [
 OPTIONAL = {
     "sync/probe_logprob_diff": "the engine holds its own copy of the weights (overlap, LoRA's merged copy, a "
                                "server or vLLM) and sync_check is on; a full finetune's HF engine without overlap "
-                               "runs the trainer's own module: nothing to probe",
+                               "runs the trainer's own module: nothing to probe. On-policy untruncated runs probe "
+                               "only at the start and before evals (the rollouts check the other syncs)",
     "sync/probe_logprob_diff_max": "as sync/probe_logprob_diff",
     "rollout/worker": "rollout_workers > 0: the Ray rollout pool records each rollout's actor (rlft.ray_workers)",
     "batch/guided_groups": "guidance = \"demonstrate\" (rlft.training.guidance): unsolved groups given a demonstration",

@@ -198,10 +198,13 @@ def test_fsdp2_shards_on_cpu_and_matches_one_process(runs, fsdp_runs):
         w1, w2 = _weights(d / "single", single_id, step), _weights(d / "fsdp", fsdp_id, step)
         assert w1.keys() == w2.keys() and all(w1[k].shape == w2[k].shape for k in w1)
         assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= WEIGHT_ATOL
-    # the engine samples from its own whole copy, refreshed from the shards after every step:
-    # the probe matches the trainer to float32 noise (a stale copy would be ~1e-3 off, see test_overlap)
-    probe = two.metrics(fsdp_id, ["sync/probe_logprob_diff"])["sync/probe_logprob_diff"]
-    assert [s for s, _ in probe] == [0, 1, 2] and max(v for _, v in probe) < 1e-5
+    # the engine samples from its own whole copy, refreshed from the shards after every step: the
+    # probe (at the start; these runs have no eval) and each step's rollouts (all-reduced over the
+    # ranks) match the trainer to float32 noise (a stale copy would be ~1e-3 off, see test_remote_engine)
+    m = two.metrics(fsdp_id, ["sync/probe_logprob_diff", "sync/logprob_diff_mean"])
+    assert [s for s, _ in m["sync/probe_logprob_diff"]] == [0]
+    assert [s for s, _ in m["sync/logprob_diff_mean"]] == [1, 2]
+    assert max(v for key in m for _, v in m[key]) < 1e-5
 
 
 def test_fsdp2_lora_with_kl_matches_one_process(fsdp_runs):

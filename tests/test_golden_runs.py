@@ -20,7 +20,9 @@ time when the weight-sync probe became 4 x 16 tokens scored in one batched forwa
 one forward each; ``rlft.training.sync``): only ``lora_bf16``'s ``sync/probe_logprob_diff`` and
 ``_max`` moved beyond 1e-5 (a probe of other tokens), every sample and every other metric was
 unchanged; the re-record also filled in the metric keys registered since and refreshed values that
-differed by ~1e-7 (within the comparison). Four runs, each a few seconds on the tiny models:
+differed by ~1e-7 (within the comparison). A fifth time when the on-policy runs' rollouts became
+the weight-sync check between probes (the probe now runs at the start and before evals): only the
+dropped probe entries of ``lora_bf16`` and ``mcp_tools`` changed, and one value by ~1e-8. Four runs, each a few seconds on the tiny models:
 
 - ``fp32``: full finetune in float32 of the random tiny model, evals every 2 steps;
 - ``overlap``: the same with ``overlap = true`` (sampling one version behind);

@@ -279,7 +279,8 @@ def test_training_run_samples_only_from_the_server_and_pushes_each_step(project,
     m = store.metrics(run_id, ["sync/policy_lag", "sync/policy_lag_max", "sync/probe_logprob_diff",
                                "sync/logprob_diff_mean"])
     assert m["sync/policy_lag"] == [(1, 0.0), (2, 0.0)] and m["sync/policy_lag_max"] == [(1, 0.0), (2, 0.0)]
-    assert [s for s, _ in m["sync/probe_logprob_diff"]] == [0, 1, 2]
+    # probed at the start and before the final eval; step 2's rollouts were step 1's sync check
+    assert [s for s, _ in m["sync/probe_logprob_diff"]] == [0, 2]
     assert all(v < 1e-3 for _, v in m["sync/probe_logprob_diff"])  # fp32 server copy: numerical noise only
     assert all(v < 1e-3 for _, v in m["sync/logprob_diff_mean"])
 
@@ -302,7 +303,7 @@ def test_a_remote_engine_that_ignores_sync_is_caught_at_the_next_step(project, t
         train(_config(project, tiny_model_dir, engine="openai", engine_url=subprocess_server[0], run_name="stale"))
     run = RunStore(project / "runs", readonly=True).get_run("stale")
     assert run["status"] == "failed" and run["error"].startswith("WeightSyncError: stale weights")
-    assert run["step"] == 0  # stopped before recording step 1
+    assert run["step"] == 1  # step 2's rollouts carried version 0: stopped before its update
 
 
 # -- in-process engines ------------------------------------------------------------------------------
@@ -313,9 +314,10 @@ def test_on_policy_run_has_zero_lag(project, tiny_model_dir):
     run_id = train(_config(project, tiny_model_dir, run_name="onpolicy"))
     store = RunStore(project / "runs", readonly=True)
     assert store.metrics(run_id, ["sync/policy_lag"])["sync/policy_lag"] == [(1, 0.0), (2, 0.0)]
-    # with LoRA the default engine samples from a merged copy of the weights, probed after every sync
+    # with LoRA the default engine samples from a merged copy of the weights: probed at the start and
+    # before the final eval, and in between each step's rollouts are the check
     probe = store.metrics(run_id, ["sync/probe_logprob_diff"])["sync/probe_logprob_diff"]
-    assert [s for s, _ in probe] == [0, 1, 2] and all(v < 1e-4 for _, v in probe)  # float32: merged == adapted
+    assert [s for s, _ in probe] == [0, 2] and all(v < 1e-4 for _, v in probe)  # float32: merged == adapted
 
 
 def test_full_finetune_engine_runs_the_trainers_module_so_nothing_is_probed(project, tiny_model_dir):
@@ -327,21 +329,71 @@ def test_full_finetune_engine_runs_the_trainers_module_so_nothing_is_probed(proj
     assert "sync/probe_logprob_diff" not in store.metric_keys(run_id)
 
 
-def test_an_engine_with_its_own_copy_is_probed_after_every_sync(project, tiny_model_dir, monkeypatch):
-    import rlft.engines.factory
+def _copy_engine(options, policy, tag=""):
     from rlft.engines.hf import HFEngine
+
+    engine = HFEngine(copy.deepcopy(policy.model), policy.tokenizer)
+    engine.source_model, engine.weight_format = policy.model, WeightFormat.MODULE  # sync_weights copies them in
+    return engine
+
+
+@pytest.mark.parametrize("setting,probed", [
+    # on-policy, untruncated: at the start and before each eval; each step's rollouts check the rest
+    ({"eval_every": 2}, [0, 2, 4]),
+    # rollouts one version behind cannot check the sync: every sync probed (under overlap the one at
+    # the start of steps 2-4, recorded with them, and the last one)
+    ({"overlap": True}, [0, 2, 3, 4]),
+    ({"top_p": 0.9}, [0, 1, 2, 3, 4]),  # an engine may report truncated logprobs: every sync probed
+])
+def test_an_engine_with_its_own_copy_is_probed_where_the_rollouts_cannot_check_it(project, tiny_model_dir,
+                                                                                  monkeypatch, setting, probed):
+    import rlft.engines.factory
     from rlft.training.loop import train
 
-    def copy_engine(options, policy, tag=""):
-        engine = HFEngine(copy.deepcopy(policy.model), policy.tokenizer)
-        engine.source_model, engine.weight_format = policy.model, WeightFormat.MODULE  # sync_weights copies them in
-        return engine
-
-    monkeypatch.setattr(rlft.engines.factory, "make_engine", copy_engine)
-    run_id = train(_config(project, tiny_model_dir, run_name="copy", learning_rate=5e-3, sync_tolerance=1e-3))
-    m = RunStore(project / "runs", readonly=True).metrics(run_id, ["sync/probe_logprob_diff"])
-    assert [s for s, _ in m["sync/probe_logprob_diff"]] == [0, 1, 2]
+    monkeypatch.setattr(rlft.engines.factory, "make_engine", _copy_engine)
+    run_id = train(_config(project, tiny_model_dir, run_name="copy", learning_rate=5e-3, sync_tolerance=1e-3,
+                           steps=4, **setting))
+    m = RunStore(project / "runs", readonly=True).metrics(run_id, ["sync/probe_logprob_diff", "sync/logprob_diff_mean"])
+    assert [s for s, _ in m["sync/probe_logprob_diff"]] == probed
     assert all(v < 1e-5 for _, v in m["sync/probe_logprob_diff"])  # fp32 copy: numerical noise only
+    if "eval_every" in setting:  # each step's trained tokens compared, the same noise
+        assert [s for s, _ in m["sync/logprob_diff_mean"]] == [1, 2, 3, 4]
+        assert all(v < 1e-5 for _, v in m["sync/logprob_diff_mean"])
+
+
+def test_rollouts_that_disagree_with_the_trainer_stop_the_update_before_its_optimizer_step(tiny_model_dir):
+    import torch
+
+    from rlft.config import load_config
+    from rlft.policy import load_policy
+    from rlft.training.run import update_config
+    from rlft.training.sync import trainer_logprobs
+    from rlft.training.update import policy_update
+    from rlft.types import Group, Rollout
+
+    policy = load_policy(tiny_model_dir, dtype="float32")
+    prompt, tokens = policy.tokenizer.encode("count to ten"), policy.tokenizer.encode(" one two three")
+    lp = trainer_logprobs(policy, prompt, tokens)
+    cfg = load_config(overrides={"learning_rate": 1e-2, "dtype": "float32"}).resolved()
+    before = [p.detach().clone() for p in policy.trainable_parameters()]
+
+    def update(shift: float, tolerance: float):
+        rollouts = [Rollout(example={}, prompt_ids=prompt, completion_ids=tokens, logprobs=[x - shift for x in lp],
+                            mask=[1] * len(tokens), advantage=a, policy_version=3, group_index=i)
+                    for i, a in enumerate((1.0, -1.0))]
+        opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+        return policy_update(policy, [Group(example={}, rollouts=rollouts)], update_config(cfg, sync_tolerance=tolerance),
+                             opt, policy_version=3)
+
+    # the sampler's logprobs 0.2 nats off the trainer's: another model answered
+    with pytest.raises(WeightSyncError, match=rf"mismatched weights at policy version 3: .* {2 * len(tokens)} sampled "
+                                              r"tokens .* by 0\.2000 on average"):
+        update(0.2, tolerance=0.15)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))  # no update applied
+    assert all(p.grad is None for p in policy.trainable_parameters())
+    stats = update(0.2, tolerance=0.0)  # unchecked (overlap, a probed engine): the update runs
+    assert stats["sync/logprob_diff_mean"] == pytest.approx(0.2, abs=1e-5)
+    assert not all(torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))
 
 
 class LabelOnly:
@@ -368,16 +420,21 @@ class LabelOnly:
         self.inner.close()
 
 
-def test_old_weights_under_a_new_label_are_caught_by_the_probe(project, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("setting,caught_by", [({}, "sampled tokens"), ({"overlap": True}, "-token probe")])
+def test_old_weights_under_a_new_label_are_caught_at_the_next_step(project, tiny_model_dir, monkeypatch, setting,
+                                                                   caught_by):
     import rlft.engines.factory
     from rlft.training.loop import train
 
     monkeypatch.setattr(rlft.engines.factory, "make_engine", lambda options, policy, tag="": LabelOnly(policy))
-    # fp32: a fresh engine differs by ~1e-7; one step at this learning rate moves the probe by ~1e-2
-    with pytest.raises(WeightSyncError, match="mismatched weights at policy version 1"):
-        train(_config(project, tiny_model_dir, run_name="label-only", learning_rate=5e-3, sync_tolerance=1e-3))
+    # fp32: a fresh engine differs by ~1e-7; one step at this learning rate moves the logprobs by ~1e-2.
+    # On-policy the next step's rollouts show it, under overlap the probe after the sync
+    with pytest.raises(WeightSyncError, match=f"mismatched weights at policy version 1: .*{caught_by}"):
+        train(_config(project, tiny_model_dir, run_name="label-only", learning_rate=5e-3, sync_tolerance=1e-3,
+                      **setting))
     run = RunStore(project / "runs", readonly=True).get_run("label-only")
     assert run["status"] == "failed" and "WeightSyncError: mismatched weights" in run["error"]
+    assert run["step"] == 1  # step 1 recorded, step 2 never applied
 
 
 def test_sync_check_can_be_turned_off(project, tiny_model_dir, monkeypatch):

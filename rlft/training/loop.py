@@ -72,7 +72,7 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 t_step = time.perf_counter()
                 groups, t_generate = ahead.groups(step)  # 1. sample
                 metrics = batch_metrics(run, groups, step)
-                metrics.update(ahead.sync_before(step))
+                metrics.update(ahead.sync_before(step, groups))
                 if step == run.start_step:
                     report_signal(run, groups, step)
                 metrics.update(guide(run, groups, step))  # (LUFFY: demonstrations in unsolved groups)
@@ -191,13 +191,13 @@ def update(run: Run, groups: list[Group], step: int, *, in_thread: bool) -> dict
     then samples from its own copy, so it is not paused."""
     from rlft.training.update import policy_update
 
-    settings = update_config(run.cfg)
+    settings = update_config(run.cfg, sync_tolerance=run.syncer.rollout_tolerance)
 
     def step_once() -> dict[str, float]:
         # no forward pass of the engine while the weights change
         with contextlib.nullcontext() if run.cfg.overlap else run.engine.paused():
             out = policy_update(run.policy, groups, settings, run.optimizer, model=run.train_model,
-                                policy_version=step if run.cfg.overlap else None)
+                                policy_version=step)
             run.scheduler.step()
         release_freed_memory()  # the activations' heap back to the OS: sampling does not need it (rlft.allocator)
         return out
@@ -241,7 +241,12 @@ def evaluate(run: Run, at_step: int) -> dict[str, float] | None:
     from rlft.evaluate import evaluate as run_eval
 
     cfg = run.cfg
-    if not len(run.eval_set) or not distributed.is_main():
+    if not len(run.eval_set):
+        return None
+    # the engine's last push, if only the next step's rollouts were to check it (on every rank:
+    # the probe's trainer forward is a collective under FSDP2)
+    run.store.log_metrics(run.run_id, at_step, run.syncer.before_eval())
+    if not distributed.is_main():
         return None
     examples = list(run.eval_set)[: cfg.eval_max_examples or None]
     metrics, groups = run.wait(run_eval(run.env, examples, run.sampler_at(at_step, "eval"), k=cfg.eval_k,
@@ -330,9 +335,13 @@ class SampleAhead:
         if self.run.cfg.overlap and step < self.run.cfg.steps:
             self.pending = self.run.loop.create_task(sample(self.run, step))
 
-    def sync_before(self, step: int) -> dict[str, float]:
-        """Overlap: the engine was sampling these when the last update ended; push it now."""
-        return self._push(step) if self.engine_version < step else {}
+    def sync_before(self, step: int, groups: list[Group]) -> dict[str, float]:
+        """Overlap: the engine was sampling ``groups`` when the last update ended; push it now.
+        Otherwise they were sampled after the last push: their version labels are its check."""
+        if self.engine_version < step:
+            return self._push(step)
+        self.run.syncer.check_versions(groups, step)  # WeightSyncError when the engine is stale
+        return {}
 
     def sync_after(self, version: int) -> dict[str, float]:
         """After an update: push now, unless the engine is busy sampling ahead."""
@@ -345,7 +354,7 @@ class SampleAhead:
             self.run.store.log_metrics(self.run.run_id, version, self._push(version))
 
     def _push(self, version: int) -> dict[str, float]:
-        metrics = self.run.syncer.after_update(version)  # WeightSyncError when the engine is stale
+        metrics = self.run.syncer.after_update(version)  # WeightSyncError when the engine is stale or mismatched
         self.engine_version = version
         return metrics
 

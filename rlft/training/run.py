@@ -94,13 +94,15 @@ def loss_config(cfg: TrainConfig):
                       shaping_gamma=cfg.guidance_gamma)
 
 
-def update_config(cfg: TrainConfig):
-    """What one policy update takes, from a resolved config."""
+def update_config(cfg: TrainConfig, *, sync_tolerance: float = 0.0):
+    """What one policy update takes, from a resolved config; ``sync_tolerance``: the weight sync's
+    rollout check (``WeightSync.rollout_tolerance``, 0 = none)."""
     from rlft.training.update import UpdateConfig
 
     return UpdateConfig(loss=loss_config(cfg), epochs=cfg.epochs, micro_batch_tokens=cfg.micro_batch_tokens,
                         max_grad_norm=cfg.max_grad_norm, bf16=cfg.dtype == "bfloat16",
-                        filter_truncated=cfg.overlong == "filter", shared_prefix=cfg.shared_prefix)
+                        filter_truncated=cfg.overlong == "filter", shared_prefix=cfg.shared_prefix,
+                        sync_tolerance=sync_tolerance)
 
 
 def lr_factor(steps: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:
@@ -277,10 +279,11 @@ def _build(stack: contextlib.ExitStack, cfg: TrainConfig, store: Any, run_id: st
         start = load_checkpoint(ckpt[1], policy, optimizer, scheduler, weights=False, model=train_model)["step"]
         store.add_log(run_id, f"resumed from checkpoint at step {start}", step=start, source="trainer")
     store.truncate_after(run_id, start)  # rows of steps after the checkpoint are redone
-    # the engine must serve the trainer's weights: pushed after every step, then probed (rlft.training.sync)
+    # the engine must serve the trainer's weights: pushed after every step, then checked (rlft.training.sync)
     sync_root = run_dir if distributed.is_main() else run_dir / f"rank{distributed.rank()}"  # each rank's own pushes
     syncer = WeightSync(policy, engine, renderer, sync_root, loop, check=cfg.sync_check,
-                        tolerance=cfg.sync_tolerance, autocast=cfg.dtype == "bfloat16")
+                        tolerance=cfg.sync_tolerance, autocast=cfg.dtype == "bfloat16",
+                        on_policy=not cfg.overlap and cfg.top_p >= 1.0 and cfg.top_k == 0)
     store.log_metrics(run_id, start, syncer.start(start))
     session = contextlib.AsyncExitStack()  # the environment's shared resources (MCP servers)
     loop.run_until_complete(session.enter_async_context(env.session()))

@@ -6,7 +6,7 @@ failed to load, an engine that kept its old copy, a server answering from the wr
 not crash anything: the run just trains off-policy with importance ratios that lie. This module
 makes that a named error instead.
 
-Three things, run by :class:`WeightSync` from the training loop:
+Four things, run by :class:`WeightSync` from the training loop:
 
 1. **Push.** ``push(version)`` hands the engine one :class:`~rlft.engines.base.WeightUpdate` in
    the form its ``weight_format`` declares: SHARED (the HF engine running the trainer's own
@@ -18,7 +18,18 @@ Three things, run by :class:`WeightSync` from the training loop:
    the weights that produced it, as the engine reports it (the remote engine reads it from the
    name of the adapter that answered), and every rollout keeps it. ``sync/policy_lag`` is the
    current step minus that version (mean and max over the batch): 0 when on-policy.
-3. **Probe check.** After each sync the engine samples a fixed probe prompt (``PROBE_SAMPLES``
+3. **Rollout check.** When the next step's rollouts are on-policy and untruncated (no
+   ``overlap``, ``top_p = 1``, ``top_k = 0``: the sampler's logprobs are then ``log_softmax(logits
+   / T)`` of the very weights the trainer holds), those rollouts are the check, at no cost: every
+   one must carry the pushed version (:meth:`WeightSync.check_versions`, **stale** otherwise), and the
+   update's first pass, which computes the trainer's logprobs of every trained token anyway, stops
+   the run before the optimizer step when their mean absolute difference from the sampler's is above
+   ``sync_tolerance`` (:func:`verify_rollouts`, **mismatched**). No update is ever applied from
+   rollouts of weights the trainer does not hold, and the check covers hundreds of sampled tokens
+   instead of the probe's 64. The probe below then runs only at the start and before an eval that
+   follows a push (an eval's samples train nothing, so no update checks them; its cost is the
+   eval's); otherwise after every sync. It cost ~1.2 s of a ~9 s CPU demo step.
+4. **Probe check.** After a sync the engine samples a fixed probe prompt (``PROBE_SAMPLES``
    samples of up to ``PROBE_TOKENS`` tokens, temperature 1, fixed seeds, drawn concurrently) and
    the trainer recomputes the logprobs of exactly those tokens with its own model. The run stops
    with :class:`WeightSyncError` when the engine reports another version than the one just pushed
@@ -41,7 +52,9 @@ CPU (SmolLM2-135M, LoRA r16; the engine decodes with a KV cache, the trainer run
 - fresh weights, bf16 trainer vs a bf16 engine (the trainer's own module, or a copy loaded from the
   pushed adapter as ``rlft serve`` does: identical numbers): 0.038-0.057 over 25 probes (before
   and during 8 steps at lr 2e-4); fp32 trainer vs bf16 server: 0.034-0.050; fp32 vs fp32: ~2e-7.
-  The batch metric ``sync/logprob_diff_mean`` on real rollouts reads 0.040-0.047 meanwhile.
+  The batch metric ``sync/logprob_diff_mean`` on real rollouts reads 0.040-0.047 meanwhile; over
+  the recipes' and the demo's runs since (bf16, T = 0.7 and 1.0, the engine's merged copy) it was
+  0.002-0.046 per step, so the same tolerance serves the rollout check.
 - stale weights: one optimizer step at lr 2e-4 moves the probe's logprobs by 0.04-0.06 on the same
   tokens, i.e. by bf16 rounding noise: an engine one step behind scored 0.048-0.057, an engine
   still at version 0 scored 0.045-0.078 over 8 steps. No logprob threshold can tell one-step-stale weights from fresh
@@ -63,7 +76,8 @@ from typing import Any
 from rlft.engines.base import TrainableEngine, WeightFormat, WeightUpdate
 
 __all__ = ["PROBE_MESSAGES", "PROBE_SAMPLES", "PROBE_TOKENS", "ProbeResult", "WeightSync", "WeightSyncError",
-           "policy_lag", "probe", "probe_check", "probe_prompt", "trainer_logprobs", "trainer_logprobs_many", "verify"]
+           "policy_lag", "probe", "probe_check", "probe_prompt", "trainer_logprobs", "trainer_logprobs_many", "verify",
+           "verify_rollouts"]
 
 PROBE_MESSAGES = [{"role": "user", "content": "Describe the weather in Paris in a few sentences, then count from "
                                               "one to ten in words."}]
@@ -165,6 +179,18 @@ def verify(result: ProbeResult, tolerance: float) -> None:
             "trainer's (wrong base model or adapter, a failed load, another dtype or LoRA scaling)")
 
 
+def verify_rollouts(diff_mean: float, diff_max: float, tokens: int, version: int | None, tolerance: float) -> None:
+    """Raise :class:`WeightSyncError` when the sampler's logprobs of a batch's ``tokens`` trained
+    tokens differ from the trainer's (same weights) by more than ``tolerance`` on average."""
+    if tokens and diff_mean > tolerance:
+        at = f" at policy version {version}" if version is not None else ""
+        raise WeightSyncError(
+            f"mismatched weights{at}: the engine's logprobs of this step's {tokens} sampled tokens differ from the "
+            f"trainer's by {diff_mean:.4f} on average (max {diff_max:.4f}), above sync_tolerance={tolerance:g}: the "
+            "engine serves other weights than the trainer's (wrong base model or adapter, a failed load, another "
+            "dtype or LoRA scaling); no update was applied from these rollouts")
+
+
 async def probe_check(policy: Any, engine: Any, probe_ids: list[int], tolerance: float, *,
                       expected_version: int | None = None, **kwargs: Any) -> float:
     """Probe the engine (see :func:`probe`); raise :class:`WeightSyncError` when it is stale
@@ -187,14 +213,19 @@ class WeightSync:
     """The trainer's side of weight sync: push weights to the engine, check them, keep metrics.
 
     ``loop``: the event loop the engine's requests run on (the training loop's). ``autocast``:
-    whether the policy update computes in bf16 (``update.training_precision``).
+    whether the policy update computes in bf16 (``update.training_precision``). ``on_policy``: the
+    rollouts after each sync are sampled by the pushed weights, untruncated (no overlap, top-p 1,
+    top-k 0), so they can be the check instead of the probe (see the module docstring).
     """
 
     def __init__(self, policy: Any, engine: TrainableEngine, renderer: Any, run_dir: str | Path, loop: Any, *,
-                 check: bool = True, tolerance: float = 0.15, autocast: bool = False, keep: int = 2):
+                 check: bool = True, tolerance: float = 0.15, autocast: bool = False, keep: int = 2,
+                 on_policy: bool = False):
         self.policy, self.engine, self.loop = policy, engine, loop
         self.sync_dir = Path(run_dir) / "sync"
         self.enabled, self.tolerance, self.autocast, self.keep = check, float(tolerance), autocast, max(1, keep)
+        self.on_policy = on_policy
+        self.unchecked: int | None = None  # a pushed version no check has seen yet (rollout check only)
         self.probe_ids = probe_prompt(renderer)
         if engine.weight_format is WeightFormat.ADAPTER and not policy.is_lora:
             raise ValueError(f"{type(engine).__name__} takes new weights as LoRA adapters only: train with lora = true")
@@ -204,6 +235,30 @@ class WeightSync:
     def shared(self) -> bool:
         """The engine runs the trainer's own module: it cannot disagree with it, so it is not probed."""
         return self.engine.weight_format is WeightFormat.SHARED
+
+    @property
+    def checks_rollouts(self) -> bool:
+        """Whether each step's rollouts are the check (stale labels, the update's logprob difference)
+        rather than a probe after each sync."""
+        return self.enabled and not self.shared and self.on_policy
+
+    @property
+    def rollout_tolerance(self) -> float:
+        """The update's limit on the first pass's sampler-trainer logprob difference; 0 = not checked."""
+        return self.tolerance if self.checks_rollouts else 0.0
+
+    def check_versions(self, groups: Any, version: int) -> None:
+        """Raise :class:`WeightSyncError` (stale) when a rollout of ``groups`` was sampled by another
+        version than ``version``, the one pushed before they were sampled (rollout check only)."""
+        if not self.checks_rollouts:
+            return
+        self.unchecked = None  # the update checks these rollouts' logprobs
+        stale = sorted({r.policy_version for g in groups for r in g.rollouts if r.policy_version != version})
+        if stale:
+            raise WeightSyncError(
+                f"stale weights: after the sync to policy version {version} the engine answered with version "
+                f"{', '.join(map(str, stale))}; it did not load the new weights, so rollouts would be sampled "
+                "off-policy")
 
     def push(self, version: int) -> None:
         """Give the engine the trainer's current weights as ``version``, in its weight format."""
@@ -243,6 +298,16 @@ class WeightSync:
         return self.check(version)
 
     def after_update(self, version: int) -> dict[str, float]:
-        """After an optimizer step: push ``version`` and check it."""
+        """After an optimizer step: push ``version`` and probe it, unless the next step's rollouts
+        are the check (:meth:`before_eval` probes it if an eval samples first)."""
         self.push(version)
+        if self.checks_rollouts:
+            self.unchecked = version
+            return {}
         return self.check(version)
+
+    def before_eval(self) -> dict[str, float]:
+        """Before an eval samples from the engine: probe the last push if no rollouts checked it yet
+        (an eval's samples train nothing, so no update would)."""
+        version, self.unchecked = self.unchecked, None
+        return self.check(version) if version is not None else {}

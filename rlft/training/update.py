@@ -80,6 +80,9 @@ class UpdateConfig:
     bf16: bool = False  # forward passes under bf16 autocast (training_precision)
     filter_truncated: bool = False  # DAPO overlong filtering: truncated rollouts get no loss
     shared_prefix: str = "auto"  # each group's common prompt forwarded once: auto (where exact) | true | false
+    # > 0: the rollouts are on-policy, so a first-pass sampler-trainer logprob difference (mean) above
+    # this means the engine served other weights: WeightSyncError before the optimizer step (rlft.training.sync)
+    sync_tolerance: float = 0.0
 
 
 @dataclass
@@ -233,6 +236,10 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
             loss_sum += float(loss.detach())
             clip_sum += float(st["clip_ratio"]) * n
             kl_sum += float(st["kl"]) * n
+        if epoch == 0:
+            stats.update(first.metrics())
+            if cfg.sync_tolerance > 0:
+                _check_sync(stats, first.tokens, policy_version, cfg.sync_tolerance, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         norm = distributed.full_tensor(norm)  # FSDP2: a DTensor over the shards' norms
@@ -245,8 +252,20 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
                           "batch/forward_tokens": forwarded, "batch/recomputed_micro_batches": recomputed})
     model.eval()
     optimizer.zero_grad(set_to_none=True)
-    stats.update(first.metrics())
     return stats
+
+
+def _check_sync(stats: dict[str, float], tokens: int, version: int | None, tolerance: float,
+                optimizer: torch.optim.Optimizer) -> None:
+    """The rollout check of weight sync: the gradients are dropped and the run stopped when the
+    sampler's logprobs disagree with the trainer's (every rank sees the same all-reduced figures)."""
+    from rlft.training.sync import WeightSyncError, verify_rollouts
+
+    try:
+        verify_rollouts(stats["sync/logprob_diff_mean"], stats["sync/logprob_diff_max"], tokens, version, tolerance)
+    except WeightSyncError:
+        optimizer.zero_grad(set_to_none=True)
+        raise
 
 
 def _loss_items(groups: list[Group], loss_cfg: grpo.LossConfig, *, filter_truncated: bool) -> tuple[list[_Item], float]:
@@ -279,6 +298,7 @@ class _FirstPass:
         self.policy_version = policy_version
         self.diffs: list[torch.Tensor] = []
         self.ent_sum = self.ent_n = 0.0
+        self.tokens = 0  # sampled tokens compared (all ranks), set by metrics()
 
     @torch.no_grad()
     def record(self, mb: list[_Item], ent_BC, logp_BC, mask_BC, sampler_logp_BC) -> None:
@@ -298,6 +318,7 @@ class _FirstPass:
         d = torch.cat(self.diffs) if self.diffs else torch.zeros(0)
         ent_sum, ent_n, d_sum, d_n = distributed.all_reduce_sum([self.ent_sum, self.ent_n, float(d.sum()),
                                                                  float(d.numel())])
+        self.tokens = int(d_n)
         return {"policy/entropy": ent_sum / max(ent_n, 1),
                 "sync/logprob_diff_mean": d_sum / d_n if d_n else 0.0,
                 "sync/logprob_diff_max": distributed.all_reduce_max(float(d.max()) if d.numel() else 0.0)}
