@@ -18,7 +18,7 @@ tokens, temperature 1.0, learning rate (constant: TRL's default would decay it l
 rank/alpha/targets (all-linear), steps, the reward
 function (the demo's ``extraction`` / tinylm's ``correct_answer``, called on the same text).
 Held-out reward is measured the same way for every run: rlft's evaluator (HF engine, temperature
-1.0, k=1, the same held-out rows and seed) on the trained model, before training, every
+1.0, ``--eval-k`` samples per row, the same held-out rows) on the trained model, before training, every
 ``--eval-every`` steps and at the end; eval time is excluded from the training clock. Printed:
 seconds per step (mean over steps 2..N: step 1 includes warm-up), the ratio to rlft, held-out
 reward after N steps, and the training time to first reach ``--threshold`` held-out reward.
@@ -58,8 +58,8 @@ def task(model: str, n_eval: int):
     return demo.env, list(train_set), list(eval_set), demo.extraction, "smollm2", True
 
 
-def heldout(model, tokenizer, env, rows, seed: int = 1234) -> float:
-    """Mean reward over ``rows`` at temperature 1, k=1, through rlft's engine and evaluator."""
+def heldout(model, tokenizer, env, rows, k: int = 1, seed: int = 1234) -> float:
+    """Mean reward over ``rows`` x ``k`` samples at temperature 1, through rlft's engine and evaluator."""
     from rlft.engines.base import SamplingParams
     from rlft.engines.hf import HFEngine
     from rlft.env import Sampler
@@ -71,7 +71,7 @@ def heldout(model, tokenizer, env, rows, seed: int = 1234) -> float:
     sampler = Sampler(engine, Renderer(tokenizer), SamplingParams(temperature=1.0, seed=seed), max_seq_len=512)
     loop = asyncio.new_event_loop()
     try:
-        metrics, _ = loop.run_until_complete(evaluate(env, rows, sampler, k=1, temperature=1.0))
+        metrics, _ = loop.run_until_complete(evaluate(env, rows, sampler, k=k, temperature=1.0))
     finally:
         loop.close()
         if hasattr(engine, "close"):
@@ -92,7 +92,7 @@ def run_rlft(a, env, train_rows, eval_rows, model_path, lora) -> dict:
     t0 = time.perf_counter()
     run_id = train(environment=env, dataset=rows, model=model_path, runs_dir=runs, lora=lora,
                    dtype="bfloat16" if lora else "float32", learning_rate=a.lr, steps=a.steps, batch_size=a.batch,
-                   group_size=a.group, temperature=1.0, eval_temperature=1.0, eval_k=1, eval_every=a.eval_every,
+                   group_size=a.group, temperature=1.0, eval_temperature=1.0, eval_k=a.eval_k, eval_every=a.eval_every,
                    eval_max_examples=0, max_seq_len=512, checkpoint_every=0, keep_checkpoints=1, progress=False,
                    lora_rank=16, lora_alpha=32)
     wall = time.perf_counter() - t0
@@ -168,7 +168,7 @@ def run_trl(a, variant, env, train_rows, eval_rows, model_path, lora, reward_fn)
             s = state.global_step
             if (a.eval_every and s % a.eval_every == 0) or s == a.steps:
                 t = time.perf_counter()
-                evals[s] = heldout(model, tok, env, eval_rows)
+                evals[s] = heldout(model, tok, env, eval_rows, k=a.eval_k)
                 _stock_attention(model)  # rlft's evaluator switched it to rlft's attention
                 eval_s[0] += time.perf_counter() - t
 
@@ -192,6 +192,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8, help="completions per prompt")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (both models)")
     p.add_argument("--eval-size", type=int, default=32)
+    p.add_argument("--eval-k", type=int, default=1, help="samples per held-out row (more: less noise)")
     p.add_argument("--eval-every", type=int, default=0, help="0 = before and after only")
     p.add_argument("--threshold", type=float, default=0.7)
     p.add_argument("--only", default="rlft,trl-default,trl-bf16")
