@@ -81,6 +81,7 @@ def heldout(model, tokenizer, env, rows, k: int = 1, seed: int = 1234) -> float:
 
 
 def run_rlft(a, env, train_rows, eval_rows, model_path, lora) -> dict:
+    from rlft.config import load_config
     from rlft.store import RunStore
     from rlft.training.loop import train
 
@@ -90,11 +91,12 @@ def run_rlft(a, env, train_rows, eval_rows, model_path, lora) -> dict:
 
     rows = [row(r, "eval") for r in eval_rows] + [row(r, "train") for r in train_rows]
     t0 = time.perf_counter()
-    run_id = train(environment=env, dataset=rows, model=model_path, runs_dir=runs, lora=lora,
+    run_id = train(load_config(overrides=a.set), environment=env, dataset=rows, model=model_path, runs_dir=runs,
+                   lora=lora,
                    dtype="bfloat16" if lora else "float32", learning_rate=a.lr, steps=a.steps, batch_size=a.batch,
                    group_size=a.group, temperature=1.0, eval_temperature=1.0, eval_k=a.eval_k, eval_every=a.eval_every,
                    eval_max_examples=0, max_seq_len=512, checkpoint_every=0, keep_checkpoints=1, progress=False,
-                   lora_rank=16, lora_alpha=32)
+                   lora_rank=16, lora_alpha=32, seed=a.seed)
     wall = time.perf_counter() - t0
     with RunStore(runs) as store:
         m = store.metrics(run_id, ["time/step", "sync/logprob_diff_mean", "sync/logprob_diff_max", "reward/mean"])
@@ -145,7 +147,7 @@ def run_trl(a, variant, env, train_rows, eval_rows, model_path, lora, reward_fn)
     kw = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, max_steps=a.steps, learning_rate=a.lr,
               per_device_train_batch_size=a.batch * a.group, num_generations=a.group,
               max_completion_length=env.max_tokens, temperature=1.0, logging_steps=1, save_strategy="no",
-              report_to="none", seed=0, disable_tqdm=True,
+              report_to="none", seed=a.seed, disable_tqdm=True,
               lr_scheduler_type="constant")  # as rlft: a decaying lr would change the reward, not the speed
     if bf16:
         kw.update(bf16=True, gradient_checkpointing=False)
@@ -196,6 +198,9 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=0, help="0 = before and after only")
     p.add_argument("--threshold", type=float, default=0.7)
     p.add_argument("--only", default="rlft,trl-default,trl-bf16")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an rlft config value beyond its defaults (the rlft arm only; e.g. std_normalize=true)")
+    p.add_argument("--seed", type=int, default=0, help="each side's training seed (prompt order, sampling)")
     a = p.parse_args()
     a.lr = a.lr or 1e-3
     import torch
