@@ -5,7 +5,9 @@
     python benchmarks/bench_vs_trl.py --model smollm2 --only rlft,trl-bf16 --steps 3
 
 TRL is a benchmark-only dependency (``pip install trl``; check with ``--dry-run`` that it keeps the
-installed torch). Runs, one after the other in this process:
+installed torch). Runs, one after the other from this invocation, each in a child process of its
+own (so each reports its own peak RSS, and TRL runs with glibc malloc as shipped, untouched by
+rlft's tuning):
 
 - ``rlft``: ``rlft.training.loop`` with the model in bf16 (LoRA) / fp32 (tiny full finetune), its defaults.
 - ``trl-default``: ``GRPOTrainer`` with ``GRPOConfig``'s defaults for everything not listed below
@@ -21,11 +23,10 @@ Held-out reward is measured the same way for every run: rlft's evaluator (HF eng
 1.0, ``--eval-k`` samples per row, the same held-out rows) on the trained model, before training, every
 ``--eval-every`` steps and at the end; eval time is excluded from the training clock. Printed:
 seconds per step (mean over steps 2..N: step 1 includes warm-up), the ratio to rlft, held-out
-reward after N steps, and the training time to first reach ``--threshold`` held-out reward.
-Figures move by tens of percent on a shared CPU: compare rows of one invocation only. rlft tunes
-glibc malloc for the whole process (``rlft.allocator``) and TRL's model is switched back to
-transformers' sdpa attention, so for TRL as shipped run it in its own invocation
-(``--only trl-default``); with ``rlft`` in the same invocation TRL inherits the malloc tuning.
+reward after N steps, the training time to first reach ``--threshold`` held-out reward, and each
+run's peak RSS (its child process's ``ru_maxrss``). Figures move by tens of percent on a shared
+CPU: compare rows of one invocation only. TRL's model is switched back to transformers' sdpa
+attention (rlft's evaluator installs rlft's CPU attention), so TRL trains as shipped.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -201,26 +204,27 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an rlft config value beyond its defaults (the rlft arm only; e.g. std_normalize=true)")
     p.add_argument("--seed", type=int, default=0, help="each side's training seed (prompt order, sampling)")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)  # one run, its result as JSON to --child-out
+    p.add_argument("--child-out", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.lr = a.lr or 1e-3
-    import torch
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; "
-          f"model {a.model}, {a.steps} steps x {a.batch} prompts x {a.group} completions", flush=True)
-    env, train_rows, eval_rows, reward_fn, model_path, lora = task(a.model, a.eval_size)
-    print(f"max tokens {env.max_tokens}, lr {a.lr}, lora {lora}, held-out rows {len(eval_rows)}", flush=True)
-    if "rlft" not in a.only.split(","):
-        import rlft.allocator
-
-        rlft.allocator._done = False  # TRL alone: glibc malloc as shipped (rlft's evaluator would tune it)
+    if a.child:
+        return run_child(a)
+    print(f"model {a.model}, {a.steps} steps x {a.batch} prompts x {a.group} completions, lr {a.lr}, "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
     results = {}
     for name in a.only.split(","):
         t = time.perf_counter()
-        results[name] = (run_rlft(a, env, train_rows, eval_rows, model_path, lora) if name == "rlft"
-                         else run_trl(a, name, env, train_rows, eval_rows, model_path, lora, reward_fn))
-        r = results[name]
-        print(f"{name}: step s {[round(x, 1) for x in r['step_s']]}, evals {r['evals']}, "
-              f"{time.perf_counter() - t:.0f} s in all, load {os.getloadavg()[0]:.1f}", flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "result.json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", name,
+                            "--child-out", out], check=True)
+            with open(out) as f:
+                results[name] = r = json.load(f)
+        r["evals"] = {int(k): v for k, v in r["evals"].items()}
+        print(f"{name}: step s {[round(x, 1) for x in r['step_s']]}, evals {r['evals']}, peak RSS "
+              f"{r['peak_rss_kb'] / 1e6:.2f} GB, {time.perf_counter() - t:.0f} s in all, "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
     base = results.get("rlft")
 
     def per_step(r):
@@ -236,17 +240,36 @@ def main() -> None:
         return f"{cum[hit[0]]:.0f} s (step {hit[0]})" if hit else "not reached"
 
     print(f"\n| run | s/step | vs rlft | held-out reward after {a.steps} steps | time to reward >= {a.threshold} "
-          f"| logprob diff mean / max |")
-    print("|---|---|---|---|---|---|")
+          f"| peak RSS | logprob diff mean / max |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ratio = f"{per_step(r) / per_step(base):.2f}x" if base else "-"
         after = r["evals"].get(a.steps)
         lp = (f"{r['logprob_diff_mean']:.4f} / {r['logprob_diff_max']:.3f}"
               if r["logprob_diff_mean"] is not None else "-")
-        print(f"| {name} | {per_step(r):.1f} | {ratio} | {after:.3f} | {to_threshold(r)} | {lp} |")
+        print(f"| {name} | {per_step(r):.1f} | {ratio} | {after:.3f} | {to_threshold(r)} "
+              f"| {r['peak_rss_kb'] / 1e6:.2f} GB | {lp} |")
     if base:
         print(f"held-out reward before training (rlft's eval at step 0): {base['evals'].get(0, float('nan')):.3f}")
     print(f"load at the end: {os.getloadavg()[0]:.1f}")
+
+
+def run_child(a) -> None:
+    """One run (``--child NAME``) in this process; its result and peak RSS as JSON to ``--child-out``."""
+    import torch
+
+    name = a.child
+    print(f"[{name}] torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    env, train_rows, eval_rows, reward_fn, model_path, lora = task(a.model, a.eval_size)
+    if name != "rlft":
+        import rlft.allocator
+
+        rlft.allocator._done = False  # glibc malloc as shipped (rlft's evaluator would tune it)
+    r = (run_rlft(a, env, train_rows, eval_rows, model_path, lora) if name == "rlft"
+         else run_trl(a, name, env, train_rows, eval_rows, model_path, lora, reward_fn))
+    r["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kB
+    with open(a.child_out, "w") as f:
+        json.dump(r, f)
 
 
 if __name__ == "__main__":
