@@ -164,19 +164,26 @@ async def probe(policy: Any, engine: Any, probe_ids: list[int], *, expected_vers
                        tokens=len(diffs), engine_version=version, expected_version=expected_version)
 
 
+def _stale(version: int | None, answered: Any) -> WeightSyncError:
+    return WeightSyncError(
+        f"stale weights: after the sync to policy version {version} the engine answered with version {answered}; "
+        "it did not load the new weights, so rollouts would be sampled off-policy")
+
+
+def _mismatched(at: str, compared: str, diff: float, max_diff: float, tolerance: float) -> WeightSyncError:
+    return WeightSyncError(
+        f"mismatched weights{at}: the engine's logprobs of {compared} differ from the trainer's by {diff:.4f} on "
+        f"average (max {max_diff:.4f}), above sync_tolerance={tolerance:g}: the engine serves other weights than "
+        "the trainer's (wrong base model or adapter, a failed load, another dtype or LoRA scaling)")
+
+
 def verify(result: ProbeResult, tolerance: float) -> None:
     """Raise :class:`WeightSyncError` when ``result`` shows stale or mismatched weights."""
     if result.expected_version is not None and result.engine_version != result.expected_version:
-        raise WeightSyncError(
-            f"stale weights: after the sync to policy version {result.expected_version} the engine answered with "
-            f"version {result.engine_version}; it did not load the new weights, so rollouts would be sampled "
-            "off-policy")
+        raise _stale(result.expected_version, result.engine_version)
     if result.diff > tolerance:
-        raise WeightSyncError(
-            f"mismatched weights at policy version {result.expected_version}: the engine's logprobs of the "
-            f"{result.tokens}-token probe differ from the trainer's by {result.diff:.4f} on average (max "
-            f"{result.max_diff:.4f}), above sync_tolerance={tolerance:g}: the engine serves other weights than the "
-            "trainer's (wrong base model or adapter, a failed load, another dtype or LoRA scaling)")
+        raise _mismatched(f" at policy version {result.expected_version}", f"the {result.tokens}-token probe",
+                          result.diff, result.max_diff, tolerance)
 
 
 def verify_rollouts(diff_mean: float, diff_max: float, tokens: int, version: int | None, tolerance: float) -> None:
@@ -184,11 +191,8 @@ def verify_rollouts(diff_mean: float, diff_max: float, tokens: int, version: int
     tokens differ from the trainer's (same weights) by more than ``tolerance`` on average."""
     if tokens and diff_mean > tolerance:
         at = f" at policy version {version}" if version is not None else ""
-        raise WeightSyncError(
-            f"mismatched weights{at}: the engine's logprobs of this step's {tokens} sampled tokens differ from the "
-            f"trainer's by {diff_mean:.4f} on average (max {diff_max:.4f}), above sync_tolerance={tolerance:g}: the "
-            "engine serves other weights than the trainer's (wrong base model or adapter, a failed load, another "
-            "dtype or LoRA scaling); no update was applied from these rollouts")
+        error = _mismatched(at, f"this step's {tokens} sampled tokens", diff_mean, diff_max, tolerance)
+        raise WeightSyncError(f"{error}; no update was applied from these rollouts")
 
 
 async def probe_check(policy: Any, engine: Any, probe_ids: list[int], tolerance: float, *,
@@ -255,10 +259,7 @@ class WeightSync:
         self.unchecked = None  # the update checks these rollouts' logprobs
         stale = sorted({r.policy_version for g in groups for r in g.rollouts if r.policy_version != version})
         if stale:
-            raise WeightSyncError(
-                f"stale weights: after the sync to policy version {version} the engine answered with version "
-                f"{', '.join(map(str, stale))}; it did not load the new weights, so rollouts would be sampled "
-                "off-policy")
+            raise _stale(version, ", ".join(map(str, stale)))
 
     def push(self, version: int) -> None:
         """Give the engine the trainer's current weights as ``version``, in its weight format."""

@@ -305,12 +305,12 @@ class _FirstPass:
         C = logp_BC.shape[1]
         self.ent_sum += float((ent_BC * mask_BC).sum())
         self.ent_n += float(mask_BC.sum())
-        sampled_B = torch.ones(len(mb), dtype=torch.bool, device=mask_BC.device)
         for b, it in enumerate(mb):
             c = len(it.rollout.completion_ids)
             stale = self.policy_version is not None and it.rollout.policy_version < self.policy_version
             it.old_logp = (sampler_logp_BC if stale else logp_BC.detach())[b, C - c:].clone()
-            sampled_B[b] = not it.rollout.demonstration  # a demonstration has no sampler logprobs to compare
+        # a demonstration has no sampler logprobs to compare
+        sampled_B = torch.tensor([not it.rollout.demonstration for it in mb], device=mask_BC.device)
         m_BC = mask_BC.bool() & sampled_B[:, None]
         self.diffs.append((logp_BC.detach() - sampler_logp_BC).abs()[m_BC])
 
