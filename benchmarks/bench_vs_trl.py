@@ -3,6 +3,8 @@
     python benchmarks/bench_vs_trl.py --model tiny --steps 10     # rlft.testing.pretrained "max" task, full finetune
     python benchmarks/bench_vs_trl.py --model smollm2 --steps 5          # the demo task, LoRA r16
     python benchmarks/bench_vs_trl.py --model smollm2 --only rlft,trl-bf16 --steps 3
+    python benchmarks/bench_vs_trl.py --model smollm2 --only rlft,trl-bf16 --steps 3 --eval-every 1 \
+        --eval-k 4 --seeds 0-14                  # held-out reward seed by seed, paired differences
 
 TRL is a benchmark-only dependency (``pip install trl``; check with ``--dry-run`` that it keeps the
 installed torch). Runs, one after the other from this invocation, each in a child process of its
@@ -24,9 +26,13 @@ Held-out reward is measured the same way for every run: rlft's evaluator (HF eng
 ``--eval-every`` steps and at the end; eval time is excluded from the training clock. Printed:
 seconds per step (mean over steps 2..N: step 1 includes warm-up), the ratio to rlft, held-out
 reward after N steps, the training time to first reach ``--threshold`` held-out reward, and each
-run's peak RSS (its child process's ``ru_maxrss``). Figures move by tens of percent on a shared
-CPU: compare rows of one invocation only. TRL's model is switched back to transformers' sdpa
-attention (rlft's evaluator installs rlft's CPU attention), so TRL trains as shipped.
+run's peak RSS (its child process's ``ru_maxrss``). With ``--seeds``, every arm runs once per seed
+(a seed changes each side's prompt order and sampling) and a table gives the held-out reward
+after each eval step seed by seed, the means, and the first arm's paired difference from each
+other arm with its standard error: one seed's reward after a few steps moves by ~0.05.
+Timings move by tens of percent on a shared CPU: compare rows of one invocation only. TRL's model
+is switched back to transformers' sdpa attention (rlft's evaluator installs rlft's CPU attention),
+so TRL trains as shipped.
 """
 
 from __future__ import annotations
@@ -204,32 +210,61 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an rlft config value beyond its defaults (the rlft arm only; e.g. std_normalize=true)")
     p.add_argument("--seed", type=int, default=0, help="each side's training seed (prompt order, sampling)")
+    p.add_argument("--seeds", default="", metavar="0,1,2 | 0-9",
+                   help="run every arm once per seed and compare the held-out rewards seed by seed")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)  # one run, its result as JSON to --child-out
     p.add_argument("--child-out", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.lr = a.lr or 1e-3
     if a.child:
         return run_child(a)
+    seeds = parse_seeds(a.seeds) if a.seeds else [a.seed]
     print(f"model {a.model}, {a.steps} steps x {a.batch} prompts x {a.group} completions, lr {a.lr}, "
-          f"load {os.getloadavg()[0]:.1f}", flush=True)
-    results = {}
-    for name in a.only.split(","):
-        t = time.perf_counter()
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "result.json")
-            subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", name,
-                            "--child-out", out], check=True)
-            with open(out) as f:
-                results[name] = r = json.load(f)
-        r["evals"] = {int(k): v for k, v in r["evals"].items()}
-        print(f"{name}: step s {[round(x, 1) for x in r['step_s']]}, evals {r['evals']}, peak RSS "
-              f"{r['peak_rss_kb'] / 1e6:.2f} GB, {time.perf_counter() - t:.0f} s in all, "
-              f"load {os.getloadavg()[0]:.1f}", flush=True)
-    base = results.get("rlft")
+          f"seeds {seeds}, load {os.getloadavg()[0]:.1f}", flush=True)
+    names = a.only.split(",")
+    runs: dict[int, dict[str, dict]] = {}
+    for seed in seeds:
+        runs[seed] = {name: run_arm(name, seed) for name in names}
+        if len(seeds) == 1:
+            speed_table(a, runs[seed])
+    if len(seeds) > 1:
+        seed_table(a, names, runs)
+    print(f"load at the end: {os.getloadavg()[0]:.1f}")
 
-    def per_step(r):
-        xs = r["step_s"][1:] or r["step_s"]
-        return sum(xs) / len(xs)
+
+def parse_seeds(text: str) -> list[int]:
+    """"0-4" or "0,3,7" (or both: "0-2,9")."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return out
+
+
+def run_arm(name: str, seed: int) -> dict:
+    """One arm in a child process of its own (its own peak RSS; TRL keeps glibc malloc)."""
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "result.json")
+        subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--seed", str(seed),
+                        "--child", name, "--child-out", out], check=True)
+        with open(out) as f:
+            r = json.load(f)
+    r["evals"] = {int(k): v for k, v in r["evals"].items()}
+    print(f"{name} (seed {seed}): step s {[round(x, 1) for x in r['step_s']]}, evals {r['evals']}, peak RSS "
+          f"{r['peak_rss_kb'] / 1e6:.2f} GB, {time.perf_counter() - t:.0f} s in all, "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    return r
+
+
+def per_step(r: dict) -> float:
+    """Mean seconds per step over steps 2..N (step 1 includes warm-up)."""
+    xs = r["step_s"][1:] or r["step_s"]
+    return sum(xs) / len(xs)
+
+
+def speed_table(a, results: dict[str, dict]) -> None:
+    base = results.get("rlft")
 
     def to_threshold(r):
         cum, acc = {0: 0.0}, 0.0
@@ -251,7 +286,42 @@ def main() -> None:
               f"| {r['peak_rss_kb'] / 1e6:.2f} GB | {lp} |")
     if base:
         print(f"held-out reward before training (rlft's eval at step 0): {base['evals'].get(0, float('nan')):.3f}")
-    print(f"load at the end: {os.getloadavg()[0]:.1f}")
+
+
+def seed_table(a, names: list[str], runs: dict[int, dict[str, dict]]) -> None:
+    """Held-out reward per eval step, seed by seed, and each arm's paired difference from the first."""
+    steps = sorted({s for by_arm in runs.values() for r in by_arm.values() for s in r["evals"] if s > 0})
+    head = ", ".join(str(s) for s in steps)
+    print("\n| seed | " + " | ".join(f"{n}: after {head} steps" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for seed, by_arm in runs.items():
+        print(f"| {seed} | " + " | ".join(" / ".join(f"{by_arm[n]['evals'].get(s, float('nan')):.3f}" for s in steps)
+                                         for n in names) + " |")
+    def mean_at(n, s):
+        return mean([runs[x][n]["evals"].get(s, float("nan")) for x in runs])
+
+    print("| **mean** | " + " | ".join(" / ".join(f"{mean_at(n, s):.3f}" for s in steps) for n in names) + " |")
+    print("| s/step (mean) | " + " | ".join(f"{mean([per_step(runs[x][n]) for x in runs]):.1f}" for n in names) + " |")
+    first = names[0]
+    for other in names[1:]:
+        for s in steps:
+            d = [runs[x][first]["evals"][s] - runs[x][other]["evals"][s] for x in runs
+                 if s in runs[x][first]["evals"] and s in runs[x][other]["evals"]]
+            ahead = sum(v > 0 for v in d)
+            print(f"{first} - {other} after {s} steps: mean {mean(d):+.3f}, standard error {std_error(d):.3f} "
+                  f"over {len(d)} seeds, {first} ahead on {ahead}")
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def std_error(xs: list[float]) -> float:
+    """The standard error of the mean (sample standard deviation / sqrt(n))."""
+    if len(xs) < 2:
+        return float("nan")
+    m = mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
 
 
 def run_child(a) -> None:
