@@ -97,6 +97,9 @@ class FakeEngine:
     def paused(self):
         return contextlib.nullcontext()
 
+    def clear_prefix_cache(self) -> None:
+        pass
+
     def sync_weights(self, update: WeightUpdate) -> None:
         self.updates.append(update)
         self.policy_version = update.version

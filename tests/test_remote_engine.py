@@ -413,6 +413,9 @@ class LabelOnly:
     def paused(self):
         return self.inner.paused()
 
+    def clear_prefix_cache(self):
+        self.inner.clear_prefix_cache()
+
     def sync_weights(self, update):
         self.inner.policy_version = self.policy_version = update.version
 

@@ -51,6 +51,24 @@ def test_refill_samples_new_tokens_for_an_example_already_in_the_step(model_dir,
     assert len(keys) == len(set(keys)) == 8 * 4
 
 
+def test_an_eval_leaves_no_kept_kv_for_the_next_step_to_reuse(model_dir, tmp_path):
+    """The engine keeps finished sequences' KV for reuse (``rlft.engines.prefix_cache``). A step
+    that reused what an eval kept would prefill in other batch shapes than the same step without
+    the eval, so the eval schedule would change training (in bf16 an ulp, then a near-tie's token:
+    SmolLM2's rewards moved with ``eval_every``; ``tests/test_demo.py`` checks that end to end)."""
+    from rlft.evaluate import evaluate as run_eval
+    from rlft.training.loop import evaluate
+    from rlft.training.run import open_run
+
+    env = Environment(rewards=[lambda ro: 1.0], max_tokens=8)
+    rows = [{"prompt": f"say {c}"} for c in "abcdef"]
+    with open_run(_cfg(model_dir, tmp_path / "runs", eval_size=2, eval_k=2), environment=env, dataset=rows) as run:
+        run.wait(run_eval(run.env, list(run.eval_set), run.sampler_at(0, "eval"), k=2))
+        assert len(run.engine.prefix_cache) > 0  # an eval's finished sequences are kept, as any request's
+        evaluate(run, 0)
+        assert len(run.engine.prefix_cache) == 0
+
+
 def test_a_failure_during_setup_closes_the_store_and_marks_the_run_failed(model_dir, tmp_path):
     from rlft.engines import factory
     from rlft.store import RunStore

@@ -92,6 +92,11 @@ class TrainableEngine(Engine, Protocol):
         """Serve ``update``'s weights from now on, labelled ``update.version``."""
         ...
 
+    def clear_prefix_cache(self) -> None:
+        """Forget the KV kept for reuse across requests, so that requests run before (an eval)
+        do not change the numbers of those run next; a no-op where the engine keeps none itself."""
+        ...
+
     def close(self) -> None:
         """Release threads, clients and memory; called once, when the run ends."""
         ...

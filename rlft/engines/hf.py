@@ -281,6 +281,12 @@ class HFEngine(Scheduler, BatchedDecode):
             self.prefix_cache.clear()
             yield
 
+    def clear_prefix_cache(self) -> None:
+        """Drop the kept KV: later requests prefill in full, in the batch shapes of their own, not
+        from KV that other requests' prefills and decode steps computed (bf16 can differ by an ulp)."""
+        with self.lock:
+            self.prefix_cache.clear()
+
     def sync_weights(self, update: WeightUpdate) -> None:
         """After an optimizer step: refresh the engine's own copy (MODULE) from ``update.model``
         (default: the model it was built from) and serve it as ``update.version``. A SHARED engine

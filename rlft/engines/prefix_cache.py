@@ -21,7 +21,9 @@ new one): the new entry matches everything they matched.
 
 Invalidation: the KV was computed by one version of the weights. The engine clears the cache in
 ``sync_weights`` and in ``paused()`` (where a shared module's weights change), and a sequence
-admitted before a clear is not kept after it (``epoch``).
+admitted before a clear is not kept after it (``epoch``). The training loop also clears it after
+each held-out eval (``clear_prefix_cache``), so that the next step does not start from the eval's
+KV and the eval schedule leaves the training run's tokens as they were.
 
 Left out: paged / block-level sharing (two sequences built separately that happen to share
 tokens hold two copies; sharing follows how a sequence was built); the parts a running request

@@ -255,6 +255,11 @@ class RemoteEngine:
         """Nothing to hold: the server's weights are not the trainer's."""
         yield
 
+    def clear_prefix_cache(self) -> None:
+        """Nothing to clear here: the server's cache is its own, and the server batches this
+        client's requests with whatever else it serves, so its numbers never depended on this
+        client's order alone."""
+
     def health(self, timeout: float = 60.0) -> None:
         """Wait until the server answers ``GET /health`` (or ``/v1/models``)."""
         import httpx

@@ -363,6 +363,10 @@ class VLLMEngine:
                 tags = None
         self.stats.history.append("wake" + (":" + ",".join(tags) if tags else ""))
 
+    def clear_prefix_cache(self) -> None:
+        """Left to vLLM: its scheduler batches requests as it sees fit, so its numbers already
+        depend on what runs beside them, and its prefix cache is reset where weights change."""
+
     # -- weight sync ------------------------------------------------------------------------------
     def adapter_name(self, version: int) -> str:
         return f"{self.model_name}@{self.tag}@v{version}" if self.tag else f"{self.model_name}@v{version}"

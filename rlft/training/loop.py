@@ -238,16 +238,23 @@ def checkpoint(run: Run, at_step: int, metrics: dict[str, float]) -> None:
 def evaluate(run: Run, at_step: int) -> dict[str, float] | None:
     """Held-out eval on rank 0 (k samples per prompt, its own seed stream), recorded as eval
     rows, eval rollouts and ``eval/*`` metrics."""
-    from rlft.evaluate import evaluate as run_eval
-
-    cfg = run.cfg
     if not len(run.eval_set):
         return None
     # the engine's last push, if only the next step's rollouts were to check it (on every rank:
     # the probe's trainer forward is a collective under FSDP2)
     run.store.log_metrics(run.run_id, at_step, run.syncer.before_eval())
-    if not distributed.is_main():
-        return None
+    metrics = _eval_on_main(run, at_step) if distributed.is_main() else None
+    # the KV the probe and the eval kept: the next step's rollouts would reuse it and prefill in
+    # other batch shapes than without this eval, and in bf16 a near-tie then samples another token
+    # (SmolLM2's demo rewards moved with eval_every); dropped, the eval schedule leaves training as it was
+    run.engine.clear_prefix_cache()
+    return metrics
+
+
+def _eval_on_main(run: Run, at_step: int) -> dict[str, float]:
+    from rlft.evaluate import evaluate as run_eval
+
+    cfg = run.cfg
     examples = list(run.eval_set)[: cfg.eval_max_examples or None]
     metrics, groups = run.wait(run_eval(run.env, examples, run.sampler_at(at_step, "eval"), k=cfg.eval_k,
                                         temperature=cfg.eval_temperature, success_threshold=cfg.success_threshold,
