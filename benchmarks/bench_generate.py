@@ -263,10 +263,10 @@ def main() -> None:
         for r in range(args.repeat):  # interleaved, best of N: contention only ever slows a run down
             for name, fn in methods.items():
                 dt, n = fn()
-                steps = (f"; decode steps alone {decode[name][1] / decode[name][0]:.0f} tok/s "
-                         f"({dt - decode[name][0]:.1f} s prefill and the rest)" if name in decode else "")
+                d = decode.pop(name, None)  # (seconds, tokens) of this run's decode steps
+                steps = (f"; decode steps alone {d[1] / d[0]:.0f} tok/s ({dt - d[0]:.1f} s prefill and the rest)"
+                         if d else "")
                 print(f"  [{r + 1}/{args.repeat}] {name} {dtype}: {n / dt:.0f} tok/s ({dt:.1f} s){steps}", flush=True)
-                decode.pop(name, None)
                 if name not in best or dt < best[name][0]:
                     best[name] = (dt, n)
         if "HFEngine, HF modules" in outputs:

@@ -170,11 +170,12 @@ def _stale(version: int | None, answered: Any) -> WeightSyncError:
         "it did not load the new weights, so rollouts would be sampled off-policy")
 
 
-def _mismatched(at: str, compared: str, diff: float, max_diff: float, tolerance: float) -> WeightSyncError:
+def _mismatched(at: str, compared: str, diff: float, max_diff: float, tolerance: float,
+                after: str = "") -> WeightSyncError:
     return WeightSyncError(
         f"mismatched weights{at}: the engine's logprobs of {compared} differ from the trainer's by {diff:.4f} on "
         f"average (max {max_diff:.4f}), above sync_tolerance={tolerance:g}: the engine serves other weights than "
-        "the trainer's (wrong base model or adapter, a failed load, another dtype or LoRA scaling)")
+        f"the trainer's (wrong base model or adapter, a failed load, another dtype or LoRA scaling){after}")
 
 
 def verify(result: ProbeResult, tolerance: float) -> None:
@@ -191,8 +192,8 @@ def verify_rollouts(diff_mean: float, diff_max: float, tokens: int, version: int
     tokens differ from the trainer's (same weights) by more than ``tolerance`` on average."""
     if tokens and diff_mean > tolerance:
         at = f" at policy version {version}" if version is not None else ""
-        error = _mismatched(at, f"this step's {tokens} sampled tokens", diff_mean, diff_max, tolerance)
-        raise WeightSyncError(f"{error}; no update was applied from these rollouts")
+        raise _mismatched(at, f"this step's {tokens} sampled tokens", diff_mean, diff_max, tolerance,
+                          "; no update was applied from these rollouts")
 
 
 async def probe_check(policy: Any, engine: Any, probe_ids: list[int], tolerance: float, *,
