@@ -120,12 +120,25 @@ def _storage(t) -> int:
 
 
 def _module_tensors(model):
-    yield from model.parameters()
-    yield from model.buffers()
-    for m in model.modules():  # the engine's oneDNN-packed weights (rlft.engines.packed_linear)
+    """Its parameters and buffers that hold memory (not the meta placeholders of a merged copy whose
+    weights the engine keeps packed), and oneDNN-packed weights (``rlft.engines.packed_linear``)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            yield t
+    for m in model.modules():
         packed = getattr(m, "_rlft_packed", None)
         if packed is not None:
             yield packed
+
+
+def _engine_tensors(engine):
+    """The engine model's tensors and its fast forward's fused (packed) weights."""
+    yield from _module_tensors(engine.model)
+    fast = getattr(engine, "fast_forward", None)
+    if fast is not None:
+        for layer in fast.layers:
+            yield from (t for t in vars(layer).values() if t is not None)
+        yield fast.head
 
 
 def main() -> None:
@@ -187,7 +200,7 @@ def main() -> None:
     eng_model = getattr(eng, "model", None)
     own = {_storage(t) for t in _module_tensors(policy.model)}
     engine_bytes = 0 if eng_model is None else _bytes(
-        t for t in _module_tensors(eng_model) if _storage(t) not in own)
+        t for t in _engine_tensors(eng) if _storage(t) not in own)
     c = policy.base_model.config
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
     print(f"\n{args.task}: {args.steps} steps in {wall:.0f} s, torch threads {torch.get_num_threads()}, "

@@ -114,6 +114,66 @@ def test_merged_lora_engine_samples_the_adapted_policy_and_refreshes_on_sync(tin
         eng.close()
 
 
+def test_a_packed_merged_lora_engine_holds_no_weights_of_its_own_but_the_packed_ones_and_samples_the_same(
+        tiny_model_dir):
+    """bf16 on the CPU: the merged copy's frozen tensors are the policy's, its plain W + BA is
+    freed once packed, and each sync packs W + BA afresh. Reference: an engine over a merged copy
+    that keeps its plain weights (the layout before), synced from it: the same tokens and logprobs."""
+    from rlft.engines.lora_merge import MergedCopy
+    from rlft.engines.packed_linear import can_pack
+    from rlft.policy import LoraSpec, load_policy
+
+    policy = load_policy(tiny_model_dir, dtype="bfloat16", lora=LoraSpec(rank=4))
+    if not can_pack(policy.base_model):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels: the engine does not pack, so it keeps its weights")
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    eng = HFEngine.from_policy(policy, seed=0, inline=True, merge_lora=True)
+    kept = MergedCopy(policy.model)  # plain W + BA, kept
+    ref = HFEngine(kept.model, policy.tokenizer, seed=0, inline=True, copy_weights=True)
+    prompts = [chat(policy.tokenizer, p) for p in PROMPTS]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=8, seed=20 + i) for i in range(len(prompts))]
+    try:
+        assert eng.fast_forward is not None and eng.fast_forward.packed
+        policy_storage = {p.untyped_storage().data_ptr() for p in policy.model.parameters()}
+        held = [(n, p) for n, p in eng.model.named_parameters() if p.device.type != "meta"]
+        assert held and all(p.untyped_storage().data_ptr() in policy_storage for _, p in held), \
+            [n for n, p in held if p.untyped_storage().data_ptr() not in policy_storage]
+        freed = {n for n, p in eng.model.named_parameters() if p.device.type == "meta"}
+        assert freed == {f"{n}.weight" for n in kept._targets}  # every adapted weight, nothing else
+        before = gather(eng, prompts, params)
+        assert before == gather(ref, prompts, params)
+        with torch.no_grad():  # an optimizer step on the adapters
+            for name, p in policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-1.5)
+        eng.sync_weights(WeightUpdate(1))
+        kept.refresh()
+        ref.sync_weights(WeightUpdate(1, model=kept.model))
+        after = gather(eng, prompts, params)
+        assert [s.logprobs for s in after] == [s.logprobs for s in gather(ref, prompts, params)]
+        assert [s.logprobs for s in after] != [s.logprobs for s in before]
+    finally:
+        eng.close()
+        ref.close()
+
+
+def test_a_cast_engine_copy_keeps_the_models_float32_buffers():
+    """The rotary inv_freq stays float32 in a bf16 copy, as in the trainer's model: rounded to bf16
+    it would move every position's angle (a gap between sampled and trained logprobs)."""
+    model, tok = build_tiny_model(seed=0)
+    eng = HFEngine(model, tok, dtype="bfloat16")
+    try:
+        assert {p.dtype for p in eng.model.parameters()} == {torch.bfloat16}
+        buffers = dict(model.named_buffers())
+        assert buffers and all(b.dtype == buffers[n].dtype and torch.equal(b, buffers[n])
+                               for n, b in eng.model.named_buffers())
+    finally:
+        eng.close()
+
+
 def test_merge_lora_on_a_plain_model_shares_the_model():
     model, tok = build_tiny_model(seed=0)
     eng = HFEngine(model, tok, merge_lora=True)

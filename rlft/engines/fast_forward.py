@@ -38,6 +38,7 @@ sync), training (no autograd), returning hidden states or attention weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,36 +113,43 @@ class FastForward:
         self.refresh()
 
     @torch.no_grad()
-    def refresh(self) -> None:
-        """(Re)build the concatenated (and packed) weights from the model's current ones."""
+    def refresh(self, weight_of: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> None:
+        """(Re)build the concatenated (and packed) weights from the model's current ones. Packed
+        only: ``weight_of(linear)`` gives each linear's weight instead of ``linear.weight``, for a
+        model that does not hold them (a merged LoRA copy computes ``W + BA`` layer by layer, so
+        only one layer's plain weights exist at a time; ``rlft.engines.lora_merge``)."""
+        if weight_of is not None and not self.packed:
+            raise ValueError("weight_of needs packed weights: unpacked, the modules' weights are the fused ones")
+        weight_of = weight_of or _own_weight
         layers = []
         for layer in self.model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
             layers.append(_Weights(
-                qkv=self._fused(qkv, "weight"),
-                qkv_bias=self._fused(qkv, "bias") if all(m.bias is not None for m in qkv) else None,
-                o=self._pack(attn.o_proj.weight),
-                gate_up=self._fused([mlp.gate_proj, mlp.up_proj], "weight"),
-                down=self._pack(mlp.down_proj.weight),
+                qkv=self._fused(qkv, "weight", weight_of),
+                qkv_bias=self._fused(qkv, "bias", weight_of) if all(m.bias is not None for m in qkv) else None,
+                o=self._pack(weight_of(attn.o_proj)),
+                gate_up=self._fused([mlp.gate_proj, mlp.up_proj], "weight", weight_of),
+                down=self._pack(weight_of(mlp.down_proj)),
                 norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
                 q_norm=attn.q_norm.weight if self.qk_norm else None,
                 k_norm=attn.k_norm.weight if self.qk_norm else None,
             ))
         self.layers = layers
-        self.head = self._pack(self.model.lm_head.weight)
+        self.head = self._pack(weight_of(self.model.lm_head))
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
         w = weight.detach()
         return torch.ops.mkldnn._reorder_linear_weight(w, batch_size=_ROWS_HINT) if self.packed else w
 
-    def _fused(self, linears: list[torch.nn.Linear], name: str) -> torch.Tensor:
-        """``linears``' weights (or biases) stacked along their outputs. Packed: a packed copy. Not
-        packed: one tensor whose row blocks the modules' parameters then are, so there is no second
-        copy and loading new weights into the modules (``sync_weights``) writes it."""
-        params = [getattr(m, name) for m in linears]
+    def _fused(self, linears: list[torch.nn.Linear], name: str,
+               weight_of: Callable[[torch.nn.Module], torch.Tensor]) -> torch.Tensor:
+        """``linears``' weights (``weight_of`` each) or biases stacked along their outputs. Packed: a
+        packed copy. Not packed: one tensor whose row blocks the modules' parameters then are, so
+        there is no second copy and loading new weights into the modules (``sync_weights``) writes it."""
         if self.packed and name == "weight":
-            return self._pack(torch.cat([p.detach() for p in params]))
+            return self._pack(torch.cat([weight_of(m).detach() for m in linears]))
+        params = [getattr(m, name) for m in linears]
         if self.packed:
             return torch.cat([p.detach() for p in params])
         rows = [p.shape[0] for p in params]
@@ -227,6 +235,10 @@ class FastForward:
         return torch.bmm(probs, vbuf.view(B * KV, cap, D))  # [B * KV, G, D]
 
     __call__ = forward
+
+
+def _own_weight(linear: torch.nn.Module) -> torch.Tensor:
+    return linear.weight
 
 
 def _offsets(sizes: list[int]) -> list[int]:

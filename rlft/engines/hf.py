@@ -62,7 +62,7 @@ from rlft.engines.decode import BatchedDecode
 from rlft.engines.fast_forward import FastForward
 from rlft.engines.fast_forward import supports as supports_fast_forward
 from rlft.engines.kv_cache import HFCache
-from rlft.engines.lora_merge import MergedCopy, is_lora_model
+from rlft.engines.lora_merge import MergedCopy, cast_parameters, is_lora_model
 from rlft.engines.packed_linear import can_pack, pack_linears, repack_linears
 from rlft.engines.prefix_cache import PrefixCache
 from rlft.engines.sampling import sample_tokens
@@ -94,7 +94,9 @@ class HFEngine(Scheduler, BatchedDecode):
     ``inline``: run the forward passes on the event loop's own thread (see below).
     ``merge_lora``: with a peft LoRA model, sample from a merged copy of the weights
     (:class:`rlft.engines.lora_merge.MergedCopy`: 2x faster decoding on SmolLM2, one more copy of
-    the weights in memory) that :meth:`sync_weights` refreshes after each optimizer step.
+    the weights in memory, of its adapted weights only: frozen tensors are the model's own, and
+    with the packed fast forward below only the packed form is kept) that :meth:`sync_weights`
+    refreshes after each optimizer step.
     ``copy_weights``: keep an own copy of the model even in the same dtype and device (refreshed
     by :meth:`sync_weights`). ``prepack``: when the engine has its own copy, on the CPU in bf16,
     its linear layers run on weights pre-packed for oneDNN (:mod:`rlft.engines.packed_linear`:
@@ -162,7 +164,8 @@ class HFEngine(Scheduler, BatchedDecode):
             self._merged = MergedCopy(model, dtype=want, device=self.device)
             self.model = self._merged.model
         elif copy_weights or (want is not None and want != _param(model).dtype) or self.device != _param(model).device:
-            self.model = copy.deepcopy(model).to(device=self.device, dtype=want or _param(model).dtype)
+            self.model = copy.deepcopy(model)
+            cast_parameters(self.model, device=self.device, dtype=want)  # buffers keep the trainer's dtypes
         else:
             self.model = model
             self.weight_format = WeightFormat.SHARED
@@ -176,6 +179,10 @@ class HFEngine(Scheduler, BatchedDecode):
             fast_forward and owns_copy and supports_fast_forward(self.model)) else None
         self.prepacked = bool(prepack and owns_copy and self.fast_forward is None and can_pack(self.model)
                               and pack_linears(self.model))
+        if self._merged is not None and self.fast_forward is not None and self.fast_forward.packed:
+            # the packed fused weights are what runs: the copy's plain W + BA (212 MB on SmolLM2) is
+            # freed, and each sync packs W + BA computed layer by layer (MergedCopy.weight)
+            self._merged.drop_weights()
         if self.device.type == "cpu":
             keep_freed_memory()  # sampling allocates ~12 MiB per step: no page faults each time (rlft.allocator)
         self.dtype = _param(self.model).dtype
@@ -302,7 +309,8 @@ class HFEngine(Scheduler, BatchedDecode):
                 src = update.model if update.model is not None else self.source_model
                 self.model.load_state_dict(full_state_dict(src))
             if self.fast_forward is not None:  # its fused weights, from the new ones
-                self.fast_forward.refresh()
+                self.fast_forward.refresh(self._merged.weight if self._merged is not None and self._merged.dropped
+                                          else None)
             if self.prepacked:  # only an own copy is packed: its new weights, packed again
                 repack_linears(self.model)
             self.prefix_cache.clear()  # KV computed by the old weights

@@ -6,7 +6,14 @@ linear layer at every decode step: on SmolLM2-135M (bf16, LoRA on all 7 projecti
 whose adapted weights hold ``W + scale * B @ A`` (computed in float32, stored in the engine's
 dtype), built once and refreshed after every optimizer step by :meth:`MergedCopy.refresh`:
 each refresh recomputes from the trainer's own unmerged base weights, so rounding never
-accumulates. Costs one more copy of the weights in memory.
+accumulates.
+
+Memory: only the adapted weights are the copy's own. Everything LoRA leaves frozen (the
+embeddings and a head tied to them, the norms) is the source's tensor itself wherever dtype and
+device match (on SmolLM2 that is the 57 MB embedding table not copied). A caller that keeps the
+merged weights in a form of its own (the engine's packed fast forward, ``rlft.engines.hf``) calls
+:meth:`MergedCopy.drop_weights` and takes fresh values from :meth:`MergedCopy.weight` at each
+sync, so the plain ``W + BA`` tensors (212 MB on SmolLM2) are not held at all.
 Left out: LoRA variants without an additive delta (peft raises for those on merge), and
 peft's ``modules_to_save`` (fully trained extra modules: rlft's LoraSpec does not use them).
 """
@@ -18,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MergedCopy", "is_lora_model"]
+__all__ = ["MergedCopy", "cast_parameters", "is_lora_model"]
 
 
 def is_lora_model(model: Any) -> bool:
@@ -31,7 +38,8 @@ def is_lora_model(model: Any) -> bool:
 
 
 class MergedCopy:
-    """``model``: the merged plain copy (``requires_grad`` off), in ``dtype`` (None: the base's)."""
+    """``model``: the merged plain copy (``requires_grad`` off), in ``dtype`` (None: the base's).
+    ``dropped``: :meth:`drop_weights` was called (the adapted weights are meta tensors)."""
 
     def __init__(self, peft_model: Any, dtype: torch.dtype | None = None, device: Any = None):
         from peft.tuners.lora import LoraLayer
@@ -42,23 +50,85 @@ class MergedCopy:
         self._layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
         merged = copy.deepcopy(peft_model).merge_and_unload()
         merged.requires_grad_(False)
-        if dtype is not None or device is not None:
-            merged.to(device=device, dtype=dtype)
+        cast_parameters(merged, device=device, dtype=dtype)
+        _share_frozen(merged, base, adapted=set(self._layers))
         self.model = merged.eval()
         self._targets = {name: merged.get_submodule(name) for name in self._layers}
+        self._names = {target: name for name, target in self._targets.items()}  # modules hash by identity
+        first = next(iter(self._targets.values())).weight
+        self.dtype, self.device = first.dtype, first.device
+        self.dropped = False
         self.refresh()
 
     @torch.no_grad()
+    def weight(self, module: torch.nn.Module) -> torch.Tensor:
+        """``module``'s current weight: for one of the copy's adapted linears ``W + delta`` computed
+        from the source now (a new tensor in the copy's dtype and device), for any other module of
+        the copy its own (frozen) weight."""
+        name = self._names.get(module)
+        if name is None:
+            return module.weight
+        return self._merged_weight(self._layers[name]).to(device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
     def refresh(self) -> None:
-        """Copy the source's current adapted weights in (``W + delta``); the rest is frozen."""
+        """Copy the source's current adapted weights in (``W + delta``); the rest is frozen. After
+        :meth:`drop_weights` there is nothing to copy into: callers read :meth:`weight`."""
+        if self.dropped:
+            return
+        for name, layer in self._layers.items():
+            target = self._targets[name]
+            target.weight.copy_(self._merged_weight(layer).to(target.weight.dtype))
+
+    def drop_weights(self) -> None:
+        """Free the copy's adapted weights, for a caller that keeps them in a form of its own. They
+        become meta tensors of the same shape and dtype, so a forward through the copy's modules
+        fails loudly instead of computing with stale or missing weights."""
+        for target in self._targets.values():
+            target.weight = torch.nn.Parameter(torch.empty_like(target.weight, device="meta"), requires_grad=False)
+        self.dropped = True
+
+    @staticmethod
+    def _merged_weight(layer: Any) -> torch.Tensor:
+        """``W + delta`` of one source LoRA layer, in float32 (the sum rounds once, in the caller's cast)."""
         from rlft.distributed import full_tensor
 
         # a source sharded by FSDP2 holds DTensor shards: full_tensor gathers each (every rank
         # refreshes its own copy, in the same order)
-        for name, layer in self._layers.items():
-            target = self._targets[name]
-            w = full_tensor(layer.get_base_layer().weight).float()
-            for adapter in layer.active_adapters:
-                if adapter in getattr(layer, "lora_A", {}) or adapter in getattr(layer, "lora_embedding_A", {}):
-                    w = w + full_tensor(layer.get_delta_weight(adapter)).float()
-            target.weight.copy_(w.to(target.weight.dtype))
+        w = full_tensor(layer.get_base_layer().weight).float()
+        for adapter in layer.active_adapters:
+            if adapter in getattr(layer, "lora_A", {}) or adapter in getattr(layer, "lora_embedding_A", {}):
+                w = w + full_tensor(layer.get_delta_weight(adapter)).float()
+        return w
+
+
+def cast_parameters(model: torch.nn.Module, *, device: Any = None, dtype: torch.dtype | None = None) -> None:
+    """``model.to(device, dtype)`` in place, with the dtype for its parameters only: buffers keep
+    theirs. transformers keeps the rotary ``inv_freq`` in float32 in a bf16 model, and the trainer
+    computes with the source's; ``.to(torch.bfloat16)`` would round it and move every position's
+    angle (a logprob gap between sampler and trainer)."""
+    if device is not None:
+        model.to(device=device)
+    if dtype is not None:
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+
+
+def _share_frozen(merged: torch.nn.Module, base: torch.nn.Module, adapted: set[str]) -> None:
+    """Point ``merged``'s parameters outside the ``adapted`` modules at ``base``'s own tensors
+    where nothing trains them (``requires_grad`` off in the source), they are whole (not FSDP2
+    shards), and dtype, device and shape match: the copy then holds no second embedding table.
+    New Parameter objects over the same storage, so nothing done to the copy's parameters (their
+    ``requires_grad``, a ``.to()``) reaches the source's."""
+    for module_name, module in merged.named_modules():
+        if module_name in adapted:
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            try:
+                source = base.get_parameter(f"{module_name}.{name}" if module_name else name)
+            except AttributeError:
+                continue
+            if (source.requires_grad or type(source.data) is not torch.Tensor or source.dtype != param.dtype
+                    or source.device != param.device or source.shape != param.shape):
+                continue
+            setattr(module, name, torch.nn.Parameter(source.detach(), requires_grad=False))
