@@ -114,21 +114,23 @@ def test_merged_lora_engine_samples_the_adapted_policy_and_refreshes_on_sync(tin
         eng.close()
 
 
+@pytest.mark.parametrize("targets", [None, ["q_proj", "embed_tokens"]], ids=["all-linear", "with-embedding"])
 def test_a_packed_merged_lora_engine_holds_no_weights_of_its_own_but_the_packed_ones_and_samples_the_same(
-        tiny_model_dir):
+        tiny_model_dir, targets):
     """bf16 on the CPU: the merged copy's frozen tensors are the policy's, its plain W + BA is
-    freed once packed, and each sync packs W + BA afresh. Reference: an engine over a merged copy
-    that keeps its plain weights (the layout before), synced from it: the same tokens and logprobs."""
+    freed once packed (an adapted embedding stays, merged), and each sync packs W + BA afresh.
+    Reference: an engine over a merged copy that keeps its plain weights (the layout before),
+    synced from it: the same tokens and logprobs."""
     from rlft.engines.lora_merge import MergedCopy
     from rlft.engines.packed_linear import can_pack
     from rlft.policy import LoraSpec, load_policy
 
-    policy = load_policy(tiny_model_dir, dtype="bfloat16", lora=LoraSpec(rank=4))
+    policy = load_policy(tiny_model_dir, dtype="bfloat16", lora=LoraSpec(rank=4, target_modules=targets))
     if not can_pack(policy.base_model):
         pytest.skip("this CPU's oneDNN has no bf16 kernels: the engine does not pack, so it keeps its weights")
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_B" in name:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     eng = HFEngine.from_policy(policy, seed=0, inline=True, merge_lora=True)
     kept = MergedCopy(policy.model)  # plain W + BA, kept
@@ -138,16 +140,18 @@ def test_a_packed_merged_lora_engine_holds_no_weights_of_its_own_but_the_packed_
     try:
         assert eng.fast_forward is not None and eng.fast_forward.packed
         policy_storage = {p.untyped_storage().data_ptr() for p in policy.model.parameters()}
-        held = [(n, p) for n, p in eng.model.named_parameters() if p.device.type != "meta"]
+        adapted = {f"{n}.weight" for n in kept._targets}
+        held = [(n, p) for n, p in eng.model.named_parameters() if p.device.type != "meta" and n not in adapted]
         assert held and all(p.untyped_storage().data_ptr() in policy_storage for _, p in held), \
             [n for n, p in held if p.untyped_storage().data_ptr() not in policy_storage]
         freed = {n for n, p in eng.model.named_parameters() if p.device.type == "meta"}
-        assert freed == {f"{n}.weight" for n in kept._targets}  # every adapted weight, nothing else
+        # every adapted linear's weight, nothing else (an adapted embedding stays, merged)
+        assert freed and freed == {n for n in adapted if "embed" not in n}
         before = gather(eng, prompts, params)
         assert before == gather(ref, prompts, params)
         with torch.no_grad():  # an optimizer step on the adapters
             for name, p in policy.model.named_parameters():
-                if "lora_B" in name:
+                if "lora_B" in name or "lora_embedding_B" in name:
                     p.mul_(-1.5)
         eng.sync_weights(WeightUpdate(1))
         kept.refresh()

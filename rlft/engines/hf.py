@@ -201,7 +201,7 @@ class HFEngine(Scheduler, BatchedDecode):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = base.config
         self.num_layers = int(config.num_hidden_layers)
-        self.vocab_size = int(base.get_input_embeddings().num_embeddings)
+        self.vocab_size = int(base.get_input_embeddings().weight.shape[0])  # peft LoRA embeddings: no num_embeddings
         self.grammars = Grammars(tokenizer, self.vocab_size, self.stop_token_ids)  # constrained requests only
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         params = inspect.signature(base.forward).parameters

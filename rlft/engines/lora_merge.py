@@ -38,8 +38,7 @@ def is_lora_model(model: Any) -> bool:
 
 
 class MergedCopy:
-    """``model``: the merged plain copy (``requires_grad`` off), in ``dtype`` (None: the base's).
-    ``dropped``: :meth:`drop_weights` was called (the adapted weights are meta tensors)."""
+    """``model``: the merged plain copy (``requires_grad`` off), in ``dtype`` (None: the base's)."""
 
     def __init__(self, peft_model: Any, dtype: torch.dtype | None = None, device: Any = None):
         from peft.tuners.lora import LoraLayer
@@ -57,7 +56,7 @@ class MergedCopy:
         self._names = {target: name for name, target in self._targets.items()}  # modules hash by identity
         first = next(iter(self._targets.values())).weight
         self.dtype, self.device = first.dtype, first.device
-        self.dropped = False
+        self._dropped: set[str] = set()  # adapted linears whose plain weights drop_weights freed
         self.refresh()
 
     @torch.no_grad()
@@ -72,21 +71,27 @@ class MergedCopy:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Copy the source's current adapted weights in (``W + delta``); the rest is frozen. After
-        :meth:`drop_weights` there is nothing to copy into: callers read :meth:`weight`."""
-        if self.dropped:
-            return
+        """Copy the source's current adapted weights in (``W + delta``); the rest is frozen. The
+        linears :meth:`drop_weights` freed have nothing to copy into: their callers read :meth:`weight`."""
         for name, layer in self._layers.items():
-            target = self._targets[name]
-            target.weight.copy_(self._merged_weight(layer).to(target.weight.dtype))
+            if name not in self._dropped:
+                target = self._targets[name]
+                target.weight.copy_(self._merged_weight(layer).to(target.weight.dtype))
+
+    @property
+    def dropped(self) -> bool:
+        return bool(self._dropped)
 
     def drop_weights(self) -> None:
-        """Free the copy's adapted weights, for a caller that keeps them in a form of its own. They
-        become meta tensors of the same shape and dtype, so a forward through the copy's modules
-        fails loudly instead of computing with stale or missing weights."""
-        for target in self._targets.values():
-            target.weight = torch.nn.Parameter(torch.empty_like(target.weight, device="meta"), requires_grad=False)
-        self.dropped = True
+        """Free the adapted linears' weights, for a caller that keeps them in a form of its own (an
+        adapted embedding stays: a forward looks its rows up). They become meta tensors of the same
+        shape and dtype, so a forward through those modules fails loudly instead of computing with
+        stale or missing weights."""
+        for name, target in self._targets.items():
+            if isinstance(target, torch.nn.Linear):
+                target.weight = torch.nn.Parameter(torch.empty_like(target.weight, device="meta"),
+                                                   requires_grad=False)
+                self._dropped.add(name)
 
     @staticmethod
     def _merged_weight(layer: Any) -> torch.Tensor:
