@@ -13,7 +13,8 @@ embeddings and a head tied to them, the norms) is the source's tensor itself whe
 device match (on SmolLM2 that is the 57 MB embedding table not copied). A caller that keeps the
 merged weights in a form of its own (the engine's packed fast forward, ``rlft.engines.hf``) calls
 :meth:`MergedCopy.drop_weights` and takes fresh values from :meth:`MergedCopy.weight` at each
-sync, so the plain ``W + BA`` tensors (212 MB on SmolLM2) are not held at all.
+sync, so the adapted linears' plain ``W + BA`` (212 MB on SmolLM2) is not held at all (an adapted
+embedding stays in the copy, merged).
 Left out: LoRA variants without an additive delta (peft raises for those on merge), and
 peft's ``modules_to_save`` (fully trained extra modules: rlft's LoraSpec does not use them).
 """
