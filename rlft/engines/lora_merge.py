@@ -74,10 +74,9 @@ class MergedCopy:
     def refresh(self) -> None:
         """Copy the source's current adapted weights in (``W + delta``); the rest is frozen. The
         linears :meth:`drop_weights` freed have nothing to copy into: their callers read :meth:`weight`."""
-        for name, layer in self._layers.items():
+        for name, target in self._targets.items():
             if name not in self._dropped:
-                target = self._targets[name]
-                target.weight.copy_(self._merged_weight(layer).to(target.weight.dtype))
+                target.weight.copy_(self.weight(target))
 
     @property
     def dropped(self) -> bool:
