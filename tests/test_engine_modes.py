@@ -164,6 +164,45 @@ def test_a_packed_merged_lora_engine_holds_no_weights_of_its_own_but_the_packed_
         ref.close()
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_a_packed_plain_engine_copy_frees_its_linear_weights_and_syncs_every_parameter_from_the_trainer(tied):
+    """A bf16 engine over a float32 full finetune: once the fast forward packs them, the copy's
+    linear weights are freed (a head tied to the embedding stays: it is the table); a sync after
+    an optimizer step that moves every parameter (embeddings and norms too) samples exactly what
+    a new engine over the new weights samples."""
+    from rlft.engines.packed_linear import can_pack
+
+    source, tok = build_tiny_model(seed=0)
+    if tied:
+        source.lm_head.weight = source.model.embed_tokens.weight
+    if not can_pack(build_tiny_model(seed=0, dtype=torch.bfloat16)[0]):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels: the engine does not pack, so it keeps its weights")
+    eng = HFEngine(source, tok, seed=0, inline=True, dtype="bfloat16")
+    prompts = [chat(tok, p) for p in PROMPTS]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=8, seed=30 + i) for i in range(len(prompts))]
+    try:
+        assert eng.fast_forward is not None and eng.fast_forward.packed
+        freed = {n for n, p in eng.model.named_parameters() if p.device.type == "meta"}
+        linears = {f"{n}.weight" for n, m in source.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert freed == (linears - {"lm_head.weight"} if tied else linears)
+        before = gather(eng, prompts, params)
+        with torch.no_grad():  # an optimizer step on every parameter
+            for p in source.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+        eng.sync_weights(WeightUpdate(1))
+        after = gather(eng, prompts, params)
+        fresh = HFEngine(source, tok, seed=0, inline=True, dtype="bfloat16")
+        try:
+            expected = gather(fresh, prompts, params)
+        finally:
+            fresh.close()
+    finally:
+        eng.close()
+    assert [s.logprobs for s in after] == [s.logprobs for s in expected]
+    assert [s.tokens for s in after] == [s.tokens for s in expected]
+    assert [s.logprobs for s in after] != [s.logprobs for s in before]
+
+
 def test_a_cast_engine_copy_keeps_the_models_float32_buffers():
     """The rotary inv_freq stays float32 in a bf16 copy, as in the trainer's model: rounded to bf16
     it would move every position's angle (a gap between sampled and trained logprobs)."""

@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import copy
 import inspect
 import os
 import threading
@@ -62,12 +61,13 @@ from rlft.engines.decode import BatchedDecode
 from rlft.engines.fast_forward import FastForward
 from rlft.engines.fast_forward import supports as supports_fast_forward
 from rlft.engines.kv_cache import HFCache
-from rlft.engines.lora_merge import MergedCopy, cast_parameters, is_lora_model
+from rlft.engines.lora_merge import MergedCopy, is_lora_model
 from rlft.engines.packed_linear import can_pack, pack_linears, repack_linears
 from rlft.engines.prefix_cache import PrefixCache
 from rlft.engines.sampling import sample_tokens
 from rlft.engines.scheduler import EngineStats, Scheduler, _Request
 from rlft.engines.tokens import end_of_turn_ids, pad_id
+from rlft.engines.weight_copy import EngineCopy, PlainCopy
 
 __all__ = ["HFEngine", "EngineStats", "ContextLengthError", "sample_tokens", "end_of_turn_ids"]
 
@@ -98,7 +98,8 @@ class HFEngine(Scheduler, BatchedDecode):
     with the packed fast forward below only the packed form is kept) that :meth:`sync_weights`
     refreshes after each optimizer step.
     ``copy_weights``: keep an own copy of the model even in the same dtype and device (refreshed
-    by :meth:`sync_weights`). ``prepack``: when the engine has its own copy, on the CPU in bf16,
+    by :meth:`sync_weights`; :class:`rlft.engines.weight_copy.PlainCopy`: with the packed fast forward
+    below, its linears' plain weights are freed too). ``prepack``: when the engine has its own copy, on the CPU in bf16,
     its linear layers run on weights pre-packed for oneDNN (:mod:`rlft.engines.packed_linear`:
     bit-identical, ~20 % faster decoding on SmolLM2), re-packed by :meth:`sync_weights`.
     ``fast_forward``: when the engine has its own copy of a Llama-family model on the CPU, prefill
@@ -156,19 +157,15 @@ class HFEngine(Scheduler, BatchedDecode):
         self.source_model = model
         self.device = torch.device(device) if device is not None else _param(model).device
         want = _as_dtype(dtype)
-        self._merged = None
-        # MODULE: an own copy (or a merged LoRA copy) that sync_weights refreshes from the source;
-        # SHARED: the source module itself, so a sync only moves the version
-        self.weight_format = WeightFormat.MODULE
+        # MODULE: an own copy (a plain one, or LoRA merged) that sync_weights refreshes from the
+        # source (rlft.engines.weight_copy); SHARED: the source module itself, so a sync only moves the version
+        self._copy: EngineCopy | None = None
         if merge_lora and is_lora_model(model):  # sample from W + BA, not through peft's adapter layers
-            self._merged = MergedCopy(model, dtype=want, device=self.device)
-            self.model = self._merged.model
+            self._copy = MergedCopy(model, dtype=want, device=self.device)
         elif copy_weights or (want is not None and want != _param(model).dtype) or self.device != _param(model).device:
-            self.model = copy.deepcopy(model)
-            cast_parameters(self.model, device=self.device, dtype=want)  # buffers keep the trainer's dtypes
-        else:
-            self.model = model
-            self.weight_format = WeightFormat.SHARED
+            self._copy = PlainCopy(model, dtype=want, device=self.device)
+        self.model = self._copy.model if self._copy is not None else model
+        self.weight_format = WeightFormat.MODULE if self._copy is not None else WeightFormat.SHARED
         use_fast_attention(self.model)  # CPU: the sdpa kernel costs 2x on decode steps (rlft.attention)
         # an own copy on the CPU in bf16: linear weights pre-packed for oneDNN (rlft.engines.packed_linear);
         # never a shared model's, whose packed copy would go stale under the trainer
@@ -179,10 +176,10 @@ class HFEngine(Scheduler, BatchedDecode):
             fast_forward and owns_copy and supports_fast_forward(self.model)) else None
         self.prepacked = bool(prepack and owns_copy and self.fast_forward is None and can_pack(self.model)
                               and pack_linears(self.model))
-        if self._merged is not None and self.fast_forward is not None and self.fast_forward.packed:
-            # the packed fused weights are what runs: the copy's plain W + BA (212 MB on SmolLM2) is
-            # freed, and each sync packs W + BA computed layer by layer (MergedCopy.weight)
-            self._merged.drop_weights()
+        if self._copy is not None and self.fast_forward is not None and self.fast_forward.packed:
+            # the packed fused weights are what runs: the copy's plain linear weights (212 MB on
+            # SmolLM2 bf16) are freed, and each sync packs them layer by layer from the source
+            self._copy.drop_weights()
         if self.device.type == "cpu":
             keep_freed_memory()  # sampling allocates ~12 MiB per step: no page faults each time (rlft.allocator)
         self.dtype = _param(self.model).dtype
@@ -299,18 +296,10 @@ class HFEngine(Scheduler, BatchedDecode):
         (default: the model it was built from) and serve it as ``update.version``. A SHARED engine
         runs the trainer's module itself: only the version moves."""
         with self.lock:
-            if self._merged is not None:
-                if update.model is not None and update.model is not self._merged.source:
-                    raise ValueError("this engine merges the LoRA model it was built from; it cannot sync from another")
-                self._merged.refresh()
-            elif self.weight_format is WeightFormat.MODULE:
-                from rlft.distributed import full_state_dict  # the whole weights of an FSDP2-sharded source
-
-                src = update.model if update.model is not None else self.source_model
-                self.model.load_state_dict(full_state_dict(src))
+            if self._copy is not None:
+                self._copy.refresh(update.model)
             if self.fast_forward is not None:  # its fused weights, from the new ones
-                self.fast_forward.refresh(self._merged.weight if self._merged is not None and self._merged.dropped
-                                          else None)
+                self.fast_forward.refresh(self._copy.weight if self._copy is not None and self._copy.dropped else None)
             if self.prepacked:  # only an own copy is packed: its new weights, packed again
                 repack_linears(self.model)
             self.prefix_cache.clear()  # KV computed by the old weights

@@ -71,9 +71,12 @@ class MergedCopy:
         return self._merged_weight(self._layers[name]).to(device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
-    def refresh(self) -> None:
+    def refresh(self, source: Any = None) -> None:
         """Copy the source's current adapted weights in (``W + delta``); the rest is frozen. The
-        linears :meth:`drop_weights` freed have nothing to copy into: their callers read :meth:`weight`."""
+        linears :meth:`drop_weights` freed have nothing to copy into: their callers read :meth:`weight`.
+        ``source``: None or the model the copy was built from (its frozen tensors are shared)."""
+        if source is not None and source is not self.source:
+            raise ValueError("this engine merges the LoRA model it was built from; it cannot sync from another")
         for name, target in self._targets.items():
             if name not in self._dropped:
                 target.weight.copy_(self.weight(target))
