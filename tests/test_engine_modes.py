@@ -14,7 +14,7 @@ from rlft.allocator import keep_freed_memory
 from rlft.engines.base import SamplingParams, WeightFormat, WeightUpdate
 from rlft.engines.hf import HFEngine
 from rlft.testing.models import build_tiny_model
-from tests.test_hf_engine import PROMPTS, chat, full_forward_logprobs, gather
+from tests.test_hf_engine import PROMPTS, chat, full_forward_logprobs, gather, gather_fresh
 
 
 def test_inline_engine_runs_forwards_on_the_loop_thread_and_matches_the_threaded_engine(tiny_model):
@@ -191,11 +191,7 @@ def test_a_packed_plain_engine_copy_frees_its_linear_weights_and_syncs_every_par
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
         eng.sync_weights(WeightUpdate(1))
         after = gather(eng, prompts, params)
-        fresh = HFEngine(source, tok, seed=0, inline=True, dtype="bfloat16")
-        try:
-            expected = gather(fresh, prompts, params)
-        finally:
-            fresh.close()
+        expected = gather_fresh(source, tok, prompts, params, dtype="bfloat16")
     finally:
         eng.close()
     assert [s.logprobs for s in after] == [s.logprobs for s in expected]

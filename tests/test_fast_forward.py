@@ -14,7 +14,7 @@ from rlft.engines.hf import HFEngine
 from rlft.engines.kv_cache import EngineCache
 from rlft.engines.packed_linear import can_pack, pack_linears
 from rlft.testing.models import build_tiny_model
-from tests.test_hf_engine import PROMPTS, chat, gather
+from tests.test_hf_engine import PROMPTS, chat, gather, gather_fresh
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -126,11 +126,7 @@ def test_sync_weights_rebuilds_the_fused_weights(dtype):
                     p.add_(torch.randn_like(p) * 0.5)
         engine.sync_weights(WeightUpdate(1))
         after = gather(engine, prompts, params)
-        fresh = HFEngine(source, tok, seed=0, inline=True)  # the new weights, through the model's modules
-        try:
-            expected = gather(fresh, prompts, params)
-        finally:
-            fresh.close()
+        expected = gather_fresh(source, tok, prompts, params)  # the new weights, through the model's modules
     finally:
         engine.close()
     assert [s.logprobs for s in after] == [s.logprobs for s in expected]

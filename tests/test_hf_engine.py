@@ -42,6 +42,15 @@ def gather(engine, prompts, params):
     return asyncio.run(run())
 
 
+def gather_fresh(model, tok, prompts, params, **engine_kw):
+    """What a new engine over ``model``'s current weights samples (the reference for a synced one)."""
+    engine = HFEngine(model, tok, seed=0, inline=True, **engine_kw)
+    try:
+        return gather(engine, prompts, params)
+    finally:
+        engine.close()
+
+
 def full_forward_logprobs(model, prompt, tokens, temperature):
     ids = torch.tensor([prompt + tokens])
     with torch.no_grad():
