@@ -332,9 +332,8 @@ def test_full_finetune_engine_runs_the_trainers_module_so_nothing_is_probed(proj
 def _copy_engine(options, policy, tag=""):
     from rlft.engines.hf import HFEngine
 
-    engine = HFEngine(copy.deepcopy(policy.model), policy.tokenizer)
-    engine.source_model, engine.weight_format = policy.model, WeightFormat.MODULE  # sync_weights copies them in
-    return engine
+    # a plain copy of the peft model, adapters unmerged (sync_weights copies the trainer's parameters in)
+    return HFEngine(policy.model, policy.tokenizer, copy_weights=True)
 
 
 @pytest.mark.parametrize("setting,probed", [

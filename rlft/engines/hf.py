@@ -154,7 +154,6 @@ class HFEngine(Scheduler, BatchedDecode):
         if HFCache is None:  # pragma: no cover
             raise RuntimeError("HFEngine needs transformers >= 4.56 (per-layer Cache objects).")
         self.tokenizer = tokenizer
-        self.source_model = model
         self.device = torch.device(device) if device is not None else _param(model).device
         want = _as_dtype(dtype)
         # MODULE: an own copy (a plain one, or LoRA merged) that sync_weights refreshes from the
