@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["MergedCopy", "cast_parameters", "is_lora_model"]
+from rlft.engines.weight_copy import cast_parameters
+
+__all__ = ["MergedCopy", "is_lora_model"]
 
 
 def is_lora_model(model: Any) -> bool:
@@ -108,18 +110,6 @@ class MergedCopy:
             if adapter in getattr(layer, "lora_A", {}) or adapter in getattr(layer, "lora_embedding_A", {}):
                 w = w + full_tensor(layer.get_delta_weight(adapter)).float()
         return w
-
-
-def cast_parameters(model: torch.nn.Module, *, device: Any = None, dtype: torch.dtype | None = None) -> None:
-    """``model.to(device, dtype)`` in place, with the dtype for its parameters only: buffers keep
-    theirs. transformers keeps the rotary ``inv_freq`` in float32 in a bf16 model, and the trainer
-    computes with the source's; ``.to(torch.bfloat16)`` would round it and move every position's
-    angle (a logprob gap between sampler and trainer)."""
-    if device is not None:
-        model.to(device=device)
-    if dtype is not None:
-        for param in model.parameters():
-            param.data = param.data.to(dtype)
 
 
 def _share_frozen(merged: torch.nn.Module, base: torch.nn.Module, adapted: set[str]) -> None:

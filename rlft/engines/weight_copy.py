@@ -22,9 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rlft.engines.lora_merge import cast_parameters
-
-__all__ = ["EngineCopy", "PlainCopy"]
+__all__ = ["EngineCopy", "PlainCopy", "cast_parameters"]
 
 
 class EngineCopy(Protocol):
@@ -97,3 +95,15 @@ class PlainCopy:
             if isinstance(module, torch.nn.Linear) and owners[id(module.weight)] == 1:
                 module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
                 self._dropped.add(name)
+
+
+def cast_parameters(model: torch.nn.Module, *, device: Any = None, dtype: torch.dtype | None = None) -> None:
+    """``model.to(device, dtype)`` in place, with the dtype for its parameters only: buffers keep
+    theirs. transformers keeps the rotary ``inv_freq`` in float32 in a bf16 model, and the trainer
+    computes with the source's; ``.to(torch.bfloat16)`` would round it and move every position's
+    angle (a logprob gap between sampler and trainer)."""
+    if device is not None:
+        model.to(device=device)
+    if dtype is not None:
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
