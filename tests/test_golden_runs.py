@@ -22,7 +22,12 @@ one forward each; ``rlft.training.sync``): only ``lora_bf16``'s ``sync/probe_log
 unchanged; the re-record also filled in the metric keys registered since and refreshed values that
 differed by ~1e-7 (within the comparison). A fifth time when the on-policy runs' rollouts became
 the weight-sync check between probes (the probe now runs at the start and before evals): only the
-dropped probe entries of ``lora_bf16`` and ``mcp_tools`` changed, and one value by ~1e-8. Four runs, each a few seconds on the tiny models:
+dropped probe entries of ``lora_bf16`` and ``mcp_tools`` changed, and one value by ~1e-8. ``mcp_tools``
+was re-recorded a sixth time when the machine changed (2026-12-06: a CPU with AMX, newer packages from
+PyPI) and the SFT-pretrained tiny model it starts from was rebuilt: the one cached on the old machine
+had been built once under older libraries, and the fresh build samples other tool arguments from
+step 0 on. ``lora_bf16`` still matches its old recording with oneDNN capped at AVX512-BF16
+(``tests/conftest.py``); on AMX kernels its samples differ from step 2. Four runs, each a few seconds on the tiny models:
 
 - ``fp32``: full finetune in float32 of the random tiny model, evals every 2 steps;
 - ``overlap``: the same with ``overlap = true`` (sampling one version behind);

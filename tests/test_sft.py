@@ -170,11 +170,11 @@ def test_sft_on_a_handful_of_demonstrations_teaches_the_tool_call(pretrained_tin
     assert not any(_generate_calls(pretrained_tiny_dir, held_out[:8])), "the base model already calls the tool"
     runs = tmp_path / "runs"
     run_id = sft(model=pretrained_tiny_dir, data=write_demos(tmp_path / "demos.jsonl", demos), runs_dir=str(runs), lora=False,
-                 dtype="float32", steps=60, batch_size=8, learning_rate=3e-3, lr_schedule="constant",
+                 dtype="float32", steps=100, batch_size=8, learning_rate=3e-3, lr_schedule="constant",
                  eval_fraction=0, progress=False)
     with RunStore(runs) as store:
         run = store.get_run(run_id)
-        assert (run["kind"], run["status"], run["step"]) == ("sft", "completed", 60)
+        assert (run["kind"], run["status"], run["step"]) == ("sft", "completed", 100)
         losses = [v for _, v in store.metrics(run_id, ["sft/loss"])["sft/loss"]]
         _, path = best_checkpoint(store, run_id)
     assert losses[-1] < 0.25 * losses[0]

@@ -35,7 +35,7 @@ def ws(tmp_path_factory, pretrained_tiny_tools_dir):
     d = tmp_path_factory.mktemp("harvest")
     (d / "env.py").write_text(ENV)
     run_id = train(env=str(d / "env.py"), model=pretrained_tiny_tools_dir, dtype="float32", lora=False,
-                   runs_dir=str(d / "runs"), steps=1, batch_size=4, group_size=4, eval_size=4, eval_k=2,
+                   runs_dir=str(d / "runs"), steps=1, batch_size=8, group_size=4, eval_size=4, eval_k=2,
                    eval_every=1, progress=False, validate=False, run_name="real")
     store = RunStore(d / "runs")
     config = store.get_run(run_id)["config"]
@@ -67,19 +67,21 @@ def _prompts(transcripts):
 def test_a_real_runs_best_train_rollouts_become_transcripts_that_render_and_parse_back(ws, tiny_renderer):
     result = harvest_run(ws.store, "real", 1.0)
     assert harvest_run(ws.store, "real", 1.0, renderer=tiny_renderer).counts == result.counts
-    assert result.counts["read"] == ws.store.count_rollouts(ws.run_id, split="train") == 16  # eval rows never read
+    assert result.counts["read"] == ws.store.count_rollouts(ws.run_id, split="train") == 32  # eval rows never read
     assert result.transcripts and all(t.meta["reward"] >= 1.0 for t in result.transcripts)
     assert result.counts["kept"] + result.counts["below"] + result.counts["unfinished"] + result.counts["duplicate"] \
-        + result.counts["malformed"] == 16
+        + result.counts["malformed"] == 32
     held_out = {r["prompt"] for r in ws.eval}
     assert not held_out & set(_prompts(result.transcripts))
+    with_calls = 0
     for t in result.transcripts:
         assert [s["function"]["name"] for s in t.tools] == ["max_of"] and t.messages[0]["role"] == "system"
         calls = {tc["id"]: tc for m in t.messages for tc in m.get("tool_calls", [])}
-        assert calls, "the tiny tools model calls max_of in its rewarded rollouts"
+        with_calls += bool(calls)  # a right answer given without the tool is kept too
         for tc in calls.values():  # OpenAI format: arguments are JSON text
             assert tc["type"] == "function" and isinstance(json.loads(tc["function"]["arguments"]), dict)
         assert all(m["tool_call_id"] in calls for m in t.messages if m["role"] == "tool")
+    assert with_calls, "the tiny tools model calls max_of in some of its rewarded rollouts"
     # the written file loads, and renders token for token as a rollout, its calls parsed back
     path = ws.dir / "real.jsonl"
     from rlft.sft.transcripts import write_transcripts
@@ -87,7 +89,8 @@ def test_a_real_runs_best_train_rollouts_become_transcripts_that_render_and_pars
     write_transcripts(path, result.transcripts)
     examples, problems = render_transcripts(tiny_renderer, load_transcripts(str(path)))
     assert not problems and len(examples) == len(result.transcripts)
-    trained = tiny_renderer.decode([i for i, m in zip(examples[0].ids, examples[0].mask) if m])
+    first = next(i for i, t in enumerate(result.transcripts) if any(m.get("tool_calls") for m in t.messages))
+    trained = tiny_renderer.decode([i for i, m in zip(examples[first].ids, examples[first].mask) if m])
     assert "<tool_call>" in trained and '"max_of"' in trained
 
 

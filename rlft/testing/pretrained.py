@@ -229,7 +229,8 @@ def build_pretrained_tiny(out_dir: str | os.PathLike | None = None, *, task: str
     if unknown:
         raise TypeError(f"unknown recipe keys {unknown}; valid: {', '.join(SFT_DEFAULTS)}")
     full = {**SFT_DEFAULTS, **changes}
-    key = f"{task}-s{seed}-v{VERSION}" + "".join(f"-{k}{v}" for k, v in sorted(changes.items()) if SFT_DEFAULTS[k] != v)
+    key = (f"{task}-s{seed}-v{VERSION}" + "".join(f"-{k}{v}" for k, v in sorted(changes.items()) if SFT_DEFAULTS[k] != v)
+           + f"-{_libraries_tag()}")
     if not cache:
         if out_dir is None:
             raise ValueError("build_pretrained_tiny(cache=False) needs out_dir")
@@ -251,6 +252,19 @@ def build_pretrained_tiny(out_dir: str | os.PathLike | None = None, *, task: str
         return str(target)
     shutil.copytree(target, out_dir, dirs_exist_ok=True)
     return os.fspath(out_dir)
+
+
+def _libraries_tag() -> str:
+    """A short hash of the library versions a build depends on. Another torch, transformers or
+    tokenizers trains another model from the same recipe (different kernels and defaults), so a
+    model cached under older versions is not the one a fresh clone would build: tests calibrated
+    on such a stale model once passed here and failed from a clean machine."""
+    import tokenizers
+    import torch
+    import transformers
+
+    versions = f"torch{torch.__version__}-transformers{transformers.__version__}-tokenizers{tokenizers.__version__}"
+    return f"{zlib.crc32(versions.encode()):08x}"
 
 
 def _build(out: Path, task: str, seed: int, recipe: dict[str, Any], verbose: bool) -> None:
