@@ -19,7 +19,8 @@ one: GRPO on the final answer has a clear improvement to find in a few steps (me
 rollouts (see ``TOOLS_RECIPE`` for how well that is learned).
 
 Deterministic in ``seed`` (data, initial weights, batch order). Built models are cached per
-(task, seed, recipe, ``VERSION``) under ``$RLFT_CACHE/tiny`` (default ``~/.cache/rlft/tiny``),
+(task, seed, recipe, ``VERSION``, torch/transformers/tokenizers versions) under ``$RLFT_CACHE/tiny``
+(default ``~/.cache/rlft/tiny``),
 so a test suite builds each once per machine. ``task_environment(task)`` gives the matching
 ``(Environment, rows)`` for ``train()``; RL rows never share a prompt with the SFT rows.
 """
@@ -229,8 +230,8 @@ def build_pretrained_tiny(out_dir: str | os.PathLike | None = None, *, task: str
     if unknown:
         raise TypeError(f"unknown recipe keys {unknown}; valid: {', '.join(SFT_DEFAULTS)}")
     full = {**SFT_DEFAULTS, **changes}
-    key = (f"{task}-s{seed}-v{VERSION}" + "".join(f"-{k}{v}" for k, v in sorted(changes.items()) if SFT_DEFAULTS[k] != v)
-           + f"-{_libraries_tag()}")
+    recipe_tag = "".join(f"-{k}{v}" for k, v in sorted(changes.items()) if SFT_DEFAULTS[k] != v)
+    key = f"{task}-s{seed}-v{VERSION}{recipe_tag}-{_libraries_tag()}"
     if not cache:
         if out_dir is None:
             raise ValueError("build_pretrained_tiny(cache=False) needs out_dir")
