@@ -169,6 +169,8 @@ def test_sft_on_a_handful_of_demonstrations_teaches_the_tool_call(pretrained_tin
     demos, held_out = rows[:16], rows[16:]
     assert not any(_generate_calls(pretrained_tiny_dir, held_out[:8])), "the base model already calls the tool"
     runs = tmp_path / "runs"
+    # 100 steps: on the tiny model as rebuilt on 2026-12-06, 60 steps taught the call on 10 of
+    # the 16 held-out prompts, 100 on 15
     run_id = sft(model=pretrained_tiny_dir, data=write_demos(tmp_path / "demos.jsonl", demos), runs_dir=str(runs), lora=False,
                  dtype="float32", steps=100, batch_size=8, learning_rate=3e-3, lr_schedule="constant",
                  eval_fraction=0, progress=False)
