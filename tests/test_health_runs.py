@@ -92,7 +92,7 @@ def test_reward_hacking_and_truncation_on_a_length_hackable_reward(tmp_path, row
 def test_entropy_collapse_at_a_learning_rate_too_high(tmp_path, rows):
     env, _ = task_environment("max")
     # 16 steps: on the tiny model as rebuilt on 2026-12-06 the entropy had not yet collapsed
-    # after 12 (the earlier setting); after 16 it has, with the reward not rising
+    # after 12 (the earlier setting), after 16 it had
     _, _, found = _run(tmp_path, env, rows, steps=16, learning_rate=5e-3, eval_size=0)
     f = found["entropy_collapse"]
     assert f.details["late"] < 0.4 * f.details["early"] and "learning rate 0.005" in f.summary
