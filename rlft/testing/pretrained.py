@@ -20,8 +20,8 @@ rollouts (see ``TOOLS_RECIPE`` for how well that is learned).
 
 Deterministic in ``seed`` (data, initial weights, batch order). Built models are cached per
 (task, seed, recipe, ``VERSION``, torch/transformers/tokenizers versions) under ``$RLFT_CACHE/tiny``
-(default ``~/.cache/rlft/tiny``),
-so a test suite builds each once per machine. ``task_environment(task)`` gives the matching
+(default ``~/.cache/rlft/tiny``), so a test suite builds each once per machine and library
+set. ``task_environment(task)`` gives the matching
 ``(Environment, rows)`` for ``train()``; RL rows never share a prompt with the SFT rows.
 """
 
