@@ -14,7 +14,7 @@ import time
 import pytest
 
 from rlft.rewards import sandbox
-from rlft.rewards.sandbox import arun_code, code_tests, extract_code, run_code, set_max_concurrency
+from rlft.rewards.sandbox import arun_code, code_tests, extract_code, run_code, runner, set_max_concurrency
 from rlft.types import Rollout
 
 MODES = ["namespaces", "fallback"]  # fallback: the child is denied the namespaces it could get
@@ -35,7 +35,7 @@ def unconfined_where_the_machine_has_no_namespaces():
 
 def leftovers():
     """Live processes still running under a sandbox uid (root only; [] otherwise)."""
-    return sandbox._uids_in_use()
+    return runner.uids_in_use()
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,8 @@ def test_protections_on_this_machine_are_reported(prot):
 
 NON_ROOT = r"""
 import importlib.util, json, os, sys
-spec = importlib.util.spec_from_file_location("sbx", sys.argv[1])
+spec = importlib.util.spec_from_file_location("sbx", os.path.join(sys.argv[1], "__init__.py"),
+                                              submodule_search_locations=[sys.argv[1]])
 m = sys.modules["sbx"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m)
 os.environ["RLFT_TEST_SECRET"] = "s3cr3t"
@@ -271,15 +272,15 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a non-root parent")
 def test_non_root_parent_still_scores_isolates_and_cleans_up(tmp_path):
-    python = sandbox._sandbox_python(True, None)
+    python = runner.sandbox_python(True, None)
     if not python:
         pytest.skip("no interpreter that an unprivileged user can run")
     d = tempfile.mkdtemp()
     os.chmod(d, 0o755)
-    mod = os.path.join(d, "sandbox_copy.py")
-    with open(sandbox.__file__) as src, open(mod, "w") as dst:
-        dst.write(src.read())
-    os.chmod(mod, 0o644)
+    mod = os.path.join(d, "sandbox_copy")  # the package, readable by the unprivileged user
+    shutil.copytree(os.path.dirname(sandbox.__file__), mod, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [mod] + [os.path.join(mod, f) for f in os.listdir(mod)]:
+        os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(5)
@@ -305,7 +306,7 @@ def test_non_root_parent_still_scores_isolates_and_cleans_up(tmp_path):
 # -- concurrency and the reward ------------------------------------------------------------------
 def test_async_runs_respect_the_concurrency_bound(monkeypatch):
     active, peak, lock = [0], [0], threading.Lock()
-    real = sandbox._execute
+    real = sandbox.execute
 
     def counting(*a, **k):
         with lock:
@@ -317,7 +318,7 @@ def test_async_runs_respect_the_concurrency_bound(monkeypatch):
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(sandbox, "_execute", counting)
+    monkeypatch.setattr(sandbox, "execute", counting)
     old = sandbox.get_max_concurrency()
     set_max_concurrency(2)
     try:

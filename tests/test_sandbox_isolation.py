@@ -103,13 +103,14 @@ def test_an_explicit_false_overrides_the_process_opt_in(no_namespaces):
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
 def test_a_root_process_without_cap_sys_admin_is_refused_with_the_kernels_reason(tmp_path):
     """Root without CAP_SYS_ADMIN, as in a default docker container: unshare fails with EPERM.
-    The sandbox file runs standalone (no rlft import), so the check is quick."""
-    script = ("import importlib.util, sys\nspec = importlib.util.spec_from_file_location('sbx', sys.argv[1])\n"
+    The sandbox package runs standalone (no rlft import), so the check is quick."""
+    script = ("import importlib.util, os, sys\nspec = importlib.util.spec_from_file_location('sbx', "
+              "os.path.join(sys.argv[1], '__init__.py'), submodule_search_locations=[sys.argv[1]])\n"
               "m = sys.modules['sbx'] = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(m)\n"
               "print(m.isolation().line())\ntry:\n    m.run_code('pass')\nexcept m.SandboxRefusedError as e:\n"
               "    print('REFUSED', e)\nprint('LEVEL', m.run_code('pass', unconfined=True).level)\n")
     p = subprocess.run(["setpriv", "--bounding-set=-sys_admin", sys.executable, "-I", "-c", script,
-                        sandbox.__file__], capture_output=True, text=True, timeout=60)
+                        os.path.dirname(sandbox.__file__)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "sandbox isolation: rlimits-only" in p.stdout
     assert "REFUSED refusing to run untrusted code" in p.stdout
