@@ -1,20 +1,26 @@
 """CPU attention for the shapes RL finetuning runs: one-token decode steps and short sequences.
 
-PyTorch's CPU ``scaled_dot_product_attention`` (the flash kernel for CPU) is slow for both of
-the shapes that dominate a small-model RL step on CPU (measured on SmolLM2-135M, bf16, 2 cores,
-``benchmarks/README.md``): a batch-64 decode step spent 72 % of its time in it (125 ms per
-step; 57 ms with this module), and a LoRA forward+backward over 32 x 150 tokens ran 1.15x
-slower through it than through plain matmul + softmax. This module registers an attention
-implementation named ``"rlft"`` with transformers' ``AttentionInterface`` that computes
+PyTorch's CPU ``scaled_dot_product_attention`` (the flash kernel for CPU) is slow for two of the
+shapes that dominate a small-model RL step on CPU: a batch-64 decode step spent 72 % of its time
+in it (125 ms per step; 57 ms with this module, ``benchmarks/README.md``), and a forward+backward
+over short rows runs faster as plain matmuls (SmolLM2's 9 x 3 heads, bf16, torch 2.13: 32 rows x
+150 tokens 82 against 93 ms, 8 x 150 12 against 22 ms). Over longer rows the fused kernel wins,
+and by more the longer they are (forward+backward at 192 keys 1.0-1.3x, 384 keys 1.3-2.1x, 1,024
+keys 5.4x; without autograd 1.3-7.6x at any length), measured on an AMX Xeon with and without
+oneDNN's AMX kernels (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``): the crossover is the same. This
+module registers an attention implementation named ``"rlft"`` with transformers'
+``AttentionInterface`` that computes
 
     softmax(q k^T * scale + mask) v      # softmax in float32, matmuls in the input dtype
 
 with grouped-query heads folded into the matmul (no ``repeat_kv`` copy of the cache), for
 
 - short queries (decode, ``q_len <= 16``), always;
-- longer ones (prefill, training) while the float32 score tensor stays under
-  ``_MAX_SCORE_BYTES`` per layer; beyond that it defers to transformers' sdpa path, whose
-  memory does not grow with ``q_len * kv_len``.
+- longer ones over fewer than ``_SDPA_FROM_KEYS`` keys while the float32 score tensor stays
+  under ``_MAX_SCORE_BYTES`` per layer. Beyond either it defers to transformers' sdpa path,
+  which is faster there and whose memory does not grow with ``q_len * kv_len``. The choice
+  depends on the shapes only (not on autograd), so a forward with and without gradients (the
+  update's logprobs, the reference model's, an evaluation) computes the same numbers.
 
 It also defers to sdpa for anything it does not implement: attention dropout, soft-capping,
 attention sinks, position biases, sliding windows without a mask, non-causal modules. The mask
@@ -35,6 +41,7 @@ NAME = "rlft"
 _MAX_SCORE_BYTES = 48 << 20  # float32 scores per layer above which sdpa's memory-lean path is used
 _NEG = torch.finfo(torch.float32).min
 _SHORT_QUERY = 16  # queries up to this long always take the matmul path
+_SDPA_FROM_KEYS = 192  # queries over this many keys (and > _SHORT_QUERY long) take sdpa's fused kernel
 # keyword arguments whose presence (non-None) means a feature only sdpa / eager implement
 _DEFER_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
 
@@ -49,7 +56,7 @@ def rlft_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     defer = (dropout > 0 or H % KV or any(kwargs.get(k) is not None for k in _DEFER_KWARGS)
              or (not causal and attention_mask is None and q > 1)
-             or (q > _SHORT_QUERY and B * H * q * L * 4 > _MAX_SCORE_BYTES))
+             or (q > _SHORT_QUERY and (L >= _SDPA_FROM_KEYS or B * H * q * L * 4 > _MAX_SCORE_BYTES)))
     if defer:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

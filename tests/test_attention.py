@@ -147,3 +147,24 @@ def test_bf16_lora_style_training_through_the_model_matches_the_float32_softmax_
     ref = grads()
     rel = float((mine - ref).norm() / ref.norm())
     assert 0 < rel < 2e-2  # bf16 gradients: the two differ by bf16 rounding only
+
+
+@pytest.mark.parametrize("T, fused", [(20, False), (attention._SDPA_FROM_KEYS, True)])
+def test_queries_over_many_keys_take_the_fused_sdpa_kernel_whatever_autograd_says(monkeypatch, pair, T, fused):
+    # the choice is by shape: with and without gradients the same kernel, so the same numbers
+    ref, fast = pair
+    import transformers.integrations.sdpa_attention as sdpa
+
+    called = []
+    real = sdpa.sdpa_attention_forward
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", lambda *a, **k: called.append(1) or real(*a, **k))
+    ids, attn, pos = _left_padded(2, T, ref.config.vocab_size)
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        b = fast(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    no_grad_calls = len(called)
+    c = fast(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    layers = fast.config.num_hidden_layers
+    assert no_grad_calls == (layers if fused else 0) and len(called) == 2 * no_grad_calls
+    assert torch.equal(b, c.detach())
+    torch.testing.assert_close(b[attn.bool()], a[attn.bool()], atol=1e-5, rtol=1e-5)
