@@ -3,13 +3,13 @@
 PyTorch's CPU ``scaled_dot_product_attention`` (the flash kernel for CPU) is slow for two of the
 shapes that dominate a small-model RL step on CPU: a batch-64 decode step spent 72 % of its time
 in it (125 ms per step; 57 ms with this module, ``benchmarks/README.md``), and a forward+backward
-over short rows runs faster as plain matmuls (SmolLM2's 9 x 3 heads, bf16, torch 2.13: 32 rows x
-150 tokens 82 against 93 ms, 8 x 150 12 against 22 ms). Over longer rows the fused kernel wins,
-and by more the longer they are (forward+backward at 192 keys 1.0-1.3x, 384 keys 1.3-2.1x, 1,024
-keys 5.4x; without autograd 1.3-7.6x at any length), measured on an AMX Xeon with and without
-oneDNN's AMX kernels (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``): the crossover is the same. This
-module registers an attention implementation named ``"rlft"`` with transformers'
-``AttentionInterface`` that computes
+over short rows runs faster as plain matmuls. Over longer rows the fused kernel wins, and by more
+the longer they are. SmolLM2's shape (9 x 3 heads, bf16, torch 2.13), time of the matmul path over
+sdpa's (``benchmarks/bench_attention.py --shapes``): forward+backward 0.44-0.82 at 64-150 keys,
+0.97-1.89 at 192, 1.35-1.96 at 384, 3.2-4.8 at 1,024; forward only 1.4-8.3 at every length. The
+crossover is the same on an AMX Xeon with and without oneDNN's AMX kernels
+(``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``). This module registers an attention implementation
+named ``"rlft"`` with transformers' ``AttentionInterface`` that computes
 
     softmax(q k^T * scale + mask) v      # softmax in float32, matmuls in the input dtype
 

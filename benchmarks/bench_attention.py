@@ -1,0 +1,155 @@
+"""Where rlft's CPU attention should hand long rows to sdpa's fused kernel, and what it does to gradients.
+
+    python benchmarks/bench_attention.py --shapes                   # matmul path vs sdpa, by shape
+    python benchmarks/bench_attention.py --gradients --task demo    # bf16 LoRA gradients vs float32, both rules
+    python benchmarks/bench_attention.py --update --task tool_use   # one update's time under both rules
+
+``--shapes``: one attention call of SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64,
+bf16, causal boolean mask) over ``B`` rows of ``S`` tokens, through ``rlft.attention``'s matmul
+path and through transformers' sdpa path, with and without a backward; median of 3 after one.
+Set ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` to see a CPU without AMX's kernels.
+
+``--gradients``: the update's LoRA gradients (``rlft.training.update.policy_update``, shared-prefix
+rows, no clipping) on ``bench_update.py``'s batch for ``--task``, with random adapters (seeded, so
+every run has the same ones), in float32 and in bf16 under the old rule (the matmul path up to
+the score budget) and the new one (sdpa from ``_SDPA_FROM_KEYS`` keys): the relative error
+``|g_bf16 - g_fp32| / |g_fp32|`` of each rule.
+
+``--update``: ``policy_update`` on that batch under both rules, alternating, ``--repeats`` times
+after one warm-up of each; median seconds and the policy loss of each (the same batch and weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from benchmarks.bench_update import TASKS, batch, prompts
+from rlft import attention
+
+OLD_RULE = 1 << 30  # _SDPA_FROM_KEYS under the old rule: no length sends a row to sdpa
+
+
+class _Module:  # what the attention functions read from an attention module
+    is_causal, num_key_value_groups, training = True, 3, False
+
+
+def shapes() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attention._MAX_SCORE_BYTES = 1 << 40  # the matmul path at every size, to compare
+    attention._SDPA_FROM_KEYS = OLD_RULE
+    grid = [(s, b) for s in (64, 128, 150, 192, 256, 384, 1024) for b in (1, 4, 32) if s * b <= 8192]
+    for grad in (True, False):
+        for S, B in grid:
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(B, h, S, 64, generator=g, dtype=torch.bfloat16).requires_grad_(grad)
+                       for h in (9, 3, 3))
+            mask = torch.ones(S, S, dtype=torch.bool).tril()[None, None].expand(B, 1, S, S).contiguous()
+            times = {}
+            for name, fn in (("matmul", attention.rlft_attention), ("sdpa", sdpa_attention_forward)):
+                ts = []
+                for _ in range(4):
+                    t0 = time.perf_counter()
+                    with torch.set_grad_enabled(grad):
+                        out, _ = fn(_Module(), q, k, v, mask, scaling=0.125)
+                        if grad:
+                            out.float().sum().backward()
+                    ts.append(time.perf_counter() - t0)
+                times[name] = statistics.median(ts[1:])
+            print(f"{'forward+backward' if grad else 'forward only':16s} B={B:3d} S={S:5d}: matmul "
+                  f"{times['matmul'] * 1e3:7.1f} ms, sdpa {times['sdpa'] * 1e3:7.1f} ms, "
+                  f"matmul/sdpa {times['matmul'] / times['sdpa']:.2f}", flush=True)
+
+
+def _setup(task: str, dtype: str):
+    from rlft.policy import LoraSpec, load_policy
+
+    policy = load_policy("smollm2", dtype=dtype, lora=LoraSpec(rank=16, alpha=32))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_" in name:  # seeded adapters, B != 0, so that every adapter has a gradient
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    groups = batch(prompts(task, policy.tokenizer, 4), 8, TASKS[task][3], len(policy.tokenizer))
+    return policy, groups
+
+
+def _update(policy, groups, task: str, bf16: bool, rule: int, optimizer) -> dict:
+    from rlft.training.grpo import LossConfig
+    from rlft.training.update import UpdateConfig, policy_update
+
+    attention._SDPA_FROM_KEYS = rule
+    cfg = UpdateConfig(loss=LossConfig(), micro_batch_tokens=TASKS[task][2], bf16=bf16, shared_prefix="true",
+                       max_grad_norm=0.0)
+    return policy_update(policy, groups, cfg, optimizer)
+
+
+class _Capture(torch.optim.SGD):
+    """lr 0; keeps the gradients the step saw (the update zeroes them after its step)."""
+
+    def step(self, closure=None):
+        self.grads = torch.cat([p.grad.flatten().float() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+def gradients(task: str) -> None:
+    new_rule = attention._SDPA_FROM_KEYS
+    found = {}
+    for name, dtype, rule in (("float32", "float32", new_rule), ("bf16 old rule", "bfloat16", OLD_RULE),
+                              ("bf16 new rule", "bfloat16", new_rule)):
+        policy, groups = _setup(task, dtype)
+        opt = _Capture(policy.trainable_parameters(), lr=0.0)
+        _update(policy, groups, task, dtype == "bfloat16", rule, opt)
+        found[name] = opt.grads
+    ref = found["float32"]
+    for name in ("bf16 old rule", "bf16 new rule"):
+        err = float((found[name] - ref).norm() / ref.norm())
+        print(f"{task}: {name}: relative error of the LoRA gradient vs float32 {err:.4f}", flush=True)
+
+
+def update(task: str, repeats: int) -> None:
+    new_rule = attention._SDPA_FROM_KEYS
+    policy, groups = _setup(task, "bfloat16")
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    loss = {}
+    for rep in range(repeats + 1):
+        for arm in ("old", "new") if rep % 2 else ("new", "old"):
+            t0 = time.perf_counter()
+            stats = _update(policy, groups, task, True, OLD_RULE if arm == "old" else new_rule, opt)
+            if rep:
+                times[arm].append(time.perf_counter() - t0)
+            loss[arm] = stats["loss/policy"]
+    old, new = (statistics.median(times[a]) for a in ("old", "new"))
+    print(f"{task}: update under the old rule {old:.2f} s, the new {new:.2f} s (medians of {repeats}), "
+          f"old/new {old / new:.2f}x; policy loss {loss['old']:.6f} / {loss['new']:.6f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", action="store_true")
+    ap.add_argument("--gradients", action="store_true")
+    ap.add_argument("--update", action="store_true")
+    ap.add_argument("--task", choices=sorted(TASKS), default="demo")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if not (args.shapes or args.gradients or args.update):
+        ap.error("choose --shapes, --gradients and/or --update")
+    if args.shapes:
+        shapes()
+    if args.gradients:
+        gradients(args.task)
+    if args.update:
+        update(args.task, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
