@@ -26,14 +26,15 @@ from dataclasses import dataclass, field
 
 from .child import HARNESS, LAUNCHER
 
-_UID_BASE, _UID_SPAN = 1_600_000_000, 400_000_000
-
-
+_UID_BASE, _UID_SPAN = 1_600_000_000, 400_000_000  # the fresh uids a root parent hands out
 _ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 @dataclass
 class SandboxResult:
+    """What one sandbox run gave: a pass/fail per test, the captured output, why it failed as a
+    whole (if it did), and the protections the child was granted."""
+
     passed: list[bool]  # one per test
     stdout: str = ""
     stderr: str = ""
