@@ -57,15 +57,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlft.rewards import Reward
-from rlft.rewards.judge import (
-    Judge,
-    JudgeError,
-    Rubric,
-    _reference,
-    _split_final,
-    render_messages,
-    slugify,
-)
+from rlft.rewards.judge import Judge, JudgeError, Rubric, slugify
+from rlft.rewards.judge_text import reference_block, render_messages, split_final
 from rlft.types import Message, Rollout
 
 __all__ = ["LocalJudge", "LogprobJudge", "NoVerdictMassError", "VerdictScore", "Verdicts", "pairwise_scores",
@@ -189,7 +182,7 @@ class LogprobJudge(Judge):
         return rubric_verdicts(rubric, self.answer, self.scale)  # type: ignore[arg-type]
 
     def rubric_messages(self, rubric: Rubric, rollout: Rollout) -> list[Message]:
-        before, final = _split_final(rollout)
+        before, final = split_final(rollout)
         v = self.verdicts(rubric)
         neg = rubric.kind == "negative"
         if rubric.score_map:
@@ -201,17 +194,17 @@ class LogprobJudge(Judge):
                       f"(or a digit in between)")
         how = ("The rubric describes a fault: grade how present it is in the final answer.\n" if neg else "")
         user = (f"<conversation>\n{render_messages(before)}\n</conversation>\n\n"
-                f"<final_answer>\n{final or '(no final answer)'}\n</final_answer>\n\n{_reference(rollout)}"
+                f"<final_answer>\n{final or '(no final answer)'}\n</final_answer>\n\n{reference_block(rollout)}"
                 f"<rubric kind=\"{rubric.kind}\">\n{rubric.title}\n{rubric.description}\n</rubric>\n\n"
                 f"{how}Verdicts:\n{levels}\n\nAnswer with the verdict only: one of {', '.join(v.values)}.")
         return [{"role": "system", "content": VERDICT_SYSTEM}, {"role": "user", "content": user}]
 
     def pair_messages(self, rubric: Rubric, first: Rollout, second: Rollout) -> list[Message]:
-        before, a = _split_final(first)
-        _, b = _split_final(second)
+        before, a = split_final(first)
+        _, b = split_final(second)
         user = (f"<conversation>\n{render_messages(before)}\n</conversation>\n\n"
                 f"<response_1>\n{a or '(no answer)'}\n</response_1>\n\n<response_2>\n{b or '(no answer)'}\n"
-                f"</response_2>\n\n{_reference(first)}<criterion>\n{rubric.title}\n{rubric.description}\n"
+                f"</response_2>\n\n{reference_block(first)}<criterion>\n{rubric.title}\n{rubric.description}\n"
                 "</criterion>\n\nWhich response is better on the criterion? Answer 1 or 2 only.")
         return [{"role": "system", "content": PAIR_SYSTEM}, {"role": "user", "content": user}]
 
