@@ -35,6 +35,7 @@ from benchmarks.bench_update import TASKS, batch, prompts
 from rlft import attention
 
 OLD_RULE = 1 << 30  # _SDPA_FROM_KEYS under the old rule: no length sends a row to sdpa
+NEW_RULE, SCORE_BUDGET = attention._SDPA_FROM_KEYS, attention._MAX_SCORE_BYTES  # as the module ships them
 
 
 class _Module:  # what the attention functions read from an attention module
@@ -44,8 +45,15 @@ class _Module:  # what the attention functions read from an attention module
 def shapes() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    attention._MAX_SCORE_BYTES = 1 << 40  # the matmul path at every size, to compare
+    attention._MAX_SCORE_BYTES = 1 << 40  # the matmul path at every size, to compare (restored below)
     attention._SDPA_FROM_KEYS = OLD_RULE
+    try:
+        _time_shapes(sdpa_attention_forward)
+    finally:
+        attention._MAX_SCORE_BYTES, attention._SDPA_FROM_KEYS = SCORE_BUDGET, NEW_RULE
+
+
+def _time_shapes(sdpa_attention_forward) -> None:
     grid = [(s, b) for s in (64, 128, 150, 192, 256, 384, 1024) for b in (1, 4, 32) if s * b <= 8192]
     for grad in (True, False):
         for S, B in grid:
@@ -101,10 +109,9 @@ class _Capture(torch.optim.SGD):
 
 
 def gradients(task: str) -> None:
-    new_rule = attention._SDPA_FROM_KEYS
     found = {}
-    for name, dtype, rule in (("float32", "float32", new_rule), ("bf16 old rule", "bfloat16", OLD_RULE),
-                              ("bf16 new rule", "bfloat16", new_rule)):
+    for name, dtype, rule in (("float32", "float32", NEW_RULE), ("bf16 old rule", "bfloat16", OLD_RULE),
+                              ("bf16 new rule", "bfloat16", NEW_RULE)):
         policy, groups = _setup(task, dtype)
         opt = _Capture(policy.trainable_parameters(), lr=0.0)
         _update(policy, groups, task, dtype == "bfloat16", rule, opt)
@@ -116,7 +123,6 @@ def gradients(task: str) -> None:
 
 
 def update(task: str, repeats: int) -> None:
-    new_rule = attention._SDPA_FROM_KEYS
     policy, groups = _setup(task, "bfloat16")
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
     times: dict[str, list[float]] = {"old": [], "new": []}
@@ -124,7 +130,7 @@ def update(task: str, repeats: int) -> None:
     for rep in range(repeats + 1):
         for arm in ("old", "new") if rep % 2 else ("new", "old"):
             t0 = time.perf_counter()
-            stats = _update(policy, groups, task, True, OLD_RULE if arm == "old" else new_rule, opt)
+            stats = _update(policy, groups, task, True, OLD_RULE if arm == "old" else NEW_RULE, opt)
             if rep:
                 times[arm].append(time.perf_counter() - t0)
             loss[arm] = stats["loss/policy"]
