@@ -109,7 +109,7 @@ class Rubric:
                 raise ValueError(f"Rubric {self.title!r}: score_map needs at least one finite level")
 
 
-# -- parsing replies ----------------------------------------------------------------------------------------
+# -- the judge ----------------------------------------------------------------------------------------------
 
 @dataclass
 class JudgedRubric:
