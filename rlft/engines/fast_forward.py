@@ -13,16 +13,21 @@ what a decode step needs and no module dispatch, from weights it keeps itself:
   (``rotate_half(x) * sin`` rounds the same products: negation is exact);
 - RMSNorm, residual adds and ``silu(gate) * up`` with HF's roundings, in place where the
   tensor is this function's own;
-- decode steps: attention in four ops over the KV cache's whole buffers (``baddbmm`` with the
-  mask as its bias and the scale as ``alpha``, a float32 softmax, a cast, ``bmm``), exact when
-  the scale is a power of two (head_dim 64, 16, ...); prefill and other scales go through
-  :func:`rlft.attention.rlft_attention`, the function the model's own modules use.
+- decode steps, bf16: attention by the C kernel of :mod:`rlft.kernels` where it built here (one
+  pass over each row's K and V for the query heads that share them; the same bf16 roundings as
+  the torch ops below, float32 sums in another order: within one bf16 step, ~0.01 % of outputs
+  differ). Otherwise, and with ``native=False``: attention in four ops over the KV cache's whole
+  buffers (``baddbmm`` with the mask as its bias and the scale as ``alpha``, a float32 softmax, a
+  cast, ``bmm``), exact when the scale is a power of two (head_dim 64, 16, ...); prefill and other
+  scales go through :func:`rlft.attention.rlft_attention`, the function the model's own modules use.
 
-Every op that rounds is the one transformers runs, in the same dtype and order, so the logits
-are the model's bit for bit wherever oneDNN computes a column of a concatenated weight as it
-does the column alone (measured on this CPU for bf16 and float32; ``tests/test_fast_forward.py``
-checks prefill, decode, multi-turn continuation and every cache length). Measured on SmolLM2-135M
-bf16 at batch 64: decode steps 0.87-0.91 of the module path's time (``benchmarks/README.md``).
+Without the kernel every op that rounds is the one transformers runs, in the same dtype and
+order, so the logits are the model's bit for bit wherever oneDNN computes a column of a
+concatenated weight as it does the column alone (measured on this CPU for bf16 and float32;
+``tests/test_fast_forward.py`` checks prefill, decode, multi-turn continuation and every cache
+length; ``tests/test_kernels.py`` bounds the kernel's difference). Measured on SmolLM2-135M bf16 at
+batch 64: decode steps 0.87-0.91 of the module path's time with the four ops, and the kernel takes
+the attention over the cache from ~24 to ~14 ms of a ~60 ms step (``benchmarks/README.md``).
 ``logits`` only for the last position.
 
 Supported (:func:`supports`): ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``
@@ -48,6 +53,7 @@ import torch.nn.functional as F
 from rlft.attention import NAME as RLFT_ATTENTION
 from rlft.attention import rlft_attention
 from rlft.engines.packed_linear import can_pack
+from rlft.kernels import DecodeAttention, decode_attention_kernel
 
 __all__ = ["FastForward", "supports"]
 
@@ -90,9 +96,9 @@ class _Weights:
 class FastForward:
     """``forward(ids, mask, pos, cache)``: the model's last-position logits ``[B, V]``, updating
     ``cache`` (an ``EngineCache``) as the model's own forward would. Call :meth:`refresh` after
-    the model's weights change."""
+    the model's weights change. ``native=False``: no C kernel (the torch ops, bit for bit)."""
 
-    def __init__(self, model: Any, *, pack: bool = True):
+    def __init__(self, model: Any, *, pack: bool = True, native: bool = True):
         if not supports(model):
             raise ValueError(f"FastForward does not support {type(model).__name__} with this config")
         self.model = model
@@ -107,6 +113,10 @@ class FastForward:
         # decode attention folds the scale into its matmul, exact only for a power of two (head_dim 64: 1/8)
         self.exact_scale = self.scale > 0 and math.frexp(self.scale)[0] == 0.5
         self.packed = pack and can_pack(model)
+        # the C kernel for decode attention (rlft.kernels), where it compiled here and fits the model
+        dtype = next(model.parameters()).dtype
+        self.kernel = (decode_attention_kernel() if native and DecodeAttention.handles(self.head_dim, dtype)
+                       else None)
         self.layers: list[_Weights] = []
         self._stacks: dict[int, dict[str, torch.Tensor]] = {}  # not packed: the tensors the modules' weights view
         self.head: torch.Tensor | None = None
@@ -190,6 +200,7 @@ class FastForward:
         # rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: the same products, negated exactly
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
         attn_mask = _attention_mask(mask, q)
+        mask = mask.contiguous()
         biases: dict[int, torch.Tensor] = {}  # decode steps: the additive mask per buffer capacity
         modules = base.layers
         for i, w in enumerate(self.layers):
@@ -203,7 +214,10 @@ class FastForward:
             query = qk[:, :, :H].transpose(1, 2)  # [B, H, q, D]
             layer = cache.layers[i]
             key, value = layer.update(qk[:, :, H:].transpose(1, 2), v.transpose(1, 2))
-            if q == 1 and self.exact_scale and layer.kbuf.is_contiguous() and layer.vbuf.is_contiguous():
+            whole = q == 1 and layer.kbuf.is_contiguous() and layer.vbuf.is_contiguous()
+            if whole and self.kernel is not None:
+                out = self.kernel(qk[:, 0, :H], layer.kbuf, layer.vbuf, mask, self.scale)
+            elif whole and self.exact_scale:
                 out = self._decode_attention(query, layer.kbuf, layer.vbuf, mask, biases)
             else:
                 out, _ = rlft_attention(modules[i].self_attn, query, key, value, attn_mask, scaling=self.scale)

@@ -1,0 +1,157 @@
+"""rlft's C kernels (rlft.kernels): built on first use, equal to the torch paths they replace within
+one bf16 step, and never in the way where they cannot build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlft.attention import use_fast_attention
+from rlft.engines.base import SamplingParams
+from rlft.engines.fast_forward import FastForward
+from rlft.engines.hf import HFEngine
+from rlft.kernels import DISABLE_ENV, decode_attention_kernel
+from rlft.kernels import build as kernel_build
+from rlft.testing.models import build_tiny_model
+from tests.test_hf_engine import PROMPTS, chat, gather
+
+KERNEL = decode_attention_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the decode-attention kernel does not build here "
+                                  "(no C compiler, or a CPU without AVX-512 BF16): the torch path runs instead")
+
+
+def four_ops(query, kbuf, vbuf, mask, scale):
+    """The engine's torch decode attention (FastForward._decode_attention), on [B, H, D] queries."""
+    B, H, D = query.shape
+    _, KV, cap, _ = kbuf.shape
+    G = H // KV
+    bias = torch.full((B, cap), torch.finfo(kbuf.dtype).min, dtype=kbuf.dtype)
+    bias[:, :mask.shape[1]].masked_fill_(mask, 0.0)
+    bias = bias[:, None, None].expand(B, KV, G, cap).reshape(B * KV, G, cap)
+    scores = torch.baddbmm(bias, query.reshape(B * KV, G, D), kbuf.view(B * KV, cap, D).transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vbuf.dtype)
+    return torch.bmm(probs, vbuf.view(B * KV, cap, D)).view(B, H, D)
+
+
+def _inputs(gen, KV, G, D, length, cap, B=3):
+    query = (torch.randn(B, KV * G, D, generator=gen) * 2).bfloat16()
+    kbuf, vbuf = (torch.randn(B, KV, cap, D, generator=gen).bfloat16() for _ in range(2))
+    mask = torch.ones(B, length, dtype=torch.bool)
+    mask[1, : length // 2] = False  # left padding
+    if length > 2:
+        mask[2, length // 3] = False  # a hole
+    return query, kbuf, vbuf, mask
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads", [(3, 3, 64), (2, 7, 128), (2, 2, 16), (1, 4, 32), (4, 1, 256)],
+                         ids=lambda h: "kv{}-g{}-d{}".format(*h))
+def test_decode_attention_kernel_equals_the_torch_path_within_one_bf16_step(heads):
+    """SmolLM2's heads (3 KV x 3 queries, 64), Qwen2.5-0.5B's (2 x 7, 128: a partial block of query
+    heads), and others; every cache length to 70 and two long ones; buffers full and with unwritten
+    slots. Only the order of float32 sums differs, so an output may be off by one bf16 step of the
+    head's largest value, and nearly all are equal."""
+    KV, G, D = heads
+    gen = torch.Generator().manual_seed(0)
+    equal = total = 0
+    for length in [*range(1, 71), 200, 1000]:
+        for cap in {length, length + 7}:
+            query, kbuf, vbuf, mask = _inputs(gen, KV, G, D, length, cap)
+            expected = four_ops(query, kbuf, vbuf, mask, D ** -0.5).float()
+            got = KERNEL(query, kbuf, vbuf, mask, D ** -0.5).float()
+            step = 2.0 ** -7 * expected.abs().amax(-1, keepdim=True)
+            assert ((got - expected).abs() <= step).all(), (length, cap, (got - expected).abs().max().item())
+            equal += int((got == expected).sum())
+            total += got.numel()
+    assert equal / total > 0.999, equal / total
+
+
+@needs_kernel
+def test_decode_attention_kernel_reads_strided_query_rows_and_gives_the_same_bits_at_any_thread_count():
+    gen = torch.Generator().manual_seed(1)
+    B, KV, G, D, L = 5, 3, 3, 64, 90
+    qkv = torch.randn(B, KV * G + 2 * KV, D, generator=gen).bfloat16()  # the engine's fused q|k|v rows
+    _, kbuf, vbuf, mask = _inputs(gen, KV, G, D, L, L + 20, B=B)
+    query = qkv[:, :KV * G]
+    assert not query.is_contiguous()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = KERNEL(query, kbuf, vbuf, mask, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, KERNEL(query, kbuf, vbuf, mask, 0.125))
+    assert torch.equal(one, KERNEL(query.contiguous(), kbuf, vbuf, mask, 0.125))
+    expected = four_ops(query.contiguous(), kbuf, vbuf, mask, 0.125).float()
+    assert ((one.float() - expected).abs() <= 2.0 ** -7 * expected.abs().amax(-1, keepdim=True)).all()
+
+
+@needs_kernel
+def test_decode_attention_kernel_refuses_what_it_does_not_handle():
+    query, kbuf, vbuf, mask = _inputs(torch.Generator().manual_seed(2), 2, 2, 64, 10, 12)
+    with pytest.raises(ValueError, match="unsupported"):
+        KERNEL(query.float(), kbuf.float(), vbuf.float(), mask, 0.125)  # float32
+    with pytest.raises(ValueError, match="unsupported"):
+        KERNEL(query, kbuf[:, :, :10], vbuf[:, :, :10], mask, 0.125)  # strided buffers
+    with pytest.raises(RuntimeError, match="failed"):
+        KERNEL(query, kbuf, vbuf, torch.ones(3, 13, dtype=torch.bool), 0.125)  # more slots than the buffers
+
+
+@needs_kernel
+def test_engine_with_the_kernel_samples_the_tokens_it_samples_without_it(monkeypatch):
+    """A model with SmolLM2's head layout (64-wide heads, 3 queries per KV head), bf16, through the
+    engine's fast forward with the kernel and with the torch decode attention: the same tokens, and
+    logprobs within what one bf16 step in the attention output moves them."""
+    model, tok = build_tiny_model(seed=0, hidden=384, heads=6, kv_heads=2, layers=2)
+    model = model.to(torch.bfloat16).eval()
+    prompts = [chat(tok, f"{PROMPTS[i % len(PROMPTS)]} {i}") for i in range(6)]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=24, seed=300 + i) for i in range(len(prompts))]
+    runs = {}
+    for native in ("1", "0"):
+        monkeypatch.setenv(DISABLE_ENV, native)
+        engine = HFEngine(model, tok, seed=0, inline=True, copy_weights=True)
+        try:
+            assert (engine.fast_forward.kernel is not None) == (native == "1")
+            runs[native] = gather(engine, prompts, params)
+        finally:
+            engine.close()
+    with_kernel, without = runs["1"], runs["0"]
+    assert [s.tokens for s in with_kernel] == [s.tokens for s in without]
+    diffs = [abs(a - b) for x, y in zip(with_kernel, without) for a, b in zip(x.logprobs, y.logprobs)]
+    assert max(diffs) < 0.05, max(diffs)
+
+
+def test_no_kernel_is_built_when_disabled_or_without_a_compiler(monkeypatch, tmp_path):
+    model, _ = build_tiny_model(seed=0)
+    model = model.to(torch.bfloat16).eval()
+    assert use_fast_attention(model)
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    assert decode_attention_kernel() is None
+    assert FastForward(model).kernel is None
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    monkeypatch.setenv("RLFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    kernel_build._load.cache_clear()
+    try:
+        assert decode_attention_kernel() is None
+        assert FastForward(model).kernel is None
+        assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").glob("*.so"))
+    finally:
+        kernel_build._load.cache_clear()
+
+
+@needs_kernel
+def test_a_built_kernel_is_cached_under_a_key_of_source_compiler_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLFT_CACHE", str(tmp_path))
+    kernel_build._load.cache_clear()
+    try:
+        assert decode_attention_kernel() is not None
+        built = list((tmp_path / "kernels").glob("decode_attention-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        kernel_build._load.cache_clear()
+        assert decode_attention_kernel() is not None  # a new process would load the same file
+        assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*.so")] == [stamp]
+        assert not [p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]  # no build dirs left behind
+    finally:
+        kernel_build._load.cache_clear()
