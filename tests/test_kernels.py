@@ -10,14 +10,15 @@ from rlft.attention import use_fast_attention
 from rlft.engines.base import SamplingParams
 from rlft.engines.fast_forward import FastForward
 from rlft.engines.hf import HFEngine
-from rlft.kernels import DISABLE_ENV, decode_attention_kernel
+from rlft.kernels import DISABLE_ENV, decode_attention_kernel, layer_ops_kernels
 from rlft.kernels import build as kernel_build
 from rlft.testing.models import build_tiny_model
 from tests.test_hf_engine import PROMPTS, chat, gather
 
 KERNEL = decode_attention_kernel()
-needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the decode-attention kernel does not build here "
-                                  "(no C compiler, or a CPU without AVX-512 BF16): the torch path runs instead")
+OPS = layer_ops_kernels()
+needs_kernel = pytest.mark.skipif(KERNEL is None or OPS is None, reason="rlft's kernels do not build here "
+                                  "(no C compiler, or a CPU without AVX-512 BF16): the torch paths run instead")
 
 
 def four_ops(query, kbuf, vbuf, mask, scale):
@@ -111,7 +112,7 @@ def test_engine_with_the_kernel_samples_the_tokens_it_samples_without_it(monkeyp
         monkeypatch.setenv(DISABLE_ENV, native)
         engine = HFEngine(model, tok, seed=0, inline=True, copy_weights=True)
         try:
-            assert (engine.fast_forward.kernel is not None) == (native == "1")
+            assert (engine.fast_forward.kernel is not None) == (engine.fast_forward.ops is not None) == (native == "1")
             runs[native] = gather(engine, prompts, params)
         finally:
             engine.close()
@@ -121,20 +122,94 @@ def test_engine_with_the_kernel_samples_the_tokens_it_samples_without_it(monkeyp
     assert max(diffs) < 0.05, max(diffs)
 
 
+def one_step(expected: torch.Tensor) -> torch.Tensor:
+    """One bf16 step at each element's magnitude (the spacing of bf16 values around it)."""
+    return 2.0 ** (torch.floor(torch.log2(expected.float().abs().clamp(min=2.0 ** -126))) - 7)
+
+
+def torch_rms_norm(x, weight, eps):  # FastForward._rms_norm: LlamaRMSNorm's roundings
+    xf = x.to(torch.float32, copy=True)
+    xf.mul_(torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps)))
+    return weight * xf.to(x.dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 576), (64, 1, 576), (3, 40, 576), (5, 2, 72), (2, 3, 1000)], ids=str)
+def test_add_rms_norm_updates_the_residual_exactly_and_normalises_within_one_bf16_step(shape):
+    """Widths that are and are not multiples of 16, one row to 120 (threads split the larger ones)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    h = (torch.randn(*shape, generator=gen) * 3).bfloat16()
+    delta = torch.randn(*shape, generator=gen).bfloat16()
+    weight = (1 + 0.2 * torch.randn(shape[-1], generator=gen)).bfloat16()
+    expected_h = h.clone().add_(delta)
+    expected = torch_rms_norm(expected_h, weight, 1e-5)
+    got = OPS.add_rms_norm(h, delta, weight, 1e-5)
+    assert torch.equal(h, expected_h)  # the residual add: bf16(h + delta), in place
+    assert ((got.float() - expected.float()).abs() <= one_step(expected)).all()
+    assert (got == expected).float().mean() > 0.999
+    assert torch.equal(OPS.add_rms_norm(h, None, weight, 1e-5), got)  # no delta: the norm alone
+    assert torch.equal(h, expected_h)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 40])
+def test_rotary_in_place_gives_the_torch_ops_bits(head_dim):
+    """``x * cos + swap_halves(x) * signed_sin`` with each product and the sum rounded to bf16: the
+    same bits as FastForward's torch ops, on q|k heads sliced out of a fused q|k|v output (strided
+    rows), with halves that are (64, 128) and are not (16, 40) multiples of 16 lanes."""
+    gen = torch.Generator().manual_seed(head_dim)
+    B, q, H, KV, D = 4, 3, 6, 2, head_dim
+    qkv = torch.randn(B, q, H + 2 * KV, D, generator=gen).bfloat16()
+    cos, sin = (torch.randn(B, q, D, generator=gen).bfloat16() for _ in range(2))
+    signed = torch.cat([-sin[..., :D // 2], sin[..., D // 2:]], -1)
+    expected = qkv.clone()
+    qk = expected[:, :, :H + KV]
+    swapped = qk.view(B, q, H + KV, 2, D // 2).flip(3).view(B, q, H + KV, D).mul_(signed[:, :, None])
+    qk.mul_(cos[:, :, None]).add_(swapped)
+    got = qkv.clone()
+    OPS.rotary_(got[:, :, :H + KV], cos, signed)
+    assert torch.equal(got, expected)  # v untouched too
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(64, 1, 3072), (2, 5, 200), (1, 1, 16)], ids=str)
+def test_silu_mul_equals_the_torch_ops_within_one_bf16_step(shape):
+    gen = torch.Generator().manual_seed(shape[-1])
+    gate_up = (torch.randn(*shape, generator=gen) * 4).bfloat16()
+    inter = shape[-1] // 2
+    expected = torch.nn.functional.silu(gate_up[..., :inter]).mul_(gate_up[..., inter:])
+    got = OPS.silu_mul(gate_up)
+    assert got.shape == expected.shape
+    assert ((got.float() - expected.float()).abs() <= one_step(expected)).all()
+    assert (got == expected).float().mean() > 0.999
+
+
+@needs_kernel
+def test_layer_ops_refuse_other_dtypes_and_layouts():
+    x = torch.randn(2, 1, 64)
+    with pytest.raises(ValueError, match="bf16"):
+        OPS.add_rms_norm(x, None, torch.ones(64), 1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        OPS.silu_mul(x.bfloat16().transpose(0, 2))
+    with pytest.raises(ValueError, match="unsupported"):
+        qk = torch.randn(2, 1, 3, 64).bfloat16()
+        OPS.rotary_(qk.transpose(1, 2), qk[:, :, 0], qk[:, :, 0])
+
+
 def test_no_kernel_is_built_when_disabled_or_without_a_compiler(monkeypatch, tmp_path):
     model, _ = build_tiny_model(seed=0)
     model = model.to(torch.bfloat16).eval()
     assert use_fast_attention(model)
     monkeypatch.setenv(DISABLE_ENV, "0")
-    assert decode_attention_kernel() is None
-    assert FastForward(model).kernel is None
+    assert decode_attention_kernel() is None and layer_ops_kernels() is None
+    assert FastForward(model).kernel is None and FastForward(model).ops is None
     monkeypatch.setenv(DISABLE_ENV, "1")
     monkeypatch.setenv("RLFT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     kernel_build._load.cache_clear()
     try:
-        assert decode_attention_kernel() is None
-        assert FastForward(model).kernel is None
+        assert decode_attention_kernel() is None and layer_ops_kernels() is None
+        assert FastForward(model).kernel is None and FastForward(model).ops is None
         assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").glob("*.so"))
     finally:
         kernel_build._load.cache_clear()

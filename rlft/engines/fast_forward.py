@@ -12,7 +12,9 @@ what a decode step needs and no module dispatch, from weights it keeps itself:
 - rotary applied to q and k together, in place, as ``x * cos + swap_halves(x) * signed_sin``
   (``rotate_half(x) * sin`` rounds the same products: negation is exact);
 - RMSNorm, residual adds and ``silu(gate) * up`` with HF's roundings, in place where the
-  tensor is this function's own;
+  tensor is this function's own; bf16 with :mod:`rlft.kernels` built here: each residual add
+  with the RMSNorm after it, the rotary and ``silu(gate) * up`` are one C call each (the same
+  roundings; the norm's float32 mean summed in another order);
 - decode steps, bf16: attention by the C kernel of :mod:`rlft.kernels` where it built here (one
   pass over each row's K and V for the query heads that share them; the same bf16 roundings as
   the torch ops below, float32 sums in another order: within one bf16 step, ~0.01 % of outputs
@@ -53,7 +55,7 @@ import torch.nn.functional as F
 from rlft.attention import NAME as RLFT_ATTENTION
 from rlft.attention import rlft_attention
 from rlft.engines.packed_linear import can_pack
-from rlft.kernels import DecodeAttention, decode_attention_kernel
+from rlft.kernels import DecodeAttention, LayerOps, decode_attention_kernel, layer_ops_kernels
 
 __all__ = ["FastForward", "supports"]
 
@@ -117,6 +119,7 @@ class FastForward:
         dtype = next(model.parameters()).dtype
         self.kernel = (decode_attention_kernel() if native and DecodeAttention.handles(self.head_dim, dtype)
                        else None)
+        self.ops = layer_ops_kernels() if native and LayerOps.handles(self.head_dim, dtype) else None
         self.layers: list[_Weights] = []
         self._stacks: dict[int, dict[str, torch.Tensor]] = {}  # not packed: the tensors the modules' weights view
         self.head: torch.Tensor | None = None
@@ -195,22 +198,21 @@ class FastForward:
         base = self.model.model
         h = F.embedding(ids, base.embed_tokens.weight)  # [B, q, hidden]
         cos, sin = base.rotary_emb(h, pos)  # [B, q, D] in the model's dtype
-        cos = cos[:, :, None]
         half = D // 2
         # rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: the same products, negated exactly
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         attn_mask = _attention_mask(mask, q)
         mask = mask.contiguous()
         biases: dict[int, torch.Tensor] = {}  # decode steps: the additive mask per buffer capacity
         modules = base.layers
+        norms = [w.norm1 for w in self.layers[1:]] + [base.norm.weight]  # the norm after each layer
+        x = self._add_rms_norm(h, None, self.layers[0].norm1)
         for i, w in enumerate(self.layers):
-            x = self._rms_norm(h, w.norm1)
             qkv = self._linear(x, w.qkv, w.qkv_bias).view(B, q, H + 2 * KV, D)
             qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
             if w.q_norm is not None:  # Qwen3: norms over each head, then rotary
                 qk = torch.cat([self._rms_norm(qk[:, :, :H], w.q_norm), self._rms_norm(qk[:, :, H:], w.k_norm)], 2)
-            swapped = qk.view(B, q, H + KV, 2, half).flip(3).view(B, q, H + KV, D).mul_(sin)
-            qk = qk.mul_(cos).add_(swapped)  # in place: a slice of this step's own qkv (or the cat above)
+            qk = self._rotary_(qk, cos, sin)  # in place: a slice of this step's own qkv (or the cat above)
             query = qk[:, :, :H].transpose(1, 2)  # [B, H, q, D]
             layer = cache.layers[i]
             key, value = layer.update(qk[:, :, H:].transpose(1, 2), v.transpose(1, 2))
@@ -221,12 +223,31 @@ class FastForward:
                 out = self._decode_attention(query, layer.kbuf, layer.vbuf, mask, biases)
             else:
                 out, _ = rlft_attention(modules[i].self_attn, query, key, value, attn_mask, scaling=self.scale)
-            h = h.add_(self._linear(out.view(B, q, H * D), w.o))
-            x = self._rms_norm(h, w.norm2)
-            gate_up = self._linear(x, w.gate_up)
-            act = F.silu(gate_up[..., :self.intermediate]).mul_(gate_up[..., self.intermediate:])
-            h = h.add_(self._linear(act, w.down))
-        return self._linear(self._rms_norm(h[:, -1], base.norm.weight), self.head)
+            x = self._add_rms_norm(h, self._linear(out.view(B, q, H * D), w.o), w.norm2)
+            act = self._silu_mul(self._linear(x, w.gate_up))
+            x = self._add_rms_norm(h, self._linear(act, w.down), norms[i])
+        return self._linear(x[:, -1], self.head)
+
+    def _add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """``h += delta`` in place (the residual stream is this forward's own), then the RMSNorm."""
+        if self.ops is not None:
+            return self.ops.add_rms_norm(h, delta, weight, self.eps)
+        if delta is not None:
+            h.add_(delta)
+        return self._rms_norm(h, weight)
+
+    def _rotary_(self, qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding on ``qk`` [B, q, heads, D] in place; ``cos``/``signed_sin`` [B, q, D]."""
+        if self.ops is not None:
+            return self.ops.rotary_(qk, cos, signed_sin)
+        B, q, heads, D = qk.shape
+        swapped = qk.view(B, q, heads, 2, D // 2).flip(3).view(B, q, heads, D).mul_(signed_sin[:, :, None])
+        return qk.mul_(cos[:, :, None]).add_(swapped)
+
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.silu_mul(gate_up)
+        return F.silu(gate_up[..., :self.intermediate]).mul_(gate_up[..., self.intermediate:])
 
     def _decode_attention(self, query: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, mask: torch.Tensor,
                           biases: dict[int, torch.Tensor]) -> torch.Tensor:

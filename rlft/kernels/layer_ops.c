@@ -1,0 +1,129 @@
+/* The small per-layer ops of a Llama-family decoder, bf16, each one pass instead of several torch ops.
+ *
+ * At SmolLM2's decode shapes (64 rows x 576) each torch op costs more in dispatch than in
+ * arithmetic, and an RMSNorm with HF's roundings is eight of them. These compute the same roundings
+ * as rlft.engines.fast_forward's torch code (every bf16 result rounded to nearest-even from an exact
+ * or float32 value, in the same order); what may differ is the order of the float32 sum in the
+ * norm's mean and the last bit of float32 exp in SiLU, so a bf16 output is at most one step off
+ * (tests/test_kernels.py).
+ *
+ *   rlft_add_rms_norm: h += delta (when given; in place), out = weight * bf16(h_f32 / sqrt(mean(h^2) + eps))
+ *   rlft_rotary:       x = bf16(bf16(x * cos) + bf16(swap_halves(x) * signed_sin)) per head, in place
+ *   rlft_silu_mul:     out = bf16(bf16(silu(gate)) * up), gate and up the halves of each row
+ *
+ * Needs AVX-512 F/BW and AVX512-BF16 (see rlft.kernels.build). Rows run in parallel (OpenMP) only
+ * when there are enough of them to pay for waking a thread. Left out: other dtypes.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define PARALLEL_ELEMENTS 65536 /* below this, one thread: waking the second costs more */
+
+static inline __m512 load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m512 load_bf16_n(const uint16_t *p, int n) { /* n < 16 lanes, the rest 0 */
+    __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+static inline __m512 round_bf16(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(x)), 16));
+}
+static inline void store_bf16(uint16_t *p, __m512 x, int n) {
+    if (n >= 16) _mm256_storeu_si256((__m256i *)p, to_bf16(x));
+    else _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), to_bf16(x));
+}
+static inline __m512 load_any(const uint16_t *p, int n) { return n >= 16 ? load_bf16(p) : load_bf16_n(p, n); }
+
+static inline __m512 exp_ps(__m512 x) { /* as in decode_attention.c: 2^n * exp(r), ~1 ulp */
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.5f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2_lo, _mm512_fnmadd_ps(n, ln2_hi, x));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* h, delta, out: [rows, n] with row strides; weight: [n]. delta may be NULL (norm only). */
+void rlft_add_rms_norm(uint16_t *h, long h_row, const uint16_t *delta, long delta_row, const uint16_t *weight,
+                       uint16_t *out, long out_row, int rows, int n, float eps) {
+#pragma omp parallel for schedule(static) if ((long)rows * n >= PARALLEL_ELEMENTS)
+    for (int r = 0; r < rows; ++r) {
+        uint16_t *hr = h + r * h_row;
+        __m512 sq = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+            int m = n - i;
+            __m512 x = load_any(hr + i, m);
+            if (delta) {
+                x = round_bf16(_mm512_add_ps(x, load_any(delta + r * delta_row + i, m)));
+                store_bf16(hr + i, x, m);
+            }
+            sq = _mm512_fmadd_ps(x, x, sq);
+        }
+        float var = _mm512_reduce_add_ps(sq) / (float)n;
+        __m512 inv = _mm512_set1_ps(1.0f / sqrtf(var + eps));
+        for (int i = 0; i < n; i += 16) {
+            int m = n - i;
+            __m512 x = round_bf16(_mm512_mul_ps(load_any(hr + i, m), inv));
+            store_bf16(out + r * out_row + i, _mm512_mul_ps(load_any(weight + i, m), x), m);
+        }
+    }
+}
+
+/* x: [rows, heads, D] (heads contiguous, row stride x_row); cos, sin: [rows, D], sin with its first
+ * half negated (rotate_half(x) * sin == swap_halves(x) * signed_sin). In place. D even, <= 512. */
+void rlft_rotary(uint16_t *x, long x_row, int rows, int heads, int D, const uint16_t *cos, const uint16_t *sin) {
+    const int half = D / 2;
+#pragma omp parallel for schedule(static) if ((long)rows * heads * D >= PARALLEL_ELEMENTS)
+    for (int r = 0; r < rows; ++r) {
+        const uint16_t *c = cos + (long)r * D, *s = sin + (long)r * D;
+        for (int h = 0; h < heads; ++h) {
+            uint16_t *v = x + r * x_row + (long)h * D;
+            uint16_t old[512];
+            for (int i = 0; i < D; ++i) old[i] = v[i];
+            for (int i = 0; i < D; i += 16) {
+                int m = D - i < 16 ? D - i : 16;
+                /* lanes i..i+m of swap_halves(old): one half holds the other's values */
+                int from = i < half ? i + half : i - half;
+                int m_swap = (i < half ? half - i : D - i) < m ? (i < half ? half - i : D - i) : m;
+                __m512 sw = m_swap == m ? load_any(old + from, m) : _mm512_setzero_ps();
+                if (m_swap != m) { /* a 16-lane block that straddles the halves (D/2 not a multiple of 16) */
+                    float tmp[16] = {0};
+                    for (int j = 0; j < m; ++j) {
+                        int d = i + j, src = d < half ? d + half : d - half;
+                        uint32_t u = (uint32_t)old[src] << 16;
+                        __builtin_memcpy(&tmp[j], &u, 4);
+                    }
+                    sw = _mm512_loadu_ps(tmp);
+                }
+                __m512 a = round_bf16(_mm512_mul_ps(load_any(old + i, m), load_any(c + i, m)));
+                __m512 b = round_bf16(_mm512_mul_ps(sw, load_any(s + i, m)));
+                store_bf16(v + i, _mm512_add_ps(a, b), m);
+            }
+        }
+    }
+}
+
+/* gate_up: [rows, 2 * inter] (row stride gu_row), out: [rows, inter] contiguous. */
+void rlft_silu_mul(const uint16_t *gate_up, long gu_row, uint16_t *out, int rows, int inter) {
+#pragma omp parallel for schedule(static) if ((long)rows * inter >= PARALLEL_ELEMENTS)
+    for (int r = 0; r < rows; ++r) {
+        const uint16_t *g = gate_up + r * gu_row, *u = g + inter;
+        for (int i = 0; i < inter; i += 16) {
+            int m = inter - i;
+            __m512 x = load_any(g + i, m);
+            /* silu in float32 as x / (1 + exp(-x)), rounded; then the bf16 product, rounded */
+            __m512 s = round_bf16(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+            store_bf16(out + (long)r * inter + i, _mm512_mul_ps(s, load_any(u + i, m)), m);
+        }
+    }
+}
