@@ -70,11 +70,15 @@ if HFDynamicLayer is not None:
 
         def _grow(self, need: int, k: torch.Tensor, v: torch.Tensor) -> None:
             cap = need + _GROW
-            kbuf = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
-            vbuf = v.new_zeros(v.shape[0], v.shape[1], cap, v.shape[3])
-            if self.kbuf is not None and self.length:
-                kbuf[:, :, : self.length] = self.kbuf[:, :, : self.length]
-                vbuf[:, :, : self.length] = self.vbuf[:, :, : self.length]
+            kbuf = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            vbuf = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            kept = self.length if self.kbuf is not None else 0
+            if kept:
+                kbuf[:, :, :kept] = self.kbuf[:, :, :kept]
+                vbuf[:, :, :kept] = self.vbuf[:, :, :kept]
+            # slots not written yet are read masked by decode attention: zeros, never garbage (NaN * 0)
+            kbuf[:, :, kept:].zero_()
+            vbuf[:, :, kept:].zero_()
             self.kbuf, self.vbuf = kbuf, vbuf
 
         def get_seq_length(self) -> int:
