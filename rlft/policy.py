@@ -410,8 +410,10 @@ def load_policy(
         hf_model.config.use_cache = False  # the engine passes use_cache=True itself
 
     from rlft.attention import use_fast_attention
+    from rlft.kernels.rms_norm import use_fused_rms_norm
 
     use_fast_attention(hf_model)  # CPU: rlft's attention instead of the slow CPU sdpa kernel
+    use_fused_rms_norm(hf_model)  # CPU, bf16: each RMSNorm's forward and backward one C call (rlft.kernels)
     final_model = hf_model
     if lora is not None:
         try:

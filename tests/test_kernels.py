@@ -230,3 +230,94 @@ def test_a_built_kernel_is_cached_under_a_key_of_source_compiler_and_cpu(monkeyp
         assert not [p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]  # no build dirs left behind
     finally:
         kernel_build._load.cache_clear()
+
+
+# ---- RMSNorm for training (rlft.kernels.rms_norm) ---------------------------------------------
+
+
+def _norms(width=576, seed=0):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from rlft.kernels.rms_norm import FusedRMSNorm
+
+    gen = torch.Generator().manual_seed(seed)
+    hf = LlamaRMSNorm(width).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.add_((0.2 * torch.randn(width, generator=gen)).bfloat16())
+    return hf, FusedRMSNorm(hf.weight, hf.variance_epsilon), gen
+
+
+def _forward_backward(norm, x0, grad):
+    norm.weight.grad = None
+    x = x0.clone().requires_grad_(True)
+    y = norm(x)
+    y.backward(grad)
+    return y.detach(), x.grad, norm.weight.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 353, 576), (2, 7, 64), (3, 5, 100)], ids=str)
+def test_fused_rms_norm_gives_transformers_output_and_input_gradient_within_one_bf16_step(shape):
+    hf, fused, gen = _norms(shape[-1], seed=shape[1])
+    x0 = (torch.randn(*shape, generator=gen) * 2).bfloat16()
+    grad = torch.randn(*shape, generator=gen).bfloat16()
+    (y_hf, dx_hf, dw_hf), (y, dx, dw) = _forward_backward(hf, x0, grad), _forward_backward(fused, x0, grad)
+    for got, expected in ((y, y_hf), (dx, dx_hf)):
+        assert got.dtype == expected.dtype == torch.bfloat16
+        # one bf16 step, or of a typical value where the backward's subtraction cancels to ~0
+        floor = 2.0 ** -8 * expected.float().abs().mean()
+        assert ((got.float() - expected.float()).abs() <= torch.maximum(one_step(expected), floor)).all()
+        assert (got == expected).float().mean() > 0.999
+    # the weight's gradient sums dy * bf16(n) over rows: transformers rounds each product to bf16
+    # first, the kernel does not, so it is compared with a float64 reference instead
+    x = x0.double().requires_grad_(True)
+    w = hf.weight.detach().double().requires_grad_(True)
+    n = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + hf.variance_epsilon)).bfloat16().double()
+    (w * n).backward(grad.double())
+    assert (dw.double() - w.grad).abs().mean() <= (dw_hf.double() - w.grad).abs().mean()
+
+
+def test_fused_rms_norm_in_float32_is_transformers_formula_bit_for_bit():
+    hf, fused, gen = _norms(64)
+    hf.float()
+    x0 = torch.randn(4, 9, 64, generator=gen)
+    grad = torch.randn(4, 9, 64, generator=gen)
+    for a, b in zip(_forward_backward(hf, x0, grad), _forward_backward(fused, x0, grad)):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_policy_loaded_on_the_cpu_trains_through_the_fused_norms_with_transformers_gradients(
+        tiny_model_dir, monkeypatch, lora):
+    """load_policy swaps every RMSNorm (2 per layer and the final one) for the fused one over the
+    same parameters; the loss and every trained parameter's gradient match the unswapped model's
+    (bf16, with activation recompute) within bf16 noise."""
+    from rlft.kernels.rms_norm import FusedRMSNorm
+    from rlft.policy import LoraSpec, load_policy
+
+    spec = LoraSpec(rank=4) if lora else None
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    plain = load_policy(tiny_model_dir, dtype="bfloat16", lora=spec, gradient_checkpointing=True)
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    fused = load_policy(tiny_model_dir, dtype="bfloat16", lora=spec, gradient_checkpointing=True)
+    layers = fused.base_model.config.num_hidden_layers
+    assert sum(isinstance(m, FusedRMSNorm) for m in fused.model.modules()) == 2 * layers + 1
+    assert not any(isinstance(m, FusedRMSNorm) for m in plain.model.modules())
+    assert list(fused.model.state_dict()) == list(plain.model.state_dict())
+    with torch.no_grad():  # the same adapters (peft initialises B to 0: make it count)
+        for (_, a), (_, b) in zip(plain.named_trainable_parameters(), fused.named_trainable_parameters()):
+            a.copy_(torch.randn_like(a) * 0.05)
+            b.copy_(a)
+    ids = torch.randint(0, len(plain.tokenizer), (3, 20), generator=torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for policy in (plain, fused):
+        policy.model.train()
+        logits = policy.model(input_ids=ids).logits
+        loss = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.float() for _, p in policy.named_trainable_parameters()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    for a, b in zip(*grads):
+        assert (a - b).norm() <= 0.05 * a.norm() + 1e-6

@@ -10,6 +10,7 @@
  *   rlft_add_rms_norm: h += delta (when given; in place), out = weight * bf16(h_f32 / sqrt(mean(h^2) + eps))
  *   rlft_rotary:       x = bf16(bf16(x * cos) + bf16(swap_halves(x) * signed_sin)) per head, in place
  *   rlft_silu_mul:     out = bf16(bf16(silu(gate)) * up), gate and up the halves of each row
+ *   rlft_rms_norm_backward: the gradients of the norm (for training: rlft.kernels.rms_norm)
  *
  * Needs AVX-512 F/BW and AVX512-BF16 (see rlft.kernels.build). Rows run in parallel (OpenMP) only
  * when there are enough of them to pay for waking a thread. Left out: other dtypes.
@@ -17,6 +18,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define PARALLEL_ELEMENTS 65536 /* below this, one thread: waking the second costs more */
 
@@ -53,28 +55,30 @@ static inline __m512 exp_ps(__m512 x) { /* as in decode_attention.c: 2^n * exp(r
     return _mm512_scalef_ps(p, n);
 }
 
-/* h, delta, out: [rows, n] with row strides; weight: [n]. delta may be NULL (norm only). */
+/* h, delta, out: [rows, n] with row strides; weight: [n]. delta may be NULL (norm only); rstd, when
+ * given, receives each row's 1 / sqrt(mean(h^2) + eps) (float32, for the backward). */
 void rlft_add_rms_norm(uint16_t *h, long h_row, const uint16_t *delta, long delta_row, const uint16_t *weight,
-                       uint16_t *out, long out_row, int rows, int n, float eps) {
+                       uint16_t *out, long out_row, int rows, int n, float eps, float *rstd) {
 #pragma omp parallel for schedule(static) if ((long)rows * n >= PARALLEL_ELEMENTS)
-    for (int r = 0; r < rows; ++r) {
-        uint16_t *hr = h + r * h_row;
+    for (int row = 0; row < rows; ++row) {
+        uint16_t *hr = h + row * h_row;
         __m512 sq = _mm512_setzero_ps();
         for (int i = 0; i < n; i += 16) {
             int m = n - i;
             __m512 x = load_any(hr + i, m);
             if (delta) {
-                x = round_bf16(_mm512_add_ps(x, load_any(delta + r * delta_row + i, m)));
+                x = round_bf16(_mm512_add_ps(x, load_any(delta + row * delta_row + i, m)));
                 store_bf16(hr + i, x, m);
             }
             sq = _mm512_fmadd_ps(x, x, sq);
         }
-        float var = _mm512_reduce_add_ps(sq) / (float)n;
-        __m512 inv = _mm512_set1_ps(1.0f / sqrtf(var + eps));
+        float var = _mm512_reduce_add_ps(sq) / (float)n, r = 1.0f / sqrtf(var + eps);
+        if (rstd) rstd[row] = r;
+        __m512 inv = _mm512_set1_ps(r);
         for (int i = 0; i < n; i += 16) {
             int m = n - i;
             __m512 x = round_bf16(_mm512_mul_ps(load_any(hr + i, m), inv));
-            store_bf16(out + r * out_row + i, _mm512_mul_ps(load_any(weight + i, m), x), m);
+            store_bf16(out + row * out_row + i, _mm512_mul_ps(load_any(weight + i, m), x), m);
         }
     }
 }
@@ -124,6 +128,47 @@ void rlft_silu_mul(const uint16_t *gate_up, long gu_row, uint16_t *out, int rows
             /* silu in float32 as x / (1 + exp(-x)), rounded; then the bf16 product, rounded */
             __m512 s = round_bf16(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
             store_bf16(out + (long)r * inter + i, _mm512_mul_ps(s, load_any(u + i, m)), m);
+        }
+    }
+}
+
+/* The backward of y = weight * bf16(x * rstd) (rlft_add_rms_norm without delta), as autograd runs
+ * LlamaRMSNorm's: g = bf16(dy * weight); n = x * rstd (float32);
+ *   dx = bf16(rstd * (g - n * mean(g * n)))        per row
+ *   dweight += dy * bf16(n)                          over rows, float32 (when dweight is given)
+ * x, dy, dx: [rows, n] contiguous; rstd: [rows] from the forward; dweight: [n] float32, added to. */
+void rlft_rms_norm_backward(const uint16_t *x, const uint16_t *weight, const float *rstd, const uint16_t *dy,
+                            uint16_t *dx, float *dweight, int rows, int n) {
+#pragma omp parallel if ((long)rows * n >= PARALLEL_ELEMENTS)
+    {
+        float *dw = NULL; /* this thread's share of dweight, padded for whole-vector tails */
+        if (dweight) dw = calloc((size_t)n + 16, sizeof(float));
+#pragma omp for schedule(static)
+        for (int row = 0; row < rows; ++row) {
+            const uint16_t *xr = x + (long)row * n, *gr = dy + (long)row * n;
+            const __m512 r = _mm512_set1_ps(rstd[row]);
+            __m512 dot = _mm512_setzero_ps();
+            for (int i = 0; i < n; i += 16) {
+                int m = n - i;
+                __m512 g = round_bf16(_mm512_mul_ps(load_any(gr + i, m), load_any(weight + i, m)));
+                dot = _mm512_fmadd_ps(g, _mm512_mul_ps(load_any(xr + i, m), r), dot);
+            }
+            const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / (float)n);
+            for (int i = 0; i < n; i += 16) {
+                int m = n - i;
+                __m512 dyv = load_any(gr + i, m), nv = _mm512_mul_ps(load_any(xr + i, m), r);
+                __m512 g = round_bf16(_mm512_mul_ps(dyv, load_any(weight + i, m)));
+                store_bf16(dx + (long)row * n + i, _mm512_mul_ps(r, _mm512_fnmadd_ps(nv, mean, g)), m);
+                if (dw) {
+                    __m512 acc = _mm512_loadu_ps(dw + i);
+                    _mm512_storeu_ps(dw + i, _mm512_fmadd_ps(dyv, round_bf16(nv), acc));
+                }
+            }
+        }
+        if (dw) {
+#pragma omp critical
+            for (int i = 0; i < n; ++i) dweight[i] += dw[i];
+            free(dw);
         }
     }
 }

@@ -9,6 +9,7 @@ autograd, dtypes other than bf16.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -24,8 +25,11 @@ class LayerOps:
 
     def __init__(self, lib: ctypes.CDLL):
         self._norm = lib.rlft_add_rms_norm
-        self._norm.argtypes = [_P, _L, _P, _L, _P, _P, _L, _I, _I, _F]
+        self._norm.argtypes = [_P, _L, _P, _L, _P, _P, _L, _I, _I, _F, _P]
         self._norm.restype = None
+        self._norm_backward = lib.rlft_rms_norm_backward
+        self._norm_backward.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I]
+        self._norm_backward.restype = None
         self._rotary = lib.rlft_rotary
         self._rotary.argtypes = [_P, _L, _I, _I, _I, _P, _P]
         self._rotary.restype = None
@@ -54,8 +58,36 @@ class LayerOps:
             delta_row = n
         out = torch.empty_like(h)
         self._norm(h.data_ptr(), n, delta.data_ptr() if delta is not None else None, delta_row, weight.data_ptr(),
-                   out.data_ptr(), n, rows, n, eps)
+                   out.data_ptr(), n, rows, n, eps, None)
         return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight * rmsnorm(x), rstd)``: the norm of :meth:`add_rms_norm` and each row's float32
+        ``1 / sqrt(mean(x^2) + eps)`` ([...] without the last dimension), which the backward takes."""
+        _check(x, weight)
+        if not x.is_contiguous() or weight.shape != x.shape[-1:] or not weight.is_contiguous():
+            raise ValueError(f"rms_norm: x {tuple(x.shape)} must be contiguous, weight [{x.shape[-1]}]")
+        n = x.shape[-1]
+        out = torch.empty_like(x)
+        rstd = torch.empty(x.shape[:-1], dtype=torch.float32)
+        self._norm(x.data_ptr(), n, None, 0, weight.data_ptr(), out.data_ptr(), n, x.numel() // n, n, 0.0 + eps,
+                   rstd.data_ptr())
+        return out, rstd
+
+    def rms_norm_backward(self, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, grad: torch.Tensor,
+                          weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gradients of :meth:`rms_norm` for ``grad`` (its output's): ``(dx, dweight or None)``,
+        ``dweight`` in float32 (summed over rows)."""
+        _check(x, weight, grad)
+        grad = grad.contiguous()
+        if grad.shape != x.shape or not x.is_contiguous() or rstd.dtype != torch.float32:
+            raise ValueError(f"rms_norm_backward: grad {tuple(grad.shape)} for x {tuple(x.shape)}")
+        n = x.shape[-1]
+        dx = torch.empty_like(x)
+        dweight = torch.zeros(n, dtype=torch.float32) if weight_grad else None
+        self._norm_backward(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(), dx.data_ptr(),
+                            dweight.data_ptr() if dweight is not None else None, x.numel() // n, n)
+        return dx, dweight
 
     def rotary_(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """In place on ``x`` [B, q, heads, D] (each token's heads contiguous; tokens evenly spaced, as
@@ -90,4 +122,9 @@ def _check(*tensors: torch.Tensor) -> None:
 
 def layer_ops_kernels() -> LayerOps | None:
     lib = load("layer_ops")
-    return LayerOps(lib) if lib is not None else None
+    return _wrapped(lib) if lib is not None else None
+
+
+@functools.cache
+def _wrapped(lib: ctypes.CDLL) -> LayerOps:
+    return LayerOps(lib)
