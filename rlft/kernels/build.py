@@ -1,10 +1,11 @@
 """Compile rlft's C kernels on first use, cache the shared library, load it with ctypes.
 
-A kernel is one C file beside this module, compiled by the machine's C compiler (``$CC``, else
-``cc``) with ``-O3 -march=native -fopenmp`` into ``$RLFT_CACHE/kernels`` (default
-``~/.cache/rlft/kernels``), under a name that hashes the source, the compiler's version, the flags
-and this CPU's model and feature flags: a home directory shared between machines never loads a
-library built for another CPU. Compiling takes well under a second; later processes load the file.
+A kernel is one C file beside this module (and the headers beside it), compiled by the
+machine's C compiler (``$CC``, else ``cc``) with ``-O3 -march=native -fopenmp`` into
+``$RLFT_CACHE/kernels`` (default ``~/.cache/rlft/kernels``), under a name that hashes the source
+and headers, the compiler's version, the flags and this CPU's model and feature flags: a home
+directory shared between machines never loads a library built for another CPU. Compiling takes
+well under a second; later processes load the file.
 
 Where there is no compiler, the CPU lacks what a kernel needs (the compiler then refuses its
 intrinsics), or ``RLFT_NATIVE_KERNELS=0`` is set, :func:`load` returns None once with one log line
@@ -66,7 +67,9 @@ def _load(name: str) -> ctypes.CDLL | None:
     if version is None:
         log.info("rlft kernel %s not used: no C compiler (%s)", name, compiler)
         return None
-    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, *_FLAGS, _cpu()]).encode()).hexdigest()
+    headers = [h.read_text() for h in sorted(_SOURCES.glob("*.h"))]  # what the sources include
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, compiler, version, *_FLAGS, _cpu()]).encode())
+    key = key.hexdigest()
     target = cache_dir() / f"{name}-{key[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

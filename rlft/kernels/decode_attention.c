@@ -17,41 +17,14 @@
  * (libgomp.so.1), so the thread count is torch.get_num_threads(). Left out: other dtypes, head_dim
  * not a multiple of 16 or over 256, causal masks within the step (one query per row only).
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "simd.h"
 
 #define GB 3          /* query heads per register block */
 #define PREFETCH 8    /* slots ahead */
 #define MASKED -1e30f /* exp(MASKED - max) == 0 in fp32, without infinities */
-
-static inline __m512 load_bf16(const uint16_t *p) {
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline __m512 round_bf16(__m512 x) { /* to the nearest bf16 (ties to even), back in fp32 lanes */
-    __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline __m512 exp_ps(__m512 x) {
-    /* exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2]; degree-6 Taylor on r: ~1 ulp */
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); /* below: 0 after scalef */
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-    r = _mm512_fnmadd_ps(n, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* One (row, KV head): gn <= GB query heads q[g * D ...], K and V slots [L, D], mask bytes m[L]. */
 static inline __attribute__((always_inline)) void attend_block(

@@ -15,45 +15,23 @@
  * Needs AVX-512 F/BW and AVX512-BF16 (see rlft.kernels.build). Rows run in parallel (OpenMP) only
  * when there are enough of them to pay for waking a thread. Left out: other dtypes.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 #define PARALLEL_ELEMENTS 65536 /* below this, one thread: waking the second costs more */
 
-static inline __m512 load_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 static inline __m512 load_bf16_n(const uint16_t *p, int n) { /* n < 16 lanes, the rest 0 */
     __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-static inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
-static inline __m512 round_bf16(__m512 x) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(x)), 16));
 }
 static inline void store_bf16(uint16_t *p, __m512 x, int n) {
     if (n >= 16) _mm256_storeu_si256((__m256i *)p, to_bf16(x));
     else _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), to_bf16(x));
 }
 static inline __m512 load_any(const uint16_t *p, int n) { return n >= 16 ? load_bf16(p) : load_bf16_n(p, n); }
-
-static inline __m512 exp_ps(__m512 x) { /* as in decode_attention.c: 2^n * exp(r), ~1 ulp */
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.5f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2_lo, _mm512_fnmadd_ps(n, ln2_hi, x));
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* h, delta, out: [rows, n] with row strides; weight: [n]. delta may be NULL (norm only); rstd, when
  * given, receives each row's 1 / sqrt(mean(h^2) + eps) (float32, for the backward). */
