@@ -27,7 +27,12 @@ was re-recorded a sixth time when the machine changed (2026-12-06: a CPU with AM
 PyPI) and the SFT-pretrained tiny model it starts from was rebuilt: the one cached on the old machine
 had been built once under older libraries, and the fresh build samples other tool arguments from
 step 0 on. ``lora_bf16`` still matches its old recording with oneDNN capped at AVX512-BF16
-(``tests/conftest.py``); on AMX kernels its samples differ from step 2. Four runs, each a few seconds on the tiny models:
+(``tests/conftest.py``); on AMX kernels its samples differ from step 2. ``lora_bf16`` was re-recorded a
+seventh time when training's RMSNorm became one C call forward and backward (``rlft.kernels.rms_norm``:
+float32 sums in another order): step 1 matched to the last digit, step 2's gradient norm moved by
+2.5e-5 relative (0.10137123 -> 0.10137375) and step 3's samples changed; with
+``RLFT_NATIVE_KERNELS=0`` the run still matches the previous recording, and the float32 runs do not
+take the kernels. Four runs, each a few seconds on the tiny models:
 
 - ``fp32``: full finetune in float32 of the random tiny model, evals every 2 steps;
 - ``overlap``: the same with ``overlap = true`` (sampling one version behind);
