@@ -17,10 +17,11 @@ what a decode step needs and no module dispatch, from weights it keeps itself:
   roundings; the norm's float32 mean summed in another order);
 - decode steps, bf16: attention by the C kernel of :mod:`rlft.kernels` where it built here (one
   pass over each row's K and V for the query heads that share them; the same bf16 roundings as
-  the torch ops below, float32 sums in another order: within one bf16 step, ~0.01 % of outputs
-  differ). Otherwise, and with ``native=False``: attention in four ops over the KV cache's whole
-  buffers (``baddbmm`` with the mask as its bias and the scale as ``alpha``, a float32 softmax, a
-  cast, ``bmm``), exact when the scale is a power of two (head_dim 64, 16, ...); prefill and other
+  the torch ops below, float32 sums in another order: within one bf16 step, a few outputs in
+  10,000 differ; a scale that is not a power of two is applied before its one rounding).
+  Otherwise, and with ``native=False``: attention in four ops over the KV cache's whole buffers
+  (``baddbmm`` with the mask as its bias and the scale as ``alpha``, a float32 softmax, a cast,
+  ``bmm``), exact when the scale is a power of two (head_dim 64, 16, ...); prefill and other
   scales go through :func:`rlft.attention.rlft_attention`, the function the model's own modules use.
 
 Without the kernel every op that rounds is the one transformers runs, in the same dtype and
