@@ -189,5 +189,5 @@ def test_stop_finishes_the_step_checkpoints_and_marks_the_run_stopped(project, t
 def test_doctor_reports_each_part(capsys):
     main(["doctor"])
     out = capsys.readouterr().out
-    for part in ("torch", "transformers", "peft", "mcp", "fastapi"):
+    for part in ("torch", "transformers", "peft", "mcp", "fastapi", "native CPU kernels"):
         assert part in out

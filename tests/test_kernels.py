@@ -203,6 +203,7 @@ def test_no_kernel_is_built_when_disabled_or_without_a_compiler(monkeypatch, tmp
     monkeypatch.setenv(DISABLE_ENV, "0")
     assert decode_attention_kernel() is None and layer_ops_kernels() is None
     assert FastForward(model).kernel is None and FastForward(model).ops is None
+    assert kernel_build.status("layer_ops") == f"turned off ({DISABLE_ENV}=0)"  # what rlft doctor prints
     monkeypatch.setenv(DISABLE_ENV, "1")
     monkeypatch.setenv("RLFT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
@@ -210,6 +211,7 @@ def test_no_kernel_is_built_when_disabled_or_without_a_compiler(monkeypatch, tmp
     try:
         assert decode_attention_kernel() is None and layer_ops_kernels() is None
         assert FastForward(model).kernel is None and FastForward(model).ops is None
+        assert kernel_build.status("decode_attention").startswith("no C compiler")
         assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").glob("*.so"))
     finally:
         kernel_build._load.cache_clear()

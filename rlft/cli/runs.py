@@ -301,6 +301,23 @@ def _imports(*modules: str) -> str:
     return ""
 
 
+def _kernels_check() -> bool:
+    """rlft's C kernels for the CPU (rlft.kernels): built here, or why the torch ops run instead."""
+    from rlft.kernels.build import status
+
+    lines = {name: status(name) for name in ("decode_attention", "layer_ops")}
+    if all(line.startswith("built") for line in lines.values()):
+        print("  ok    native CPU kernels: " + "; ".join(f"{k} {v}" for k, v in lines.items()))
+        return True
+    if all(line.startswith("turned off") for line in lines.values()):  # the user's choice, not a missing part
+        print(f"  off   native CPU kernels: {lines['layer_ops']}: the torch ops run")
+        return True
+    print("  MISSING native CPU kernels (the torch ops run: slower bf16 decode and RMSNorm): "
+          + "; ".join(f"{k}: {v}" for k, v in lines.items())
+          + "\n          fix: a C compiler (apt-get install gcc) on an x86-64 CPU with AVX-512 BF16")
+    return False
+
+
 def _sandbox_check() -> bool:
     """The code sandbox's isolation level on this machine (one empty sandbox run)."""
     from rlft.rewards.sandbox import SandboxRefusedError, isolation
@@ -353,6 +370,7 @@ def cmd_doctor(args) -> int:
           "pip install 'rlft[serve]'")
     check("chromium (console browser tests)", lambda: shutil.which("chromium") or (_ for _ in ()).throw(
         FileNotFoundError("no chromium on PATH")), "apt-get install chromium")
+    ok = _kernels_check() and ok
     ok = _sandbox_check() and ok
     print("all good" if ok else "some optional parts are missing (see fixes above)")
     return 0 if ok else 1

@@ -33,7 +33,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DISABLE_ENV", "cache_dir", "load"]
+__all__ = ["DISABLE_ENV", "cache_dir", "load", "status"]
 
 DISABLE_ENV = "RLFT_NATIVE_KERNELS"  # "0": never compile or load a kernel (the torch paths run)
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-Wall", "-Werror"]
@@ -52,21 +52,34 @@ def enabled() -> bool:
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled kernel ``name`` (``name.c`` beside this module), or None where it cannot run
     here (no compiler, unsupported CPU or OS, torch not on OpenMP, or disabled)."""
-    return _load(name) if enabled() else None
+    return _load(name)[0] if enabled() else None
+
+
+def status(name: str) -> str:
+    """One line for ``rlft doctor``: where the kernel's library is, or why it is not used."""
+    if not enabled():
+        return f"turned off ({DISABLE_ENV}=0)"
+    lib, why = _load(name)
+    return f"built ({lib._name})" if lib is not None else why
 
 
 @functools.cache
-def _load(name: str) -> ctypes.CDLL | None:
+def _load(name: str) -> tuple[ctypes.CDLL | None, str]:
+    lib, why = _build(name)
+    if lib is None:
+        log.info("rlft kernel %s not used: %s", name, why)
+    return lib, why
+
+
+def _build(name: str) -> tuple[ctypes.CDLL | None, str]:
     why = _unsupported()
     if why:
-        log.info("rlft kernel %s not used: %s", name, why)
-        return None
+        return None, why
     source = _SOURCES / f"{name}.c"
     compiler = os.environ.get("CC") or "cc"
     version = _run([compiler, "--version"])
     if version is None:
-        log.info("rlft kernel %s not used: no C compiler (%s)", name, compiler)
-        return None
+        return None, f"no C compiler ({compiler}; set CC or install gcc)"
     headers = [h.read_text() for h in sorted(_SOURCES.glob("*.h"))]  # what the sources include
     key = hashlib.sha256("\0".join([source.read_text(), *headers, compiler, version, *_FLAGS, _cpu()]).encode())
     key = key.hexdigest()
@@ -79,10 +92,9 @@ def _load(name: str) -> ctypes.CDLL | None:
                                     capture_output=True, text=True)
             if result.returncode != 0:
                 first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
-                log.info("rlft kernel %s not used: %s could not compile it here: %s", name, compiler, first)
-                return None
+                return None, f"{compiler} could not compile it here (a CPU without AVX-512 BF16?): {first}"
             os.replace(built, target)
-    return ctypes.CDLL(str(target))
+    return ctypes.CDLL(str(target)), ""
 
 
 def _unsupported() -> str | None:
