@@ -41,10 +41,12 @@ class LayerOps:
     def handles(head_dim: int, dtype: torch.dtype) -> bool:
         return dtype == torch.bfloat16 and head_dim % 2 == 0 and head_dim <= 512
 
-    def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float) -> torch.Tensor:
+    def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     rstd: torch.Tensor | None = None) -> torch.Tensor:
         """``h += delta`` in place (when given), then ``weight * rmsnorm(h)`` with LlamaRMSNorm's
-        roundings, as a new contiguous tensor. ``h``, ``delta`` [..., n] bf16, ``h`` contiguous."""
+        roundings, as a new contiguous tensor. ``h``, ``delta`` [..., n] bf16, ``h`` contiguous.
+        ``rstd`` (float32, ``h``'s shape without the last dimension), when given, receives each
+        row's ``1 / sqrt(mean(h^2) + eps)``, which :meth:`rms_norm_backward` takes."""
         _check(h, weight)
         if not h.is_contiguous() or weight.shape != h.shape[-1:] or not weight.is_contiguous():
             raise ValueError(f"add_rms_norm: h {tuple(h.shape)} must be contiguous, weight [{h.shape[-1]}]")
@@ -56,23 +58,17 @@ class LayerOps:
                 raise ValueError(f"add_rms_norm: delta {tuple(delta.shape)} != h {tuple(h.shape)}")
             delta = delta.contiguous()
             delta_row = n
+        if rstd is not None and (rstd.dtype != torch.float32 or rstd.shape != h.shape[:-1]):
+            raise ValueError(f"add_rms_norm: rstd must be float32 {tuple(h.shape[:-1])}")
         out = torch.empty_like(h)
         self._norm(h.data_ptr(), n, delta.data_ptr() if delta is not None else None, delta_row, weight.data_ptr(),
-                   out.data_ptr(), n, rows, n, eps, None)
+                   out.data_ptr(), n, rows, n, eps, rstd.data_ptr() if rstd is not None else None)
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weight * rmsnorm(x), rstd)``: the norm of :meth:`add_rms_norm` and each row's float32
-        ``1 / sqrt(mean(x^2) + eps)`` ([...] without the last dimension), which the backward takes."""
-        _check(x, weight)
-        if not x.is_contiguous() or weight.shape != x.shape[-1:] or not weight.is_contiguous():
-            raise ValueError(f"rms_norm: x {tuple(x.shape)} must be contiguous, weight [{x.shape[-1]}]")
-        n = x.shape[-1]
-        out = torch.empty_like(x)
+        """``(weight * rmsnorm(x), rstd)``: :meth:`add_rms_norm` without the add, and the rows' rstd."""
         rstd = torch.empty(x.shape[:-1], dtype=torch.float32)
-        self._norm(x.data_ptr(), n, None, 0, weight.data_ptr(), out.data_ptr(), n, x.numel() // n, n, 0.0 + eps,
-                   rstd.data_ptr())
-        return out, rstd
+        return self.add_rms_norm(x, None, weight, eps, rstd), rstd
 
     def rms_norm_backward(self, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, grad: torch.Tensor,
                           weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rlft.kernels.layer_ops import layer_ops_kernels
+from rlft.kernels.layer_ops import LayerOps, layer_ops_kernels
 
 __all__ = ["FusedRMSNorm", "use_fused_rms_norm"]
 
@@ -31,18 +31,18 @@ _SAME_FUNCTION = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNor
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        ops = layer_ops_kernels()
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, ops: LayerOps) -> torch.Tensor:
         x = x.contiguous()
         y, rstd = ops.rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.ops = ops
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        dx, dweight = layer_ops_kernels().rms_norm_backward(x, weight, rstd, grad, ctx.needs_input_grad[1])
-        return dx, (dweight.to(weight.dtype) if dweight is not None else None), None
+        dx, dweight = ctx.ops.rms_norm_backward(x, weight, rstd, grad, ctx.needs_input_grad[1])
+        return dx, (dweight.to(weight.dtype) if dweight is not None else None), None, None
 
 
 class FusedRMSNorm(torch.nn.Module):
@@ -55,10 +55,10 @@ class FusedRMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # plain CPU tensors only: a sharded (DTensor) weight or input takes transformers' formula
-        if (x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and type(self.weight.data) is torch.Tensor and type(x) in (torch.Tensor, torch.nn.Parameter)
-                and layer_ops_kernels() is not None):
-            return _RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
+        ops = layer_ops_kernels()
+        if (ops is not None and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and type(self.weight.data) is torch.Tensor and type(x) in (torch.Tensor, torch.nn.Parameter)):
+            return _RMSNormFunction.apply(x, self.weight, self.variance_epsilon, ops)
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * h.to(x.dtype)
