@@ -10,7 +10,7 @@ from rlft.attention import use_fast_attention
 from rlft.engines.base import SamplingParams
 from rlft.engines.fast_forward import FastForward
 from rlft.engines.hf import HFEngine
-from rlft.kernels import DISABLE_ENV, decode_attention_kernel, layer_ops_kernels
+from rlft.kernels import DISABLE_ENV, AmxWeight, amx_linear_kernel, decode_attention_kernel, layer_ops_kernels
 from rlft.kernels import build as kernel_build
 from rlft.testing.models import build_tiny_model
 from tests.test_hf_engine import PROMPTS, chat, gather
@@ -323,3 +323,97 @@ def test_a_policy_loaded_on_the_cpu_trains_through_the_fused_norms_with_transfor
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
     for a, b in zip(*grads):
         assert (a - b).norm() <= 0.05 * a.norm() + 1e-6
+
+
+# ---- linear layers on AMX tiles (rlft.kernels.amx_linear) -------------------------------------
+
+
+def _amx_kernel(monkeypatch):
+    """The AMX linear kernel with oneDNN's ISA cap (tests/conftest.py) lifted, or a skip."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    kernel = amx_linear_kernel()
+    if kernel is None:
+        pytest.skip("the AMX linear kernel does not run here (a CPU without AMX-BF16, no C compiler, or no tile "
+                    "permission from Linux): oneDNN's packed linear runs instead")
+    return kernel
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 64), (5, 200, 576), (16, 960, 576), (17, 576, 1536), (64, 3072, 576),
+                                   (100, 49, 96), (300, 96, 64)], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_amx_linear_rounds_the_exact_product_to_within_one_bf16_step(monkeypatch, shape, bias):
+    """Rows M (partial tiles, several 256-row passes), outputs N (padded to 32 in the packed weight,
+    only N written), inputs K: the float64 product, rounded once, within one bf16 step; and within
+    one step of oneDNN's bf16 linear (``F.linear``) on the same tensors."""
+    kernel = _amx_kernel(monkeypatch)
+    M, N, K = shape
+    gen = torch.Generator().manual_seed(M + N + K)
+    x = torch.randn(M, K, generator=gen).bfloat16()
+    w = (torch.randn(N, K, generator=gen) / K ** 0.5).bfloat16()
+    b = torch.randn(N, generator=gen).bfloat16() if bias else None
+    y = kernel.linear(x, kernel.pack(w), b)
+    assert y.shape == (M, N) and y.dtype == torch.bfloat16
+    exact = x.double() @ w.double().T + (b.double() if bias else 0)
+    slack = 1e-5 * (x.double().abs() @ w.double().abs().T)  # float32 sums in another order than float64's
+    assert ((y.double() - exact).abs() <= one_step(exact) + slack).all()
+    reference = torch.nn.functional.linear(x, w, b)
+    assert ((y.float() - reference.float()).abs() <= one_step(reference) + slack.float()).all()
+
+
+def test_amx_linear_reads_strided_rows_and_gives_the_same_bits_at_any_thread_count(monkeypatch):
+    kernel = _amx_kernel(monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, 576, generator=gen).bfloat16()
+    w = kernel.pack(torch.randn(1000, 576, generator=gen).bfloat16())
+    last = x[:, -1]  # [64, 576] with a row stride of 3 x 576, as the engine's head reads its last positions
+    assert not last.is_contiguous()
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(kernel.linear(last, w))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], kernel.linear(last.contiguous(), w))
+    assert torch.equal(kernel.linear(x, w)[:, -1], outs[0])  # [..., K] inputs keep their leading dimensions
+
+
+def test_amx_linear_refuses_what_it_does_not_handle_and_follows_onednns_isa_cap(monkeypatch):
+    kernel = _amx_kernel(monkeypatch)
+    assert not kernel.handles(torch.zeros(64, 100, dtype=torch.bfloat16))  # K not a multiple of 32
+    assert not kernel.handles(torch.zeros(64, 64))  # float32
+    with pytest.raises(ValueError, match="K % 32"):
+        kernel.pack(torch.zeros(64, 100, dtype=torch.bfloat16))
+    w = kernel.pack(torch.zeros(64, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bf16 CPU"):
+        kernel.linear(torch.zeros(2, 32, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="bias"):
+        kernel.linear(torch.zeros(2, 64, dtype=torch.bfloat16), w, torch.zeros(63, dtype=torch.bfloat16))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls kept off AMX: this one too
+    assert amx_linear_kernel() is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert amx_linear_kernel() is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fast_forward_on_amx_tiles_decodes_the_tokens_onednn_decodes(monkeypatch, arch):
+    """The engine's fast forward with its linear layers on the AMX kernel and on oneDNN's packed
+    linear (the ISA cap): a padded prefill and greedy steps pick the same tokens, logits within
+    bf16 noise. Qwen2: q/k/v biases added by the kernel."""
+    from tests.test_fast_forward import _decode, _tiny
+
+    _amx_kernel(monkeypatch)
+    model, _ = _tiny(arch, torch.bfloat16)
+    on_tiles = FastForward(model)
+    assert on_tiles.amx is not None and isinstance(on_tiles.layers[0].qkv, AmxWeight)
+    assert isinstance(on_tiles.head, AmxWeight)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    on_onednn = FastForward(model)
+    assert on_onednn.amx is None
+    ours, theirs = _decode(model, on_tiles, steps=8), _decode(model, on_onednn, steps=8)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.float().argmax(-1), b.float().argmax(-1))
+        assert (a.float() - b.float()).abs().max() < 0.05 * b.float().abs().max()

@@ -56,7 +56,14 @@ import torch.nn.functional as F
 from rlft.attention import NAME as RLFT_ATTENTION
 from rlft.attention import rlft_attention
 from rlft.engines.packed_linear import can_pack
-from rlft.kernels import DecodeAttention, LayerOps, decode_attention_kernel, layer_ops_kernels
+from rlft.kernels import (
+    AmxWeight,
+    DecodeAttention,
+    LayerOps,
+    amx_linear_kernel,
+    decode_attention_kernel,
+    layer_ops_kernels,
+)
 
 __all__ = ["FastForward", "supports"]
 
@@ -85,11 +92,11 @@ def supports(model: Any) -> bool:
 class _Weights:
     """One decoder layer's weights: concatenated, packed for oneDNN when bf16."""
 
-    qkv: torch.Tensor
+    qkv: torch.Tensor | AmxWeight
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    o: torch.Tensor | AmxWeight
+    gate_up: torch.Tensor | AmxWeight
+    down: torch.Tensor | AmxWeight
     norm1: torch.Tensor
     norm2: torch.Tensor
     q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head's dimensions, before rotary
@@ -121,9 +128,11 @@ class FastForward:
         self.kernel = (decode_attention_kernel() if native and DecodeAttention.handles(self.head_dim, dtype)
                        else None)
         self.ops = layer_ops_kernels() if native and LayerOps.handles(self.head_dim, dtype) else None
+        # the linear layers on AMX tiles (rlft.kernels.amx_linear) where it built here: packed in its layout
+        self.amx = amx_linear_kernel() if native and self.packed else None
         self.layers: list[_Weights] = []
         self._stacks: dict[int, dict[str, torch.Tensor]] = {}  # not packed: the tensors the modules' weights view
-        self.head: torch.Tensor | None = None
+        self.head: torch.Tensor | AmxWeight | None = None
         self.refresh()
 
     @torch.no_grad()
@@ -152,12 +161,14 @@ class FastForward:
         self.layers = layers
         self.head = self._pack(weight_of(self.model.lm_head))
 
-    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor | AmxWeight:
         w = weight.detach()
+        if self.amx is not None and self.amx.handles(w):
+            return self.amx.pack(w)
         return torch.ops.mkldnn._reorder_linear_weight(w, batch_size=_ROWS_HINT) if self.packed else w
 
     def _fused(self, linears: list[torch.nn.Linear], name: str,
-               weight_of: Callable[[torch.nn.Module], torch.Tensor]) -> torch.Tensor:
+               weight_of: Callable[[torch.nn.Module], torch.Tensor]) -> torch.Tensor | AmxWeight:
         """``linears``' weights (``weight_of`` each) or biases stacked along their outputs. Packed: a
         packed copy. Not packed: one tensor whose row blocks the modules' parameters then are, so
         there is no second copy and loading new weights into the modules (``sync_weights``) writes it."""
@@ -177,7 +188,9 @@ class FastForward:
         self._stacks.setdefault(id(linears[0]), {})[name] = stacked
         return stacked
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | AmxWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, AmxWeight):
+            return self.amx.linear(x, w, bias)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
         return F.linear(x, w, bias)

@@ -2,8 +2,10 @@
 (``rlft.kernels.build``), used only where they compiled and loaded, each beside the torch path it
 replaces (which stays the fallback and the reference its tests compare against)."""
 
+from rlft.kernels.amx_linear import AmxLinear, AmxWeight, amx_linear_kernel
 from rlft.kernels.build import DISABLE_ENV
 from rlft.kernels.decode_attention import DecodeAttention, decode_attention_kernel
 from rlft.kernels.layer_ops import LayerOps, layer_ops_kernels
 
-__all__ = ["DISABLE_ENV", "DecodeAttention", "LayerOps", "decode_attention_kernel", "layer_ops_kernels"]
+__all__ = ["DISABLE_ENV", "AmxLinear", "AmxWeight", "DecodeAttention", "LayerOps", "amx_linear_kernel",
+           "decode_attention_kernel", "layer_ops_kernels"]

@@ -23,10 +23,6 @@
 
 #define PARALLEL_ELEMENTS 65536 /* below this, one thread: waking the second costs more */
 
-static inline __m512 load_bf16_n(const uint16_t *p, int n) { /* n < 16 lanes, the rest 0 */
-    __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 static inline void store_bf16(uint16_t *p, __m512 x, int n) {
     if (n >= 16) _mm256_storeu_si256((__m256i *)p, to_bf16(x));
     else _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), to_bf16(x));

@@ -9,6 +9,11 @@ static inline __m512 load_bf16(const uint16_t *p) { /* 16 bf16 values as float32
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+static inline __m512 load_bf16_n(const uint16_t *p, int n) { /* the first n <= 16 lanes, the rest 0 */
+    __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 static inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); } /* nearest, ties to even */
 
 static inline __m512 round_bf16(__m512 x) { /* to the nearest bf16, back in float32 lanes */
