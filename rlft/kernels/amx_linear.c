@@ -11,7 +11,10 @@
  * so a thread streams one contiguous range of memory. Each thread takes a contiguous range of
  * column groups; for each, it runs over the rows 32 at a time (4 accumulator tiles: 2 x 16 rows by
  * 2 x 16 columns), so a group's weights come from memory once and from L1 for the other rows.
- * Rows are taken 256 at a time as the outer loop, so a long prefill keeps its rows in L2.
+ * Rows are taken 256 at a time as the outer loop, so a long prefill keeps its rows in L2. A few
+ * software prefetches into L2, 16 KB ahead of the tile loads (one line in eight), start the
+ * hardware's streams on the pages ahead: ~5 % faster a step; prefetching every line of the next
+ * block, into L1 or L2, was slower (measured on the 2-core AMX VM).
  *
  * Needs AMX-BF16 (-march=native refuses the tile intrinsics elsewhere: no kernel there) and the
  * kernel's permission to use the tile state (rlft_amx_init, once per process). K must be a
@@ -29,7 +32,8 @@
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define ROW_BLOCK 256 /* rows per outer pass: 256 x K bf16 stays in L2 */
+#define ROW_BLOCK 256         /* rows per outer pass: 256 x K bf16 stays in L2 */
+#define PREFETCH_AHEAD 16384  /* bytes of packed weights ahead of the tile loads */
 
 /* Ask Linux for the AMX tile state for this process; 0 on success. */
 int rlft_amx_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
@@ -91,6 +95,8 @@ void rlft_amx_linear(const uint16_t *x, long x_row, int M, int K, const uint16_t
                     }
                     for (int kb = 0; kb < kblocks; ++kb) {
                         const uint16_t *bp = wb + (long)kb * 1024;
+                        for (int at = 0; at < 2048; at += 512) /* 4 lines 16 KB ahead: see the header */
+                            _mm_prefetch((const char *)bp + PREFETCH_AHEAD + at, _MM_HINT_T2);
                         _tile_loadd(4, xa + kb * 32, x_row * 2);
                         _tile_loadd(6, bp, 64);
                         _tile_loadd(7, bp + 512, 64);

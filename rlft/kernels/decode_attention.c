@@ -10,7 +10,11 @@
  *
  * Why: at SmolLM2's shapes a bf16 bmm is 192 tiny matmuls (3 x 64 by 64 x ~120) per layer, each
  * paying a kernel's overhead; here each (row, head) is a few hundred FMAs over 2 x L x 128 bytes
- * streamed from memory once, with software prefetch because each stream is only a few pages long.
+ * streamed from memory once, with software prefetch because each stream is only a few pages long:
+ * K rows a few slots ahead into L1; while the scores are computed, this task's V rows into L2; while
+ * V is summed, the next task's K rows into L2 (the last two took a 30-layer step's attention from
+ * ~11.3 to ~8.5 ms at 121 slots on the 2-core AMX VM, benchmarks/README.md; a distance-only change
+ * of the L1 prefetch had not helped).
  *
  * Needs AVX-512 F/BW/VL and AVX512-BF16 (compiled with -march=native; rlft.kernels.build falls back
  * to the torch path where the compiler refuses). Threads: OpenMP, the runtime torch already loaded
@@ -26,10 +30,17 @@
 #define PREFETCH 8    /* slots ahead */
 #define MASKED -1e30f /* exp(MASKED - max) == 0 in fp32, without infinities */
 
+/* Prefetch one K or V row (D bf16). A macro: as a function, gcc left the loop in place and the
+ * kernel was no faster than without the prefetches (measured). */
+#define PREFETCH_ROW(p, D, hint)                                                                \
+    do {                                                                                        \
+        for (int at_ = 0; at_ < (D); at_ += 32) _mm_prefetch((const char *)((p) + at_), hint);  \
+    } while (0)
+
 /* One (row, KV head): gn <= GB query heads q[g * D ...], K and V slots [L, D], mask bytes m[L]. */
 static inline __attribute__((always_inline)) void attend_block(
     const uint16_t *q, const uint16_t *kb, const uint16_t *vb, const uint8_t *m, uint16_t *out,
-    int gn, int L, float scale, float *s, const int NC) {
+    int gn, int L, float scale, float *s, const int NC, const uint16_t *next_k) {
     const int D = 16 * NC, Lp = (L + 15) & ~15;
     __m512 qf[GB][NC], acc[GB][NC];
     for (int g = 0; g < GB; ++g)
@@ -41,7 +52,7 @@ static inline __attribute__((always_inline)) void attend_block(
     for (int t = 0; t < L; ++t) {
         _mm_prefetch((const char *)(kb + (long)(t + PREFETCH) * D), _MM_HINT_T0);
         if (D > 32) _mm_prefetch((const char *)(kb + (long)(t + PREFETCH) * D + 32), _MM_HINT_T0);
-        if (t < PREFETCH) _mm_prefetch((const char *)(vb + (long)t * D), _MM_HINT_T0);
+        PREFETCH_ROW(vb + (long)t * D, D, _MM_HINT_T2); /* this V row into L2, read after the scores */
         if (!m[t]) continue;
         __m512 kf[NC];
         for (int c = 0; c < NC; ++c) kf[c] = load_bf16(kb + (long)t * D + 16 * c);
@@ -77,6 +88,7 @@ static inline __attribute__((always_inline)) void attend_block(
     for (int t = 0; t < L; ++t) {
         _mm_prefetch((const char *)(vb + (long)(t + PREFETCH) * D), _MM_HINT_T0);
         if (D > 32) _mm_prefetch((const char *)(vb + (long)(t + PREFETCH) * D + 32), _MM_HINT_T0);
+        if (next_k) PREFETCH_ROW(next_k + (long)t * D, D, _MM_HINT_T2); /* the next task's K row into L2 */
         if (!m[t]) continue;
         __m512 vf[NC];
         for (int c = 0; c < NC; ++c) vf[c] = load_bf16(vb + (long)t * D + 16 * c);
@@ -91,13 +103,13 @@ static inline __attribute__((always_inline)) void attend_block(
 }
 
 static void attend(const uint16_t *q, const uint16_t *kb, const uint16_t *vb, const uint8_t *m, uint16_t *out,
-                   int gn, int L, float scale, float *s, int nc) {
+                   int gn, int L, float scale, float *s, int nc, const uint16_t *next_k) {
     switch (nc) { /* constant head sizes: the accumulators stay in registers */
-    case 1: attend_block(q, kb, vb, m, out, gn, L, scale, s, 1); break;
-    case 2: attend_block(q, kb, vb, m, out, gn, L, scale, s, 2); break;
-    case 4: attend_block(q, kb, vb, m, out, gn, L, scale, s, 4); break;
-    case 8: attend_block(q, kb, vb, m, out, gn, L, scale, s, 8); break;
-    default: attend_block(q, kb, vb, m, out, gn, L, scale, s, 16); break; /* nc <= 16: padded */
+    case 1: attend_block(q, kb, vb, m, out, gn, L, scale, s, 1, next_k); break;
+    case 2: attend_block(q, kb, vb, m, out, gn, L, scale, s, 2, next_k); break;
+    case 4: attend_block(q, kb, vb, m, out, gn, L, scale, s, 4, next_k); break;
+    case 8: attend_block(q, kb, vb, m, out, gn, L, scale, s, 8, next_k); break;
+    default: attend_block(q, kb, vb, m, out, gn, L, scale, s, 16, next_k); break; /* nc <= 16: padded */
     }
 }
 
@@ -123,8 +135,10 @@ int rlft_decode_attention(const uint16_t *q, long q_row, const uint16_t *k, cons
             const uint16_t *kb = k + (long)task * cap * D, *vb = v + (long)task * cap * D;
             for (int g0 = 0; g0 < G; g0 += GB) {
                 int head = h * G + g0;
+                /* the last head block of a task also fetches the next task's K (same thread, static schedule) */
+                const uint16_t *next_k = g0 + GB >= G && task + 1 < B * KV ? kb + (long)cap * D : NULL;
                 attend(q + b * q_row + (long)head * D, kb, vb, mask + (long)b * L,
-                       out + ((long)b * KV * G + head) * D, G - g0 < GB ? G - g0 : GB, L, scale, s, nc);
+                       out + ((long)b * KV * G + head) * D, G - g0 < GB ? G - g0 : GB, L, scale, s, nc, next_k);
             }
         }
         free(s);
