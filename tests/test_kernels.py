@@ -10,7 +10,16 @@ from rlft.attention import use_fast_attention
 from rlft.engines.base import SamplingParams
 from rlft.engines.fast_forward import FastForward
 from rlft.engines.hf import HFEngine
-from rlft.kernels import DISABLE_ENV, AmxWeight, amx_linear_kernel, decode_attention_kernel, layer_ops_kernels
+from rlft.engines.sampling import sample_tokens
+from rlft.kernels import (
+    DISABLE_ENV,
+    AmxWeight,
+    PlainSampler,
+    amx_linear_kernel,
+    decode_attention_kernel,
+    layer_ops_kernels,
+    plain_sampler,
+)
 from rlft.kernels import build as kernel_build
 from rlft.testing.models import build_tiny_model
 from tests.test_hf_engine import PROMPTS, chat, gather
@@ -417,3 +426,71 @@ def test_fast_forward_on_amx_tiles_decodes_the_tokens_onednn_decodes(monkeypatch
     for a, b in zip(ours, theirs):
         assert torch.equal(a.float().argmax(-1), b.float().argmax(-1))
         assert (a.float() - b.float()).abs().max() < 0.05 * b.float().abs().max()
+
+
+# ---- sampling (rlft.kernels.sampling) ----------------------------------------------------------
+
+SAMPLER = plain_sampler()
+needs_sampler = pytest.mark.skipif(SAMPLER is None, reason="rlft's kernels do not build here: the torch sampler runs")
+
+
+def _torch_draws(monkeypatch, logits, temperature, uniform):
+    monkeypatch.setenv(DISABLE_ENV, "0")  # sample_tokens' torch inverse CDF
+    B = logits.shape[0]
+    try:
+        return sample_tokens(logits, temperature, torch.ones(B), torch.zeros(B, dtype=torch.long), uniform)
+    finally:
+        monkeypatch.setenv(DISABLE_ENV, "1")
+
+
+@needs_sampler
+@pytest.mark.parametrize("vocab", [49152, 1000, 17])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_plain_sampler_draws_the_torch_inverse_cdfs_tokens_except_at_token_boundaries(monkeypatch, vocab, temperature):
+    """Same uniforms, same logits: the same token, or (float32 sums in another order) a neighbour
+    of one whose CDF boundary lies within 1e-5 of the uniform; logprobs of equal draws within 1e-5."""
+    gen = torch.Generator().manual_seed(vocab)
+    B = 256
+    logits = (torch.randn(B, vocab, generator=gen) * 3).bfloat16()
+    temp, uniform = torch.full((B,), temperature), torch.rand(B, generator=gen)
+    tokens, logprobs = SAMPLER(logits, temp, uniform)
+    want, want_lp = _torch_draws(monkeypatch, logits, temp, uniform)
+    same = tokens == want
+    assert same.float().mean() >= 0.99
+    assert (logprobs[same] - want_lp[same]).abs().max() < 1e-5
+    cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
+    for row in (~same).nonzero().flatten().tolist():
+        lo, hi = sorted((int(tokens[row]), int(want[row])))
+        boundaries = cdf[row, lo:hi]  # the CDF values between the two draws
+        assert (boundaries - uniform[row].double()).abs().min() < 1e-5, (row, lo, hi)
+    exact = torch.log_softmax(logits.double() / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
+    assert (logprobs.double() - exact).abs().max() < 1e-4  # the logprob of the token drawn, at T
+
+
+@needs_sampler
+def test_plain_sampler_frequencies_follow_the_softmax_at_the_temperature():
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(1, 40, generator=gen) * 2).bfloat16()
+    n = 40_000
+    tokens, _ = SAMPLER(logits.expand(n, 40), torch.full((n,), 0.7), torch.rand(n, generator=gen))
+    freq = torch.bincount(tokens, minlength=40).double() / n
+    p = torch.softmax(logits[0].double() / 0.7, -1)
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-4).all()  # within 4 standard errors
+
+
+@needs_sampler
+def test_sample_tokens_takes_the_kernel_for_bf16_rows_without_truncation_only(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(8, 300, generator=gen).bfloat16()
+    temp, uniform = torch.full((8,), 0.9), torch.rand(8, generator=gen)
+    ones, zeros = torch.ones(8), torch.zeros(8, dtype=torch.long)
+    assert torch.equal(sample_tokens(logits, temp, ones, zeros, uniform)[0], SAMPLER(logits, temp, uniform)[0])
+    with pytest.raises(ValueError, match="temperature"):
+        SAMPLER(logits, torch.zeros(8), uniform)
+    with pytest.raises(ValueError, match="bf16"):
+        SAMPLER(logits.float(), temp, uniform)
+    calls = []
+    monkeypatch.setattr(PlainSampler, "__call__", lambda self, *a: calls.append(a))
+    sample_tokens(logits.float(), temp, ones, zeros, uniform)  # float32: the torch path
+    sample_tokens(logits, temp, torch.full((8,), 0.5), zeros, uniform)  # top-p: the torch path
+    assert not calls

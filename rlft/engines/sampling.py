@@ -4,7 +4,9 @@
 ``log_softmax(logits / T)`` on the full vocabulary, before truncation (the convention the
 trainer reproduces; see ``rlft.engines.hf``). The inverse CDF (``cumsum`` + ``searchsorted``,
 in two levels over large vocabularies) replaces ``torch.multinomial``, which costs ~50 ms per
-call at a 49k vocabulary on a small CPU.
+call at a 49k vocabulary on a small CPU. bf16 logits on the CPU without truncation go to the C kernel
+of :mod:`rlft.kernels.sampling` where it built here: the same draws but for uniforms within ~1e-7 of
+a token boundary (the float32 sums' order), ~4x faster.
 ``top_logprobs`` gives the k most likely tokens of each row in that same distribution (what
 ``rlft serve`` returns as OpenAI's ``top_logprobs``).
 Left out: beam search, repetition penalties, logit processors.
@@ -13,6 +15,8 @@ Left out: beam search, repetition penalties, logit processors.
 from __future__ import annotations
 
 import torch
+
+from rlft.kernels import plain_sampler
 
 __all__ = ["sample_tokens", "top_logprobs"]
 
@@ -42,6 +46,10 @@ def sample_tokens(
     truncate = ~greedy & ((k_row < vocab) | (top_p < 1.0))
     plain = ~greedy & ~truncate
     if bool(plain.all()):  # the common case (RL sampling at T, no truncation): no log_softmax
+        if logits.dtype == torch.bfloat16 and logits.device.type == "cpu" and logits.stride(1) == 1:
+            kernel = plain_sampler()  # one C pass per row (rlft.kernels.sampling), where it built here
+            if kernel is not None:
+                return kernel(logits, temp, uniform)
         # z = logits.float() / T, zmax and z - zmax in as few passes over (B, V) as give the same
         # bits: the max of bf16 values is exact in float32, and a bf16 tensor minus (or divided by)
         # a float32 one is computed in float32 (type promotion), like the cast copy it replaces
