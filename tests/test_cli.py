@@ -191,3 +191,5 @@ def test_doctor_reports_each_part(capsys):
     out = capsys.readouterr().out
     for part in ("torch", "transformers", "peft", "mcp", "fastapi", "native CPU kernels"):
         assert part in out
+    if "ok    native CPU kernels" in out:  # and whether the linear layers run on AMX tiles, or why not
+        assert "AMX linear layers: built" in out or ("AMX linear layers: " in out and "could not compile" in out)

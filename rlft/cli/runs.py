@@ -305,9 +305,16 @@ def _kernels_check() -> bool:
     """rlft's C kernels for the CPU (rlft.kernels): built here, or why the torch ops run instead."""
     from rlft.kernels.build import status
 
-    lines = {name: status(name) for name in ("decode_attention", "layer_ops")}
+    lines = {name: status(name) for name in ("decode_attention", "layer_ops", "sampling")}
     if all(line.startswith("built") for line in lines.values()):
         print("  ok    native CPU kernels: " + "; ".join(f"{k} {v}" for k, v in lines.items()))
+        # the AMX linear layers: a CPU with AMX-BF16 only (elsewhere oneDNN's packed linear, as good as it gets there)
+        from rlft.kernels import amx_linear_kernel
+
+        amx = status("amx_linear")
+        if amx.startswith("built") and amx_linear_kernel() is None:
+            amx = "built, not used (ONEDNN_MAX_CPU_ISA keeps bf16 matmuls off AMX, or Linux refused the tile state)"
+        print(f"  {'ok' if amx.startswith('built (') else 'info':5} AMX linear layers: {amx}")
         return True
     if all(line.startswith("turned off") for line in lines.values()):  # the user's choice, not a missing part
         print(f"  off   native CPU kernels: {lines['layer_ops']}: the torch ops run")

@@ -7,8 +7,11 @@ what a decode step needs and no module dispatch, from weights it keeps itself:
 
 - one matmul for ``[q; k; v]`` and one for ``[gate; up]`` per layer (the weights concatenated),
   each pre-packed for oneDNN in bf16 (as :mod:`rlft.engines.packed_linear` does per module;
-  these replace the modules' packed copies). Not packed (float32), the modules' weights become
-  views of the concatenated tensors, so there is no second copy;
+  these replace the modules' packed copies), or, on a CPU with AMX where :mod:`rlft.kernels`
+  built, packed for its AMX kernel (``amx_linear``: float32 sums in another order than oneDNN's,
+  so within one bf16 step of them; a decode step's linear layers ~22 -> ~16 ms at batch 64).
+  Not packed (float32), the modules' weights become views of the concatenated tensors, so
+  there is no second copy;
 - rotary applied to q and k together, in place, as ``x * cos + swap_halves(x) * signed_sin``
   (``rotate_half(x) * sin`` rounds the same products: negation is exact);
 - RMSNorm, residual adds and ``silu(gate) * up`` with HF's roundings, in place where the
@@ -24,7 +27,7 @@ what a decode step needs and no module dispatch, from weights it keeps itself:
   ``bmm``), exact when the scale is a power of two (head_dim 64, 16, ...); prefill and other
   scales go through :func:`rlft.attention.rlft_attention`, the function the model's own modules use.
 
-Without the kernel every op that rounds is the one transformers runs, in the same dtype and
+Without the kernels every op that rounds is the one transformers runs, in the same dtype and
 order, so the logits are the model's bit for bit wherever oneDNN computes a column of a
 concatenated weight as it does the column alone (measured on this CPU for bf16 and float32;
 ``tests/test_fast_forward.py`` checks prefill, decode, multi-turn continuation and every cache
