@@ -5,7 +5,7 @@
  * linear took ~22 ms a step for that on a 2-core AMX VM against an ~11 ms floor (the weights at
  * ~25 GB/s) and ~8 ms of tile arithmetic; this kernel takes ~16 ms (benchmarks/README.md).
  *
- * Weights are packed once (rlft.kernels.amx_linear.pack) into the layout the tile multiply reads,
+ * Weights are packed once (rlft_amx_pack, below) into the layout the tile multiply reads,
  * 32 output columns x 32 inputs per 2 KB block, blocks of one column group contiguous:
  *   packed[N/32][K/32][2 tiles][16 input pairs][16 columns][2]
  * so a thread streams one contiguous range of memory. Each thread takes a contiguous range of
@@ -132,3 +132,22 @@ void rlft_amx_linear(const uint16_t *x, long x_row, int M, int K, const uint16_t
         _tile_release();
     }
 }
+
+/* Pack w [N, K] (row stride w_row) into the layout above, zero columns up to a multiple of 32:
+ * packed[nb][kb][t][r][c][j] = w[32 nb + 16 t + c][32 kb + 2 r + j]. One 2 KB block at a time: 32
+ * rows' 64-byte segments in, one contiguous block out (a permuted torch copy was ~2x slower). */
+void rlft_amx_pack(const uint16_t *w, long w_row, int N, int K, uint16_t *packed) {
+    const int blocks = (N + 31) / 32, kblocks = K / 32;
+#pragma omp parallel for schedule(static)
+    for (int nb = 0; nb < blocks; ++nb)
+        for (int kb = 0; kb < kblocks; ++kb) {
+            uint32_t *out = (uint32_t *)(packed + ((long)nb * kblocks + kb) * 1024); /* pairs (j = 0, 1) as one word */
+            for (int t = 0; t < 2; ++t)
+                for (int c = 0; c < 16; ++c) {
+                    const int n = nb * 32 + t * 16 + c;
+                    const uint32_t *src = (const uint32_t *)(w + (long)n * w_row + kb * 32);
+                    for (int r = 0; r < 16; ++r) out[t * 256 + r * 16 + c] = n < N ? src[r] : 0;
+                }
+        }
+}
+

@@ -20,7 +20,6 @@ import os
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from rlft.kernels.build import load
 
@@ -45,6 +44,9 @@ class AmxLinear:
         self._fn = lib.rlft_amx_linear
         self._fn.argtypes = [_P, _L, _I, _I, _P, _I, _P, _P, _L]
         self._fn.restype = None
+        self._pack = lib.rlft_amx_pack
+        self._pack.argtypes = [_P, _L, _I, _I, _P]
+        self._pack.restype = None
 
     @staticmethod
     def handles(weight: torch.Tensor) -> bool:
@@ -56,9 +58,12 @@ class AmxLinear:
             raise ValueError(f"AMX linear packs bf16 CPU [N, K] weights with K % 32 == 0, not "
                              f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
         N, K = weight.shape
-        w = F.pad(weight.detach(), (0, 0, 0, -N % 32))  # zero columns up to a multiple of 32 (not written out)
-        # w[n, k] with n = 32 nb + 16 t + c, k = 32 kb + 2 r + j  ->  packed[nb, kb, t, r, c, j]
-        packed = w.view(-1, 2, 16, K // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
+        w = weight.detach()
+        if w.stride(1) != 1 or w.data_ptr() % 4:
+            w = w.contiguous()
+        # packed[nb, kb, t, r, c, j] = w[32 nb + 16 t + c, 32 kb + 2 r + j], zero columns up to 32 nb
+        packed = torch.empty(-(-N // 32), K // 32, 2, 16, 16, 2, dtype=torch.bfloat16)
+        self._pack(w.data_ptr(), w.stride(0), N, K, packed.data_ptr())
         return AmxWeight(packed, N, K)
 
     def linear(self, x: torch.Tensor, weight: AmxWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
