@@ -411,6 +411,7 @@ def load_policy(
 
     from rlft.attention import use_fast_attention
     from rlft.kernels.rms_norm import use_fused_rms_norm
+    from rlft.training.lora_linear import use_fused_lora
 
     use_fast_attention(hf_model)  # CPU: rlft's attention instead of the slow CPU sdpa kernel
     use_fused_rms_norm(hf_model)  # CPU, bf16: each RMSNorm's forward and backward one C call (rlft.kernels)
@@ -421,6 +422,7 @@ def load_policy(
         except ImportError as e:  # pragma: no cover
             raise PolicyLoadError("LoRA needs peft: pip install 'rlft[lora]' (or pip install peft).") from e
         final_model = get_peft_model(hf_model, lora.to_peft(hf_model))
+        use_fused_lora(final_model)  # CPU, bf16: each adapted linear one autograd node (rlft.training.lora_linear)
     else:
         for p in final_model.parameters():
             p.requires_grad_(True)
@@ -480,6 +482,9 @@ def _load_adapter_dir(adapter_dir: str, *, dtype, lora, gradient_checkpointing, 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     peft_model = PeftModel.from_pretrained(base_policy.model, adapter_dir, is_trainable=True)
+    from rlft.training.lora_linear import use_fused_lora
+
+    use_fused_lora(peft_model)
     peft_model.eval()
     return Policy(
         model=peft_model,

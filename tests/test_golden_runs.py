@@ -32,7 +32,12 @@ seventh time when training's RMSNorm became one C call forward and backward (``r
 float32 sums in another order): step 1 matched to the last digit, step 2's gradient norm moved by
 2.5e-5 relative (0.10137123 -> 0.10137375) and step 3's samples changed; with
 ``RLFT_NATIVE_KERNELS=0`` the run still matches the previous recording, and the float32 runs do not
-take the kernels. Four runs, each a few seconds on the tiny models:
+take the kernels. An eighth time when each bf16 LoRA linear became one autograd node
+(``rlft.training.lora_linear``: the base and adapter products summed in one rounding instead of
+three): step 1's samples and rewards matched, its trainer-side logprobs moved by ~1e-4 (the
+``sync/*`` differences) and its gradient norm by 6.4e-5 relative (0.10137375 -> 0.10136726), and
+the samples from step 2 on changed; the engine's sampling kernel (``rlft.kernels.sampling``) had left
+the recording unchanged. Four runs, each a few seconds on the tiny models:
 
 - ``fp32``: full finetune in float32 of the random tiny model, evals every 2 steps;
 - ``overlap``: the same with ``overlap = true`` (sampling one version behind);

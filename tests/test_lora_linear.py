@@ -1,0 +1,98 @@
+"""The fused LoRA linear (rlft.training.lora_linear) against peft's own forward and backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlft.testing.models import build_tiny_model
+from rlft.training.lora_linear import _fused_forward, use_fused_lora
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_model(dtype=torch.bfloat16, dropout=0.0, bias=False):
+    model, _ = build_tiny_model(seed=0, hidden=64, layers=2, heads=4, kv_heads=2)
+    if bias:  # a base bias (as Qwen2's q/k/v) the fused node must add
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.q_proj.bias = torch.nn.Parameter(torch.randn(attn.q_proj.out_features) * 0.1)
+    model = model.to(dtype)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS)
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():  # B starts at zero: random B so the adapters' path carries signal
+        gen = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def _loss_and_grads(model, ids, autocast=True):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            peft.helpers.disable_input_dtype_casting(model):
+        logits = model(input_ids=ids).logits
+    loss = torch.log_softmax(logits.float(), -1)[..., 0].mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "base-bias"])
+def test_fused_lora_gives_peft_loss_and_adapter_gradients_within_bf16_noise(bias):
+    """bf16 base + float32 adapters under autocast (the trainer's setting): the fused node's loss and
+    LoRA gradients against peft's, both against a float32 copy of the same model: the fused one is
+    at least as close to float32 (one rounding of the [tokens, out] tensor instead of three)."""
+    ids = torch.randint(0, 400, (3, 21), generator=torch.Generator().manual_seed(2))
+    plain = _lora_model(bias=bias)
+    fused = copy.deepcopy(plain)
+    assert use_fused_lora(fused) == 2 * len(TARGETS)
+    exact = copy.deepcopy(plain).float()
+    loss_p, grads_p = _loss_and_grads(plain, ids)
+    loss_f, grads_f = _loss_and_grads(fused, ids)
+    loss_x, grads_x = _loss_and_grads(exact, ids, autocast=False)
+    assert set(grads_f) == set(grads_p) and all("lora_" in n for n in grads_f)
+    assert all(p.grad.dtype == torch.float32 for n, p in fused.named_parameters() if "lora_" in n)
+    assert abs(float(loss_f - loss_p)) < 2e-2 * abs(float(loss_x))
+    for name in grads_x:
+        assert _rel(grads_f[name], grads_p[name]) < 0.1, name
+    err_f = sum(_rel(grads_f[n], grads_x[n]) for n in grads_x) / len(grads_x)
+    err_p = sum(_rel(grads_p[n], grads_x[n]) for n in grads_x) / len(grads_x)
+    assert err_f <= 1.1 * err_p, (err_f, err_p)
+
+
+def test_fused_lora_leaves_float32_models_disabled_adapters_and_dropout_to_peft():
+    ids = torch.randint(0, 400, (2, 9), generator=torch.Generator().manual_seed(3))
+    plain = _lora_model(dtype=torch.float32)
+    fused = copy.deepcopy(plain)
+    use_fused_lora(fused)
+    assert torch.equal(_loss_and_grads(plain, ids, autocast=False)[0], _loss_and_grads(fused, ids, autocast=False)[0])
+    bf16 = _lora_model()
+    use_fused_lora(bf16)
+    with torch.no_grad(), bf16.disable_adapter():  # the reference policy of a KL penalty: the base alone
+        without = bf16(input_ids=ids).logits
+        base = bf16.get_base_model()
+        assert not any(type(m).__name__ == "Linear" and hasattr(m, "lora_A") and m.disable_adapters is False
+                       for m in base.modules())
+    with torch.no_grad():
+        with_adapters = bf16(input_ids=ids).logits
+    assert not torch.equal(without, with_adapters)
+    assert use_fused_lora(_lora_model(dropout=0.1)) == 0  # dropout: peft's forward
+
+
+def test_load_policy_routes_a_bf16_lora_policy_through_the_fused_node(tmp_path):
+    from rlft.policy import LoraSpec, load_policy
+    from rlft.testing.models import save_tiny_model
+
+    save_tiny_model(tmp_path / "m", seed=0)
+    policy = load_policy(str(tmp_path / "m"), dtype="bfloat16", lora=LoraSpec(rank=4))
+    fused = [m for m in policy.model.modules() if getattr(m.forward, "__func__", None) is _fused_forward]
+    assert fused and len(fused) == sum(1 for n, _ in policy.model.named_modules() if n.endswith("lora_A"))
