@@ -40,7 +40,7 @@ def test_a_plain_lora_view_gives_the_logits_of_peft_with_that_adapter(tiny_model
     bases = BaseModels(dtype, "cpu")
     served = bases.adapter(path)
     assert not served.is_lora and any(isinstance(m, LoraLinear) for m in served.model.modules())  # no peft
-    reference = load_policy(path, dtype=dtype).model  # peft's PeftModel.from_pretrained on its own base
+    reference = _peft_reference(tiny_model_dir, path, dtype)  # peft's own forward (not the trainer's fused node)
     # the same operations in the same order: equal to float rounding (atol 1e-5; they agree bit for bit here)
     torch.testing.assert_close(_logits(served.model), _logits(reference), rtol=0, atol=1e-5)
     base = bases.base(tiny_model_dir).model
@@ -62,10 +62,10 @@ def _peft_adapter(model_dir: str, out_dir, **config) -> str:
     return str(out_dir)
 
 
-def _peft_reference(model_dir: str, adapter_dir: str):
+def _peft_reference(model_dir: str, adapter_dir: str, dtype: str = "float32"):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_policy(model_dir, dtype="float32").model, adapter_dir).eval()
+    return PeftModel.from_pretrained(load_policy(model_dir, dtype=dtype).model, adapter_dir).eval()
 
 
 def test_a_plain_lora_saved_by_peft_with_rslora_gives_peft_logits(tiny_model_dir, tmp_path):

@@ -15,13 +15,12 @@ decode and prefill only), dtypes other than bf16, inputs whose width is not a mu
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 from typing import NamedTuple
 
 import torch
 
-from rlft.kernels.build import load
+from rlft.kernels.build import bind
 
 __all__ = ["AmxLinear", "AmxWeight", "amx_linear_kernel"]
 
@@ -88,11 +87,9 @@ def amx_linear_kernel() -> AmxLinear | None:
     if any(os.environ.get(name, "").upper() not in ("", "ALL") and "AMX" not in os.environ[name].upper()
            for name in _ISA_ENV):
         return None
-    lib = load("amx_linear")
-    return _granted(lib) if lib is not None else None
+    return bind("amx_linear", _granted)
 
 
-@functools.cache
 def _granted(lib: ctypes.CDLL) -> AmxLinear | None:
     if lib.rlft_amx_init() != 0:  # Linux older than 5.16, or AMX turned off for this process
         return None

@@ -27,14 +27,17 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DISABLE_ENV", "cache_dir", "load", "status"]
+__all__ = ["DISABLE_ENV", "bind", "cache_dir", "load", "status"]
 
+T = TypeVar("T")
 DISABLE_ENV = "RLFT_NATIVE_KERNELS"  # "0": never compile or load a kernel (the torch paths run)
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-Wall", "-Werror"]
 _SOURCES = Path(__file__).parent
@@ -53,6 +56,18 @@ def load(name: str) -> ctypes.CDLL | None:
     """The compiled kernel ``name`` (``name.c`` beside this module), or None where it cannot run
     here (no compiler, unsupported CPU or OS, torch not on OpenMP, or disabled)."""
     return _load(name)[0] if enabled() else None
+
+
+def bind(name: str, wrapper: Callable[[ctypes.CDLL], T | None]) -> T | None:
+    """``wrapper(library)`` for the compiled kernel ``name``, made once per loaded library (it
+    declares the C signatures), or None where the kernel cannot run here (see :func:`load`)."""
+    lib = load(name)
+    return _bound(wrapper, lib) if lib is not None else None
+
+
+@functools.cache
+def _bound(wrapper: Callable[[ctypes.CDLL], T | None], lib: ctypes.CDLL) -> T | None:
+    return wrapper(lib)
 
 
 def status(name: str) -> str:

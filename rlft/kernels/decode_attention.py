@@ -12,7 +12,7 @@ import ctypes
 
 import torch
 
-from rlft.kernels.build import load
+from rlft.kernels.build import bind
 
 __all__ = ["DecodeAttention", "decode_attention_kernel"]
 
@@ -53,5 +53,4 @@ class DecodeAttention:
 
 
 def decode_attention_kernel() -> DecodeAttention | None:
-    lib = load("decode_attention")
-    return DecodeAttention(lib) if lib is not None else None
+    return bind("decode_attention", DecodeAttention)

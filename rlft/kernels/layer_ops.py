@@ -9,11 +9,10 @@ autograd, dtypes other than bf16.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
-from rlft.kernels.build import load
+from rlft.kernels.build import bind
 
 __all__ = ["LayerOps", "layer_ops_kernels"]
 
@@ -117,10 +116,4 @@ def _check(*tensors: torch.Tensor) -> None:
 
 
 def layer_ops_kernels() -> LayerOps | None:
-    lib = load("layer_ops")
-    return _wrapped(lib) if lib is not None else None
-
-
-@functools.cache
-def _wrapped(lib: ctypes.CDLL) -> LayerOps:
-    return LayerOps(lib)
+    return bind("layer_ops", LayerOps)

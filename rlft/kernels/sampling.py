@@ -13,11 +13,10 @@ logprobs of the same token agree to ~1e-6. Left out: float32 logits, top-p, top-
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
-from rlft.kernels.build import load
+from rlft.kernels.build import bind
 
 __all__ = ["PlainSampler", "plain_sampler"]
 
@@ -52,10 +51,4 @@ class PlainSampler:
 
 
 def plain_sampler() -> PlainSampler | None:
-    lib = load("sampling")
-    return _wrapped(lib) if lib is not None else None
-
-
-@functools.cache
-def _wrapped(lib: ctypes.CDLL) -> PlainSampler:
-    return PlainSampler(lib)
+    return bind("sampling", PlainSampler)
