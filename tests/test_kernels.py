@@ -496,6 +496,19 @@ def test_plain_sampler_frequencies_follow_the_softmax_at_the_temperature():
 
 
 @needs_sampler
+def test_plain_sampler_never_draws_a_masked_token():
+    """Grammar-constrained rows reach the sampler with disallowed tokens at -inf."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 1000, generator=gen).bfloat16()
+    allowed = torch.rand(64, 1000, generator=gen) < 0.01
+    allowed[:, 999] = True  # at least one per row, one in the vocabulary's last (partial) block
+    logits[~allowed] = float("-inf")
+    for seed in range(20):
+        tokens, logprobs = SAMPLER(logits, torch.ones(64), torch.rand(64, generator=torch.Generator().manual_seed(seed)))
+        assert allowed.gather(1, tokens[:, None]).all() and torch.isfinite(logprobs).all()
+
+
+@needs_sampler
 def test_sample_tokens_takes_the_kernel_for_bf16_rows_without_truncation_only(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(8, 300, generator=gen).bfloat16()

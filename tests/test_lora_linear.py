@@ -15,15 +15,15 @@ peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _lora_model(dtype=torch.bfloat16, dropout=0.0, bias=False):
+def _lora_model(dtype=torch.bfloat16, dropout=0.0, bias=False, **config):
     model, _ = build_tiny_model(seed=0, hidden=64, layers=2, heads=4, kv_heads=2)
     if bias:  # a base bias (as Qwen2's q/k/v) the fused node must add
         for layer in model.model.layers:
             attn = layer.self_attn
             attn.q_proj.bias = torch.nn.Parameter(torch.randn(attn.q_proj.out_features) * 0.1)
     model = model.to(dtype)
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS)
-    model = peft.get_peft_model(model, config)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                       target_modules=TARGETS, **config))
     with torch.no_grad():  # B starts at zero: random B so the adapters' path carries signal
         gen = torch.Generator().manual_seed(1)
         for name, p in model.named_parameters():
@@ -86,6 +86,8 @@ def test_fused_lora_leaves_float32_models_disabled_adapters_and_dropout_to_peft(
         with_adapters = bf16(input_ids=ids).logits
     assert not torch.equal(without, with_adapters)
     assert use_fused_lora(_lora_model(dropout=0.1)) == 0  # dropout: peft's forward
+    assert use_fused_lora(_lora_model(lora_bias=True)) == 0  # a bias on lora_B: peft's forward
+    assert use_fused_lora(_lora_model(use_dora=True)) == 0
 
 
 def test_load_policy_routes_a_bf16_lora_policy_through_the_fused_node(tmp_path):

@@ -58,7 +58,7 @@ class AmxLinear:
                              f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
         N, K = weight.shape
         w = weight.detach()
-        if w.stride(1) != 1 or w.data_ptr() % 4:
+        if w.stride(1) != 1 or w.stride(0) % 2 or w.data_ptr() % 4:  # the C code reads input pairs as words
             w = w.contiguous()
         # packed[nb, kb, t, r, c, j] = w[32 nb + 16 t + c, 32 kb + 2 r + j], zero columns up to 32 nb
         packed = torch.empty(-(-N // 32), K // 32, 2, 16, 16, 2, dtype=torch.bfloat16)

@@ -107,7 +107,8 @@ def _build(name: str) -> tuple[ctypes.CDLL | None, str]:
                                     capture_output=True, text=True)
             if result.returncode != 0:
                 first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
-                return None, f"{compiler} could not compile it here (a CPU without AVX-512 BF16?): {first}"
+                return None, (f"{compiler} could not compile it here (a CPU without the instructions it needs: "
+                              f"AVX-512 BF16, or AMX for amx_linear?): {first}")
             os.replace(built, target)
     return ctypes.CDLL(str(target)), ""
 

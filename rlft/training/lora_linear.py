@@ -18,7 +18,7 @@ so the ``[tokens, out]`` tensor is rounded once instead of three times, and ther
 gradients (``tests/test_lora_linear.py``).
 
 :func:`use_fused_lora` puts it under each plain peft LoRA ``Linear`` of a model (one adapter,
-no dropout, no DoRA or other variant, ``nn.Linear`` base); the fused path runs only for bf16 CPU
+no dropout, no DoRA or other variant, no adapter bias, ``nn.Linear`` base); the fused path runs only for bf16 CPU
 inputs and weights with the adapters enabled and unmerged, everything else goes through peft's
 own forward. Left out: CUDA (peft's path there), dropout, several adapters at once, DoRA.
 """
@@ -81,11 +81,13 @@ def _plain_tensors(*tensors: torch.Tensor) -> bool:
 
 
 def _plain(module: Any) -> bool:
-    """One adapter, no dropout, no variant (DoRA, ...), an ``nn.Linear`` base, weights as (out, in)."""
+    """One adapter, no dropout, no variant (DoRA, ...), no bias on the adapter (peft's ``lora_bias``),
+    an ``nn.Linear`` base, weights as (out, in)."""
     dropout = list(module.lora_dropout.values())
     return (len(module.lora_A) == 1 and not getattr(module, "lora_variant", {})
             and type(module.get_base_layer()) is torch.nn.Linear and not module.fan_in_fan_out
-            and all(isinstance(d, torch.nn.Identity) for d in dropout))
+            and all(isinstance(d, torch.nn.Identity) for d in dropout)
+            and all(m.bias is None for m in [*module.lora_A.values(), *module.lora_B.values()]))
 
 
 def use_fused_lora(model: Any) -> int:
