@@ -77,8 +77,8 @@ void rlft_amx_linear(const uint16_t *x, long x_row, int M, int K, const uint16_t
                 const int cols = N - nb * 32 < 32 ? N - nb * 32 : 32;
                 __m512 bias_lo = _mm512_setzero_ps(), bias_hi = _mm512_setzero_ps();
                 if (bias) {
-                    bias_lo = load_bf16_n(bias + nb * 32, cols < 16 ? cols : 16);
-                    if (cols > 16) bias_hi = load_bf16_n(bias + nb * 32 + 16, cols - 16);
+                    bias_lo = load_any(bias + nb * 32, cols);
+                    if (cols > 16) bias_hi = load_any(bias + nb * 32 + 16, cols - 16);
                 }
                 for (int m0 = mb; m0 < mend; m0 += 32) {
                     const int r = mend - m0 < 32 ? mend - m0 : 32, r0 = r < 16 ? r : 16, r1 = r - r0;
@@ -116,15 +116,9 @@ void rlft_amx_linear(const uint16_t *x, long x_row, int M, int K, const uint16_t
                     }
                     for (int i = 0; i < r; ++i) {
                         uint16_t *yr = y + (long)(m0 + i) * y_row + nb * 32;
-                        __m256i lo = to_bf16(_mm512_add_ps(_mm512_load_ps(acc + i * 32), bias_lo));
-                        __m256i hi = to_bf16(_mm512_add_ps(_mm512_load_ps(acc + i * 32 + 16), bias_hi));
-                        if (cols == 32) {
-                            _mm256_storeu_si256((__m256i *)yr, lo);
-                            _mm256_storeu_si256((__m256i *)(yr + 16), hi);
-                        } else {
-                            _mm256_mask_storeu_epi16(yr, (__mmask16)(cols >= 16 ? 0xffff : (1u << cols) - 1), lo);
-                            if (cols > 16) _mm256_mask_storeu_epi16(yr + 16, (__mmask16)((1u << (cols - 16)) - 1), hi);
-                        }
+                        store_bf16(yr, _mm512_add_ps(_mm512_load_ps(acc + i * 32), bias_lo), cols);
+                        if (cols > 16)
+                            store_bf16(yr + 16, _mm512_add_ps(_mm512_load_ps(acc + i * 32 + 16), bias_hi), cols - 16);
                     }
                 }
             }

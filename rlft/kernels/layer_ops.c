@@ -23,11 +23,6 @@
 
 #define PARALLEL_ELEMENTS 65536 /* below this, one thread: waking the second costs more */
 
-static inline void store_bf16(uint16_t *p, __m512 x, int n) {
-    if (n >= 16) _mm256_storeu_si256((__m256i *)p, to_bf16(x));
-    else _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), to_bf16(x));
-}
-static inline __m512 load_any(const uint16_t *p, int n) { return n >= 16 ? load_bf16(p) : load_bf16_n(p, n); }
 
 /* h, delta, out: [rows, n] with row strides; weight: [n]. delta may be NULL (norm only); rstd, when
  * given, receives each row's 1 / sqrt(mean(h^2) + eps) (float32, for the backward). */

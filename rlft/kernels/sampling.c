@@ -23,7 +23,7 @@
 
 /* exp(z - zmax) for n <= 16 entries of a row at p (z = x, or x / T when divide) */
 static inline __m512 weights(const uint16_t *p, int n, int divide, __m512 t, __m512 zmax) {
-    __m512 x = n >= 16 ? load_bf16(p) : load_bf16_n(p, n);
+    __m512 x = load_any(p, n);
     if (divide) x = _mm512_div_ps(x, t);
     __m512 w = exp_ps(_mm512_sub_ps(x, zmax));
     return n >= 16 ? w : _mm512_maskz_mov_ps((__mmask16)((1u << n) - 1), w);

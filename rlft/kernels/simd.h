@@ -16,6 +16,15 @@ static inline __m512 load_bf16_n(const uint16_t *p, int n) { /* the first n <= 1
 
 static inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); } /* nearest, ties to even */
 
+static inline __m512 load_any(const uint16_t *p, int n) { /* min(n, 16) lanes of a row's tail, the rest 0 */
+    return n >= 16 ? load_bf16(p) : load_bf16_n(p, n);
+}
+
+static inline void store_bf16(uint16_t *p, __m512 x, int n) { /* rounded to bf16; only min(n, 16) lanes */
+    if (n >= 16) _mm256_storeu_si256((__m256i *)p, to_bf16(x));
+    else _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), to_bf16(x));
+}
+
 static inline __m512 round_bf16(__m512 x) { /* to the nearest bf16, back in float32 lanes */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(x)), 16));
 }
