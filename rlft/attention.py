@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from rlft import packed_attention
+
 __all__ = ["NAME", "rlft_attention", "use_fast_attention"]
 
 NAME = "rlft"
@@ -50,12 +52,18 @@ def rlft_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                    is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention interface: query (B, H, q, D), key/value (B, KV, L, D) ->
-    output (B, q, H, D) and no attention weights."""
+    output (B, q, H, D) and no attention weights. Packed shared-prefix rows whose layout comes as
+    ``rlft_segments`` take ``rlft.packed_attention`` where its kernel runs, not their dense mask."""
     B, H, q, D = query.shape
     KV, L = key.shape[1], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    defer = (dropout > 0 or H % KV or any(kwargs.get(k) is not None for k in _DEFER_KWARGS)
-             or (not causal and attention_mask is None and q > 1)
+    unsupported = dropout > 0 or H % KV or any(kwargs.get(k) is not None for k in _DEFER_KWARGS)
+    segments = kwargs.get(packed_attention.KWARG)  # packed shared-prefix rows: only the pairs they see
+    if segments is not None and causal and not unsupported:
+        out = packed_attention.packed_attention(query, key, value, segments, scaling or D ** -0.5)
+        if out is not None:
+            return out, None
+    defer = (unsupported or (not causal and attention_mask is None and q > 1)
              or (q > _SHORT_QUERY and (L >= _SDPA_FROM_KEYS or B * H * q * L * 4 > _MAX_SCORE_BYTES)))
     if defer:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -37,7 +37,11 @@ take the kernels. An eighth time when each bf16 LoRA linear became one autograd 
 three): step 1's samples and rewards matched, its trainer-side logprobs moved by ~1e-4 (the
 ``sync/*`` differences) and its gradient norm by 6.4e-5 relative (0.10137375 -> 0.10136726), and
 the samples from step 2 on changed; the engine's sampling kernel (``rlft.kernels.sampling``) had left
-the recording unchanged. Four runs, each a few seconds on the tiny models:
+the recording unchanged. A ninth time when packed shared-prefix rows got their own attention kernel
+(``rlft.packed_attention``: float32 scores and probabilities, where the matmul path rounds both to
+bf16): step 1's samples and rewards matched, its trainer-side logprobs moved by ~5e-4 from the
+engine's (``sync/logprob_diff_mean`` 1e-8 -> 5.2e-4), its gradient norm by 3e-4 relative
+(0.13812049 -> 0.13807832), and the samples from step 2 on changed. Four runs, each a few seconds on the tiny models:
 
 - ``fp32``: full finetune in float32 of the random tiny model, evals every 2 steps;
 - ``overlap``: the same with ``overlap = true`` (sampling one version behind);

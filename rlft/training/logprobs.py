@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rlft import distributed
+from rlft import distributed, packed_attention
 from rlft.training import grpo, head, prefix
 
 
@@ -43,17 +43,17 @@ def forward_logprobs(model: Any, inputs, temperature: float, mask_NC: torch.Tens
         row_N, w_NC = inputs.gather_NC // W, inputs.gather_NC % W
         at_NC = row_N * L + (L - 1 - W) + w_NC  # the flat (B * L) position predicting each window token
         targets_NC = inputs.targets_BW.reshape(-1)[inputs.gather_NC]
-        attn = inputs.mask_B1LL
+        attn, extra = inputs.mask_B1LL, _segments(inputs)
     else:
         C = inputs.tokens_BC.shape[1]
         dev = ids_BL.device
         at_NC = torch.arange(B, device=dev)[:, None] * L + torch.arange(L - C - 1, L - 1, device=dev)
         targets_NC = inputs.tokens_BC
-        attn = inputs.attn_BL
+        attn, extra = inputs.attn_BL, {}
     # no logits from the model (an empty index keeps none); the final normed states instead
     none = torch.zeros(0, dtype=torch.long, device=ids_BL.device)
     out = model(input_ids=ids_BL, attention_mask=attn, position_ids=inputs.pos_BL, logits_to_keep=none,
-                output_hidden_states=True, use_cache=False)
+                output_hidden_states=True, use_cache=False, **extra)
     h_BLH = out.hidden_states[-1]
     sel_NC = mask_NC > 0
     h_MH = h_BLH.reshape(B * L, -1)[at_NC[sel_NC]]
@@ -70,7 +70,7 @@ def _window_logprobs(model: Any, inputs, temperature: float, mask_NC: torch.Tens
     (B, C, V): for models whose logits ``rlft.training.head`` does not reproduce."""
     if isinstance(inputs, prefix.PackedInputs):
         logits = model(input_ids=inputs.ids_BL, attention_mask=inputs.mask_B1LL, position_ids=inputs.pos_BL,
-                       logits_to_keep=inputs.keep_W, use_cache=False).logits  # (B, W, V)
+                       logits_to_keep=inputs.keep_W, use_cache=False, **_segments(inputs)).logits  # (B, W, V)
         targets = inputs.targets_BW
     else:
         logits = completion_logits(model, inputs.ids_BL, inputs.attn_BL, inputs.pos_BL, inputs.tokens_BC.shape[1])
@@ -82,6 +82,11 @@ def _window_logprobs(model: Any, inputs, temperature: float, mask_NC: torch.Tens
         ent = ent.reshape(-1)[inputs.gather_NC] if ent is not None else None
     keep_NC = mask_NC > 0
     return logp * keep_NC, (ent * keep_NC if ent is not None else None)
+
+
+def _segments(inputs: prefix.PackedInputs) -> dict[str, Any]:
+    """The packed rows' layout as the model keyword rlft's attention reads (``rlft.packed_attention``)."""
+    return {packed_attention.KWARG: inputs.segments}
 
 
 def completion_logits(model: Any, ids, attn, pos, C: int):

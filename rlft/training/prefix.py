@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from rlft.errors import UserError
+from rlft.packed_attention import Segments, layout
 
 # decoders whose attention is plain causal over position_ids (RoPE), checked in tests/test_shared_prefix.py
 EXACT_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -142,6 +143,7 @@ class PackedInputs:
     keep_W: torch.Tensor  # (W,) the row positions whose logits are computed (the same for every row)
     targets_BW: torch.Tensor  # the token after each kept position (its next-token target)
     gather_NC: torch.Tensor  # (N, C) index into the flattened (B * W) logprobs: sequence n's window
+    segments: Segments  # the same layout for rlft's attention, which then computes only the allowed blocks
 
 
 def pack(rows: list[Row], seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], C: int, pad_id: int, *,
@@ -156,18 +158,21 @@ def pack(rows: list[Row], seqs: Sequence[Sequence[int]], prompt_lens: Sequence[i
     seg_BL = torch.full((B, L), -2, dtype=torch.long)  # -1 shared, k >= 0 segment k, -2 padding
     order = [n for row in rows for n in row.members]  # the sequences, in the order of the output's N axis
     where: list[list[int]] = []  # per sequence, in that order: the flat (B * L) position of each of its tokens
+    row_parts, segments = [], []  # each row's (first position, shared length), each segment's (row, first, length)
     for b, row in enumerate(rows):
         o, S = L - row.length, row.shared
         first = seqs[row.members[0]]
         ids_BL[b, o:o + S - 1] = torch.tensor(first[:S - 1], dtype=torch.long)
         pos_BL[b, o:o + S - 1] = torch.arange(S - 1)
         seg_BL[b, o:o + S - 1] = -1
+        row_parts.append((o, S - 1))
         at = o + S - 1
         for k, n in enumerate(row.members):
             seg = seqs[n][S - 1:]
             ids_BL[b, at:at + len(seg)] = torch.tensor(seg, dtype=torch.long)
             pos_BL[b, at:at + len(seg)] = torch.arange(S - 1, S - 1 + len(seg))
             seg_BL[b, at:at + len(seg)] = k
+            segments.append((b, at, len(seg)))
             flat = b * L
             where.append([flat + o + q for q in range(S - 1)] + [flat + at + j for j in range(len(seg))])
             at += len(seg)
@@ -190,7 +195,8 @@ def pack(rows: list[Row], seqs: Sequence[Sequence[int]], prompt_lens: Sequence[i
     mask_B1LL = mask_BLL[:, None]
     if additive:
         mask_B1LL = torch.zeros(mask_B1LL.shape).masked_fill_(~mask_B1LL, torch.finfo(torch.float32).min)
-    return PackedInputs(ids_BL, mask_B1LL, pos_BL, keep_W, targets_BW, gather_NC)
+    return PackedInputs(ids_BL, mask_B1LL, pos_BL, keep_W, targets_BW, gather_NC,
+                        layout(L, row_parts, segments))
 
 
 def additive_mask(config: Any) -> bool:
