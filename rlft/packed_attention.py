@@ -15,9 +15,10 @@ logsumexp) and the backward from them in float32 over bf16 inputs; :func:`packed
 wraps it as an autograd function. The update passes the micro-batch's :class:`Segments` to the
 model as the keyword argument ``rlft_segments``, which transformers hands down to the attention
 function. ``"rlft"`` attention (CPU) takes this path where the kernel runs (bf16, head sizes a
-multiple of 16) and gains (:data:`MAX_SHARE`); everything else (float32 models, a machine
-without the kernel, sdpa on a GPU, eager) uses the dense mask, which describes the same
-attention. Left-padding positions get zeros here (the dense path gives them their own value; no
+multiple of 16): it was faster than the dense kernel at every packed shape measured, down to a
+row holding one segment (plain causal attention, half the dense pairs). Everything else
+(float32 models, a machine without the kernel, sdpa on a GPU, eager) uses the dense mask, which
+describes the same attention. Left-padding positions get zeros here (the dense path gives them their own value; no
 real token attends to them either way, and their logits are never read). Left out: what
 ``rlft.attention`` defers to sdpa for (dropout, soft-capping, sinks, sliding windows): those take
 the dense mask.
@@ -33,10 +34,6 @@ import torch
 from rlft.kernels.packed_attention import packed_attention_kernel
 
 KWARG = "rlft_segments"  # the model keyword argument (forwarded to attention) that carries the layout
-# the kernel runs where a micro-batch's tokens see at most this share of its dense (B * L^2) pairs:
-# per pair it costs ~2.4x the dense kernel's, so rows whose segments see most of the row gain
-# nothing (measured crossover ~0.42, the tool_use recipe's rows; benchmarks/README.md)
-MAX_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -44,10 +41,9 @@ class Segments:
     """A micro-batch of packed rows (B, L) as token ranges over the flat (B * L) token axis."""
 
     qr_T4: torch.Tensor  # int32 (a0, a1, b0, b1): query t sees keys [a0, a1) and [b0, b1)
-    share: float  # the (query, key) pairs seen, over the dense mask's B * L^2
 
     def to(self, device: torch.device | str) -> Segments:
-        return Segments(self.qr_T4.to(device), self.share)
+        return Segments(self.qr_T4.to(device))
 
 
 def layout(L: int, rows: Sequence[tuple[int, int]], segments: Sequence[tuple[int, int, int]]) -> Segments:
@@ -64,8 +60,7 @@ def layout(L: int, rows: Sequence[tuple[int, int]], segments: Sequence[tuple[int
         t = torch.arange(b * L + start, b * L + start + n, dtype=torch.int32)
         qr_T4[t.long()] = torch.stack([torch.full_like(t, b * L + o), torch.full_like(t, b * L + o + shared),
                                        torch.full_like(t, b * L + start), t + 1], 1)
-    pairs = int((qr_T4[:, 1] - qr_T4[:, 0] + qr_T4[:, 3] - qr_T4[:, 2]).sum())
-    return Segments(qr_T4, pairs / (T * L))
+    return Segments(qr_T4)
 
 
 def packed_attention(q_BHLD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor, seg: Segments,
@@ -74,8 +69,7 @@ def packed_attention(q_BHLD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.T
     (B, KV, L, D) with H a multiple of KV -> (B, L, H, D); None where the kernel does not run
     (not built here, not bf16, a head size it does not take): the caller takes the dense path."""
     kernel = packed_attention_kernel()
-    if (kernel is None or q_BHLD.device.type != "cpu" or not kernel.handles(q_BHLD.shape[-1], q_BHLD.dtype)
-            or seg.share > MAX_SHARE):
+    if kernel is None or q_BHLD.device.type != "cpu" or not kernel.handles(q_BHLD.shape[-1], q_BHLD.dtype):
         return None
     return _PackedAttention.apply(q_BHLD, k_BKLD, v_BKLD, seg, scale, kernel)
 
@@ -107,4 +101,4 @@ class _PackedAttention(torch.autograd.Function):
                 dv.view(B, L, KV, D).transpose(1, 2), None, None, None)
 
 
-__all__ = ["KWARG", "MAX_SHARE", "Segments", "layout", "packed_attention"]
+__all__ = ["KWARG", "Segments", "layout", "packed_attention"]
