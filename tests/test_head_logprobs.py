@@ -80,3 +80,72 @@ def test_chunks_give_log_softmax_and_entropy_and_keep_no_vocabulary_wide_tensor_
     (torch.log_softmax(lin(h2) / 0.8, -1).gather(-1, t[:, None]).squeeze(-1) * w).sum().backward()
     torch.testing.assert_close(h.grad, h2.grad)
     assert max(sizes) <= chunk * V  # one chunk's logits at most, never (N, V)
+
+
+needs_logprobs_kernel = pytest.mark.skipif(
+    __import__("rlft.kernels.token_logprobs", fromlist=["x"]).token_logprobs_kernel() is None,
+    reason="the token_logprobs kernel does not build here (needs AVX512-BF16)")
+
+
+@needs_logprobs_kernel
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_bf16_kernel_gives_torchs_float32_log_softmax_entropy_and_logit_gradient(temperature):
+    from rlft.kernels.token_logprobs import token_logprobs_kernel
+
+    kernel = token_logprobs_kernel()
+    gen = torch.Generator().manual_seed(1)
+    C, V = 37, 1003  # a row tail that is not a multiple of 16
+    z = (torch.randn(C, V + 5, generator=gen) * 4).bfloat16()[:, :V]  # rows strided: a view of a wider tensor
+    t = torch.randint(0, V, (C,), generator=gen)
+    t[0], t[1] = 0, V - 1  # the first and the last entry
+    g = torch.randn(C, generator=gen)
+    logp, lse, ent = kernel.forward(z, t, temperature, entropy=True)
+    zf = z.float().requires_grad_()
+    ref = torch.log_softmax(zf / temperature, -1)
+    torch.testing.assert_close(logp, ref.gather(-1, t[:, None]).squeeze(-1).detach(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1).detach(), rtol=0, atol=2e-5)
+    (ref.gather(-1, t[:, None]).squeeze(-1) * g).sum().backward()
+    dz = kernel.backward(z, t, lse, g, temperature)
+    assert dz.dtype == torch.bfloat16 and dz.shape == (C, V)
+    torch.testing.assert_close(dz.float(), zf.grad.bfloat16().float(), rtol=1e-2, atol=1e-6)  # one bf16 rounding
+
+
+@needs_logprobs_kernel
+def test_a_target_outside_the_vocabulary_is_an_error_not_a_read_past_the_row():
+    from rlft.kernels.token_logprobs import token_logprobs_kernel
+
+    z = torch.zeros(2, 40, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        token_logprobs_kernel().forward(z, torch.tensor([3, 40]), 1.0, entropy=False)
+
+
+@needs_logprobs_kernel
+def test_bf16_chunks_take_the_kernel_and_give_the_torch_paths_logprobs_and_gradients(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    N, H, V = 40, 16, 301
+    lin = torch.nn.Linear(H, V, bias=False).bfloat16()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(V, H, generator=gen))
+    h0 = torch.randn(N, H, generator=gen).bfloat16()
+    t = torch.randint(0, V, (N,), generator=gen)
+    w = torch.randn(N, generator=gen)
+    runs = {}
+    calls: list[int] = []
+    real = head._TokenLogprobs.apply
+    monkeypatch.setattr(head._TokenLogprobs, "apply", lambda *a: calls.append(1) or real(*a))
+    for path in ("kernel", "torch"):
+        calls.clear()
+        with monkeypatch.context() as m:
+            if path == "torch":
+                m.setattr(head, "token_logprobs_kernel", lambda: None)
+            h = h0.clone().requires_grad_()
+            lin.zero_grad()
+            logp, ent = head.sampled_logprobs(lin, h, t, 0.9, entropy=True, chunk_tokens=16)
+            (logp * w).sum().backward()
+            runs[path] = (logp.detach(), ent, h.grad.float(), lin.weight.grad.float(), len(calls))
+    k, r = runs["kernel"], runs["torch"]
+    assert k[4] == 2 * 3 and r[4] == 0  # 3 chunks, each forwarded and recomputed in the backward
+    torch.testing.assert_close(k[0], r[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(k[1], r[1], rtol=0, atol=1e-4)
+    for a, b in zip(k[2:4], r[2:4]):  # bf16 gradients: the logits' gradient rounded once either way
+        assert float((a - b).abs().max()) <= 0.02 * float(b.abs().max())

@@ -305,7 +305,8 @@ def _kernels_check() -> bool:
     """rlft's C kernels for the CPU (rlft.kernels): built here, or why the torch ops run instead."""
     from rlft.kernels.build import status
 
-    lines = {name: status(name) for name in ("decode_attention", "layer_ops", "sampling", "packed_attention")}
+    lines = {name: status(name) for name in ("decode_attention", "layer_ops", "sampling", "packed_attention",
+                                             "token_logprobs")}
     if all(line.startswith("built") for line in lines.values()):
         print("  ok    native CPU kernels: " + "; ".join(f"{k} {v}" for k, v in lines.items()))
         # the AMX linear layers: a CPU with AMX-BF16 only (elsewhere oneDNN's packed linear, as good as it gets there)
@@ -319,7 +320,7 @@ def _kernels_check() -> bool:
     if all(line.startswith("turned off") for line in lines.values()):  # the user's choice, not a missing part
         print(f"  off   native CPU kernels: {lines['layer_ops']}: the torch ops run")
         return True
-    print("  MISSING native CPU kernels (the torch ops run: slower bf16 decode, RMSNorm and packed-row attention): "
+    print("  MISSING native CPU kernels (the torch ops run: slower bf16 decode, RMSNorm and training attention): "
           + "; ".join(f"{k}: {v}" for k, v in lines.items())
           + "\n          fix: a C compiler (apt-get install gcc) on an x86-64 CPU with AVX-512 BF16")
     return False

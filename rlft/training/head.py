@@ -10,8 +10,11 @@ cost is one more head matmul over the sampled positions (~1/3 of the head's work
 benchmarks/README.md) against two (B, C, V) tensors (the logits and their gradient) and the
 float32 passes over them. The head runs as the model's own module (tied embeddings, a trained
 head in a full finetune and its gradients included); final logit soft-capping is applied as the
-model's forward applies it. Left out: models whose forward scales the logits otherwise (see
-:func:`supported`); the update keeps the full-window path for them.
+model's forward applies it. bf16 logits on the CPU take ``rlft.kernels.token_logprobs`` for the
+log-softmax, the gather, the entropy and their backward (two passes over each bf16 row forward,
+one backward, where torch makes five float32 passes); elsewhere, or soft-capped, torch's ops run.
+Left out: models whose forward scales the logits otherwise (see :func:`supported`); the update
+keeps the full-window path for them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from rlft.kernels.token_logprobs import token_logprobs_kernel
 
 CHUNK_TOKENS = 256  # sampled positions per head chunk: 256 x V float32 (48 MiB for a 49k vocabulary)
 # config attributes of logit transforms this module does not reproduce (Cohere, Granite)
@@ -30,8 +35,8 @@ def supported(config: Any) -> bool:
     return not any(getattr(config, k, None) not in (None, 1, 1.0) for k in _UNSUPPORTED_SCALES)
 
 
-def _logprobs_CV(head: Any, h_CH: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
-    z_CV = head(h_CH).float()
+def _log_softmax(z_CV: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+    z_CV = z_CV.float()
     if softcap:  # Gemma-2 style final soft-capping, as the model's own forward applies it
         z_CV = torch.tanh(z_CV / softcap) * softcap
     if temperature != 1.0:  # skipped at 1.0: z / 1.0 is z, and it is a full pass over (C, V)
@@ -46,10 +51,38 @@ def _entropy_C(logp_CV: torch.Tensor) -> torch.Tensor:
     return -(logp_CV.exp() * logp_CV).sum(-1)
 
 
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(t_C) per row of bf16 logits z_CV at a temperature, and (no gradient) the entropies,
+    by ``rlft.kernels.token_logprobs``: two passes over each bf16 row forward, one backward,
+    instead of torch's float32 cast, log-softmax, gather and their backward passes."""
+
+    @staticmethod
+    def forward(ctx, z_CV, t_C, temperature: float, kernel, entropy: bool):
+        logp_C, lse_C, ent_C = kernel.forward(z_CV, t_C, temperature, entropy)
+        ctx.save_for_backward(z_CV, t_C, lse_C)
+        ctx.temperature, ctx.kernel = temperature, kernel
+        ent_C = ent_C if ent_C is not None else logp_C.new_zeros(0)
+        ctx.mark_non_differentiable(ent_C)
+        return logp_C, ent_C
+
+    @staticmethod
+    def backward(ctx, grad_C, _grad_ent):
+        z_CV, t_C, lse_C = ctx.saved_tensors
+        return ctx.kernel.backward(z_CV, t_C, lse_C, grad_C, ctx.temperature), None, None, None, None
+
+
 def _chunk(head: Any, h_CH: torch.Tensor, t_C: torch.Tensor, temperature: float, softcap: float | None,
            ent_out: list[torch.Tensor] | None) -> torch.Tensor:
-    logp_CV = _logprobs_CV(head, h_CH, temperature, softcap)
-    if ent_out is not None and not ent_out:  # the first call only: checkpoint's recompute calls this again
+    first = ent_out is not None and not ent_out  # checkpoint's recompute calls this again: entropy once
+    z_CV = head(h_CH)
+    kernel = None if softcap else token_logprobs_kernel()
+    if kernel is not None and kernel.handles(z_CV):  # bf16 logits on the CPU
+        logp_C, ent_C = _TokenLogprobs.apply(z_CV, t_C, temperature, kernel, first)
+        if first:
+            ent_out.append(ent_C)
+        return logp_C
+    logp_CV = _log_softmax(z_CV, temperature, softcap)
+    if first:
         ent_out.append(_entropy_C(logp_CV.detach()))
     return logp_CV.gather(-1, t_C[:, None]).squeeze(-1)
 
