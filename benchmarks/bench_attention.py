@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py --shapes                   # matmul path vs sdpa, by shape
     python benchmarks/bench_attention.py --gradients --task demo    # bf16 LoRA gradients vs float32, both rules
     python benchmarks/bench_attention.py --update --task tool_use   # one update's time under both rules
+    python benchmarks/bench_attention.py --packed --task tool_use   # packed rows: dense mask vs the packed kernel
 
 ``--shapes``: one attention call of SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64,
 bf16, causal boolean mask) over ``B`` rows of ``S`` tokens, through ``rlft.attention``'s matmul
@@ -17,6 +18,12 @@ the score budget) and the new one (sdpa from ``_SDPA_FROM_KEYS`` keys): the rela
 
 ``--update``: ``policy_update`` on that batch under both rules, alternating, ``--repeats`` times
 after one warm-up of each; median seconds and the policy loss of each (the same batch and weights).
+
+``--packed``: one attention call (forward + backward, SmolLM2's heads, bf16, random q, k, v in
+token-major storage as the projections leave them) over each micro-batch of packed rows that
+``bench_update.py``'s batch for ``--task`` forms, through ``rlft.attention`` with the dense 4-D
+mask and with the rows' layout (``rlft.packed_attention``'s kernel); alternating, median of
+``--repeats`` after one; with the share of the dense pairs the packed tokens see.
 """
 
 from __future__ import annotations
@@ -139,22 +146,71 @@ def update(task: str, repeats: int) -> None:
           f"old/new {old / new:.2f}x; policy loss {loss['old']:.6f} / {loss['new']:.6f}", flush=True)
 
 
+def packed(task: str, repeats: int) -> None:
+    from rlft.packed_attention import KWARG
+    from rlft.policy import load_policy
+    from rlft.training import prefix
+
+    tokenizer = load_policy("smollm2", dtype="bfloat16", lora=None).tokenizer
+    groups = batch(prompts(task, tokenizer, 4), 8, TASKS[task][3], len(tokenizer))
+    seqs = [r.prompt_ids + r.completion_ids for g in groups for r in g.rollouts]
+    gids = [i for i, g in enumerate(groups) for _ in g.rollouts]
+    prompt_lens = [len(r.prompt_ids) for g in groups for r in g.rollouts]
+    budget = TASKS[task][2]
+    totals = {"dense": 0.0, "packed": 0.0}
+    for mb in prefix.micro_batches(prefix.plan_rows(seqs, gids, budget), budget):
+        order = [n for r in mb for n in r.members]
+        local, k = [], 0
+        for r in mb:
+            local.append(prefix.Row(tuple(range(k, k + len(r.members))), r.shared, r.length))
+            k += len(r.members)
+        C = max(len(seqs[n]) - prompt_lens[n] for n in order)
+        inputs = prefix.pack(local, [seqs[n] for n in order], [prompt_lens[n] for n in order], C, pad_id=0)
+        B, L = inputs.ids_BL.shape
+        qr = inputs.segments.qr_T4
+        share = int((qr[:, 1] - qr[:, 0] + qr[:, 3] - qr[:, 2]).sum()) / (B * L * L)
+        g = torch.Generator().manual_seed(0)
+        q, k_, v = (torch.randn(B, L, h, 64, generator=g).bfloat16().transpose(1, 2).requires_grad_()
+                    for h in (9, 3, 3))
+        grad = torch.randn(B, L, 9, 64, generator=g).bfloat16()
+        times: dict[str, list[float]] = {"dense": [], "packed": []}
+        for rep in range(repeats + 1):
+            for arm in ("dense", "packed") if rep % 2 else ("packed", "dense"):
+                extra = {KWARG: inputs.segments} if arm == "packed" else {}
+                t0 = time.perf_counter()
+                out, _ = attention.rlft_attention(_Module(), q, k_, v, inputs.mask_B1LL, scaling=0.125, **extra)
+                out.backward(grad)
+                if rep:
+                    times[arm].append(time.perf_counter() - t0)
+        d, p = (statistics.median(times[a]) for a in ("dense", "packed"))
+        totals["dense"] += d
+        totals["packed"] += p
+        print(f"{task}: {B} row(s) of {L} tokens, the packed tokens see {share:.0%} of the dense pairs: dense "
+              f"mask {d * 1e3:.2f} ms, packed kernel {p * 1e3:.2f} ms (forward + backward, one layer), "
+              f"{d / p:.2f}x", flush=True)
+    print(f"{task}: all micro-batches, one layer: dense {totals['dense'] * 1e3:.1f} ms, packed "
+          f"{totals['packed'] * 1e3:.1f} ms ({totals['dense'] / totals['packed']:.2f}x)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", action="store_true")
     ap.add_argument("--gradients", action="store_true")
     ap.add_argument("--update", action="store_true")
+    ap.add_argument("--packed", action="store_true")
     ap.add_argument("--task", choices=sorted(TASKS), default="demo")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    if not (args.shapes or args.gradients or args.update):
-        ap.error("choose --shapes, --gradients and/or --update")
+    if not (args.shapes or args.gradients or args.update or args.packed):
+        ap.error("choose --shapes, --gradients, --update and/or --packed")
     if args.shapes:
         shapes()
     if args.gradients:
         gradients(args.task)
     if args.update:
         update(args.task, args.repeats)
+    if args.packed:
+        packed(args.task, args.repeats)
 
 
 if __name__ == "__main__":

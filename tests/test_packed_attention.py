@@ -109,6 +109,30 @@ def test_a_group_sharing_one_token_has_no_shared_part_and_still_matches():
     _compare(packed, real)
 
 
+@needs_kernel
+def test_the_backward_gives_the_same_bits_every_run_on_two_threads():
+    # each thread sums dk, dv over its blocks: which thread gets which block must not depend on timing
+    from rlft.kernels.packed_attention import packed_attention_kernel
+
+    kernel = packed_attention_kernel()
+    packed, _ = _packed(6, [(40, [9, 30, 17, 25, 3, 40, 12, 21])])
+    T = packed.ids_BL.numel()
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(T, h, 64, generator=gen).bfloat16() for h in (9, 3, 3))
+    g = torch.randn(T, 9, 64, generator=gen).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, lse = kernel.forward(q, k, v, packed.segments.qr_T4, 0.125)
+        first = kernel.backward(q, k, v, out, lse, g, packed.segments.qr_T4, 0.125)
+        for _ in range(20):
+            again = kernel.backward(q, k, v, out, lse, g, packed.segments.qr_T4, 0.125)
+            for a, b in zip(first, again):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_ranges_say_which_keys_each_token_sees():
     # one row: 2 padding, shared [2, 5), segments [5, 8) and [8, 10)
     seg = packed_attention.layout(10, [(2, 3)], [(0, 5, 3), (0, 8, 2)])

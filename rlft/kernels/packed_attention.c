@@ -9,7 +9,8 @@
  *   forward     s = q.k * scale over the seen keys; p = softmax(s); out = p v; lse = logsumexp(s)
  *   backward    dsum = dO.out; p = exp(s - lse); ds = p (dO.v - dsum);
  *               dq = scale ds k; dk = scale sum ds q, dv = sum p dO (each thread into its own
- *               float32 copy of dk, dv, summed at the end: no atomics)
+ *               float32 copy of dk, dv, summed at the end in thread order: no atomics; blocks go
+ *               to threads round-robin, so the sums, and a seeded run, are the same every time)
  *
  * Queries go in blocks of consecutive tokens that see the same key ranges but for their causal
  * ends (the block's union of keys is scored, keys past a query's end masked), so each key is
@@ -351,7 +352,9 @@ int rlft_packed_attention_bwd(const uint16_t *q, const uint16_t *k, const uint16
         }
         transpose_pairs(k, kt, T, KV, D, Tp);
         transpose_pairs(v, vt, T, KV, D, Tp); /* ends in a barrier: the copies and the zeroing are done */
-#pragma omp for schedule(dynamic, 1)
+/* round-robin, not dynamic: which thread sums a block's dk, dv must not depend on timing, or the
+ * float32 sums (and a seeded run) would differ from run to run */
+#pragma omp for schedule(static, 1)
         for (long task = 0; task < (long)nb * KV; ++task) {
             if (failed) continue;
             const Block *blk = blocks + task / KV;
