@@ -48,8 +48,7 @@ class Segments:
 
 def layout(L: int, rows: Sequence[tuple[int, int]], segments: Sequence[tuple[int, int, int]]) -> Segments:
     """The :class:`Segments` of len(rows) rows of length L, given each row's (first token's position,
-    shared length) and each segment's (row, first position, length); a row's segments follow its
-    shared part and fill it to L."""
+    shared length) and each segment's (row, first position, length)."""
     T = len(rows) * L
     qr_T4 = torch.zeros(T, 4, dtype=torch.int32)
     for b, (o, n) in enumerate(rows):
