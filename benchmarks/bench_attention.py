@@ -159,11 +159,7 @@ def packed(task: str, repeats: int) -> None:
     budget = TASKS[task][2]
     totals = {"dense": 0.0, "packed": 0.0}
     for mb in prefix.micro_batches(prefix.plan_rows(seqs, gids, budget), budget):
-        order = [n for r in mb for n in r.members]
-        local, k = [], 0
-        for r in mb:
-            local.append(prefix.Row(tuple(range(k, k + len(r.members))), r.shared, r.length))
-            k += len(r.members)
+        order, local = prefix.renumbered(mb)
         C = max(len(seqs[n]) - prompt_lens[n] for n in order)
         inputs = prefix.pack(local, [seqs[n] for n in order], [prompt_lens[n] for n in order], C, pad_id=0)
         B, L = inputs.ids_BL.shape

@@ -39,12 +39,7 @@ def _packed(seed: int, groups: list[tuple[int, list[int]]]):
             seqs.append(prompt + [rng.randrange(3, 50) for _ in range(c)])
             gids.append(g)
             prompt_lens.append(p)
-    rows = prefix.micro_batches(prefix.plan_rows(seqs, gids, 10_000), 10_000)[0]
-    order = [n for r in rows for n in r.members]
-    local, k = [], 0
-    for r in rows:
-        local.append(prefix.Row(tuple(range(k, k + len(r.members))), r.shared, r.length))
-        k += len(r.members)
+    order, local = prefix.renumbered(prefix.micro_batches(prefix.plan_rows(seqs, gids, 10_000), 10_000)[0])
     C = max(len(seqs[n]) - prompt_lens[n] for n in order)
     packed = prefix.pack(local, [seqs[n] for n in order], [prompt_lens[n] for n in order], C, pad_id=0)
     real_BL = torch.zeros(packed.ids_BL.shape, dtype=torch.bool)

@@ -133,6 +133,17 @@ def micro_batches(rows: list[Row], budget: int) -> list[list[Row]]:
     return out
 
 
+def renumbered(rows: list[Row]) -> tuple[list[int], list[Row]]:
+    """A micro-batch's sequences in row order (indices into the caller's list), and its rows with
+    their members renumbered as positions in that order (as :func:`pack` takes them)."""
+    order = [n for row in rows for n in row.members]
+    local, k = [], 0
+    for row in rows:
+        local.append(Row(tuple(range(k, k + len(row.members))), row.shared, row.length))
+        k += len(row.members)
+    return order, local
+
+
 @dataclass(frozen=True)
 class PackedInputs:
     """The model's inputs for packed rows and where each sequence's logprobs are in its output."""
@@ -205,4 +216,4 @@ def additive_mask(config: Any) -> bool:
 
 
 __all__ = ["EXACT_MODEL_TYPES", "PackedInputs", "Row", "SharedPrefixError", "additive_mask", "common_prefix",
-           "enabled", "micro_batches", "pack", "plan_rows"]
+           "enabled", "micro_batches", "pack", "plan_rows", "renumbered"]

@@ -120,11 +120,7 @@ def _plan(items: list[_Item], budget: int, shared: bool) -> list[_Micro]:
     seqs = [it.rollout.prompt_ids + it.rollout.completion_ids for it in items]
     out = []
     for mb in prefix.micro_batches(prefix.plan_rows(seqs, [it.group for it in items], budget), budget):
-        order = [n for row in mb for n in row.members]
-        local, k = [], 0  # the rows again, their members renumbered as positions in this micro-batch
-        for row in mb:
-            local.append(prefix.Row(tuple(range(k, k + len(row.members))), row.shared, row.length))
-            k += len(row.members)
+        order, local = prefix.renumbered(mb)
         out.append(_Micro([items[n] for n in order], local))
     return out
 
