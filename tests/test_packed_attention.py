@@ -128,6 +128,18 @@ def test_the_backward_gives_the_same_bits_every_run_on_two_threads():
         torch.set_num_threads(threads)
 
 
+@needs_kernel
+def test_key_ranges_outside_the_tokens_are_refused_not_read():
+    from rlft.kernels.packed_attention import packed_attention_kernel
+
+    q, kv = torch.zeros(4, 2, 16, dtype=torch.bfloat16), torch.zeros(4, 1, 16, dtype=torch.bfloat16)
+    for bad in ([0, 5, 0, 0], [-1, 1, 0, 0], [2, 1, 0, 0], [0, 0, 3, 9]):
+        qr = torch.zeros(4, 4, dtype=torch.int32)
+        qr[2] = torch.tensor(bad, dtype=torch.int32)
+        with pytest.raises(RuntimeError, match="forward failed"):
+            packed_attention_kernel().forward(q, kv, kv, qr, 0.25)
+
+
 def test_the_ranges_say_which_keys_each_token_sees():
     # one row: 2 padding, shared [2, 5), segments [5, 8) and [8, 10)
     seg = packed_attention.layout(10, [(2, 3)], [(0, 5, 3), (0, 8, 2)])

@@ -264,17 +264,23 @@ static inline AI void bwd_block(const uint16_t *q, const uint16_t *k_, const uin
     case 65: F(1, 16); break; case 66: F(2, 16); break; default: F(3, 16); break;                     \
     }
 
-static int check(int T, int H, int KV, int D) {
+/* The head count per block (nc = D / 16), or -1 for shapes not handled or a key range outside [0, T). */
+static int check(const int32_t *qr, int T, int H, int KV, int D) {
     if (T < 1 || KV < 1 || H % KV || D % 16 || D > 256) return -1;
+    for (long t = 0; t < T; ++t) {
+        const int32_t *r = qr + 4 * t;
+        if (r[0] < 0 || r[0] > r[1] || r[1] > T || r[2] < 0 || r[2] > r[3] || r[3] > T) return -1;
+    }
     const int nc = D / 16;
     return nc == 1 || nc == 2 || nc == 4 || nc == 8 || nc == 16 ? nc : -1;
 }
 
 /* q: [T, H, D], k, v: [T, KV, D] bf16; qr: [T, 4]; out: [T, H, D] bf16, lse: [T, H] float32
- * (a token that sees no key: out 0, lse -inf). Returns 0, -1 for shapes not handled, -2 out of memory. */
+ * (a token that sees no key: out 0, lse -inf). Returns 0, -1 for shapes or ranges not handled, -2 out
+ * of memory. */
 int rlft_packed_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int32_t *qr,
                               uint16_t *out, float *lse, int T, int H, int KV, int D, float scale) {
-    const int nc = check(T, H, KV, D), G = H / KV, Tp = (T + 15) & ~15, stride = Tp + 16;
+    const int nc = check(qr, T, H, KV, D), G = H / KV, Tp = (T + 15) & ~15, stride = Tp + 16;
     if (nc < 0) return -1;
     uint32_t *kt = malloc(sizeof(uint32_t) * (size_t)KV * (D / 2) * Tp);
     Block *blocks = malloc(sizeof(Block) * (size_t)T);
@@ -321,7 +327,7 @@ int rlft_packed_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16
 int rlft_packed_attention_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *out,
                               const float *lse, const uint16_t *dout, const int32_t *qr, uint16_t *dq, uint16_t *dk,
                               uint16_t *dv, int T, int H, int KV, int D, float scale) {
-    const int nc = check(T, H, KV, D), G = H / KV, Tp = (T + 15) & ~15, stride = Tp + 16;
+    const int nc = check(qr, T, H, KV, D), G = H / KV, Tp = (T + 15) & ~15, stride = Tp + 16;
     if (nc < 0) return -1;
     const int threads = omp_get_max_threads();
     const size_t kv_n = (size_t)KV * (D / 2) * Tp, grad_n = (size_t)T * KV * D;

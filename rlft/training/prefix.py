@@ -19,7 +19,10 @@ repeated at the head of each segment because it predicts a different first token
 the logprob of every rollout token is then the next-token logprob at one row position, gathered
 into the usual right-aligned (N, C) completion window (``PackedInputs.gather_NC``).
 
-Exact for decoders whose attention is causal over ``position_ids`` and takes a custom mask:
+The mask describes the layout to any attention; ``pack`` also gives it as token ranges
+(``rlft.packed_attention.Segments``), with which rlft's CPU attention visits only the (query, key)
+pairs the mask allows instead of the row's L^2. Exact for decoders whose attention is causal over
+``position_ids`` and takes a custom mask:
 :func:`enabled` lists them (``"auto"``); sliding windows, attention sinks and soft-capping
 models are left to the plain path. Left out: the loss (``rlft.training.grpo``) and the update
 loop (``rlft.training.update``, which chooses this path or the plain one).
@@ -154,7 +157,7 @@ class PackedInputs:
     keep_W: torch.Tensor  # (W,) the row positions whose logits are computed (the same for every row)
     targets_BW: torch.Tensor  # the token after each kept position (its next-token target)
     gather_NC: torch.Tensor  # (N, C) index into the flattened (B * W) logprobs: sequence n's window
-    segments: Segments  # the same layout for rlft's attention, which then computes only the allowed blocks
+    segments: Segments  # the same layout as token ranges: rlft's attention then visits only the pairs seen
 
 
 def pack(rows: list[Row], seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], C: int, pad_id: int, *,
