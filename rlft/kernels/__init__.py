@@ -6,7 +6,10 @@ from rlft.kernels.amx_linear import AmxLinear, AmxWeight, amx_linear_kernel
 from rlft.kernels.build import DISABLE_ENV
 from rlft.kernels.decode_attention import DecodeAttention, decode_attention_kernel
 from rlft.kernels.layer_ops import LayerOps, layer_ops_kernels
+from rlft.kernels.packed_attention import PackedAttentionKernel, packed_attention_kernel
 from rlft.kernels.sampling import PlainSampler, plain_sampler
+from rlft.kernels.token_logprobs import TokenLogprobsKernel, token_logprobs_kernel
 
-__all__ = ["DISABLE_ENV", "AmxLinear", "AmxWeight", "DecodeAttention", "LayerOps", "PlainSampler",
-           "amx_linear_kernel", "decode_attention_kernel", "layer_ops_kernels", "plain_sampler"]
+__all__ = ["DISABLE_ENV", "AmxLinear", "AmxWeight", "DecodeAttention", "LayerOps", "PackedAttentionKernel",
+           "PlainSampler", "TokenLogprobsKernel", "amx_linear_kernel", "decode_attention_kernel", "layer_ops_kernels",
+           "packed_attention_kernel", "plain_sampler", "token_logprobs_kernel"]
