@@ -67,7 +67,7 @@ static inline __attribute__((always_inline)) void attend_block(
         float *sg = s + g * Lp;
         __m512 mx = _mm512_set1_ps(MASKED);
         for (int t = 0; t < Lp; t += 16) {
-            __mmask16 live = L - t >= 16 ? 0xFFFF : (__mmask16)((1u << (L - t)) - 1);
+            __mmask16 live = tail_mask(L - t);
             __m128i bytes = _mm_maskz_loadu_epi8(live, m + t);
             __mmask16 keep = _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(0xFF));
             __m512 x = _mm512_mask_blend_ps(keep, _mm512_set1_ps(MASKED), round_bf16(_mm512_load_ps(sg + t)));

@@ -38,8 +38,6 @@
 #define QB 4  /* queries per backward block: 2 x QB x GB accumulators (scores and dO.v) */
 #define AI __attribute__((always_inline))
 
-static inline __mmask16 live(int n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
-
 static inline int seen(const int32_t *r) { return (r[1] - r[0]) + (r[3] - r[2]); }
 
 typedef struct {
@@ -81,7 +79,7 @@ static void transpose_pairs(const uint16_t *x, uint32_t *xt, int T, int N, int D
         uint32_t *dst = xt + ((long)h * P + i) * Tp;
         for (int t = 0; t < T; ++t) {
             uint32_t lane[16] __attribute__((aligned(64)));
-            _mm512_store_si512(lane, _mm512_maskz_loadu_epi32(live(w), (const uint32_t *)(x + ((long)t * N + h) * D) + i));
+            _mm512_store_si512(lane, _mm512_maskz_loadu_epi32(tail_mask(w), (const uint32_t *)(x + ((long)t * N + h) * D) + i));
             for (int c = 0; c < w; ++c) dst[(long)c * Tp + t] = lane[c];
         }
         for (int c = 0; c < w; ++c)
@@ -97,7 +95,7 @@ static inline AI void scores(const uint32_t *const *xq, const uint32_t *kt, cons
                              const uint32_t *vt, int j0, int j1, int Tp, float scale, float *s, float *dp, int at,
                              int stride, const int NX, const int D) {
     for (int j = j0; j < j1; j += 16) {
-        const __mmask16 m = live(j1 - j);
+        const __mmask16 m = tail_mask(j1 - j);
         __m512 a[NX], e[NX];
         for (int x = 0; x < NX; ++x) a[x] = e[x] = _mm512_setzero_ps();
         for (int i = 0; i < D / 2; ++i) {
@@ -125,19 +123,19 @@ static inline void mask_past_end(float *row, const Block *k, const int32_t *r) {
 /* Softmax weights in place over n scores (at least one finite): returns the logsumexp. */
 static inline float softmax_inplace(float *s, int n) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, live(n - t), mx, _mm512_maskz_loadu_ps(live(n - t), s + t));
+    for (int t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, tail_mask(n - t), mx, _mm512_maskz_loadu_ps(tail_mask(n - t), s + t));
     const float top = _mm512_reduce_max_ps(mx);
     __m512 sum = _mm512_setzero_ps();
     for (int t = 0; t < n; t += 16) {
-        const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(live(n - t), s + t), _mm512_set1_ps(top));
-        const __m512 e = _mm512_maskz_mov_ps(live(n - t), exp_ps(x));
-        _mm512_mask_storeu_ps(s + t, live(n - t), e);
+        const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask(n - t), s + t), _mm512_set1_ps(top));
+        const __m512 e = _mm512_maskz_mov_ps(tail_mask(n - t), exp_ps(x));
+        _mm512_mask_storeu_ps(s + t, tail_mask(n - t), e);
         sum = _mm512_add_ps(sum, e);
     }
     const float total = _mm512_reduce_add_ps(sum);
     for (int t = 0; t < n; t += 16)
-        _mm512_mask_storeu_ps(s + t, live(n - t),
-                              _mm512_mul_ps(_mm512_maskz_loadu_ps(live(n - t), s + t), _mm512_set1_ps(1.0f / total)));
+        _mm512_mask_storeu_ps(s + t, tail_mask(n - t),
+                              _mm512_mul_ps(_mm512_maskz_loadu_ps(tail_mask(n - t), s + t), _mm512_set1_ps(1.0f / total)));
     return top + logf(total);
 }
 
@@ -218,7 +216,7 @@ static inline AI void bwd_block(const uint16_t *q, const uint16_t *k_, const uin
             }
             mask_past_end(srow, k, qr + 4L * (k->t0 + i));
             for (int j = 0; j < n; j += 16) {
-                const __mmask16 m = live(n - j);
+                const __mmask16 m = tail_mask(n - j);
                 const __m512 p = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, srow + j), _mm512_set1_ps(top[x])));
                 const __m512 e = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, drow + j), _mm512_set1_ps(dsum[x]));
                 _mm512_mask_storeu_ps(srow + j, m, p);
@@ -380,8 +378,8 @@ int rlft_packed_attention_bwd(const uint16_t *q, const uint16_t *k, const uint16
             const int m = grad_n - i >= 16 ? 16 : (int)(grad_n - i);
             __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
             for (int w = 0; w < n_threads && w < threads; ++w) {
-                a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(live(m), grads + 2 * grad_n * w + i));
-                b = _mm512_add_ps(b, _mm512_maskz_loadu_ps(live(m), grads + 2 * grad_n * w + grad_n + i));
+                a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(tail_mask(m), grads + 2 * grad_n * w + i));
+                b = _mm512_add_ps(b, _mm512_maskz_loadu_ps(tail_mask(m), grads + 2 * grad_n * w + grad_n + i));
             }
             store_bf16(dk + i, _mm512_mul_ps(a, _mm512_set1_ps(scale)), m);
             store_bf16(dv + i, b, m);

@@ -26,7 +26,7 @@ static inline __m512 weights(const uint16_t *p, int n, int divide, __m512 t, __m
     __m512 x = load_any(p, n);
     if (divide) x = _mm512_div_ps(x, t);
     __m512 w = exp_ps(_mm512_sub_ps(x, zmax));
-    return n >= 16 ? w : _mm512_maskz_mov_ps((__mmask16)((1u << n) - 1), w);
+    return _mm512_maskz_mov_ps(tail_mask(n), w);
 }
 
 /* logits: [B, V] with row stride row; temperature, uniform: [B] (T > 0, u in [0, 1)).
@@ -42,12 +42,7 @@ int rlft_sample_plain(const uint16_t *logits, long row, int B, int V, const floa
         const int divide = T != 1.0f;
         const __m512 t = _mm512_set1_ps(T);
         /* max of the bf16 values (exact); dividing by T > 0 keeps the argmax: max(x / T) = max(x) / T */
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int i = 0; i < V; i += 16)
-            mx = _mm512_max_ps(mx, V - i >= 16 ? load_bf16(x + i)
-                                                : _mm512_mask_blend_ps((__mmask16)((1u << (V - i)) - 1),
-                                                                       _mm512_set1_ps(-INFINITY), load_bf16_n(x + i, V - i)));
-        const float xmax = _mm512_reduce_max_ps(mx), zmax = divide ? xmax / T : xmax;
+        const float xmax = max_bf16(x, V), zmax = divide ? xmax / T : xmax;
         const __m512 vzmax = _mm512_set1_ps(zmax);
         float sums[MAX_BLOCKS], cdf[MAX_BLOCKS];
         float running = 0.0f;

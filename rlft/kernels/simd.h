@@ -1,16 +1,19 @@
-/* AVX-512 helpers shared by rlft's kernels: bf16 loads and stores, rounding, exp. */
+/* AVX-512 helpers shared by rlft's kernels: bf16 loads and stores (and their tail masks), a row's max, rounding, exp. */
 #ifndef RLFT_SIMD_H
 #define RLFT_SIMD_H
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 static inline __m512 load_bf16(const uint16_t *p) { /* 16 bf16 values as float32 lanes (exact) */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+static inline __mmask16 tail_mask(long n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); } /* min(n, 16) lanes */
+
 static inline __m512 load_bf16_n(const uint16_t *p, int n) { /* the first n <= 16 lanes, the rest 0 */
-    __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+    __m256i h = _mm256_maskz_loadu_epi16(tail_mask(n), p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
@@ -22,7 +25,13 @@ static inline __m512 load_any(const uint16_t *p, int n) { /* min(n, 16) lanes of
 
 static inline void store_bf16(uint16_t *p, __m512 x, int n) { /* rounded to bf16; only min(n, 16) lanes */
     if (n >= 16) _mm256_storeu_si256((__m256i *)p, to_bf16(x));
-    else _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), to_bf16(x));
+    else _mm256_mask_storeu_epi16(p, tail_mask(n), to_bf16(x));
+}
+
+static inline float max_bf16(const uint16_t *p, long n) { /* the largest of n >= 1 bf16 values (exact) */
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (long i = 0; i < n; i += 16) mx = _mm512_mask_max_ps(mx, tail_mask(n - i), mx, load_any(p + i, n - i));
+    return _mm512_reduce_max_ps(mx);
 }
 
 static inline __m512 round_bf16(__m512 x) { /* to the nearest bf16, back in float32 lanes */

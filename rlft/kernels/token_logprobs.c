@@ -18,8 +18,6 @@
 
 #include "simd.h"
 
-static inline __mmask16 live(long n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
-
 static inline float bf16_to_float(uint16_t x) {
     union { uint32_t u; float f; } c = {(uint32_t)x << 16};
     return c.f;
@@ -39,13 +37,11 @@ int rlft_token_logprobs_fwd(const uint16_t *z, long ld, const int64_t *targets, 
             bad = 1;
             continue;
         }
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (long v = 0; v < V; v += 16) mx = _mm512_mask_max_ps(mx, live(V - v), mx, load_any(row + v, V - v));
-        const float top = _mm512_reduce_max_ps(mx) * inv_t; /* inv_t > 0: the max of x */
+        const float top = max_bf16(row, V) * inv_t; /* inv_t > 0: the max of x */
         const __m512 vi = _mm512_set1_ps(inv_t), vm = _mm512_set1_ps(top);
         __m512 sum = _mm512_setzero_ps(), sx = _mm512_setzero_ps();
         for (long v = 0; v < V; v += 16) {
-            const __mmask16 m = live(V - v);
+            const __mmask16 m = tail_mask(V - v);
             const __m512 x = _mm512_mul_ps(load_any(row + v, V - v), vi);
             const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(x, vm)));
             sum = _mm512_add_ps(sum, e);
