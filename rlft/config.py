@@ -133,7 +133,7 @@ class TrainConfig(FlatConfig):
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.99  # AdamW beta2
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    micro_batch_tokens: int = 1024  # padded tokens per forward/backward (activation memory; a longer row: recomputed)
+    micro_batch_tokens: int = 2048  # padded tokens per forward/backward (activations; larger: faster matmuls)
     shared_prefix: str = "auto"  # train each group's common prompt once: auto (where exact) | true | false
     distributed: str = "ddp"  # multi-process strategy under torchrun: ddp | fsdp2 (sharded); gloo on CPU, NCCL on GPU
     seed: int = 0  # seeds data order, sampling and init

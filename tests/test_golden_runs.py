@@ -41,7 +41,10 @@ the recording unchanged. A ninth time when packed shared-prefix rows got their o
 (``rlft.packed_attention``: float32 scores and probabilities, where the matmul path rounds both to
 bf16): step 1's samples and rewards matched, its trainer-side logprobs moved by ~5e-4 from the
 engine's (``sync/logprob_diff_mean`` 1e-8 -> 5.2e-4), its gradient norm by 3e-4 relative
-(0.13812049 -> 0.13807832), and the samples from step 2 on changed. Four runs, each a few seconds on the tiny models:
+(0.13812049 -> 0.13807832), and the samples from step 2 on changed. ``mcp_tools`` was re-recorded
+a seventh time when the default ``micro_batch_tokens`` went from 1024 to 2048: step 1's micro-batches
+are formed differently (``batch/forward_tokens`` 1029 -> 1106 with padding), its loss moved by ~1e-8
+and the ``sync/*`` differences by ~1e-6; samples and rewards unchanged. Four runs, each a few seconds on the tiny models:
 
 - ``fp32``: full finetune in float32 of the random tiny model, evals every 2 steps;
 - ``overlap``: the same with ``overlap = true`` (sampling one version behind);

@@ -75,7 +75,7 @@ class UpdateConfig:
 
     loss: grpo.LossConfig
     epochs: int = 1  # optimizer steps per batch (ratios vs the first pass's logprobs)
-    micro_batch_tokens: int = 1024  # padded tokens per forward/backward
+    micro_batch_tokens: int = 2048  # padded tokens per forward/backward
     max_grad_norm: float = 1.0  # 0 = no clipping
     bf16: bool = False  # forward passes under bf16 autocast (training_precision)
     filter_truncated: bool = False  # DAPO overlong filtering: truncated rollouts get no loss
