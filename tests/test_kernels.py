@@ -3,6 +3,8 @@ one bf16 step, and never in the way where they cannot build."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -191,6 +193,57 @@ def test_silu_mul_equals_the_torch_ops_within_one_bf16_step(shape):
     assert got.shape == expected.shape
     assert ((got.float() - expected.float()).abs() <= one_step(expected)).all()
     assert (got == expected).float().mean() > 0.999
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(3, 37, 1536), (1, 5, 200), (2, 1, 7)], ids=str)
+def test_swiglu_and_its_backward_equal_autograd_of_the_torch_ops_within_one_bf16_step(shape):
+    """Forward and both gradients of silu(gate) * up in bf16 against autograd through F.silu and the
+    product (the same roundings; float32 exp may differ in its last bit)."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    gate, up, grad = ((torch.randn(*shape, generator=gen) * 4).bfloat16() for _ in range(3))
+    g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    expected = torch.nn.functional.silu(g) * u
+    expected.backward(grad)
+    got = OPS.swiglu(gate, up)
+    dgate, dup = OPS.swiglu_backward(gate, up, grad)
+    for name, a, b in (("out", got, expected.detach()), ("dgate", dgate, g.grad), ("dup", dup, u.grad)):
+        assert a.shape == b.shape, name
+        assert ((a.float() - b.float()).abs() <= one_step(b)).all(), name
+        assert (a == b).float().mean() > 0.99, name
+    with pytest.raises(ValueError, match="gate"):
+        OPS.swiglu(gate, up[..., :-1])
+
+
+@needs_kernel
+def test_the_fused_mlp_keeps_two_intermediate_tensors_and_gives_the_plain_gradients():
+    """A bf16 Llama MLP routed through the kernel: output and input/weight gradients as the plain
+    MLP's within bf16 noise, and the autograd graph keeps one [tokens, intermediate] tensor fewer
+    (no silu(gate))."""
+    from rlft.kernels.swiglu import use_fused_swiglu
+
+    model, _ = build_tiny_model(seed=0, hidden=64, layers=2, heads=4, kv_heads=2)
+    model = model.to(torch.bfloat16)
+    plain = copy.deepcopy(model.model.layers[0].mlp)
+    assert use_fused_swiglu(model) == 2  # both layers' MLPs
+    fused = model.model.layers[0].mlp
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    outs, grads = [], []
+    for mlp in (plain, fused):
+        xi = x.clone().requires_grad_(True)
+        mlp.zero_grad(set_to_none=True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, kept=saved: kept.append(t) or t, lambda t: t):
+            y = mlp(xi)
+        big = [t for t in saved if t.numel() == 18 * mlp.gate_proj.out_features]  # [2 x 9 tokens, inter]
+        y.float().square().sum().backward()
+        outs.append((y.detach(), len({t.data_ptr() for t in big})))
+        grads.append([xi.grad] + [p.grad for p in mlp.parameters()])
+    (y_plain, n_plain), (y_fused, n_fused) = outs
+    assert n_plain == 4 and n_fused == 3  # gate, silu(gate), up, the product (down's input): no silu(gate)
+    assert ((y_fused.float() - y_plain.float()).abs() <= 2 * one_step(y_plain)).all()
+    for a, b in zip(grads[1], grads[0]):
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 2e-2
 
 
 @needs_kernel

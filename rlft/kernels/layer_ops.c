@@ -9,7 +9,8 @@
  *
  *   rlft_add_rms_norm: h += delta (when given; in place), out = weight * bf16(h_f32 / sqrt(mean(h^2) + eps))
  *   rlft_rotary:       x = bf16(bf16(x * cos) + bf16(swap_halves(x) * signed_sin)) per head, in place
- *   rlft_silu_mul:     out = bf16(bf16(silu(gate)) * up), gate and up the halves of each row
+ *   rlft_silu_mul:     out = bf16(bf16(silu(gate)) * up)
+ *   rlft_silu_mul_backward: its gradients (for training: rlft.kernels.swiglu)
  *   rlft_rms_norm_backward: the gradients of the norm (for training: rlft.kernels.rms_norm)
  *
  * Needs AVX-512 F/BW and AVX512-BF16 (see rlft.kernels.build). Rows run in parallel (OpenMP) only
@@ -86,18 +87,43 @@ void rlft_rotary(uint16_t *x, long x_row, int rows, int heads, int D, const uint
     }
 }
 
-/* gate_up: [rows, 2 * inter] (row stride gu_row), out: [rows, inter] contiguous. */
-void rlft_silu_mul(const uint16_t *gate_up, long gu_row, uint16_t *out, int rows, int inter) {
+static inline __m512 silu_ps(__m512 x) { /* x / (1 + exp(-x)) in float32 */
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+/* gate, up: [rows, inter] with row strides g_row, u_row (the halves of one gate|up row in the
+ * engine, two tensors in training); out: [rows, inter] contiguous. */
+void rlft_silu_mul(const uint16_t *gate, long g_row, const uint16_t *up, long u_row, uint16_t *out, int rows,
+                   int inter) {
 #pragma omp parallel for schedule(static) if ((long)rows * inter >= PARALLEL_ELEMENTS)
     for (int r = 0; r < rows; ++r) {
-        const uint16_t *g = gate_up + r * gu_row, *u = g + inter;
+        const uint16_t *g = gate + r * g_row, *u = up + r * u_row;
         for (int i = 0; i < inter; i += 16) {
             int m = inter - i;
-            __m512 x = load_any(g + i, m);
-            /* silu in float32 as x / (1 + exp(-x)), rounded; then the bf16 product, rounded */
-            __m512 s = round_bf16(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+            /* silu in float32, rounded; then the bf16 product, rounded */
+            __m512 s = round_bf16(silu_ps(load_any(g + i, m)));
             store_bf16(out + (long)r * inter + i, _mm512_mul_ps(s, load_any(u + i, m)), m);
         }
+    }
+}
+
+/* The backward of out = bf16(bf16(silu(gate)) * up), as autograd runs SiLU and the product:
+ *   dup = bf16(dout * bf16(silu(gate))) ;  ds = bf16(dout * up)
+ *   dgate = bf16(ds * sig * (1 + gate * (1 - sig))),  sig = 1 / (1 + exp(-gate))
+ * gate, up, dout, dgate, dup: [rows, inter] contiguous. */
+void rlft_silu_mul_backward(const uint16_t *gate, const uint16_t *up, const uint16_t *dout, uint16_t *dgate,
+                            uint16_t *dup, int rows, int inter) {
+    const long n = (long)rows * inter;
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_ELEMENTS)
+    for (long i = 0; i < n; i += 16) {
+        int m = n - i < 16 ? (int)(n - i) : 16;
+        __m512 g = load_any(gate + i, m), d = load_any(dout + i, m), one = _mm512_set1_ps(1.0f);
+        __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        __m512 s = round_bf16(_mm512_mul_ps(g, sig));
+        store_bf16(dup + i, _mm512_mul_ps(d, s), m);
+        __m512 ds = round_bf16(_mm512_mul_ps(d, load_any(up + i, m)));
+        __m512 dsig = _mm512_mul_ps(sig, _mm512_fmadd_ps(g, _mm512_sub_ps(one, sig), one));
+        store_bf16(dgate + i, _mm512_mul_ps(ds, dsig), m);
     }
 }
 

@@ -20,7 +20,8 @@ _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 
 class LayerOps:
-    """RMSNorm (with the residual add before it), rotary embedding and ``silu(gate) * up`` on bf16."""
+    """RMSNorm (with the residual add before it; its backward), rotary embedding and ``silu(gate) * up``
+    (its backward) on bf16."""
 
     def __init__(self, lib: ctypes.CDLL):
         self._norm = lib.rlft_add_rms_norm
@@ -33,8 +34,11 @@ class LayerOps:
         self._rotary.argtypes = [_P, _L, _I, _I, _I, _P, _P]
         self._rotary.restype = None
         self._silu = lib.rlft_silu_mul
-        self._silu.argtypes = [_P, _L, _P, _I, _I]
+        self._silu.argtypes = [_P, _L, _P, _L, _P, _I, _I]
         self._silu.restype = None
+        self._silu_backward = lib.rlft_silu_mul_backward
+        self._silu_backward.argtypes = [_P, _P, _P, _P, _P, _I, _I]
+        self._silu_backward.restype = None
 
     @staticmethod
     def handles(head_dim: int, dtype: torch.dtype) -> bool:
@@ -105,8 +109,35 @@ class LayerOps:
         inter = gate_up.shape[-1] // 2
         rows = gate_up.numel() // gate_up.shape[-1]
         out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype)
-        self._silu(gate_up.data_ptr(), gate_up.shape[-1], out.data_ptr(), rows, inter)
+        self._silu(gate_up.data_ptr(), gate_up.shape[-1], gate_up[..., inter:].data_ptr(), gate_up.shape[-1],
+                   out.data_ptr(), rows, inter)
         return out
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for two tensors of one shape (made contiguous), with the same roundings
+        as torch's ``F.silu(gate) * up`` in bf16."""
+        _check(gate, up)
+        if gate.shape != up.shape:
+            raise ValueError(f"swiglu: gate {tuple(gate.shape)} != up {tuple(up.shape)}")
+        gate, up = gate.contiguous(), up.contiguous()
+        inter = gate.shape[-1]
+        out = torch.empty_like(gate)
+        self._silu(gate.data_ptr(), inter, up.data_ptr(), inter, out.data_ptr(), gate.numel() // inter, inter)
+        return out
+
+    def swiglu_backward(self, gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of :meth:`swiglu` for ``grad`` (its output's): ``(dgate, dup)``, with
+        autograd's roundings for ``F.silu`` and the product."""
+        _check(gate, up, grad)
+        if not (gate.shape == up.shape == grad.shape) or not (gate.is_contiguous() and up.is_contiguous()):
+            raise ValueError(f"swiglu_backward: gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
+                             f"grad {tuple(grad.shape)}")
+        grad = grad.contiguous()
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        self._silu_backward(gate.data_ptr(), up.data_ptr(), grad.data_ptr(), dgate.data_ptr(), dup.data_ptr(),
+                            gate.numel() // gate.shape[-1], gate.shape[-1])
+        return dgate, dup
 
 
 def _check(*tensors: torch.Tensor) -> None:
