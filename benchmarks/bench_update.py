@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = {  # (environment, its data file ("" = the module's dataset), micro_batch_tokens of its config,
     #          mean answer tokens measured in its runs: issue 18)
-    "demo": ("rlft.demo", "", 1024, 35),
+    "demo": ("rlft.demo", "", 2048, 35),
     "tool_use": (os.path.join(ROOT, "recipes", "tool_use", "env.py"),
                  os.path.join(ROOT, "recipes", "tool_use", "data.jsonl"), 2048, 80),
 }

@@ -85,7 +85,7 @@ DEMO_CONFIG = {
     "steps": 8,
     "batch_size": 4,
     "group_size": 8,
-    "micro_batch_tokens": 1024,  # two group rows per micro-batch: peak RSS 1.93 GB (benchmarks/README.md)
+    "micro_batch_tokens": 2048,  # the four group rows in one micro-batch: peak RSS 2.13 GB (benchmarks/README.md)
     "temperature": 1.0,
     "eval_temperature": 1.0,
     "max_seq_len": 512,
