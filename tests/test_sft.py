@@ -100,6 +100,44 @@ def test_loss_is_the_full_logits_cross_entropy_on_mask_1_tokens_only(tiny_model_
     assert more != pytest.approx(got, rel=1e-6)
 
 
+def test_a_bf16_step_runs_the_packed_rows_kernel_and_gives_the_dense_attention_loss_and_gradients(tiny_model_dir,
+                                                                                                   monkeypatch):
+    """bf16 on the CPU: right-padded rows go through rlft.packed_attention (each token sees its row
+    up to itself) in every layer; the loss and LoRA gradients equal those of the dense causal mask
+    (the kernel refused) within bf16 noise."""
+    from rlft import packed_attention
+    from rlft.policy import LoraSpec, load_policy
+
+    if packed_attention.packed_attention_kernel() is None:
+        pytest.skip("the packed-attention kernel does not build here (rlft doctor says why)")
+    policy = load_policy(tiny_model_dir, dtype="bfloat16", lora=LoraSpec(rank=4))
+    with torch.no_grad():  # non-zero adapters: the LoRA gradient of A is 0 while B is 0
+        gen = torch.Generator().manual_seed(0)
+        for p in policy.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    seqs = _seqs(policy, n=3)
+    ids, attn, mask = collate(seqs, 0)
+    assert (attn == 0).any()  # rows of different lengths: right padding
+    from rlft.training.update import training_precision
+
+    calls = []
+    real = packed_attention._PackedAttention.apply
+    monkeypatch.setattr(packed_attention._PackedAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    results = {}
+    for kernel in (True, False):
+        if not kernel:  # the kernel refused: rlft attention's dense causal path
+            monkeypatch.setattr(packed_attention, "packed_attention_kernel", lambda: None)
+        policy.model.zero_grad(set_to_none=True)
+        with training_precision(policy, True):
+            loss = masked_loss_sum(policy, ids, attn, mask)
+        loss.backward()
+        results[kernel] = (float(loss), [p.grad.float().clone() for p in policy.trainable_parameters()])
+    assert len(calls) == policy.base_model.config.num_hidden_layers
+    assert results[True][0] == pytest.approx(results[False][0], rel=2e-2)
+    for a, b in zip(results[True][1], results[False][1]):  # bf16 noise of two summation orders
+        assert float((a - b).abs().max()) <= 0.03 * float(b.abs().max()) + 1e-6
+
+
 def test_micro_batches_cover_every_sequence_once_within_the_token_budget():
     lengths = [5, 40, 12, 12, 90, 3, 33, 8, 8, 8]
     groups = micro_batches(lengths, 64)

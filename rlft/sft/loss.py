@@ -4,11 +4,16 @@ The loss is the token mean of cross-entropy over the trained tokens (mask 1) of 
 optimizer step: each micro-batch's *sum* is divided by the step's trained-token count before its
 backward, so gradient accumulation over micro-batches equals one big batch. Logits are computed
 only where they are needed: the decoder's hidden states at the positions that predict a trained
-token are gathered, and the output head + float32 cross-entropy run over them in chunks of
-``chunk_tokens`` rows (recomputed in backward when there is more than one chunk), so no (B, L, V)
-logits tensor exists, in any dtype. Precision is RL's (``rlft.training.update.training_precision``:
-bf16 autocast, peft input casting off). Rows are right-padded. Left out: sequence packing into
-one row (cross-document attention masks), which the length buckets make unnecessary at this scale.
+token are gathered, and the output head + log-softmax run over them as in the RL update
+(``rlft.training.head.sampled_logprobs``: chunks of ``chunk_tokens`` rows, recomputed in backward
+when there is more than one; bf16 logits on the CPU through the ``token_logprobs`` kernel), so no
+(B, L, V) logits tensor exists, in any dtype. The rows go to the model with their layout as token
+ranges too (``rlft.packed_attention``: each token sees its row up to itself), so ``"rlft"``
+attention runs the packed-rows kernel in bf16 on the CPU, which visits only the causal pairs,
+instead of the dense kernel (measured in benchmarks/README.md). Precision is RL's
+(``rlft.training.update.training_precision``: bf16 autocast, peft input casting off). Rows are
+right-padded. Left out: sequence packing into one row (cross-document attention masks), which the
+length buckets make unnecessary at this scale.
 """
 
 from __future__ import annotations
@@ -17,11 +22,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from rlft import packed_attention
+from rlft.training import head
 from rlft.training.update import training_precision
-
-CHUNK_TOKENS = 1024  # trained positions per output-head chunk: 1024 x V float32 logits at most
 
 
 def trained_tokens(mask: Sequence[int]) -> int:
@@ -57,35 +61,24 @@ def collate(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
     return ids_BL, attn_BL, mask_BL
 
 
-def _head_ce_sum(head: Any, h_NH: torch.Tensor, targets_N: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits_NV = head(h_NH).float()
-    if softcap:  # Gemma-2 style final soft-capping, as the model's own forward applies it
-        logits_NV = torch.tanh(logits_NV / softcap) * softcap
-    return F.cross_entropy(logits_NV, targets_N, reduction="sum")
-
-
 def masked_loss_sum(policy: Any, ids_BL: torch.Tensor, attn_BL: torch.Tensor, mask_BL: torch.Tensor, *,
-                    chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+                    chunk_tokens: int = head.CHUNK_TOKENS) -> torch.Tensor:
     """Sum over positions t >= 1 with mask 1 of -log p(ids[t] | ids[:t]), float32, differentiable.
     Call inside ``training_precision``."""
     base = policy.base_model  # LoRA: the peft-injected model (its adapters run inside the decoder)
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    pos_BL = torch.arange(ids_BL.shape[1], device=ids_BL.device).expand_as(ids_BL)
-    out = decoder(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, use_cache=False)
-    hidden_BLH = out.last_hidden_state
+    decoder = base.get_decoder()
+    L = ids_BL.shape[1]
+    pos_BL = torch.arange(L, device=ids_BL.device).expand_as(ids_BL)
+    rows = packed_attention.layout(L, [(0, int(n)) for n in attn_BL.sum(1).tolist()], [])  # right-padded rows
+    out = decoder(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, use_cache=False,
+                  **{packed_attention.KWARG: rows.to(ids_BL.device)})
     keep_BL = mask_BL[:, 1:] > 0  # the state at t-1 predicts token t
-    h_NH = hidden_BLH[:, :-1][keep_BL]
+    h_NH = out.last_hidden_state[:, :-1][keep_BL]
     targets_N = ids_BL[:, 1:][keep_BL]
     softcap = getattr(base.config, "final_logit_softcapping", None)
-    chunks = range(0, h_NH.shape[0], chunk_tokens)
-    total = torch.zeros((), dtype=torch.float32, device=ids_BL.device)
-    for s in chunks:
-        h, t = h_NH[s: s + chunk_tokens], targets_N[s: s + chunk_tokens]
-        if len(chunks) > 1 and torch.is_grad_enabled():  # keep one chunk's logits alive, not all of them
-            total = total + torch.utils.checkpoint.checkpoint(_head_ce_sum, head, h, t, softcap, use_reentrant=False)
-        else:
-            total = total + _head_ce_sum(head, h, t, softcap)
-    return total
+    logp_N, _ = head.sampled_logprobs(base.get_output_embeddings(), h_NH, targets_N, 1.0, softcap=softcap,
+                                      chunk_tokens=chunk_tokens)
+    return -logp_N.sum()
 
 
 def _pad_id(policy: Any) -> int:
@@ -95,7 +88,7 @@ def _pad_id(policy: Any) -> int:
 
 def train_step(policy: Any, seqs: Sequence[tuple[Sequence[int], Sequence[int]]], optimizer: torch.optim.Optimizer, *,
                micro_batch_tokens: int, max_grad_norm: float, bf16: bool,
-               chunk_tokens: int = CHUNK_TOKENS) -> dict[str, float]:
+               chunk_tokens: int = head.CHUNK_TOKENS) -> dict[str, float]:
     """One optimizer step over ``seqs`` ((ids, mask) pairs); returns ``loss`` (the step's token
     mean), ``grad_norm`` (before clipping), ``tokens`` (non-padding) and ``trained_tokens``."""
     normalizer = sum(trained_tokens(m) for _, m in seqs)
@@ -125,7 +118,7 @@ def train_step(policy: Any, seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
 
 @torch.no_grad()
 def eval_loss(policy: Any, seqs: Sequence[tuple[Sequence[int], Sequence[int]]], *, micro_batch_tokens: int,
-              bf16: bool, chunk_tokens: int = CHUNK_TOKENS) -> float:
+              bf16: bool, chunk_tokens: int = head.CHUNK_TOKENS) -> float:
     """Token-mean cross-entropy over the trained tokens of ``seqs`` (NaN when there are none)."""
     normalizer = sum(trained_tokens(m) for _, m in seqs)
     if not normalizer:
@@ -138,4 +131,4 @@ def eval_loss(policy: Any, seqs: Sequence[tuple[Sequence[int], Sequence[int]]], 
     return total / normalizer
 
 
-__all__ = ["CHUNK_TOKENS", "collate", "eval_loss", "masked_loss_sum", "micro_batches", "train_step", "trained_tokens"]
+__all__ = ["collate", "eval_loss", "masked_loss_sum", "micro_batches", "train_step", "trained_tokens"]
