@@ -125,8 +125,8 @@ class LayerOps:
         self._silu(gate.data_ptr(), inter, up.data_ptr(), inter, out.data_ptr(), gate.numel() // inter, inter)
         return out
 
-    def swiglu_backward(self, gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    def swiglu_backward(self, gate: torch.Tensor, up: torch.Tensor,
+                        grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gradients of :meth:`swiglu` for ``grad`` (its output's): ``(dgate, dup)``, with
         autograd's roundings for ``F.silu`` and the product."""
         _check(gate, up, grad)

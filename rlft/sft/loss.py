@@ -7,10 +7,10 @@ only where they are needed: the decoder's hidden states at the positions that pr
 token are gathered, and the output head + log-softmax run over them as in the RL update
 (``rlft.training.head.sampled_logprobs``: chunks of ``chunk_tokens`` rows, recomputed in backward
 when there is more than one; bf16 logits on the CPU through the ``token_logprobs`` kernel), so no
-(B, L, V) logits tensor exists, in any dtype. The rows go to the model with their layout as token
-ranges too (``rlft.packed_attention``: each token sees its row up to itself), so ``"rlft"``
-attention runs the packed-rows kernel in bf16 on the CPU, which visits only the causal pairs,
-instead of the dense kernel (measured in benchmarks/README.md). Precision is RL's
+(B, L, V) logits tensor exists, in any dtype. A model on ``"rlft"`` attention (the CPU) also gets
+the rows' layout as token ranges (``rlft.packed_attention``: each token sees its row up to itself),
+so in bf16 it runs the packed-rows kernel, which visits only the causal pairs, instead of the dense
+kernel (measured in benchmarks/README.md). Precision is RL's
 (``rlft.training.update.training_precision``: bf16 autocast, peft input casting off). Rows are
 right-padded. Left out: sequence packing into one row (cross-document attention masks), which the
 length buckets make unnecessary at this scale.
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rlft import packed_attention
+from rlft import attention, packed_attention
 from rlft.training import head
 from rlft.training.update import training_precision
 
@@ -69,9 +69,11 @@ def masked_loss_sum(policy: Any, ids_BL: torch.Tensor, attn_BL: torch.Tensor, ma
     decoder = base.get_decoder()
     L = ids_BL.shape[1]
     pos_BL = torch.arange(L, device=ids_BL.device).expand_as(ids_BL)
-    rows = packed_attention.layout(L, [(0, int(n)) for n in attn_BL.sum(1).tolist()], [])  # right-padded rows
-    out = decoder(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, use_cache=False,
-                  **{packed_attention.KWARG: rows.to(ids_BL.device)})
+    ranges = {}
+    if base.config._attn_implementation == attention.NAME:  # the one attention that reads them
+        rows = packed_attention.layout(L, [(0, int(n)) for n in attn_BL.sum(1).tolist()], [])  # right-padded
+        ranges[packed_attention.KWARG] = rows.to(ids_BL.device)
+    out = decoder(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL, use_cache=False, **ranges)
     keep_BL = mask_BL[:, 1:] > 0  # the state at t-1 predicts token t
     h_NH = out.last_hidden_state[:, :-1][keep_BL]
     targets_N = ids_BL[:, 1:][keep_BL]
