@@ -52,7 +52,10 @@ def test_sigkilled_run_resumes_at_the_next_step_without_duplicates(workdir, tiny
         while time.time() < deadline:
             time.sleep(0.2)
             if (runs / "rlft.db").exists():
-                store = RunStore(runs, readonly=True)
+                try:
+                    store = RunStore(runs, readonly=True)
+                except RuntimeError:  # the child has created the file and not yet its schema: poll again
+                    continue
                 runs_ = store.list_runs()
                 if runs_ and (runs_[0].get("step") or 0) >= 4:
                     break
