@@ -25,6 +25,21 @@ needs_kernel = pytest.mark.skipif(packed_attention_kernel() is None,
                                   reason="the packed attention kernel does not build here (needs AVX512-BF16)")
 
 
+@pytest.fixture(params=["avx512", "amx"])
+def path(request):
+    """Each kernel test runs on both paths: AVX512-BF16 dot products, and AMX tiles (which round p
+    and ds to bf16 before they multiply; skipped where the CPU or Linux has no AMX)."""
+    kernel = packed_attention_kernel()
+    if kernel is None:
+        pytest.skip("the packed attention kernel does not build here (needs AVX512-BF16)")
+    if request.param == "amx" and not kernel.amx_runs:
+        pytest.skip("no AMX tiles here (CPU without AMX-BF16, or Linux did not grant the tile state)")
+    default = kernel.amx
+    kernel.amx = request.param == "amx"
+    yield request.param
+    kernel.amx = default
+
+
 class _Module:  # what transformers passes as ``module``: only ``is_causal`` is read
     is_causal = True
 
@@ -83,29 +98,33 @@ def _compare(packed, real_BL, H=6, KV=2, D=64, seed=0):
         _close(x.grad, r.grad)
 
 
-@needs_kernel
-def test_packed_rows_attend_as_their_dense_mask_says_outputs_and_gradients():
+def test_packed_rows_attend_as_their_dense_mask_says_outputs_and_gradients(path):
     # two rows of different lengths (left padding), segments of 1..13 tokens, grouped-query heads
     packed, real = _packed(0, [(9, [5, 1, 13, 7]), (4, [3, 8, 2])])
     assert packed.ids_BL.shape[0] == 2
     _compare(packed, real)
 
 
-@needs_kernel
-@pytest.mark.parametrize("H,KV,D", [(9, 3, 64), (4, 4, 32), (5, 1, 16), (6, 2, 16), (8, 2, 128)])
-def test_head_layouts_and_sizes_match(H, KV, D):
+@pytest.mark.parametrize("H,KV,D", [(9, 3, 64), (4, 4, 32), (5, 1, 16), (6, 2, 16), (8, 2, 128), (6, 2, 96),
+                                    (16, 2, 64)])
+def test_head_layouts_and_sizes_match(H, KV, D, path):
+    # the AMX path takes head_dim 32, 64, 96, 128 (others run the AVX-512 one) and up to 8 query heads a KV head
     packed, real = _packed(1, [(30, [17, 40, 3, 22, 9, 31, 1, 12])])
     _compare(packed, real, H=H, KV=KV, D=D, seed=1)
 
 
-@needs_kernel
-def test_a_group_sharing_one_token_has_no_shared_part_and_still_matches():
+def test_a_group_sharing_one_token_has_no_shared_part_and_still_matches(path):
     packed, real = _packed(2, [(1, [6, 4, 9]), (7, [2, 5])])
     _compare(packed, real)
 
 
-@needs_kernel
-def test_the_backward_gives_the_same_bits_every_run_on_two_threads():
+def test_a_long_shared_prompt_with_many_segments_matches(path):
+    # the tool_use recipe's shape: a long prompt, segments longer than a 16-query block, ranges at odd starts
+    packed, real = _packed(7, [(131, [37, 80, 1, 16, 33, 64, 17, 49]), (3, [40, 2])])
+    _compare(packed, real, H=9, KV=3, D=64, seed=7)
+
+
+def test_the_backward_gives_the_same_bits_every_run_on_two_threads(path):
     # each thread sums dk, dv over its blocks: which thread gets which block must not depend on timing
     from rlft.kernels.packed_attention import packed_attention_kernel
 

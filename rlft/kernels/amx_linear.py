@@ -22,7 +22,7 @@ import torch
 
 from rlft.kernels.build import bind
 
-__all__ = ["AmxLinear", "AmxWeight", "amx_linear_kernel"]
+__all__ = ["AmxLinear", "AmxWeight", "amx_linear_kernel", "amx_permitted"]
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
@@ -82,12 +82,15 @@ class AmxLinear:
         return y.view(*x.shape[:-1], N)
 
 
+def amx_permitted() -> bool:
+    """False where oneDNN is capped below AMX (``ONEDNN_MAX_CPU_ISA``): rlft's tile kernels stay off too."""
+    return not any(os.environ.get(name, "").upper() not in ("", "ALL") and "AMX" not in os.environ[name].upper()
+                   for name in _ISA_ENV)
+
+
 def amx_linear_kernel() -> AmxLinear | None:
     """The kernel, or None where it cannot or should not run here (see the module docstring)."""
-    if any(os.environ.get(name, "").upper() not in ("", "ALL") and "AMX" not in os.environ[name].upper()
-           for name in _ISA_ENV):
-        return None
-    return bind("amx_linear", _granted)
+    return bind("amx_linear", _granted) if amx_permitted() else None
 
 
 def _granted(lib: ctypes.CDLL) -> AmxLinear | None:

@@ -21,10 +21,15 @@
  * a time with the block's query heads' weights (or rows) in registers. A first version, one query at a time with a horizontal sum per
  * pair, was slower than torch's dense masked kernel on the tool_use recipe's rows (measured).
  *
+ * Where the compiler has AMX-BF16 and Linux grants the tile state, a second path (the end of this file)
+ * runs every product on AMX tiles: 2.1-3x faster than the dot products on the tool_use recipe's rows
+ * (benchmarks/README.md); the caller picks it (``amx``), for head_dim 32, 64, 96 or 128.
+ *
  * Needs AVX-512 F/BW/VL and AVX512-BF16 (-march=native; rlft.kernels.build falls back to the torch
  * path where the compiler refuses). Threads: OpenMP (torch's libgomp pool). Left out: other dtypes,
  * head_dim not a multiple of 16 or over 256, dropout, soft-capping, sliding windows.
  */
+#define _GNU_SOURCE
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -33,10 +38,17 @@
 
 #include "simd.h"
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define RLFT_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #define GB 3  /* query heads per block (SmolLM2: 3 per KV head) */
 #define QF 8  /* queries per forward block: QF x GB score accumulators */
 #define QB 4  /* queries per backward block: 2 x QB x GB accumulators (scores and dO.v) */
 #define AI __attribute__((always_inline))
+#define AMX_G_MAX 8  /* query heads per KV head on the AMX path: rows up to 128 */
 
 static inline int seen(const int32_t *r) { return (r[1] - r[0]) + (r[3] - r[2]); }
 
@@ -120,14 +132,16 @@ static inline void mask_past_end(float *row, const Block *k, const int32_t *r) {
     for (int j = nA + (r[3] > r[2] ? r[3] - k->b0 : 0); j < n; ++j) row[j] = -INFINITY;
 }
 
-/* Softmax weights in place over n scores (at least one finite): returns the logsumexp. */
-static inline float softmax_inplace(float *s, int n) {
+/* Softmax weights of scale * s in place over n scores (at least one finite, scale > 0): returns the
+ * logsumexp of scale * s. */
+static inline float softmax_inplace(float *s, int n, float scale) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, tail_mask(n - t), mx, _mm512_maskz_loadu_ps(tail_mask(n - t), s + t));
     const float top = _mm512_reduce_max_ps(mx);
     __m512 sum = _mm512_setzero_ps();
     for (int t = 0; t < n; t += 16) {
-        const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask(n - t), s + t), _mm512_set1_ps(top));
+        const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask(n - t), s + t), _mm512_set1_ps(top)),
+                                       _mm512_set1_ps(scale));
         const __m512 e = _mm512_maskz_mov_ps(tail_mask(n - t), exp_ps(x));
         _mm512_mask_storeu_ps(s + t, tail_mask(n - t), e);
         sum = _mm512_add_ps(sum, e);
@@ -136,7 +150,7 @@ static inline float softmax_inplace(float *s, int n) {
     for (int t = 0; t < n; t += 16)
         _mm512_mask_storeu_ps(s + t, tail_mask(n - t),
                               _mm512_mul_ps(_mm512_maskz_loadu_ps(tail_mask(n - t), s + t), _mm512_set1_ps(1.0f / total)));
-    return top + logf(total);
+    return scale * top + logf(total);
 }
 
 /* acc[x] = sum_j w[x * stride + j] * row(key j)[16c .. 16c + 16] for the NX rows of weights,
@@ -168,7 +182,7 @@ static inline AI void fwd_block(const uint16_t *q, const uint32_t *kt, const uin
         for (int b = 0; b < GN; ++b) {
             float *row = s + (long)(i * GN + b) * stride;
             mask_past_end(row, k, qr + 4L * (k->t0 + i));
-            lse[(long)(k->t0 + i) * H + h + b] = softmax_inplace(row, n);
+            lse[(long)(k->t0 + i) * H + h + b] = softmax_inplace(row, n, 1.0f); /* scores already scaled */
         }
     for (int c = 0; c < NC; ++c) {
         __m512 acc[NX];
@@ -273,13 +287,455 @@ static int check(const int32_t *qr, int T, int H, int KV, int D) {
     return nc == 1 || nc == 2 || nc == 4 || nc == 8 || nc == 16 ? nc : -1;
 }
 
+/* ---- The same on AMX tiles (where the compiler has AMX-BF16 and Linux grants the tile state) ----
+ *
+ * Rows are (query head, query) pairs of a block of up to 16 consecutive queries and all G query
+ * heads of one KV head (row b * 16 + i: head b, query i), so every key and value tile is loaded
+ * once for the whole group. Every product is a tile multiply (16 x 32 bf16 by 32 x 16 bf16 into
+ * 16 x 16 float32): the scores q.k and dO.v from the dimension-pair copies of K and V (as above),
+ * p v and ds k from copies with consecutive keys paired ([KV][token pair][D][2]), and the key
+ * gradients transposed, dk^T += q^T ds and dv^T += dO^T p, into each thread's float32 [KV][D][token]
+ * sums. So p and ds are rounded to bf16 before they multiply (as flash attention does on GPUs);
+ * the softmax, its statistics and every sum stay float32. Tile tails read past a key range into
+ * zero padding or other tokens and multiply them by zero weights, or add zero to other keys' sums.
+ */
+#ifdef RLFT_AMX
+
+#define PAD 32       /* tokens of zero padding past the copies, for tile tails */
+
+typedef struct {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static void amx_configure(void) { /* all eight tiles 16 rows x 64 bytes */
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+int rlft_packed_attention_amx(void) { /* 1 where the AMX path can run: tile state granted */
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+}
+
+/* x [T, N, D] bf16 -> xp [N][Pp][D][2]: tokens 2m and 2m + 1 paired per dimension (past T: 0). */
+static void pair_tokens(const uint16_t *x, uint16_t *xp, int T, int N, int D, int Pp) {
+#pragma omp for schedule(static)
+    for (long task = 0; task < (long)N * Pp; ++task) {
+        const int h = (int)(task / Pp);
+        const long m = task % Pp, t0 = 2 * m, t1 = t0 + 1;
+        uint32_t *dst = (uint32_t *)(xp + task * D * 2);
+        for (int d = 0; d < D; d += 16) {
+            const __m512i a = t0 < T ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + (t0 * N + h) * D + d)))
+                                     : _mm512_setzero_si512();
+            const __m512i b = t1 < T ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + (t1 * N + h) * D + d)))
+                                     : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + d, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+        }
+    }
+}
+
+/* B tile c of a 16-key chunk: dimension pairs 16c .. 16c + 15 of keys j .. j + 15 (xt: one KV head). */
+#define LOAD_KEYS(tile, xt, c, j, Tp) _tile_loadd(tile, (xt) + (long)(16 * (c)) * (Tp) + (j), (Tp) * 4)
+
+/* s[r * stride + at + j - j0] = a_r . x_j (unscaled) for the R rows of a ([R][D] bf16) and keys
+ * [j0, j1) of xt ([D / 2][Tp] pairs); each 16-key chunk's D / 32 tiles loaded once for all rows. */
+static void amx_scores(const uint16_t *a, int R, int D, const uint32_t *xt, int Tp, int j0, int j1, float *s,
+                       int stride, int at) {
+    const int C = D / 32;
+    for (int j = j0; j < j1; j += 16) {
+        LOAD_KEYS(4, xt, 0, j, Tp);
+        if (C > 1) LOAD_KEYS(5, xt, 1, j, Tp);
+        if (C > 2) LOAD_KEYS(6, xt, 2, j, Tp);
+        if (C > 3) LOAD_KEYS(7, xt, 3, j, Tp);
+        for (int r = 0; r < R; r += 16) {
+            const uint16_t *ar = a + (long)r * D;
+            _tile_zero(0);
+            _tile_loadd(1, ar, D * 2);
+            _tile_dpbf16ps(0, 1, 4);
+            if (C > 1) {
+                _tile_loadd(2, ar + 32, D * 2);
+                _tile_dpbf16ps(0, 2, 5);
+            }
+            if (C > 2) {
+                _tile_loadd(1, ar + 64, D * 2);
+                _tile_dpbf16ps(0, 1, 6);
+            }
+            if (C > 3) {
+                _tile_loadd(2, ar + 96, D * 2);
+                _tile_dpbf16ps(0, 2, 7);
+            }
+            _tile_stored(0, s + (long)r * stride + at + j - j0, stride * 4);
+        }
+    }
+}
+
+/* A key range of a block in the paired layouts: tokens [base, base + np) hold [r0, r1) at
+ * offset r0 - base (base even, np a multiple of 32); its scores sit at column at of a row. */
+typedef struct {
+    int r0, r1, base, np, at, col; /* col: where its bf16 weights start in a row of w */
+} Range;
+
+static int block_ranges(const Block *k, Range *out) {
+    int n = 0, col = 0;
+    const int lo[2] = {k->a0, k->b0}, hi[2] = {k->a1, k->b1}, at[2] = {0, k->a1 - k->a0};
+    for (int x = 0; x < 2; ++x) {
+        if (hi[x] <= lo[x]) continue;
+        const int base = lo[x] & ~1, np = (hi[x] - base + 31) & ~31;
+        out[n++] = (Range){lo[x], hi[x], base, np, at[x], col};
+        col += np;
+    }
+    return n;
+}
+
+/* w[r][col + t - base] = bf16(s[r][at + t - r0]) over a range's tokens, 0 around them. */
+static void weights_bf16(const float *s, int stride, int R, const Range *g, int nr, uint16_t *w, int wstride) {
+    for (int r = 0; r < R; ++r)
+        for (int x = 0; x < nr; ++x) {
+            const Range *q = g + x;
+            uint16_t *dst = w + (long)r * wstride + q->col;
+            const float *src = s + (long)r * stride + q->at;
+            const int off = q->r0 - q->base, len = q->r1 - q->r0;
+            memset(dst, 0, sizeof(uint16_t) * q->np);
+            for (int j = 0; j < len; j += 16) store_bf16(dst + off + j, _mm512_maskz_loadu_ps(tail_mask(len - j), src + j), len - j);
+        }
+}
+
+/* out[r][d] = sum over the ranges' tokens of w[r][.] xp[token][d] (xp: one KV head's token pairs),
+ * float32 into o ([R][D]); 64 dimensions (4 accumulator tiles) at a time. */
+static void amx_weighted(const uint16_t *w, int wstride, int R, const Range *g, int nr, const uint16_t *xp, int D,
+                         float *o) {
+    for (int r = 0; r < R; r += 16)
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            const int nd = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int x = 0; x < nr; ++x)
+                for (int j = 0; j < g[x].np; j += 32) {
+                    const uint16_t *b = xp + ((long)(g[x].base + j) / 2 * D + d0) * 2;
+                    _tile_loadd(4, w + (long)r * wstride + g[x].col + j, wstride * 2);
+                    _tile_loadd(5, b, D * 4);
+                    _tile_dpbf16ps(0, 4, 5);
+                    if (nd > 1) {
+                        _tile_loadd(6, b + 32, D * 4);
+                        _tile_dpbf16ps(1, 4, 6);
+                    }
+                    if (nd > 2) {
+                        _tile_loadd(7, b + 64, D * 4);
+                        _tile_dpbf16ps(2, 4, 7);
+                    }
+                    if (nd > 3) {
+                        _tile_loadd(5, b + 96, D * 4);
+                        _tile_dpbf16ps(3, 4, 5);
+                    }
+                }
+            float *orow = o + (long)r * D + d0;
+            _tile_stored(0, orow, D * 4);
+            if (nd > 1) _tile_stored(1, orow + 16, D * 4);
+            if (nd > 2) _tile_stored(2, orow + 32, D * 4);
+            if (nd > 3) _tile_stored(3, orow + 48, D * 4);
+        }
+}
+
+/* The block's rows of x ([T, H, D], heads h .. h + G - 1) into a [RP][D] (rows past the block and
+ * up to RP: 0). */
+static void gather_rows(const uint16_t *x, const Block *k, int h, int G, int H, int D, int RP, uint16_t *a) {
+    memset(a, 0, sizeof(uint16_t) * RP * D);
+    for (int b = 0; b < G; ++b)
+        for (int i = 0; i < k->nq; ++i)
+            memcpy(a + (long)(b * 16 + i) * D, x + ((long)(k->t0 + i) * H + h + b) * D, sizeof(uint16_t) * D);
+}
+
+static int amx_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int32_t *qr, uint16_t *out,
+                   float *lse, int T, int H, int KV, int D, float scale) {
+    const int G = H / KV, R = 16 * G, Tp = (T + 15) & ~15, Pp = Tp / 2 + PAD, stride = Tp + PAD;
+    const int wstride = (Tp + 2 * PAD + 31) & ~31;
+    uint32_t *kt = calloc((size_t)KV * (D / 2) * Tp + PAD, sizeof(uint32_t));
+    uint16_t *vp = malloc(sizeof(uint16_t) * (size_t)KV * Pp * D * 2);
+    Block *blocks = malloc(sizeof(Block) * (size_t)T);
+    if (!kt || !vp || !blocks) {
+        free(kt);
+        free(vp);
+        free(blocks);
+        return -2;
+    }
+    const int nb = make_blocks(qr, T, 16, blocks);
+    for (int t = 0; t < T; ++t)
+        if (seen(qr + 4L * t) == 0) {
+            memset(out + (long)t * H * D, 0, sizeof(uint16_t) * H * D);
+            for (int h = 0; h < H; ++h) lse[(long)t * H + h] = -INFINITY;
+        }
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *s = malloc(sizeof(float) * ((size_t)R * stride + (size_t)R * D));
+        uint16_t *a = malloc(sizeof(uint16_t) * ((size_t)R * D + (size_t)R * wstride));
+        if (!s || !a) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        transpose_pairs(k, kt, T, KV, D, Tp);
+        pair_tokens(v, vp, T, KV, D, Pp); /* ends in a barrier */
+        amx_configure();
+#pragma omp for schedule(dynamic, 1)
+        for (long task = 0; task < (long)nb * KV; ++task) {
+            if (!s || !a) continue;
+            const Block *blk = blocks + task / KV;
+            const int g = (int)(task % KV), nA = blk->a1 - blk->a0, n = nA + blk->b1 - blk->b0;
+            float *o = s + (size_t)R * stride;
+            uint16_t *w = a + (size_t)R * D;
+            Range rg[2];
+            const int nr = block_ranges(blk, rg);
+            gather_rows(q, blk, g * G, G, H, D, R, a);
+            const uint32_t *ktg = kt + (long)g * (D / 2) * Tp;
+            amx_scores(a, R, D, ktg, Tp, blk->a0, blk->a1, s, stride, 0);
+            amx_scores(a, R, D, ktg, Tp, blk->b0, blk->b1, s, stride, nA);
+            for (int b = 0; b < G; ++b)
+                for (int i = 0; i < 16; ++i) {
+                    float *row = s + (long)(b * 16 + i) * stride;
+                    if (i >= blk->nq) { /* a row past the block: zero weights */
+                        memset(row, 0, sizeof(float) * n);
+                        continue;
+                    }
+                    mask_past_end(row, blk, qr + 4L * (blk->t0 + i));
+                    lse[(long)(blk->t0 + i) * H + g * G + b] = softmax_inplace(row, n, scale);
+                }
+            weights_bf16(s, stride, R, rg, nr, w, wstride);
+            amx_weighted(w, wstride, R, rg, nr, vp + (long)g * Pp * D * 2, D, o);
+            for (int b = 0; b < G; ++b)
+                for (int i = 0; i < blk->nq; ++i)
+                    for (int d = 0; d < D; d += 16)
+                        store_bf16(out + ((long)(blk->t0 + i) * H + g * G + b) * D + d,
+                                   _mm512_loadu_ps(o + (long)(b * 16 + i) * D + d), 16);
+        }
+        _tile_release();
+        free(s);
+        free(a);
+    }
+    free(kt);
+    free(vp);
+    free(blocks);
+    return failed ? -2 : 0;
+}
+
+/* Row pairs of the weights for the transposed key gradients: pv[rp][j][e] = bf16(s[2 rp + e][at + j])
+ * for j < len (the range's keys from r0), 0 for j up to n16 and for rows R .. RP. */
+static void row_pairs_bf16(const float *s, int stride, int R, int RP, const Range *g, int n16, uint16_t *pv) {
+    const int len = g->r1 - g->r0;
+    for (int rp = 0; rp < RP / 2; ++rp) {
+        const float *s0 = s + (long)(2 * rp) * stride + g->at, *s1 = s0 + stride;
+        const int has0 = 2 * rp < R, has1 = 2 * rp + 1 < R;
+        uint32_t *dst = (uint32_t *)(pv + (long)rp * n16 * 2);
+        for (int j = 0; j < n16; j += 16) {
+            const __mmask16 m = j < len ? tail_mask(len - j) : 0;
+            const __m512 a = _mm512_maskz_loadu_ps(has0 ? m : 0, s0 + j), b = _mm512_maskz_loadu_ps(has1 ? m : 0, s1 + j);
+            const __m512i lo = _mm512_cvtepu16_epi32(to_bf16(a)), hi = _mm512_cvtepu16_epi32(to_bf16(b));
+            _mm512_storeu_si512(dst + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
+}
+
+/* xT[d][r] = x[r][d] for the [RP][D] rows. */
+static void transpose_rows(const uint16_t *x, int RP, int D, uint16_t *xT) {
+    for (int r = 0; r < RP; ++r)
+        for (int d = 0; d < D; ++d) xT[(long)d * RP + r] = x[(long)r * D + d];
+}
+
+/* sumT[d][t] += sum_r aT[d][r] pv[r][t - r0] for the range's keys t, 16 at a time (sumT: one KV head's
+ * [D][Tk] float32 sums; the tail chunk adds 0 to the keys after the range). */
+static void amx_key_sums(const uint16_t *aT, int RP, int D, const uint16_t *pv, int n16, const Range *g, float *sumT,
+                         int Tk) {
+    for (int j = 0; j < g->r1 - g->r0; j += 16)
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            const int nd = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
+            float *c = sumT + (long)d0 * Tk + g->r0 + j;
+            _tile_loadd(0, c, Tk * 4);
+            if (nd > 1) _tile_loadd(1, c + 16L * Tk, Tk * 4);
+            if (nd > 2) _tile_loadd(2, c + 32L * Tk, Tk * 4);
+            if (nd > 3) _tile_loadd(3, c + 48L * Tk, Tk * 4);
+            for (int rp = 0; rp < RP / 2; rp += 16) {
+                const uint16_t *a = aT + (long)d0 * RP + 2 * rp;
+                _tile_loadd(4, pv + ((long)rp * n16 + j) * 2, n16 * 4);
+                _tile_loadd(5, a, RP * 2);
+                _tile_dpbf16ps(0, 5, 4);
+                if (nd > 1) {
+                    _tile_loadd(6, a + 16L * RP, RP * 2);
+                    _tile_dpbf16ps(1, 6, 4);
+                }
+                if (nd > 2) {
+                    _tile_loadd(7, a + 32L * RP, RP * 2);
+                    _tile_dpbf16ps(2, 7, 4);
+                }
+                if (nd > 3) {
+                    _tile_loadd(5, a + 48L * RP, RP * 2);
+                    _tile_dpbf16ps(3, 5, 4);
+                }
+            }
+            _tile_stored(0, c, Tk * 4);
+            if (nd > 1) _tile_stored(1, c + 16L * Tk, Tk * 4);
+            if (nd > 2) _tile_stored(2, c + 32L * Tk, Tk * 4);
+            if (nd > 3) _tile_stored(3, c + 48L * Tk, Tk * 4);
+        }
+}
+
+static int amx_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *out, const float *lse,
+                   const uint16_t *dout, const int32_t *qr, uint16_t *dq, uint16_t *dk, uint16_t *dv, int T, int H,
+                   int KV, int D, float scale) {
+    const int G = H / KV, R = 16 * G, RP = (R + 31) & ~31, Tp = (T + 15) & ~15, Pp = Tp / 2 + PAD;
+    const int stride = Tp + PAD, wstride = (Tp + 2 * PAD + 31) & ~31, Tk = Tp + PAD, n16max = Tp + 16;
+    const int threads = omp_get_max_threads();
+    const size_t kt_n = (size_t)KV * (D / 2) * Tp + PAD, sum_n = (size_t)KV * D * Tk;
+    uint32_t *kt = calloc(2 * kt_n, sizeof(uint32_t)), *vt = kt ? kt + kt_n : NULL;
+    uint16_t *kp = malloc(sizeof(uint16_t) * (size_t)KV * Pp * D * 2);
+    float *sums = malloc(sizeof(float) * 2 * sum_n * threads); /* per thread: dk^T, then dv^T */
+    Block *blocks = malloc(sizeof(Block) * (size_t)T);
+    if (!kt || !kp || !sums || !blocks) {
+        free(kt);
+        free(kp);
+        free(sums);
+        free(blocks);
+        return -2;
+    }
+    const int nb = make_blocks(qr, T, 16, blocks);
+    for (int t = 0; t < T; ++t)
+        if (seen(qr + 4L * t) == 0) memset(dq + (long)t * H * D, 0, sizeof(uint16_t) * H * D);
+    int failed = 0;
+#pragma omp parallel
+    {
+        const int me = omp_get_thread_num();
+        float *s = malloc(sizeof(float) * ((size_t)2 * R * stride + (size_t)R * D));
+        uint16_t *a = malloc(sizeof(uint16_t) * ((size_t)4 * RP * D + (size_t)R * wstride + (size_t)2 * RP * n16max));
+        if (!s || !a || me >= threads) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(sums + 2 * sum_n * me, 0, sizeof(float) * 2 * sum_n);
+        }
+        transpose_pairs(k, kt, T, KV, D, Tp);
+        transpose_pairs(v, vt, T, KV, D, Tp);
+        pair_tokens(k, kp, T, KV, D, Pp); /* ends in a barrier */
+        amx_configure();
+#pragma omp for schedule(static, 1) /* round-robin: the float32 sums do not depend on timing */
+        for (long task = 0; task < (long)nb * KV; ++task) {
+            if (failed) continue;
+            const Block *blk = blocks + task / KV;
+            const int g = (int)(task % KV), h = g * G, nA = blk->a1 - blk->a0, n = nA + blk->b1 - blk->b0;
+            float *dp = s + (size_t)R * stride, *o = dp + (size_t)R * stride;
+            uint16_t *qa = a, *ga = qa + (size_t)RP * D, *qT = ga + (size_t)RP * D, *gT = qT + (size_t)RP * D;
+            uint16_t *w = gT + (size_t)RP * D, *pv = w + (size_t)R * wstride, *dsv = pv + (size_t)RP * n16max;
+            float *dkT = sums + 2 * sum_n * me + (size_t)g * D * Tk, *dvT = dkT + sum_n;
+            Range rg[2];
+            const int nr = block_ranges(blk, rg);
+            gather_rows(q, blk, h, G, H, D, RP, qa);
+            gather_rows(dout, blk, h, G, H, D, RP, ga);
+            const uint32_t *ktg = kt + (long)g * (D / 2) * Tp, *vtg = vt + (long)g * (D / 2) * Tp;
+            amx_scores(qa, R, D, ktg, Tp, blk->a0, blk->a1, s, stride, 0);
+            amx_scores(qa, R, D, ktg, Tp, blk->b0, blk->b1, s, stride, nA);
+            amx_scores(ga, R, D, vtg, Tp, blk->a0, blk->a1, dp, stride, 0);
+            amx_scores(ga, R, D, vtg, Tp, blk->b0, blk->b1, dp, stride, nA);
+            for (int b = 0; b < G; ++b)
+                for (int i = 0; i < 16; ++i) { /* p = exp(scale s - lse) into s, ds = p (dp - dsum) into dp */
+                    float *srow = s + (long)(b * 16 + i) * stride, *drow = dp + (long)(b * 16 + i) * stride;
+                    if (i >= blk->nq) {
+                        memset(srow, 0, sizeof(float) * n);
+                        memset(drow, 0, sizeof(float) * n);
+                        continue;
+                    }
+                    const long at = ((long)(blk->t0 + i) * H + h + b) * D;
+                    __m512 d = _mm512_setzero_ps();
+                    for (int c = 0; c < D; c += 16) d = _mm512_fmadd_ps(load_bf16(dout + at + c), load_bf16(out + at + c), d);
+                    const __m512 dsum = _mm512_set1_ps(_mm512_reduce_add_ps(d));
+                    const __m512 top = _mm512_set1_ps(lse[(long)(blk->t0 + i) * H + h + b]), sc = _mm512_set1_ps(scale);
+                    mask_past_end(srow, blk, qr + 4L * (blk->t0 + i));
+                    for (int j = 0; j < n; j += 16) {
+                        const __mmask16 m = tail_mask(n - j);
+                        const __m512 p = exp_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, srow + j), sc, top));
+                        _mm512_mask_storeu_ps(srow + j, m, p);
+                        _mm512_mask_storeu_ps(drow + j, m, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, drow + j), dsum)));
+                    }
+                }
+            /* dq = scale sum_j ds k_j */
+            weights_bf16(dp, stride, R, rg, nr, w, wstride);
+            amx_weighted(w, wstride, R, rg, nr, kp + (long)g * Pp * D * 2, D, o);
+            for (int b = 0; b < G; ++b)
+                for (int i = 0; i < blk->nq; ++i)
+                    for (int d = 0; d < D; d += 16)
+                        store_bf16(dq + ((long)(blk->t0 + i) * H + h + b) * D + d,
+                                   _mm512_mul_ps(_mm512_loadu_ps(o + (long)(b * 16 + i) * D + d), _mm512_set1_ps(scale)), 16);
+            /* dk^T += q^T ds, dv^T += dO^T p, range by range */
+            transpose_rows(qa, RP, D, qT);
+            transpose_rows(ga, RP, D, gT);
+            for (int x = 0; x < nr; ++x) {
+                const int n16 = (rg[x].r1 - rg[x].r0 + 15) & ~15;
+                row_pairs_bf16(s, stride, R, RP, rg + x, n16, pv);
+                row_pairs_bf16(dp, stride, R, RP, rg + x, n16, dsv);
+                amx_key_sums(gT, RP, D, pv, n16, rg + x, dvT, Tk);
+                amx_key_sums(qT, RP, D, dsv, n16, rg + x, dkT, Tk);
+            }
+        }
+        _tile_release();
+        /* the loop's implicit barrier: every thread's sums are complete; [KV][D][Tk] -> [T, KV, D] */
+        const int n_threads = omp_get_num_threads() < threads ? omp_get_num_threads() : threads;
+        const int tblocks = (T + 15) / 16, dblocks = D / 16;
+#pragma omp for schedule(static)
+        for (long task = 0; task < (long)KV * dblocks * tblocks; ++task) {
+            const int g = (int)(task / ((long)dblocks * tblocks)), d0 = 16 * (int)(task / tblocks % dblocks);
+            const int t0 = 16 * (int)(task % tblocks);
+            float tk[256] __attribute__((aligned(64))), tv[256] __attribute__((aligned(64)));
+            for (int d = 0; d < 16; ++d) {
+                const size_t at = ((size_t)g * D + d0 + d) * Tk + t0;
+                __m512 x = _mm512_setzero_ps(), y = _mm512_setzero_ps();
+                for (int th = 0; th < n_threads; ++th) {
+                    x = _mm512_add_ps(x, _mm512_loadu_ps(sums + 2 * sum_n * th + at));
+                    y = _mm512_add_ps(y, _mm512_loadu_ps(sums + 2 * sum_n * th + sum_n + at));
+                }
+                _mm512_store_ps(tk + 16 * d, _mm512_mul_ps(x, _mm512_set1_ps(scale)));
+                _mm512_store_ps(tv + 16 * d, y);
+            }
+            const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                   _mm512_set1_epi32(16));
+            for (int tt = 0; tt < 16 && t0 + tt < T; ++tt) {
+                const long at = ((long)(t0 + tt) * KV + g) * D + d0;
+                store_bf16(dk + at, _mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(tt)), tk, 4), 16);
+                store_bf16(dv + at, _mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(tt)), tv, 4), 16);
+            }
+        }
+        free(s);
+        free(a);
+    }
+    free(kt);
+    free(kp);
+    free(sums);
+    free(blocks);
+    return failed ? -2 : 0;
+}
+
+/* Whether the AMX path takes these shapes. */
+static int amx_shapes(int H, int KV, int D) { return D % 32 == 0 && D <= 128 && H / KV <= AMX_G_MAX; }
+#else
+int rlft_packed_attention_amx(void) { return 0; }
+#endif
+
 /* q: [T, H, D], k, v: [T, KV, D] bf16; qr: [T, 4]; out: [T, H, D] bf16, lse: [T, H] float32
  * (a token that sees no key: out 0, lse -inf). Returns 0, -1 for shapes or ranges not handled, -2 out
  * of memory. */
 int rlft_packed_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int32_t *qr,
-                              uint16_t *out, float *lse, int T, int H, int KV, int D, float scale) {
+                              uint16_t *out, float *lse, int T, int H, int KV, int D, float scale, int amx) {
     const int nc = check(qr, T, H, KV, D), G = H / KV, Tp = (T + 15) & ~15, stride = Tp + 16;
     if (nc < 0) return -1;
+#ifdef RLFT_AMX
+    if (amx && amx_shapes(H, KV, D)) return amx_fwd(q, k, v, qr, out, lse, T, H, KV, D, scale);
+#endif
+    (void)amx;
     uint32_t *kt = malloc(sizeof(uint32_t) * (size_t)KV * (D / 2) * Tp);
     Block *blocks = malloc(sizeof(Block) * (size_t)T);
     if (!kt || !blocks) {
@@ -324,9 +780,13 @@ int rlft_packed_attention_fwd(const uint16_t *q, const uint16_t *k, const uint16
 /* The gradients dq [T, H, D], dk, dv [T, KV, D] (bf16) for dout [T, H, D]. */
 int rlft_packed_attention_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *out,
                               const float *lse, const uint16_t *dout, const int32_t *qr, uint16_t *dq, uint16_t *dk,
-                              uint16_t *dv, int T, int H, int KV, int D, float scale) {
+                              uint16_t *dv, int T, int H, int KV, int D, float scale, int amx) {
     const int nc = check(qr, T, H, KV, D), G = H / KV, Tp = (T + 15) & ~15, stride = Tp + 16;
     if (nc < 0) return -1;
+#ifdef RLFT_AMX
+    if (amx && amx_shapes(H, KV, D)) return amx_bwd(q, k, v, out, lse, dout, qr, dq, dk, dv, T, H, KV, D, scale);
+#endif
+    (void)amx;
     const int threads = omp_get_max_threads();
     const size_t kv_n = (size_t)KV * (D / 2) * Tp, grad_n = (size_t)T * KV * D;
     float *buf = malloc(sizeof(float) * (2 * kv_n + 2 * grad_n * threads)); /* a pair: the size of a float */

@@ -2,7 +2,10 @@
 
 :func:`packed_attention_kernel` gives a :class:`PackedAttentionKernel` when the kernel compiled
 and loaded here (``rlft.kernels.build``), else None. ``rlft.packed_attention`` builds the token
-ranges it takes and wraps it as an autograd function. Left out: dtypes other than bf16.
+ranges it takes and wraps it as an autograd function. Where the kernel has its AMX path (a CPU with
+AMX-BF16, tile state granted), it runs by default unless oneDNN is kept off AMX
+(``ONEDNN_MAX_CPU_ISA``, as the test suite does so that sums round as on older CPUs): then the
+AVX-512 path runs. Left out: dtypes other than bf16.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import ctypes
 
 import torch
 
+from rlft.kernels.amx_linear import amx_permitted
 from rlft.kernels.build import bind
 
 __all__ = ["PackedAttentionKernel", "packed_attention_kernel"]
@@ -26,25 +30,30 @@ class PackedAttentionKernel:
     def __init__(self, lib: ctypes.CDLL):
         self._fwd, self._bwd = lib.rlft_packed_attention_fwd, lib.rlft_packed_attention_bwd
         self._fwd.restype = self._bwd.restype = ctypes.c_int
-        self._fwd.argtypes = [_P] * 6 + [_I] * 4 + [ctypes.c_float]
-        self._bwd.argtypes = [_P] * 10 + [_I] * 4 + [ctypes.c_float]
+        self._fwd.argtypes = [_P] * 6 + [_I] * 4 + [ctypes.c_float, _I]
+        self._bwd.argtypes = [_P] * 10 + [_I] * 4 + [ctypes.c_float, _I]
+        lib.rlft_packed_attention_amx.restype = ctypes.c_int
+        self.amx_runs = lib.rlft_packed_attention_amx() == 1  # compiled with AMX-BF16, tile state granted
+        self.amx = self.amx_runs and amx_permitted()  # the default: off where oneDNN is kept off AMX
 
     @staticmethod
     def handles(head_dim: int, dtype: torch.dtype) -> bool:
         return dtype == torch.bfloat16 and head_dim % 16 == 0 and head_dim // 16 in (1, 2, 4, 8, 16)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: torch.Tensor, scale: float):
-        """(out [T, H, D] bf16, logsumexp [T, H] float32; -inf where a token sees no key)."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: torch.Tensor, scale: float,
+                amx: bool | None = None):
+        """(out [T, H, D] bf16, logsumexp [T, H] float32; -inf where a token sees no key). ``amx``:
+        the tile path (None: where it runs here, ``self.amx``; it takes head_dim 32, 64, 96, 128)."""
         T, H, D = q.shape
         self._check(q, k, v, qr)
         out, lse = torch.empty_like(q), torch.empty(T, H)
         code = self._fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), qr.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                         T, H, k.shape[1], D, scale)
+                         T, H, k.shape[1], D, scale, self._amx(amx))
         if code != 0:
             raise RuntimeError(f"packed_attention forward failed ({code}) on {tuple(q.shape)}, {tuple(k.shape)}")
         return out, lse
 
-    def backward(self, q, k, v, out, lse, grad, qr, scale: float):
+    def backward(self, q, k, v, out, lse, grad, qr, scale: float, amx: bool | None = None):
         """(dq, dk, dv) for the output gradient ``grad`` [T, H, D] (bf16, contiguous)."""
         T, H, D = q.shape
         self._check(q, k, v, qr)
@@ -53,10 +62,15 @@ class PackedAttentionKernel:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         code = self._bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), grad.data_ptr(),
                          qr.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                         T, H, k.shape[1], D, scale)
+                         T, H, k.shape[1], D, scale, self._amx(amx))
         if code != 0:
             raise RuntimeError(f"packed_attention backward failed ({code}) on {tuple(q.shape)}, {tuple(k.shape)}")
         return dq, dk, dv
+
+    def _amx(self, amx: bool | None) -> int:
+        if amx and not self.amx_runs:
+            raise ValueError("packed_attention: the AMX path does not run here")
+        return int(self.amx if amx is None else amx)
 
     def _check(self, q, k, v, qr) -> None:
         T, H, D = q.shape
