@@ -527,19 +527,21 @@ static int amx_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
     return failed ? -2 : 0;
 }
 
-/* Row pairs of the weights for the transposed key gradients: pv[rp][j][e] = bf16(s[2 rp + e][at + j])
- * for j < len (the range's keys from r0), 0 for j up to n16 and for rows R .. RP. */
+/* Row pairs of the weights for the transposed key gradients, from the range's first 16-key chunk:
+ * pv[rp][o + j][e] = bf16(s[2 rp + e][at + j]) for j < len (o = r0 % 16), 0 elsewhere up to n16
+ * and for rows R .. RP. */
 static void row_pairs_bf16(const float *s, int stride, int R, int RP, const Range *g, int n16, uint16_t *pv) {
-    const int len = g->r1 - g->r0;
+    const int len = g->r1 - g->r0, o = g->r0 & 15;
     for (int rp = 0; rp < RP / 2; ++rp) {
-        const float *s0 = s + (long)(2 * rp) * stride + g->at, *s1 = s0 + stride;
+        const float *s0 = s + (long)(2 * rp) * stride + g->at - o, *s1 = s0 + stride;
         const int has0 = 2 * rp < R, has1 = 2 * rp + 1 < R;
         uint32_t *dst = (uint32_t *)(pv + (long)rp * n16 * 2);
-        for (int j = 0; j < n16; j += 16) {
-            const __mmask16 m = j < len ? tail_mask(len - j) : 0;
+        for (int j = 0; j < n16; j += 16) { /* lanes l with o <= j + l < o + len */
+            const int lo = o - j > 0 ? o - j : 0, hi = o + len - j < 16 ? o + len - j : 16;
+            const __mmask16 m = hi > lo ? (__mmask16)(tail_mask(hi) & ~tail_mask(lo)) : 0;
             const __m512 a = _mm512_maskz_loadu_ps(has0 ? m : 0, s0 + j), b = _mm512_maskz_loadu_ps(has1 ? m : 0, s1 + j);
-            const __m512i lo = _mm512_cvtepu16_epi32(to_bf16(a)), hi = _mm512_cvtepu16_epi32(to_bf16(b));
-            _mm512_storeu_si512(dst + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+            const __m512i lw = _mm512_cvtepu16_epi32(to_bf16(a)), hw = _mm512_cvtepu16_epi32(to_bf16(b));
+            _mm512_storeu_si512(dst + j, _mm512_or_si512(lw, _mm512_slli_epi32(hw, 16)));
         }
     }
 }
@@ -550,18 +552,18 @@ static void transpose_rows(const uint16_t *x, int RP, int D, uint16_t *xT) {
         for (int d = 0; d < D; ++d) xT[(long)d * RP + r] = x[(long)r * D + d];
 }
 
-/* sumT[d][t] += sum_r aT[d][r] pv[r][t - r0] for the range's keys t, 16 at a time (sumT: one KV head's
- * [D][Tk] float32 sums; the tail chunk adds 0 to the keys after the range). */
-static void amx_key_sums(const uint16_t *aT, int RP, int D, const uint16_t *pv, int n16, const Range *g, float *sumT,
-                         int Tk) {
-    for (int j = 0; j < g->r1 - g->r0; j += 16)
+/* sums[t / 16][d][t % 16] += sum_r aT[d][r] pv[r][t - 16 (r0 / 16)] for the range's keys t, one 16-key
+ * chunk (a contiguous [D][16] block of one KV head's float32 sums) at a time; keys of the first and
+ * last chunks outside the range get 0 added. */
+static void amx_key_sums(const uint16_t *aT, int RP, int D, const uint16_t *pv, int n16, const Range *g, float *sums) {
+    for (int j = 0; j < n16; j += 16)
         for (int d0 = 0; d0 < D; d0 += 64) {
             const int nd = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
-            float *c = sumT + (long)d0 * Tk + g->r0 + j;
-            _tile_loadd(0, c, Tk * 4);
-            if (nd > 1) _tile_loadd(1, c + 16L * Tk, Tk * 4);
-            if (nd > 2) _tile_loadd(2, c + 32L * Tk, Tk * 4);
-            if (nd > 3) _tile_loadd(3, c + 48L * Tk, Tk * 4);
+            float *c = sums + ((long)((g->r0 & ~15) + j) * D + 16L * d0); /* chunk (r0 + j) / 16, dimension d0 */
+            _tile_loadd(0, c, 64);
+            if (nd > 1) _tile_loadd(1, c + 256, 64);
+            if (nd > 2) _tile_loadd(2, c + 512, 64);
+            if (nd > 3) _tile_loadd(3, c + 768, 64);
             for (int rp = 0; rp < RP / 2; rp += 16) {
                 const uint16_t *a = aT + (long)d0 * RP + 2 * rp;
                 _tile_loadd(4, pv + ((long)rp * n16 + j) * 2, n16 * 4);
@@ -580,10 +582,10 @@ static void amx_key_sums(const uint16_t *aT, int RP, int D, const uint16_t *pv, 
                     _tile_dpbf16ps(3, 5, 4);
                 }
             }
-            _tile_stored(0, c, Tk * 4);
-            if (nd > 1) _tile_stored(1, c + 16L * Tk, Tk * 4);
-            if (nd > 2) _tile_stored(2, c + 32L * Tk, Tk * 4);
-            if (nd > 3) _tile_stored(3, c + 48L * Tk, Tk * 4);
+            _tile_stored(0, c, 64);
+            if (nd > 1) _tile_stored(1, c + 256, 64);
+            if (nd > 2) _tile_stored(2, c + 512, 64);
+            if (nd > 3) _tile_stored(3, c + 768, 64);
         }
 }
 
@@ -591,12 +593,12 @@ static int amx_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
                    const uint16_t *dout, const int32_t *qr, uint16_t *dq, uint16_t *dk, uint16_t *dv, int T, int H,
                    int KV, int D, float scale) {
     const int G = H / KV, R = 16 * G, RP = (R + 31) & ~31, Tp = (T + 15) & ~15, Pp = Tp / 2 + PAD;
-    const int stride = Tp + PAD, wstride = (Tp + 2 * PAD + 31) & ~31, Tk = Tp + PAD, n16max = Tp + 16;
+    const int stride = Tp + PAD, wstride = (Tp + 2 * PAD + 31) & ~31, Tk = Tp + PAD, n16max = Tp + 32;
     const int threads = omp_get_max_threads();
     const size_t kt_n = (size_t)KV * (D / 2) * Tp + PAD, sum_n = (size_t)KV * D * Tk;
     uint32_t *kt = calloc(2 * kt_n, sizeof(uint32_t)), *vt = kt ? kt + kt_n : NULL;
     uint16_t *kp = malloc(sizeof(uint16_t) * (size_t)KV * Pp * D * 2);
-    float *sums = malloc(sizeof(float) * 2 * sum_n * threads); /* per thread: dk^T, then dv^T */
+    float *sums = malloc(sizeof(float) * 2 * sum_n * threads); /* per thread: dk, then dv, [KV][Tk / 16][D][16] */
     Block *blocks = malloc(sizeof(Block) * (size_t)T);
     if (!kt || !kp || !sums || !blocks) {
         free(kt);
@@ -632,7 +634,7 @@ static int amx_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             float *dp = s + (size_t)R * stride, *o = dp + (size_t)R * stride;
             uint16_t *qa = a, *ga = qa + (size_t)RP * D, *qT = ga + (size_t)RP * D, *gT = qT + (size_t)RP * D;
             uint16_t *w = gT + (size_t)RP * D, *pv = w + (size_t)R * wstride, *dsv = pv + (size_t)RP * n16max;
-            float *dkT = sums + 2 * sum_n * me + (size_t)g * D * Tk, *dvT = dkT + sum_n;
+            float *dks = sums + 2 * sum_n * me + (size_t)g * D * Tk, *dvs = dks + sum_n;
             Range rg[2];
             const int nr = block_ranges(blk, rg);
             gather_rows(q, blk, h, G, H, D, RP, qa);
@@ -675,15 +677,15 @@ static int amx_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             transpose_rows(qa, RP, D, qT);
             transpose_rows(ga, RP, D, gT);
             for (int x = 0; x < nr; ++x) {
-                const int n16 = (rg[x].r1 - rg[x].r0 + 15) & ~15;
+                const int n16 = (rg[x].r1 - (rg[x].r0 & ~15) + 15) & ~15;
                 row_pairs_bf16(s, stride, R, RP, rg + x, n16, pv);
                 row_pairs_bf16(dp, stride, R, RP, rg + x, n16, dsv);
-                amx_key_sums(gT, RP, D, pv, n16, rg + x, dvT, Tk);
-                amx_key_sums(qT, RP, D, dsv, n16, rg + x, dkT, Tk);
+                amx_key_sums(gT, RP, D, pv, n16, rg + x, dvs);
+                amx_key_sums(qT, RP, D, dsv, n16, rg + x, dks);
             }
         }
         _tile_release();
-        /* the loop's implicit barrier: every thread's sums are complete; [KV][D][Tk] -> [T, KV, D] */
+        /* the loop's implicit barrier: every thread's sums are complete; [KV][Tk / 16][D][16] -> [T, KV, D] */
         const int n_threads = omp_get_num_threads() < threads ? omp_get_num_threads() : threads;
         const int tblocks = (T + 15) / 16, dblocks = D / 16;
 #pragma omp for schedule(static)
@@ -692,7 +694,7 @@ static int amx_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             const int t0 = 16 * (int)(task % tblocks);
             float tk[256] __attribute__((aligned(64))), tv[256] __attribute__((aligned(64)));
             for (int d = 0; d < 16; ++d) {
-                const size_t at = ((size_t)g * D + d0 + d) * Tk + t0;
+                const size_t at = (size_t)g * D * Tk + (size_t)t0 * D + (size_t)(d0 + d) * 16;
                 __m512 x = _mm512_setzero_ps(), y = _mm512_setzero_ps();
                 for (int th = 0; th < n_threads; ++th) {
                     x = _mm512_add_ps(x, _mm512_loadu_ps(sums + 2 * sum_n * th + at));
