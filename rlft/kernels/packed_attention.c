@@ -294,10 +294,13 @@ static int check(const int32_t *qr, int T, int H, int KV, int D) {
  * once for the whole group. Every product is a tile multiply (16 x 32 bf16 by 32 x 16 bf16 into
  * 16 x 16 float32): the scores q.k and dO.v from the dimension-pair copies of K and V (as above),
  * p v and ds k from copies with consecutive keys paired ([KV][token pair][D][2]), and the key
- * gradients transposed, dk^T += q^T ds and dv^T += dO^T p, into each thread's float32 [KV][D][token]
- * sums. So p and ds are rounded to bf16 before they multiply (as flash attention does on GPUs);
- * the softmax, its statistics and every sum stay float32. Tile tails read past a key range into
- * zero padding or other tokens and multiply them by zero weights, or add zero to other keys' sums.
+ * gradients transposed, dk^T += q^T ds and dv^T += dO^T p, into each thread's float32 sums laid out
+ * [KV][16-token chunk][D][16] (a tile of them is 1 KB of contiguous memory). So p and ds are rounded
+ * to bf16 before they multiply (as flash attention does on GPUs); the softmax, its statistics and
+ * every sum stay float32, and the forward divides by the softmax's sum after p v (flash attention's
+ * order), so each weight is written once, as bf16, straight from its exp. Tile tails read past a key
+ * range into zero padding or other tokens and multiply them by zero weights, or add zero to other
+ * keys' sums.
  */
 #ifdef RLFT_AMX
 
@@ -377,10 +380,11 @@ static void amx_scores(const uint16_t *a, int R, int D, const uint32_t *xt, int 
     }
 }
 
-/* A key range of a block in the paired layouts: tokens [base, base + np) hold [r0, r1) at
- * offset r0 - base (base even, np a multiple of 32); its scores sit at column at of a row. */
+/* A key range of a block in the weights' layouts: tokens [base, base + np) hold [r0, r1) at offset
+ * r0 - base (base = r0 rounded down to 16, np a multiple of 32, n16 the 16-key chunks it spans);
+ * its scores sit at column at of a row. */
 typedef struct {
-    int r0, r1, base, np, at, col; /* col: where its bf16 weights start in a row of w */
+    int r0, r1, base, np, n16, at, col; /* col: where its bf16 weights start in a row of w */
 } Range;
 
 static int block_ranges(const Block *k, Range *out) {
@@ -388,24 +392,39 @@ static int block_ranges(const Block *k, Range *out) {
     const int lo[2] = {k->a0, k->b0}, hi[2] = {k->a1, k->b1}, at[2] = {0, k->a1 - k->a0};
     for (int x = 0; x < 2; ++x) {
         if (hi[x] <= lo[x]) continue;
-        const int base = lo[x] & ~1, np = (hi[x] - base + 31) & ~31;
-        out[n++] = (Range){lo[x], hi[x], base, np, at[x], col};
+        const int base = lo[x] & ~15, np = (hi[x] - base + 31) & ~31, n16 = (hi[x] - base + 15) & ~15;
+        out[n++] = (Range){lo[x], hi[x], base, np, n16, at[x], col};
         col += np;
     }
     return n;
 }
 
-/* w[r][col + t - base] = bf16(s[r][at + t - r0]) over a range's tokens, 0 around them. */
-static void weights_bf16(const float *s, int stride, int R, const Range *g, int nr, uint16_t *w, int wstride) {
-    for (int r = 0; r < R; ++r)
-        for (int x = 0; x < nr; ++x) {
-            const Range *q = g + x;
-            uint16_t *dst = w + (long)r * wstride + q->col;
-            const float *src = s + (long)r * stride + q->at;
-            const int off = q->r0 - q->base, len = q->r1 - q->r0;
-            memset(dst, 0, sizeof(uint16_t) * q->np);
-            for (int j = 0; j < len; j += 16) store_bf16(dst + off + j, _mm512_maskz_loadu_ps(tail_mask(len - j), src + j), len - j);
+/* The lanes l of the 16 keys from base + j that lie in the range [r0, r1). */
+static inline __mmask16 range_lanes(const Range *g, int j) {
+    const int off = g->r0 - g->base, lo = off - j > 0 ? off - j : 0, hi = off + g->r1 - g->r0 - j < 16 ? off + g->r1 - g->r0 - j : 16;
+    return hi > lo ? (__mmask16)(tail_mask(hi) & ~tail_mask(lo)) : 0;
+}
+
+/* One row's softmax weights of scale * s (n scores, at least one finite) as bf16 in the ranges'
+ * layout (wrow; 0 around the ranges), not normalized: returns the logsumexp, *inv = 1 / the sum. */
+static float exp_weights(const float *row, int n, const Range *g, int nr, float scale, uint16_t *wrow, float *inv) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, tail_mask(n - t), mx, _mm512_maskz_loadu_ps(tail_mask(n - t), row + t));
+    const float top = _mm512_reduce_max_ps(mx);
+    const __m512 sc = _mm512_set1_ps(scale), shift = _mm512_set1_ps(scale * top);
+    __m512 sum = _mm512_setzero_ps();
+    for (int x = 0; x < nr; ++x) {
+        const float *src = row + g[x].at - (g[x].r0 - g[x].base);
+        for (int j = 0; j < g[x].np; j += 16) {
+            const __mmask16 m = range_lanes(g + x, j);
+            const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, src + j), sc, shift)));
+            _mm256_storeu_si256((__m256i *)(wrow + g[x].col + j), to_bf16(e));
+            sum = _mm512_add_ps(sum, e);
         }
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    *inv = 1.0f / total;
+    return scale * top + logf(total);
 }
 
 /* out[r][d] = sum over the ranges' tokens of w[r][.] xp[token][d] (xp: one KV head's token pairs),
@@ -477,7 +496,7 @@ static int amx_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
     int failed = 0;
 #pragma omp parallel
     {
-        float *s = malloc(sizeof(float) * ((size_t)R * stride + (size_t)R * D));
+        float *s = malloc(sizeof(float) * ((size_t)R * stride + (size_t)R * D + R));
         uint16_t *a = malloc(sizeof(uint16_t) * ((size_t)R * D + (size_t)R * wstride));
         if (!s || !a) {
 #pragma omp atomic write
@@ -491,7 +510,7 @@ static int amx_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             if (!s || !a) continue;
             const Block *blk = blocks + task / KV;
             const int g = (int)(task % KV), nA = blk->a1 - blk->a0, n = nA + blk->b1 - blk->b0;
-            float *o = s + (size_t)R * stride;
+            float *o = s + (size_t)R * stride, *inv = o + (size_t)R * D;
             uint16_t *w = a + (size_t)R * D;
             Range rg[2];
             const int nr = block_ranges(blk, rg);
@@ -502,20 +521,22 @@ static int amx_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             for (int b = 0; b < G; ++b)
                 for (int i = 0; i < 16; ++i) {
                     float *row = s + (long)(b * 16 + i) * stride;
+                    uint16_t *wrow = w + (long)(b * 16 + i) * wstride;
                     if (i >= blk->nq) { /* a row past the block: zero weights */
-                        memset(row, 0, sizeof(float) * n);
+                        memset(wrow, 0, sizeof(uint16_t) * (rg[nr - 1].col + rg[nr - 1].np));
                         continue;
                     }
                     mask_past_end(row, blk, qr + 4L * (blk->t0 + i));
-                    lse[(long)(blk->t0 + i) * H + g * G + b] = softmax_inplace(row, n, scale);
+                    lse[(long)(blk->t0 + i) * H + g * G + b] = exp_weights(row, n, rg, nr, scale, wrow, inv + b * 16 + i);
                 }
-            weights_bf16(s, stride, R, rg, nr, w, wstride);
             amx_weighted(w, wstride, R, rg, nr, vp + (long)g * Pp * D * 2, D, o);
             for (int b = 0; b < G; ++b)
-                for (int i = 0; i < blk->nq; ++i)
+                for (int i = 0; i < blk->nq; ++i) {
+                    const __m512 norm = _mm512_set1_ps(inv[b * 16 + i]); /* the softmax's 1 / sum, after p v */
                     for (int d = 0; d < D; d += 16)
                         store_bf16(out + ((long)(blk->t0 + i) * H + g * G + b) * D + d,
-                                   _mm512_loadu_ps(o + (long)(b * 16 + i) * D + d), 16);
+                                   _mm512_mul_ps(_mm512_loadu_ps(o + (long)(b * 16 + i) * D + d), norm), 16);
+                }
         }
         _tile_release();
         free(s);
@@ -527,21 +548,36 @@ static int amx_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
     return failed ? -2 : 0;
 }
 
-/* Row pairs of the weights for the transposed key gradients, from the range's first 16-key chunk:
- * pv[rp][o + j][e] = bf16(s[2 rp + e][at + j]) for j < len (o = r0 % 16), 0 elsewhere up to n16
- * and for rows R .. RP. */
-static void row_pairs_bf16(const float *s, int stride, int R, int RP, const Range *g, int n16, uint16_t *pv) {
-    const int len = g->r1 - g->r0, o = g->r0 & 15;
-    for (int rp = 0; rp < RP / 2; ++rp) {
-        const float *s0 = s + (long)(2 * rp) * stride + g->at - o, *s1 = s0 + stride;
-        const int has0 = 2 * rp < R, has1 = 2 * rp + 1 < R;
-        uint32_t *dst = (uint32_t *)(pv + (long)rp * n16 * 2);
-        for (int j = 0; j < n16; j += 16) { /* lanes l with o <= j + l < o + len */
-            const int lo = o - j > 0 ? o - j : 0, hi = o + len - j < 16 ? o + len - j : 16;
-            const __mmask16 m = hi > lo ? (__mmask16)(tail_mask(hi) & ~tail_mask(lo)) : 0;
-            const __m512 a = _mm512_maskz_loadu_ps(has0 ? m : 0, s0 + j), b = _mm512_maskz_loadu_ps(has1 ? m : 0, s1 + j);
-            const __m512i lw = _mm512_cvtepu16_epi32(to_bf16(a)), hw = _mm512_cvtepu16_epi32(to_bf16(b));
-            _mm512_storeu_si512(dst + j, _mm512_or_si512(lw, _mm512_slli_epi32(hw, 16)));
+/* The backward's weights of one pair of rows (2 rp, 2 rp + 1) from their scores s and dO.v (dp):
+ * p = exp(scale s - lse) and ds = p (dp - dsum), as bf16 in the ranges' layouts: ds row by row into
+ * w (for dq; rows up to R), and p and ds as row pairs (pv, dsv: [rp][key][2] per range, for the key
+ * gradients). valid[e]: the row is one of the block's queries (else its weights are 0). */
+static void pair_weights(const float *const *srow, const float *const *drow, const int *valid, const float *top,
+                         const float *dsum, int rp, int R, float scale, const Range *g, int nr, uint16_t *w,
+                         int wstride, uint16_t *const *pv, uint16_t *const *dsv) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int x = 0; x < nr; ++x) {
+        const int shift = g[x].at - (g[x].r0 - g[x].base);
+        for (int j = 0; j < g[x].np; j += 16) {
+            const __mmask16 m = range_lanes(g + x, j);
+            __m512i pw[2], dw[2];
+            for (int e = 0; e < 2; ++e) {
+                __m512 p = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
+                if (valid[e] && m) {
+                    p = _mm512_maskz_mov_ps(m, exp_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, srow[e] + shift + j), sc,
+                                                                      _mm512_set1_ps(top[e]))));
+                    ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, drow[e] + shift + j), _mm512_set1_ps(dsum[e])));
+                }
+                const __m256i db = to_bf16(ds);
+                if (2 * rp + e < R) _mm256_storeu_si256((__m256i *)(w + (long)(2 * rp + e) * wstride + g[x].col + j), db);
+                pw[e] = _mm512_cvtepu16_epi32(to_bf16(p));
+                dw[e] = _mm512_cvtepu16_epi32(db);
+            }
+            if (j < g[x].n16) {
+                const long at = ((long)rp * g[x].n16 + j) * 2;
+                _mm512_storeu_si512(pv[x] + at, _mm512_or_si512(pw[0], _mm512_slli_epi32(pw[1], 16)));
+                _mm512_storeu_si512(dsv[x] + at, _mm512_or_si512(dw[0], _mm512_slli_epi32(dw[1], 16)));
+            }
         }
     }
 }
@@ -555,11 +591,12 @@ static void transpose_rows(const uint16_t *x, int RP, int D, uint16_t *xT) {
 /* sums[t / 16][d][t % 16] += sum_r aT[d][r] pv[r][t - 16 (r0 / 16)] for the range's keys t, one 16-key
  * chunk (a contiguous [D][16] block of one KV head's float32 sums) at a time; keys of the first and
  * last chunks outside the range get 0 added. */
-static void amx_key_sums(const uint16_t *aT, int RP, int D, const uint16_t *pv, int n16, const Range *g, float *sums) {
+static void amx_key_sums(const uint16_t *aT, int RP, int D, const uint16_t *pv, const Range *g, float *sums) {
+    const int n16 = g->n16;
     for (int j = 0; j < n16; j += 16)
         for (int d0 = 0; d0 < D; d0 += 64) {
             const int nd = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
-            float *c = sums + ((long)((g->r0 & ~15) + j) * D + 16L * d0); /* chunk (r0 + j) / 16, dimension d0 */
+            float *c = sums + ((long)(g->base + j) * D + 16L * d0); /* chunk (base + j) / 16, dimension d0 */
             _tile_loadd(0, c, 64);
             if (nd > 1) _tile_loadd(1, c + 256, 64);
             if (nd > 2) _tile_loadd(2, c + 512, 64);
@@ -630,7 +667,7 @@ static int amx_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
         for (long task = 0; task < (long)nb * KV; ++task) {
             if (failed) continue;
             const Block *blk = blocks + task / KV;
-            const int g = (int)(task % KV), h = g * G, nA = blk->a1 - blk->a0, n = nA + blk->b1 - blk->b0;
+            const int g = (int)(task % KV), h = g * G, nA = blk->a1 - blk->a0;
             float *dp = s + (size_t)R * stride, *o = dp + (size_t)R * stride;
             uint16_t *qa = a, *ga = qa + (size_t)RP * D, *qT = ga + (size_t)RP * D, *gT = qT + (size_t)RP * D;
             uint16_t *w = gT + (size_t)RP * D, *pv = w + (size_t)R * wstride, *dsv = pv + (size_t)RP * n16max;
@@ -644,29 +681,28 @@ static int amx_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             amx_scores(qa, R, D, ktg, Tp, blk->b0, blk->b1, s, stride, nA);
             amx_scores(ga, R, D, vtg, Tp, blk->a0, blk->a1, dp, stride, 0);
             amx_scores(ga, R, D, vtg, Tp, blk->b0, blk->b1, dp, stride, nA);
-            for (int b = 0; b < G; ++b)
-                for (int i = 0; i < 16; ++i) { /* p = exp(scale s - lse) into s, ds = p (dp - dsum) into dp */
-                    float *srow = s + (long)(b * 16 + i) * stride, *drow = dp + (long)(b * 16 + i) * stride;
-                    if (i >= blk->nq) {
-                        memset(srow, 0, sizeof(float) * n);
-                        memset(drow, 0, sizeof(float) * n);
-                        continue;
-                    }
+            uint16_t *pvx[2] = {pv, pv + (size_t)RP * n16max / 2}, *dsvx[2] = {dsv, dsv + (size_t)RP * n16max / 2};
+            for (int rp = 0; rp < RP / 2; ++rp) { /* p = exp(scale s - lse), ds = p (dp - dsum), two rows at a time */
+                const float *srow[2], *drow[2];
+                float top[2] = {0, 0}, dsum[2] = {0, 0};
+                int valid[2];
+                for (int e = 0; e < 2; ++e) {
+                    const int r = 2 * rp + e, b = r / 16, i = r % 16;
+                    float *sr = s + (long)r * stride;
+                    srow[e] = sr;
+                    drow[e] = dp + (long)r * stride;
+                    valid[e] = r < R && i < blk->nq;
+                    if (!valid[e]) continue;
                     const long at = ((long)(blk->t0 + i) * H + h + b) * D;
                     __m512 d = _mm512_setzero_ps();
                     for (int c = 0; c < D; c += 16) d = _mm512_fmadd_ps(load_bf16(dout + at + c), load_bf16(out + at + c), d);
-                    const __m512 dsum = _mm512_set1_ps(_mm512_reduce_add_ps(d));
-                    const __m512 top = _mm512_set1_ps(lse[(long)(blk->t0 + i) * H + h + b]), sc = _mm512_set1_ps(scale);
-                    mask_past_end(srow, blk, qr + 4L * (blk->t0 + i));
-                    for (int j = 0; j < n; j += 16) {
-                        const __mmask16 m = tail_mask(n - j);
-                        const __m512 p = exp_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, srow + j), sc, top));
-                        _mm512_mask_storeu_ps(srow + j, m, p);
-                        _mm512_mask_storeu_ps(drow + j, m, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, drow + j), dsum)));
-                    }
+                    dsum[e] = _mm512_reduce_add_ps(d);
+                    top[e] = lse[(long)(blk->t0 + i) * H + h + b];
+                    mask_past_end(sr, blk, qr + 4L * (blk->t0 + i));
                 }
+                pair_weights(srow, drow, valid, top, dsum, rp, R, scale, rg, nr, w, wstride, pvx, dsvx);
+            }
             /* dq = scale sum_j ds k_j */
-            weights_bf16(dp, stride, R, rg, nr, w, wstride);
             amx_weighted(w, wstride, R, rg, nr, kp + (long)g * Pp * D * 2, D, o);
             for (int b = 0; b < G; ++b)
                 for (int i = 0; i < blk->nq; ++i)
@@ -677,11 +713,8 @@ static int amx_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             transpose_rows(qa, RP, D, qT);
             transpose_rows(ga, RP, D, gT);
             for (int x = 0; x < nr; ++x) {
-                const int n16 = (rg[x].r1 - (rg[x].r0 & ~15) + 15) & ~15;
-                row_pairs_bf16(s, stride, R, RP, rg + x, n16, pv);
-                row_pairs_bf16(dp, stride, R, RP, rg + x, n16, dsv);
-                amx_key_sums(gT, RP, D, pv, n16, rg + x, dvs);
-                amx_key_sums(qT, RP, D, dsv, n16, rg + x, dks);
+                amx_key_sums(gT, RP, D, pvx[x], rg + x, dvs);
+                amx_key_sums(qT, RP, D, dsvx[x], rg + x, dks);
             }
         }
         _tile_release();
