@@ -22,8 +22,11 @@ after one warm-up of each; median seconds and the policy loss of each (the same 
 ``--packed``: one attention call (forward + backward, SmolLM2's heads, bf16, random q, k, v in
 token-major storage as the projections leave them) over each micro-batch of packed rows that
 ``bench_update.py``'s batch for ``--task`` forms, through ``rlft.attention`` with the dense 4-D
-mask and with the rows' layout (``rlft.packed_attention``'s kernel); alternating, median of
-``--repeats`` after one; with the share of the dense pairs the packed tokens see.
+mask and with the rows' layout (``rlft.packed_attention``'s kernel, on its AVX512-BF16 path and,
+where this CPU has AMX tiles, on its AMX path); alternating, median of ``--repeats`` after one;
+with the share of the dense pairs the packed tokens see and the kernel's achieved GFLOP/s (14 D
+FLOPs per visited (query, key) pair and query head: q.k and p v forward; q.k again, dO.v, ds k,
+ds^T q and p^T dO backward).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 
 from benchmarks.bench_update import TASKS, batch, prompts
 from rlft import attention
+from rlft.kernels.packed_attention import packed_attention_kernel
 
 OLD_RULE = 1 << 30  # _SDPA_FROM_KEYS under the old rule: no length sends a row to sdpa
 NEW_RULE, SCORE_BUDGET = attention._SDPA_FROM_KEYS, attention._MAX_SCORE_BYTES  # as the module ships them
@@ -157,7 +161,10 @@ def packed(task: str, repeats: int) -> None:
     gids = [i for i, g in enumerate(groups) for _ in g.rollouts]
     prompt_lens = [len(r.prompt_ids) for g in groups for r in g.rollouts]
     budget = TASKS[task][2]
-    totals = {"dense": 0.0, "packed": 0.0}
+    kernel = packed_attention_kernel()
+    arms = ["dense", "packed"] + (["packed-amx"] if kernel is not None and kernel.amx_runs else [])
+    totals = dict.fromkeys(arms, 0.0)
+    flops = 0
     for mb in prefix.micro_batches(prefix.plan_rows(seqs, gids, budget), budget):
         order, local = prefix.renumbered(mb)
         C = max(len(seqs[n]) - prompt_lens[n] for n in order)
@@ -169,23 +176,31 @@ def packed(task: str, repeats: int) -> None:
         q, k_, v = (torch.randn(B, L, h, 64, generator=g).bfloat16().transpose(1, 2).requires_grad_()
                     for h in (9, 3, 3))
         grad = torch.randn(B, L, 9, 64, generator=g).bfloat16()
-        times: dict[str, list[float]] = {"dense": [], "packed": []}
+        flops += 14 * 64 * 9 * int((qr[:, 1] - qr[:, 0] + qr[:, 3] - qr[:, 2]).sum())
+        times: dict[str, list[float]] = {a: [] for a in arms}
+        default_amx = kernel.amx if kernel is not None else False
         for rep in range(repeats + 1):
-            for arm in ("dense", "packed") if rep % 2 else ("packed", "dense"):
-                extra = {KWARG: inputs.segments} if arm == "packed" else {}
+            for arm in arms if rep % 2 else arms[::-1]:
+                extra = {KWARG: inputs.segments} if arm != "dense" else {}
+                if kernel is not None:
+                    kernel.amx = arm == "packed-amx"
                 t0 = time.perf_counter()
                 out, _ = attention.rlft_attention(_Module(), q, k_, v, inputs.mask_B1LL, scaling=0.125, **extra)
                 out.backward(grad)
                 if rep:
                     times[arm].append(time.perf_counter() - t0)
-        d, p = (statistics.median(times[a]) for a in ("dense", "packed"))
-        totals["dense"] += d
-        totals["packed"] += p
-        print(f"{task}: {B} row(s) of {L} tokens, the packed tokens see {share:.0%} of the dense pairs: dense "
-              f"mask {d * 1e3:.2f} ms, packed kernel {p * 1e3:.2f} ms (forward + backward, one layer), "
-              f"{d / p:.2f}x", flush=True)
-    print(f"{task}: all micro-batches, one layer: dense {totals['dense'] * 1e3:.1f} ms, packed "
-          f"{totals['packed'] * 1e3:.1f} ms ({totals['dense'] / totals['packed']:.2f}x)", flush=True)
+        if kernel is not None:
+            kernel.amx = default_amx
+        med = {a: statistics.median(times[a]) for a in arms}
+        for a in arms:
+            totals[a] += med[a]
+        print(f"{task}: {B} row(s) of {L} tokens, the packed tokens see {share:.0%} of the dense pairs: "
+              + ", ".join(f"{a} {med[a] * 1e3:.2f} ms" for a in arms)
+              + f" (forward + backward, one layer), dense / packed {med['dense'] / med['packed']:.2f}x", flush=True)
+    print(f"{task}: all micro-batches, one layer: "
+          + ", ".join(f"{a} {totals[a] * 1e3:.1f} ms" for a in arms)
+          + "; the kernel's rate: " + ", ".join(f"{a} {flops / totals[a] / 1e9:.0f} GFLOP/s" for a in arms[1:]),
+          flush=True)
 
 
 def main() -> None:
