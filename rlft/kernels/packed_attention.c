@@ -290,7 +290,8 @@ static int check(const int32_t *qr, int T, int H, int KV, int D) {
 /* ---- The same on AMX tiles (where the compiler has AMX-BF16 and Linux grants the tile state) ----
  *
  * Rows are (query head, query) pairs of a block of up to 16 consecutive queries and all G query
- * heads of one KV head (row b * 16 + i: head b, query i), so every key and value tile is loaded
+ * heads of one KV head (row b * nq + i: head b, query i of the block's nq; rows up to a multiple of 16
+ * zero), so every key and value tile is loaded
  * once for the whole group. Every product is a tile multiply (16 x 32 bf16 by 32 x 16 bf16 into
  * 16 x 16 float32): the scores q.k and dO.v from the dimension-pair copies of K and V (as above),
  * p v and ds k from copies with consecutive keys paired ([KV][token pair][D][2]), and the key
@@ -465,13 +466,13 @@ static void amx_weighted(const uint16_t *w, int wstride, int R, const Range *g, 
         }
 }
 
-/* The block's rows of x ([T, H, D], heads h .. h + G - 1) into a [RP][D] (rows past the block and
- * up to RP: 0). */
+/* The block's rows of x ([T, H, D], heads h .. h + G - 1; row b * nq + i: head b, query i) into
+ * a [RP][D] (the rows after them: 0). */
 static void gather_rows(const uint16_t *x, const Block *k, int h, int G, int H, int D, int RP, uint16_t *a) {
-    memset(a, 0, sizeof(uint16_t) * RP * D);
     for (int b = 0; b < G; ++b)
         for (int i = 0; i < k->nq; ++i)
-            memcpy(a + (long)(b * 16 + i) * D, x + ((long)(k->t0 + i) * H + h + b) * D, sizeof(uint16_t) * D);
+            memcpy(a + (long)(b * k->nq + i) * D, x + ((long)(k->t0 + i) * H + h + b) * D, sizeof(uint16_t) * D);
+    memset(a + (long)G * k->nq * D, 0, sizeof(uint16_t) * (RP - G * k->nq) * D);
 }
 
 static int amx_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int32_t *qr, uint16_t *out,
@@ -514,29 +515,30 @@ static int amx_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             uint16_t *w = a + (size_t)R * D;
             Range rg[2];
             const int nr = block_ranges(blk, rg);
-            gather_rows(q, blk, g * G, G, H, D, R, a);
+            const int nq = blk->nq, Rb = (G * nq + 15) & ~15; /* the block's rows, b * nq + i */
+            gather_rows(q, blk, g * G, G, H, D, Rb, a);
             const uint32_t *ktg = kt + (long)g * (D / 2) * Tp;
-            amx_scores(a, R, D, ktg, Tp, blk->a0, blk->a1, s, stride, 0);
-            amx_scores(a, R, D, ktg, Tp, blk->b0, blk->b1, s, stride, nA);
-            for (int b = 0; b < G; ++b)
-                for (int i = 0; i < 16; ++i) {
-                    float *row = s + (long)(b * 16 + i) * stride;
-                    uint16_t *wrow = w + (long)(b * 16 + i) * wstride;
-                    if (i >= blk->nq) { /* a row past the block: zero weights */
-                        memset(wrow, 0, sizeof(uint16_t) * (rg[nr - 1].col + rg[nr - 1].np));
-                        continue;
-                    }
-                    mask_past_end(row, blk, qr + 4L * (blk->t0 + i));
-                    lse[(long)(blk->t0 + i) * H + g * G + b] = exp_weights(row, n, rg, nr, scale, wrow, inv + b * 16 + i);
+            amx_scores(a, Rb, D, ktg, Tp, blk->a0, blk->a1, s, stride, 0);
+            amx_scores(a, Rb, D, ktg, Tp, blk->b0, blk->b1, s, stride, nA);
+            for (int r = 0; r < Rb; ++r) {
+                const int b = r / nq, i = r % nq;
+                uint16_t *wrow = w + (long)r * wstride;
+                if (b >= G) { /* a row past the block's: zero weights */
+                    memset(wrow, 0, sizeof(uint16_t) * (rg[nr - 1].col + rg[nr - 1].np));
+                    continue;
                 }
-            amx_weighted(w, wstride, R, rg, nr, vp + (long)g * Pp * D * 2, D, o);
-            for (int b = 0; b < G; ++b)
-                for (int i = 0; i < blk->nq; ++i) {
-                    const __m512 norm = _mm512_set1_ps(inv[b * 16 + i]); /* the softmax's 1 / sum, after p v */
-                    for (int d = 0; d < D; d += 16)
-                        store_bf16(out + ((long)(blk->t0 + i) * H + g * G + b) * D + d,
-                                   _mm512_mul_ps(_mm512_loadu_ps(o + (long)(b * 16 + i) * D + d), norm), 16);
-                }
+                float *row = s + (long)r * stride;
+                mask_past_end(row, blk, qr + 4L * (blk->t0 + i));
+                lse[(long)(blk->t0 + i) * H + g * G + b] = exp_weights(row, n, rg, nr, scale, wrow, inv + r);
+            }
+            amx_weighted(w, wstride, Rb, rg, nr, vp + (long)g * Pp * D * 2, D, o);
+            for (int r = 0; r < G * nq; ++r) {
+                const int b = r / nq, i = r % nq;
+                const __m512 norm = _mm512_set1_ps(inv[r]); /* the softmax's 1 / sum, after p v */
+                for (int d = 0; d < D; d += 16)
+                    store_bf16(out + ((long)(blk->t0 + i) * H + g * G + b) * D + d,
+                               _mm512_mul_ps(_mm512_loadu_ps(o + (long)r * D + d), norm), 16);
+            }
         }
         _tile_release();
         free(s);
@@ -674,24 +676,25 @@ static int amx_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             float *dks = sums + 2 * sum_n * me + (size_t)g * D * Tk, *dvs = dks + sum_n;
             Range rg[2];
             const int nr = block_ranges(blk, rg);
-            gather_rows(q, blk, h, G, H, D, RP, qa);
-            gather_rows(dout, blk, h, G, H, D, RP, ga);
+            const int nq = blk->nq, Rb = (G * nq + 15) & ~15, RPb = (Rb + 31) & ~31; /* rows b * nq + i */
+            gather_rows(q, blk, h, G, H, D, RPb, qa);
+            gather_rows(dout, blk, h, G, H, D, RPb, ga);
             const uint32_t *ktg = kt + (long)g * (D / 2) * Tp, *vtg = vt + (long)g * (D / 2) * Tp;
-            amx_scores(qa, R, D, ktg, Tp, blk->a0, blk->a1, s, stride, 0);
-            amx_scores(qa, R, D, ktg, Tp, blk->b0, blk->b1, s, stride, nA);
-            amx_scores(ga, R, D, vtg, Tp, blk->a0, blk->a1, dp, stride, 0);
-            amx_scores(ga, R, D, vtg, Tp, blk->b0, blk->b1, dp, stride, nA);
+            amx_scores(qa, Rb, D, ktg, Tp, blk->a0, blk->a1, s, stride, 0);
+            amx_scores(qa, Rb, D, ktg, Tp, blk->b0, blk->b1, s, stride, nA);
+            amx_scores(ga, Rb, D, vtg, Tp, blk->a0, blk->a1, dp, stride, 0);
+            amx_scores(ga, Rb, D, vtg, Tp, blk->b0, blk->b1, dp, stride, nA);
             uint16_t *pvx[2] = {pv, pv + (size_t)RP * n16max / 2}, *dsvx[2] = {dsv, dsv + (size_t)RP * n16max / 2};
-            for (int rp = 0; rp < RP / 2; ++rp) { /* p = exp(scale s - lse), ds = p (dp - dsum), two rows at a time */
+            for (int rp = 0; rp < RPb / 2; ++rp) { /* p = exp(scale s - lse), ds = p (dp - dsum), two rows at a time */
                 const float *srow[2], *drow[2];
                 float top[2] = {0, 0}, dsum[2] = {0, 0};
                 int valid[2];
                 for (int e = 0; e < 2; ++e) {
-                    const int r = 2 * rp + e, b = r / 16, i = r % 16;
+                    const int r = 2 * rp + e, b = r / nq, i = r % nq;
                     float *sr = s + (long)r * stride;
                     srow[e] = sr;
                     drow[e] = dp + (long)r * stride;
-                    valid[e] = r < R && i < blk->nq;
+                    valid[e] = b < G;
                     if (!valid[e]) continue;
                     const long at = ((long)(blk->t0 + i) * H + h + b) * D;
                     __m512 d = _mm512_setzero_ps();
@@ -700,21 +703,20 @@ static int amx_bwd(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
                     top[e] = lse[(long)(blk->t0 + i) * H + h + b];
                     mask_past_end(sr, blk, qr + 4L * (blk->t0 + i));
                 }
-                pair_weights(srow, drow, valid, top, dsum, rp, R, scale, rg, nr, w, wstride, pvx, dsvx);
+                pair_weights(srow, drow, valid, top, dsum, rp, Rb, scale, rg, nr, w, wstride, pvx, dsvx);
             }
             /* dq = scale sum_j ds k_j */
-            amx_weighted(w, wstride, R, rg, nr, kp + (long)g * Pp * D * 2, D, o);
-            for (int b = 0; b < G; ++b)
-                for (int i = 0; i < blk->nq; ++i)
-                    for (int d = 0; d < D; d += 16)
-                        store_bf16(dq + ((long)(blk->t0 + i) * H + h + b) * D + d,
-                                   _mm512_mul_ps(_mm512_loadu_ps(o + (long)(b * 16 + i) * D + d), _mm512_set1_ps(scale)), 16);
+            amx_weighted(w, wstride, Rb, rg, nr, kp + (long)g * Pp * D * 2, D, o);
+            for (int r = 0; r < G * nq; ++r)
+                for (int d = 0; d < D; d += 16)
+                    store_bf16(dq + ((long)(blk->t0 + r % nq) * H + h + r / nq) * D + d,
+                               _mm512_mul_ps(_mm512_loadu_ps(o + (long)r * D + d), _mm512_set1_ps(scale)), 16);
             /* dk^T += q^T ds, dv^T += dO^T p, range by range */
-            transpose_rows(qa, RP, D, qT);
-            transpose_rows(ga, RP, D, gT);
+            transpose_rows(qa, RPb, D, qT);
+            transpose_rows(ga, RPb, D, gT);
             for (int x = 0; x < nr; ++x) {
-                amx_key_sums(gT, RP, D, pvx[x], rg + x, dvs);
-                amx_key_sums(qT, RP, D, dsvx[x], rg + x, dks);
+                amx_key_sums(gT, RPb, D, pvx[x], rg + x, dvs);
+                amx_key_sums(qT, RPb, D, dsvx[x], rg + x, dks);
             }
         }
         _tile_release();
