@@ -193,3 +193,4 @@ def test_doctor_reports_each_part(capsys):
         assert part in out
     if "ok    native CPU kernels" in out:  # and whether the linear layers run on AMX tiles, or why not
         assert "AMX linear layers: built" in out or ("AMX linear layers: " in out and "could not compile" in out)
+        assert "training attention over packed rows: on A" in out  # AMX tiles, or AVX512-BF16 and why

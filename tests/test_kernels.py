@@ -247,6 +247,38 @@ def test_the_fused_mlp_keeps_two_intermediate_tensors_and_gives_the_plain_gradie
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch_cos", [1, 2], ids=["shared-positions", "per-row-positions"])
+def test_the_fused_rotary_embedding_gives_transformers_outputs_and_gradients_to_the_bit(batch_cos):
+    """q and k as the projections leave them ([B, L, H, D] storage seen as [B, H, L, D]), cos and sin
+    from the model's rotary embedding in bf16: the fused function's outputs and the gradients of q,
+    k are transformers' own, bit for bit; other dtypes go to transformers' function."""
+    from transformers.models.llama import modeling_llama
+
+    from rlft.kernels import rotary
+
+    model, _ = build_tiny_model(seed=0, hidden=128, layers=1, heads=4, kv_heads=2)  # head_dim 32
+    assert rotary.use_fused_rotary() == len(rotary._MODULES)
+    original, fused = rotary._ORIGINAL["llama"], modeling_llama.apply_rotary_pos_emb
+    gen = torch.Generator().manual_seed(batch_cos)
+    q0 = torch.randn(2, 11, 4, 32, generator=gen).bfloat16().transpose(1, 2)
+    k0 = torch.randn(2, 11, 2, 32, generator=gen).bfloat16().transpose(1, 2)
+    positions = torch.arange(11).repeat(batch_cos, 1) + torch.arange(batch_cos)[:, None] * 5
+    cos, sin = (t.bfloat16() for t in model.model.rotary_emb(q0.float(), positions))
+    g_q, g_k = (torch.randn(t.shape, generator=gen).bfloat16() for t in (q0, k0))
+    results = []
+    for fn in (original, fused):
+        q, k = (t.detach().requires_grad_(True) for t in (q0, k0))
+        out_q, out_k = fn(q, k, cos, sin)
+        (out_q.float() * g_q.float()).sum().add((out_k.float() * g_k.float()).sum()).backward()
+        results.append((out_q.detach(), out_k.detach(), q.grad, k.grad))
+    for name, a, b in zip(("q", "k", "dq", "dk"), results[1], results[0]):
+        assert a.shape == b.shape and torch.equal(a, b), name
+    q32, k32 = q0.float(), k0.float()  # float32: transformers' function, untouched
+    for a, b in zip(fused(q32, k32, cos.float(), sin.float()), original(q32, k32, cos.float(), sin.float())):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
 def test_layer_ops_refuse_other_dtypes_and_layouts():
     x = torch.randn(2, 1, 64)
     with pytest.raises(ValueError, match="bf16"):

@@ -316,6 +316,13 @@ def _kernels_check() -> bool:
         if amx.startswith("built") and amx_linear_kernel() is None:
             amx = "built, not used (ONEDNN_MAX_CPU_ISA keeps bf16 matmuls off AMX, or Linux refused the tile state)"
         print(f"  {'ok' if amx.startswith('built (') else 'info':5} AMX linear layers: {amx}")
+        from rlft.kernels.packed_attention import packed_attention_kernel
+
+        attn = packed_attention_kernel()
+        tiles = ("on AMX tiles" if attn.amx else "on AVX512-BF16 dot products ("
+                 + ("ONEDNN_MAX_CPU_ISA keeps bf16 matmuls off AMX)" if attn.amx_runs
+                    else "no AMX tiles here, or Linux refused the tile state)"))
+        print(f"  {'ok' if attn.amx else 'info':5} training attention over packed rows: {tiles}")
         return True
     if all(line.startswith("turned off") for line in lines.values()):  # the user's choice, not a missing part
         print(f"  off   native CPU kernels: {lines['layer_ops']}: the torch ops run")
