@@ -111,6 +111,26 @@ def test_the_bf16_kernel_gives_torchs_float32_log_softmax_entropy_and_logit_grad
 
 
 @needs_logprobs_kernel
+def test_logits_far_below_the_max_give_torchs_logprob_and_entropy_and_zero_gradient():
+    # rlft's kernels take exp below e^-86 as 0 (a subnormal float32 result costs a microcode assist per
+    # vector: attention's masked keys made ~a quarter of its time); a sum whose largest term is 1 cannot
+    # see such terms and bf16 has no room for them, so the results must stay torch's
+    from rlft.kernels.token_logprobs import token_logprobs_kernel
+
+    kernel = token_logprobs_kernel()
+    z = torch.tensor([[0.0, -50.0, -90.0, -100.0, -120.0] * 4]).bfloat16()
+    t = torch.tensor([1])
+    logp, lse, ent = kernel.forward(z, t, 1.0, entropy=True)
+    ref = torch.log_softmax(z.float(), -1)
+    torch.testing.assert_close(logp, ref[:, 1], rtol=0, atol=2e-6)
+    torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1), rtol=0, atol=2e-6)
+    dz = kernel.backward(z, t, lse, torch.ones(1), 1.0).float()
+    assert (dz[0, 2::5] == 0).all() and (dz[0, 3::5] == 0).all() and (dz[0, 4::5] == 0).all()
+    torch.testing.assert_close(dz[0, 0::5], torch.full((4,), -0.25), rtol=1e-2, atol=0)  # -softmax of the four 0s
+    assert float(dz[0, 1]) == pytest.approx(1.0 - float(ref[0, 1].exp()), abs=1e-6)  # d log p(target) / dz
+
+
+@needs_logprobs_kernel
 def test_a_target_outside_the_vocabulary_is_an_error_not_a_read_past_the_row():
     from rlft.kernels.token_logprobs import token_logprobs_kernel
 
