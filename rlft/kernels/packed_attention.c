@@ -428,6 +428,31 @@ static float exp_weights(const float *row, int n, const Range *g, int nr, float 
     return scale * top + logf(total);
 }
 
+/* op (_tile_loadd or _tile_stored) on accumulator tiles 0 .. n - 1 (n <= 4) at p, p + step, ... (pointer
+ * steps; rows stride bytes apart). */
+#define ACC_TILES(op, n, p, step, stride)                                \
+    do {                                                                 \
+        op(0, (p), (stride));                                            \
+        if ((n) > 1) op(1, (p) + (step), (stride));                      \
+        if ((n) > 2) op(2, (p) + 2 * (step), (stride));                  \
+        if ((n) > 3) op(3, (p) + 3 * (step), (stride));                  \
+    } while (0)
+/* Accumulator i (< n <= 4) += tile 4 x the tile loaded from p + i * step (into tiles 5, 6, 7, 5), or
+ * with LOADED_LEFT the loaded tile x tile 4 (tile numbers are immediates: hence a macro). */
+#define DP_ONE(i, t, p, stride, LOADED_LEFT)                             \
+    do {                                                                 \
+        _tile_loadd(t, (p), (stride));                                   \
+        if (LOADED_LEFT) _tile_dpbf16ps(i, t, 4);                        \
+        else _tile_dpbf16ps(i, 4, t);                                    \
+    } while (0)
+#define DP_ACC(n, p, step, stride, LOADED_LEFT)                                      \
+    do {                                                                             \
+        DP_ONE(0, 5, (p), (stride), LOADED_LEFT);                                    \
+        if ((n) > 1) DP_ONE(1, 6, (p) + (step), (stride), LOADED_LEFT);              \
+        if ((n) > 2) DP_ONE(2, 7, (p) + 2 * (step), (stride), LOADED_LEFT);          \
+        if ((n) > 3) DP_ONE(3, 5, (p) + 3 * (step), (stride), LOADED_LEFT);          \
+    } while (0)
+
 /* out[r][d] = sum over the ranges' tokens of w[r][.] xp[token][d] (xp: one KV head's token pairs),
  * float32 into o ([R][D]); 64 dimensions (4 accumulator tiles) at a time. */
 static void amx_weighted(const uint16_t *w, int wstride, int R, const Range *g, int nr, const uint16_t *xp, int D,
@@ -441,28 +466,10 @@ static void amx_weighted(const uint16_t *w, int wstride, int R, const Range *g, 
             _tile_zero(3);
             for (int x = 0; x < nr; ++x)
                 for (int j = 0; j < g[x].np; j += 32) {
-                    const uint16_t *b = xp + ((long)(g[x].base + j) / 2 * D + d0) * 2;
                     _tile_loadd(4, w + (long)r * wstride + g[x].col + j, wstride * 2);
-                    _tile_loadd(5, b, D * 4);
-                    _tile_dpbf16ps(0, 4, 5);
-                    if (nd > 1) {
-                        _tile_loadd(6, b + 32, D * 4);
-                        _tile_dpbf16ps(1, 4, 6);
-                    }
-                    if (nd > 2) {
-                        _tile_loadd(7, b + 64, D * 4);
-                        _tile_dpbf16ps(2, 4, 7);
-                    }
-                    if (nd > 3) {
-                        _tile_loadd(5, b + 96, D * 4);
-                        _tile_dpbf16ps(3, 4, 5);
-                    }
+                    DP_ACC(nd, xp + ((long)(g[x].base + j) / 2 * D + d0) * 2, 32, D * 4, 0);
                 }
-            float *orow = o + (long)r * D + d0;
-            _tile_stored(0, orow, D * 4);
-            if (nd > 1) _tile_stored(1, orow + 16, D * 4);
-            if (nd > 2) _tile_stored(2, orow + 32, D * 4);
-            if (nd > 3) _tile_stored(3, orow + 48, D * 4);
+            ACC_TILES(_tile_stored, nd, o + (long)r * D + d0, 16, D * 4);
         }
 }
 
@@ -599,32 +606,12 @@ static void amx_key_sums(const uint16_t *aT, int RP, int D, const uint16_t *pv, 
         for (int d0 = 0; d0 < D; d0 += 64) {
             const int nd = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
             float *c = sums + ((long)(g->base + j) * D + 16L * d0); /* chunk (base + j) / 16, dimension d0 */
-            _tile_loadd(0, c, 64);
-            if (nd > 1) _tile_loadd(1, c + 256, 64);
-            if (nd > 2) _tile_loadd(2, c + 512, 64);
-            if (nd > 3) _tile_loadd(3, c + 768, 64);
+            ACC_TILES(_tile_loadd, nd, c, 256, 64);
             for (int rp = 0; rp < RP / 2; rp += 16) {
-                const uint16_t *a = aT + (long)d0 * RP + 2 * rp;
                 _tile_loadd(4, pv + ((long)rp * n16 + j) * 2, n16 * 4);
-                _tile_loadd(5, a, RP * 2);
-                _tile_dpbf16ps(0, 5, 4);
-                if (nd > 1) {
-                    _tile_loadd(6, a + 16L * RP, RP * 2);
-                    _tile_dpbf16ps(1, 6, 4);
-                }
-                if (nd > 2) {
-                    _tile_loadd(7, a + 32L * RP, RP * 2);
-                    _tile_dpbf16ps(2, 7, 4);
-                }
-                if (nd > 3) {
-                    _tile_loadd(5, a + 48L * RP, RP * 2);
-                    _tile_dpbf16ps(3, 5, 4);
-                }
+                DP_ACC(nd, aT + (long)d0 * RP + 2 * rp, 16L * RP, RP * 2, 1);
             }
-            _tile_stored(0, c, 64);
-            if (nd > 1) _tile_stored(1, c + 256, 64);
-            if (nd > 2) _tile_stored(2, c + 512, 64);
-            if (nd > 3) _tile_stored(3, c + 768, 64);
+            ACC_TILES(_tile_stored, nd, c, 256, 64);
         }
 }
 
