@@ -22,7 +22,7 @@
  * pair, was slower than torch's dense masked kernel on the tool_use recipe's rows (measured).
  *
  * Where the compiler has AMX-BF16 and Linux grants the tile state, a second path (the end of this file)
- * runs every product on AMX tiles: 2.1-3x faster than the dot products on the tool_use recipe's rows
+ * runs every product on AMX tiles: ~2.6x the dot products on the tool_use recipe's rows, ~1.4x on the demo's
  * (benchmarks/README.md); the caller picks it (``amx``), for head_dim 32, 64, 96 or 128.
  *
  * Needs AVX-512 F/BW/VL and AVX512-BF16 (-march=native; rlft.kernels.build falls back to the torch
@@ -290,9 +290,8 @@ static int check(const int32_t *qr, int T, int H, int KV, int D) {
 /* ---- The same on AMX tiles (where the compiler has AMX-BF16 and Linux grants the tile state) ----
  *
  * Rows are (query head, query) pairs of a block of up to 16 consecutive queries and all G query
- * heads of one KV head (row b * nq + i: head b, query i of the block's nq; rows up to a multiple of 16
- * zero), so every key and value tile is loaded
- * once for the whole group. Every product is a tile multiply (16 x 32 bf16 by 32 x 16 bf16 into
+ * heads of one KV head (row b * nq + i: head b, query i of the block's nq; zero rows up to a multiple
+ * of 16), so every key and value tile is loaded once for the whole group. Every product is a tile multiply (16 x 32 bf16 by 32 x 16 bf16 into
  * 16 x 16 float32): the scores q.k and dO.v from the dimension-pair copies of K and V (as above),
  * p v and ds k from copies with consecutive keys paired ([KV][token pair][D][2]), and the key
  * gradients transposed, dk^T += q^T ds and dv^T += dO^T p, into each thread's float32 sums laid out
