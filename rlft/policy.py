@@ -410,15 +410,11 @@ def load_policy(
         hf_model.config.use_cache = False  # the engine passes use_cache=True itself
 
     from rlft.attention import use_fast_attention
-    from rlft.kernels.rms_norm import use_fused_rms_norm
-    from rlft.kernels.rotary import use_fused_rotary
-    from rlft.kernels.swiglu import use_fused_swiglu
+    from rlft.kernels import use_training_kernels
     from rlft.training.lora_linear import use_fused_lora
 
     use_fast_attention(hf_model)  # CPU: rlft's attention instead of the slow CPU sdpa kernel
-    use_fused_rms_norm(hf_model)  # CPU, bf16: each RMSNorm's forward and backward one C call (rlft.kernels)
-    use_fused_swiglu(hf_model)  # CPU, bf16: each MLP's silu(gate) * up and its backward one C call
-    use_fused_rotary()  # CPU, bf16: q's and k's rotary embedding and its backward one C call each, bit-identical
+    use_training_kernels(hf_model)  # CPU, bf16: RMSNorm, SiLU * up and rotary, forward and backward, as C calls
     final_model = hf_model
     if lora is not None:
         try:

@@ -132,16 +132,14 @@ static inline void mask_past_end(float *row, const Block *k, const int32_t *r) {
     for (int j = nA + (r[3] > r[2] ? r[3] - k->b0 : 0); j < n; ++j) row[j] = -INFINITY;
 }
 
-/* Softmax weights of scale * s in place over n scores (at least one finite, scale > 0): returns the
- * logsumexp of scale * s. */
-static inline float softmax_inplace(float *s, int n, float scale) {
+/* Softmax weights in place over n scores (at least one finite): returns the logsumexp. */
+static inline float softmax_inplace(float *s, int n) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, tail_mask(n - t), mx, _mm512_maskz_loadu_ps(tail_mask(n - t), s + t));
     const float top = _mm512_reduce_max_ps(mx);
     __m512 sum = _mm512_setzero_ps();
     for (int t = 0; t < n; t += 16) {
-        const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask(n - t), s + t), _mm512_set1_ps(top)),
-                                       _mm512_set1_ps(scale));
+        const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask(n - t), s + t), _mm512_set1_ps(top));
         const __m512 e = _mm512_maskz_mov_ps(tail_mask(n - t), exp_ps(x));
         _mm512_mask_storeu_ps(s + t, tail_mask(n - t), e);
         sum = _mm512_add_ps(sum, e);
@@ -150,7 +148,7 @@ static inline float softmax_inplace(float *s, int n, float scale) {
     for (int t = 0; t < n; t += 16)
         _mm512_mask_storeu_ps(s + t, tail_mask(n - t),
                               _mm512_mul_ps(_mm512_maskz_loadu_ps(tail_mask(n - t), s + t), _mm512_set1_ps(1.0f / total)));
-    return scale * top + logf(total);
+    return top + logf(total);
 }
 
 /* acc[x] = sum_j w[x * stride + j] * row(key j)[16c .. 16c + 16] for the NX rows of weights,
@@ -182,7 +180,7 @@ static inline AI void fwd_block(const uint16_t *q, const uint32_t *kt, const uin
         for (int b = 0; b < GN; ++b) {
             float *row = s + (long)(i * GN + b) * stride;
             mask_past_end(row, k, qr + 4L * (k->t0 + i));
-            lse[(long)(k->t0 + i) * H + h + b] = softmax_inplace(row, n, 1.0f); /* scores already scaled */
+            lse[(long)(k->t0 + i) * H + h + b] = softmax_inplace(row, n);
         }
     for (int c = 0; c < NC; ++c) {
         __m512 acc[NX];
