@@ -239,3 +239,24 @@ def test_tool_calling_rollouts_are_the_same_with_and_without_the_cache(pretraine
         assert a.completion_ids == b.completion_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
     assert stats.prefill_tokens < plain_stats.prefill_tokens / 2 and stats.reused_tokens > 0
+
+
+def test_a_rows_kept_kv_copies_its_slots_whether_they_are_one_range_or_not():
+    """``_rows_kv`` slices a row's slots when they are one range and gathers them otherwise (a
+    merge can pad between a row's parts): both give the indexed K and V of every layer, as copies."""
+    from types import SimpleNamespace
+
+    from rlft.engines.decode import _rows_kv
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [SimpleNamespace(keys=torch.randn(3, 2, 9, 4, generator=gen).bfloat16(),
+                              values=torch.randn(3, 2, 9, 4, generator=gen).bfloat16()) for _ in range(4)]
+    cache = SimpleNamespace(layers=layers)
+    for slots in ([2, 3, 4, 5], [1, 2, 6, 7], [8], []):
+        idx = torch.tensor(slots, dtype=torch.long)
+        got = _rows_kv(cache, 1, idx)
+        want = torch.stack([torch.stack([layer.keys[1][:, idx], layer.values[1][:, idx]]) for layer in layers])
+        assert got.shape == (4, 2, 2, len(slots), 4) and torch.equal(got, want)
+        if slots:
+            got.zero_()  # a copy: the cache is untouched
+            assert layers[0].keys[1][:, idx].abs().sum() > 0

@@ -302,9 +302,24 @@ class BatchedDecode:
 
 
 def _rows_kv(cache: Any, row: int, slots: torch.Tensor) -> torch.Tensor:
-    """A copy of ``row``'s K and V at cache ``slots``, all layers: ``[layers, 2, H_kv, len(slots), D]``."""
-    return torch.stack([torch.stack([layer.keys[row][:, slots], layer.values[row][:, slots]])
-                        for layer in cache.layers])
+    """A copy of ``row``'s K and V at cache ``slots``, all layers: ``[layers, 2, H_kv, len(slots), D]``.
+    One copy per tensor into the result (indexing then stacking copied everything twice, ~2.5 ms a
+    finished SmolLM2 row at batch 64); a row's slots are one range unless a batch merge padded
+    between its parts, and a range is a slice."""
+    first = cache.layers[0]
+    n = int(slots.numel())
+    out = first.keys.new_empty(len(cache.layers), 2, first.keys.shape[1], n, first.keys.shape[3])
+    if n == 0:
+        return out
+    lo, hi = int(slots[0]), int(slots[-1]) + 1
+    ranged = hi - lo == n and bool((slots[1:] > slots[:-1]).all())
+    for layer, out_l in zip(cache.layers, out):
+        for src, dst in ((layer.keys[row], out_l[0]), (layer.values[row], out_l[1])):
+            if ranged:
+                dst.copy_(src[:, lo:hi])
+            else:
+                torch.index_select(src, 1, slots, out=dst)
+    return out
 
 
 def _common_prefix_len(seqs: list[tuple[int, ...]]) -> int:
