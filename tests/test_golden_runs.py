@@ -44,7 +44,12 @@ engine's (``sync/logprob_diff_mean`` 1e-8 -> 5.2e-4), its gradient norm by 3e-4 
 (0.13812049 -> 0.13807832), and the samples from step 2 on changed. ``mcp_tools`` was re-recorded
 a seventh time when the default ``micro_batch_tokens`` went from 1024 to 2048: step 1's micro-batches
 are formed differently (``batch/forward_tokens`` 1029 -> 1106 with padding), its loss moved by ~1e-8
-and the ``sync/*`` differences by ~1e-6; samples and rewards unchanged. Four runs, each a few seconds on the tiny models:
+and the ``sync/*`` differences by ~1e-6; samples and rewards unchanged. ``lora_bf16`` was re-recorded a tenth time when a block's LoRA
+projections that read one input (q, k, v; gate, up) became one autograd node
+(``rlft.training.lora_linear._SharedInputLora``: the input gradient accumulated by ``addmm_`` instead
+of per-projection gradients added in bf16): step 1's samples, rewards and ``sync/*`` differences
+matched, its gradient norm moved by 6.6e-5 relative (0.13807832 -> 0.13806920), and the samples from
+step 2 on changed; the other three runs pass as recorded. Four runs, each a few seconds on the tiny models:
 
 - ``fp32``: full finetune in float32 of the random tiny model, evals every 2 steps;
 - ``overlap``: the same with ``overlap = true`` (sampling one version behind);

@@ -98,3 +98,104 @@ def test_load_policy_routes_a_bf16_lora_policy_through_the_fused_node(tmp_path):
     policy = load_policy(str(tmp_path / "m"), dtype="bfloat16", lora=LoraSpec(rank=4))
     fused = [m for m in policy.model.modules() if getattr(m.forward, "__func__", None) is _fused_forward]
     assert fused and len(fused) == sum(1 for n, _ in policy.model.named_modules() if n.endswith("lora_A"))
+
+
+def _clear_siblings(model):
+    for m in model.modules():
+        if hasattr(m, "_rlft_siblings"):
+            del m._rlft_siblings
+
+
+def test_siblings_share_one_node_and_give_the_separate_nodes_loss_and_gradients(monkeypatch):
+    """q, k, v (and gate, up) read one input: one shared node computes them. Loss and every LoRA
+    gradient as the separate nodes give them, within bf16 noise, and as close to float32."""
+    import rlft.training.lora_linear as lora_linear
+
+    ids = torch.randint(0, 400, (3, 21), generator=torch.Generator().manual_seed(6))
+    plain = _lora_model(bias=True)
+    shared, separate = copy.deepcopy(plain), copy.deepcopy(plain)
+    use_fused_lora(shared)
+    use_fused_lora(separate)
+    _clear_siblings(separate)
+    layers = len(plain.base_model.model.model.layers)
+    runs = []
+    real = lora_linear._SharedInputLora.apply
+    monkeypatch.setattr(lora_linear._SharedInputLora, "apply", lambda *a: runs.append(len(a) - 2) or real(*a))
+    loss_s, grads_s = _loss_and_grads(shared, ids)
+    assert sorted(runs) == sorted([12] * layers + [8] * layers)  # q, k, v and gate, up: 4 tensors each
+    runs.clear()
+    loss_p, grads_p = _loss_and_grads(separate, ids)
+    assert not runs
+    loss_x, grads_x = _loss_and_grads(copy.deepcopy(plain).float(), ids, autocast=False)
+    assert abs(float(loss_s - loss_p)) < 1e-2 * abs(float(loss_x))
+    assert set(grads_s) == set(grads_p)
+    for name in grads_p:
+        assert _rel(grads_s[name], grads_p[name]) < 0.05, name
+    err_s = sum(_rel(grads_s[n], grads_x[n]) for n in grads_x) / len(grads_x)
+    err_p = sum(_rel(grads_p[n], grads_x[n]) for n in grads_x) / len(grads_x)
+    assert err_s <= 1.1 * err_p, (err_s, err_p)
+
+
+def test_the_shared_node_gives_each_members_node_outputs_and_gradients_with_other_ranks_and_scales():
+    """Members of different ranks, scales and output widths, one with a bias, one output unused:
+    the shared node's outputs and gradients against each member's own node."""
+    from rlft.training.lora_linear import _LoraLinear, _SharedInputLora
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 33, 64, generator=gen).bfloat16()
+    members = []
+    for n_out, rank, scale, bias in [(64, 4, 2.0, True), (32, 8, 0.5, False), (48, 4, 1.0, False)]:
+        members.append(dict(w=(torch.randn(n_out, 64, generator=gen) / 8).bfloat16(),
+                            bias=torch.randn(n_out, generator=gen).bfloat16().requires_grad_() if bias else None,
+                            a=(torch.randn(rank, 64, generator=gen) * 0.1).requires_grad_(),
+                            b=(torch.randn(n_out, rank, generator=gen) * 0.1).requires_grad_(), s=scale))
+    dys = [torch.randn(2, 33, m["w"].shape[0], generator=gen).bfloat16() for m in members]
+    used = [0, 2]  # the second output is not used
+
+    def grads():
+        out = [xx.grad]
+        for m in members:
+            out += [m["a"].grad, m["b"].grad] + ([m["bias"].grad] if m["bias"] is not None else [])
+            m["a"].grad = m["b"].grad = None
+            if m["bias"] is not None:
+                m["bias"].grad = None
+        return out
+
+    xx = x.clone().requires_grad_()
+    params = [t for m in members for t in (m["w"], m["bias"], m["a"], m["b"])]
+    ys = _SharedInputLora.apply(xx, tuple(m["s"] for m in members), *params)
+    sum((ys[i].float() * dys[i].float()).sum() for i in used).backward()
+    shared = [ys[i].detach() for i in used], grads()
+    xx = x.clone().requires_grad_()
+    ys = [_LoraLinear.apply(xx, m["w"], m["bias"], m["a"], m["b"], m["s"]) for m in members]
+    sum((ys[i].float() * dys[i].float()).sum() for i in used).backward()
+    separate = [ys[i].detach() for i in used], grads()
+    for got, want in zip(shared[0], separate[0]):
+        assert torch.equal(got, want)  # the same products, the same roundings
+    for got, want in zip(shared[1], separate[1]):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert _rel(got.float(), want.float()) < 1e-2
+
+
+def test_a_sibling_called_on_another_input_or_first_takes_its_own_node():
+    from rlft.training.lora_linear import _LoraLinear
+
+    model = _lora_model()
+    use_fused_lora(model)
+    attn = model.base_model.model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(8)
+    x, other = (torch.randn(1, 5, 64, generator=gen).bfloat16() for _ in range(2))
+
+    def own(module, inp):
+        return _LoraLinear.apply(inp, module.base_layer.weight, module.base_layer.bias,
+                                 module.lora_A["default"].weight, module.lora_B["default"].weight,
+                                 float(module.scaling["default"]))
+
+    with torch.no_grad():
+        assert torch.equal(attn.k_proj(x), own(attn.k_proj, x))  # first, before q: its own node
+        q = attn.q_proj(x)  # computes q, k and v together
+        assert torch.equal(attn.k_proj(other), own(attn.k_proj, other))  # another input: not the kept one
+        assert torch.equal(attn.v_proj(x), own(attn.v_proj, x))  # the kept v for x
+        assert torch.equal(attn.v_proj(x), own(attn.v_proj, x))  # taken once: now its own node
+        assert torch.equal(q, own(attn.q_proj, x))
