@@ -9,8 +9,10 @@ row count M (a micro-batch's tokens: 1412 is the demo's batch, 1970 / 1126 the t
 benchmark's micro-batches) this times, alternating, ``--repeats`` times each, median reported:
 
 - ``layer``: q, k, v, o, gate, up, down (SmolLM2-135M: 576 wide, 192 for k/v, 1536 for the MLP),
-  each forward and backward through the fused node, random bf16 activations and upstream
-  gradients, float32 adapters (rank ``--rank``, scale 2);
+  forward and backward, random bf16 activations (q, k, v read one tensor, gate and up another) and
+  upstream gradients, float32 adapters (rank ``--rank``, scale 2): each projection through its own
+  fused node (``separate nodes``), and q, k, v and gate, up through their shared node as the
+  trainer routes them (``shared``);
 - ``frozen``: the same layers' frozen products alone, ``x W^T`` forward and ``dy W`` backward
   (oneDNN), with their rate in TFLOP/s;
 - ``adapters``: ``layer`` - ``frozen``: the adapters' products, their gradients and the
@@ -31,18 +33,20 @@ import time
 
 import torch
 
-from rlft.training.lora_linear import _LoraLinear
+from rlft.training.lora_linear import _LoraLinear, _SharedInputLora
 
 # (in, out) of q, k, v, o, gate, up, down in SmolLM2-135M-Instruct
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+SIBLINGS = [(0, 1, 2), (3,), (4, 5), (6,)]  # projections that read one input: q, k, v; o; gate, up; down
 
 
 def _inputs(M: int, rank: int, buffers: int, gen: torch.Generator) -> list[list[tuple]]:
     out = []
     for _ in range(buffers):
-        layer = []
-        for K, N in SHAPES:
-            x = torch.randn(M, K, generator=gen).bfloat16().requires_grad_()
+        layer, xs = [], {}
+        for i, (K, N) in enumerate(SHAPES):
+            group = next(g for g in SIBLINGS if i in g)[0]  # siblings read the same tensor
+            x = xs.setdefault(group, torch.randn(M, K, generator=gen).bfloat16().requires_grad_())
             w = (torch.randn(N, K, generator=gen) / K ** 0.5).bfloat16()
             a = (torch.randn(rank, K, generator=gen) * 0.02).requires_grad_()
             b = (torch.randn(N, rank, generator=gen) * 0.02).requires_grad_()
@@ -52,10 +56,30 @@ def _inputs(M: int, rank: int, buffers: int, gen: torch.Generator) -> list[list[
     return out
 
 
-def _layer(tensors: list[tuple]) -> None:
-    for x, w, a, b, dy in tensors:
+def _clear_grads(tensors: list[tuple]) -> None:
+    for x, _, a, b, _ in tensors:
         x.grad = a.grad = b.grad = None
+
+
+def _layer(tensors: list[tuple]) -> None:
+    """Each projection its own node (siblings' input gradients added up, as autograd does)."""
+    _clear_grads(tensors)
+    for x, w, a, b, dy in tensors:
         _LoraLinear.apply(x, w, None, a, b, 2.0).backward(dy)
+
+
+def _layer_shared(tensors: list[tuple]) -> None:
+    """q, k, v and gate, up through the shared node, as ``use_fused_lora`` routes them."""
+    _clear_grads(tensors)
+    for group in SIBLINGS:
+        members = [tensors[i] for i in group]
+        if len(members) == 1:  # o, down: their own node
+            x, w, a, b, dy = members[0]
+            _LoraLinear.apply(x, w, None, a, b, 2.0).backward(dy)
+            continue
+        params = [t for _, w, a, b, _ in members for t in (w, None, a, b)]
+        ys = _SharedInputLora.apply(members[0][0], (2.0,) * len(members), *params)
+        torch.autograd.backward(ys, [dy for *_, dy in members])
 
 
 def _frozen(tensors: list[tuple]) -> None:
@@ -90,20 +114,24 @@ def main() -> None:
     a = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     print(f"# {torch.get_num_threads()} threads, rank {a.rank}; median of {a.repeats} alternating repeats")
-    print("| rows | layer fwd+bwd | frozen products | their rate | adapters (the rest) |")
-    print("|---|---|---|---|---|")
+    print("| rows | LoRA nodes | layer fwd+bwd | frozen products | their rate | the rest |")
+    print("|---|---|---|---|---|---|")
     rates = []
     for M in [int(r) for r in a.rows.split(",")]:
         inputs = _inputs(M, a.rank, a.buffers, gen)
-        _layer(inputs[0]), _frozen(inputs[0])  # warm-up
-        layer_ms, frozen_ms = [], []
+        arms = {"separate nodes": _layer, "q,k,v / gate,up shared": _layer_shared, "frozen": _frozen}
+        for fn in arms.values():  # warm-up
+            fn(inputs[0])
+        times: dict[str, list[float]] = {name: [] for name in arms}
         for _ in range(a.repeats):
-            layer_ms.append(_median_ms(_layer, inputs, a.buffers))
-            frozen_ms.append(_median_ms(_frozen, inputs, a.buffers))
-        lm, fm = statistics.median(layer_ms), statistics.median(frozen_ms)
+            for name, fn in arms.items():
+                times[name].append(_median_ms(fn, inputs, a.buffers))
+        fm = statistics.median(times["frozen"])
         flop = sum(2 * 2 * M * K * N for K, N in SHAPES)  # forward x W^T and backward dy W
-        print(f"| {M} | {lm:.1f} ms | {fm:.1f} ms | {flop / fm / 1e9:.2f} TFLOP/s | {lm - fm:.1f} ms "
-              f"({(lm - fm) / lm:.0%}) |", flush=True)
+        for name in ("separate nodes", "q,k,v / gate,up shared"):
+            lm = statistics.median(times[name])
+            print(f"| {M} | {name} | {lm:.1f} ms | {fm:.1f} ms | {flop / fm / 1e9:.2f} TFLOP/s | "
+                  f"{lm - fm:.1f} ms ({(lm - fm) / lm:.0%}) |", flush=True)
         for K, N in sorted(set(SHAPES)):
             fwd, bwd = _onednn_rates(M, K, N, gen, a.repeats)
             rates.append(f"M={M} {K}->{N}: forward {fwd:.2f}, backward {bwd:.2f} TFLOP/s")
