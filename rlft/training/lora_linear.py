@@ -94,13 +94,13 @@ class _SharedInputLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], *params: torch.Tensor | None):
-        weights, biases, las, lbs = params[0::4], params[1::4], params[2::4], params[3::4]
+        weights, biases, lora_as, lora_bs = params[0::4], params[1::4], params[2::4], params[3::4]
         dtype = weights[0].dtype
         x_MK = x.reshape(-1, x.shape[-1])
-        a_QK = torch.cat([a.to(dtype) for a in las])
+        a_QK = torch.cat([a.to(dtype) for a in lora_as])
         t_MQ = x_MK @ a_QK.T
         outs, at = [], 0
-        for w, bias, b, s in zip(weights, biases, lbs, scales):
+        for w, bias, b, s in zip(weights, biases, lora_bs, scales):
             r = b.shape[1]
             y_MN = torch.addmm(bias, x_MK, w.T) if bias is not None else x_MK @ w.T
             y_MN.addmm_(t_MQ[:, at:at + r], b.to(dtype).T, alpha=s)
@@ -108,8 +108,8 @@ class _SharedInputLora(torch.autograd.Function):
             at += r
         ctx.save_for_backward(x_MK, t_MQ, a_QK)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
-        ctx.weights, ctx.lbs, ctx.scales, ctx.shape = weights, lbs, scales, x.shape
-        ctx.dtypes = [(a.dtype, b.dtype) for a, b in zip(las, lbs)]
+        ctx.weights, ctx.lora_bs, ctx.scales, ctx.shape = weights, lora_bs, scales, x.shape
+        ctx.dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_as, lora_bs)]
         ctx.bias_grads = [bias is not None and bias.requires_grad for bias in biases]
         return tuple(outs)
 
@@ -118,7 +118,7 @@ class _SharedInputLora(torch.autograd.Function):
         x_MK, t_MQ, a_QK = ctx.saved_tensors
         dtype, M = x_MK.dtype, x_MK.shape[0]
         dx_MK, dts, grads, at = None, [], [], 0
-        for dy, w, b, s, bias_grad in zip(dys, ctx.weights, ctx.lbs, ctx.scales, ctx.bias_grads):
+        for dy, w, b, s, bias_grad in zip(dys, ctx.weights, ctx.lora_bs, ctx.scales, ctx.bias_grads):
             r = b.shape[1]
             if dy is None:  # an output nothing used: no gradient through it
                 dy_MN = None
