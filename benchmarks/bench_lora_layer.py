@@ -12,10 +12,10 @@ benchmark's micro-batches) this times, alternating, ``--repeats`` times each, me
   forward and backward, random bf16 activations (q, k, v read one tensor, gate and up another) and
   upstream gradients, float32 adapters (rank ``--rank``, scale 2): each projection through its own
   fused node (``separate nodes``), and q, k, v and gate, up through their shared node as the
-  trainer routes them (``shared``);
+  trainer routes them (``q,k,v / gate,up shared``);
 - ``frozen``: the same layers' frozen products alone, ``x W^T`` forward and ``dy W`` backward
   (oneDNN), with their rate in TFLOP/s;
-- ``adapters``: ``layer`` - ``frozen``: the adapters' products, their gradients and the
+- ``the rest``: ``layer`` - ``frozen``: the adapters' products, their gradients and the
   reductions over the rows (memory passes over ``[M, width]`` activations), with the autograd
   nodes' own overhead and the float32 gradient casts;
 - per frozen shape, oneDNN's rate forward and backward: some row counts run at about half the
