@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from rlft.training.lora_linear import _LoraLinear, _SharedInputLora
+from rlft.training.lora_linear import _lora_linear, _SharedInputLora
 
 # (in, out) of q, k, v, o, gate, up, down in SmolLM2-135M-Instruct
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
@@ -65,7 +65,7 @@ def _layer(tensors: list[tuple]) -> None:
     """Each projection its own node (siblings' input gradients added up, as autograd does)."""
     _clear_grads(tensors)
     for x, w, a, b, dy in tensors:
-        _LoraLinear.apply(x, w, None, a, b, 2.0).backward(dy)
+        _lora_linear(x, w, None, a, b, 2.0).backward(dy)
 
 
 def _layer_shared(tensors: list[tuple]) -> None:
@@ -75,7 +75,7 @@ def _layer_shared(tensors: list[tuple]) -> None:
         members = [tensors[i] for i in group]
         if len(members) == 1:  # o, down: their own node
             x, w, a, b, dy = members[0]
-            _LoraLinear.apply(x, w, None, a, b, 2.0).backward(dy)
+            _lora_linear(x, w, None, a, b, 2.0).backward(dy)
             continue
         params = [t for _, w, a, b, _ in members for t in (w, None, a, b)]
         ys = _SharedInputLora.apply(members[0][0], (2.0,) * len(members), *params)

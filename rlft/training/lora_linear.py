@@ -3,7 +3,7 @@
 peft's ``lora.Linear`` computes ``base(x) + lora_B(lora_A(x)) * scaling`` as five autograd nodes
 (three matmuls, a ``mul``, an ``add``), each with its own bf16 rounding and its own pass over the
 ``[tokens, out]`` activations, forward and backward; under bf16 autocast the adapters' float32
-weights are cast on every call. :class:`_LoraLinear` computes the same function with
+weights are cast on every call. :func:`_lora_linear` computes the same function with
 
     t_MR = x_MK A_RK^T                       (the rank-R projection, kept for the backward)
     y_MN = x_MK W_NK^T (+ bias) ;  y += s * t_MR B_NR^T      (one addmm: scale and add folded in)
@@ -43,36 +43,6 @@ __all__ = ["use_fused_lora"]
 
 # projections a Llama-family block calls one after the other on the same tensor, first one first
 _SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-class _LoraLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-        dtype = weight.dtype
-        x_MK = x.reshape(-1, x.shape[-1])
-        a_RK, b_NR = lora_a.to(dtype), lora_b.to(dtype)
-        t_MR = x_MK @ a_RK.T
-        y_MN = torch.addmm(bias, x_MK, weight.T) if bias is not None else x_MK @ weight.T
-        y_MN.addmm_(t_MR, b_NR.T, alpha=scale)
-        ctx.save_for_backward(x_MK, t_MR, a_RK, b_NR)
-        ctx.weight, ctx.scale, ctx.shape = weight, scale, x.shape
-        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
-        ctx.bias_grad = bias is not None and bias.requires_grad
-        return y_MN.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x_MK, t_MR, a_RK, b_NR = ctx.saved_tensors
-        s = ctx.scale
-        dy_MN = dy.reshape(-1, dy.shape[-1]).to(x_MK.dtype)
-        dt_MR = dy_MN @ b_NR
-        dx_MK = dy_MN @ ctx.weight
-        dx_MK.addmm_(dt_MR, a_RK, alpha=s)
-        da_RK = torch.mm(dt_MR.T, x_MK).mul_(s).to(ctx.param_dtypes[0])
-        db_NR = torch.mm(dy_MN.T, t_MR).mul_(s).to(ctx.param_dtypes[1])
-        dbias = dy_MN.sum(0) if ctx.bias_grad else None
-        return dx_MK.view(ctx.shape), None, dbias, da_RK, db_NR, None
 
 
 class _SharedInputLora(torch.autograd.Function):
@@ -168,8 +138,14 @@ class _Siblings:
         return outs[0]
 
 
+def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """One LoRA linear as one node (see the module docstring): the shared node with one member."""
+    return _SharedInputLora.apply(x, (scale,), weight, bias, lora_a, lora_b)[0]
+
+
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft ``lora.Linear.forward``, through :class:`_LoraLinear` (or its siblings' shared node)
+    """peft ``lora.Linear.forward``, through :func:`_lora_linear` (or its siblings' shared node)
     when nothing asks for peft's own."""
     adapter = _fusable(self, x, args, kwargs)
     if adapter is None:
@@ -180,12 +156,12 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         if kept is not None:
             return kept
         if siblings.members[0] is self:
-            adapters = [_fusable(m, x, (), {}) for m in siblings.members]
+            adapters = [adapter] + [_fusable(m, x, (), {}) for m in siblings.members[1:]]
             if all(a is not None for a in adapters):
                 return siblings.compute(x, adapters)
     base = self.base_layer
-    return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                             float(self.scaling[adapter]))
+    return _lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                        float(self.scaling[adapter]))
 
 
 def _fusable(module: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
