@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rlft import gguf_cache
 from rlft.model_source import SMOLLM2_ALIASES, PolicyLoadError, _source_name, resolve_model
 
 __all__ = [
@@ -289,7 +290,12 @@ def _load_tokenizer(name: str, gguf_file: str | None, trust_remote_code: bool, t
     if gguf_file:
         kw["gguf_file"] = gguf_file
     tried.append(f"AutoTokenizer.from_pretrained({name!r}" + (f", gguf_file={gguf_file!r})" if gguf_file else ")"))
-    return AutoTokenizer.from_pretrained(name, **kw)
+    if not gguf_file:
+        return AutoTokenizer.from_pretrained(name, **kw)
+    # the GGUF vocabulary converted once, then read from rlft's cache (rlft.gguf_cache)
+    return gguf_cache.cached(os.path.join(name, gguf_file), "tokenizer",
+                             convert=lambda: AutoTokenizer.from_pretrained(name, **kw),
+                             load=lambda entry: AutoTokenizer.from_pretrained(entry))
 
 
 def _load_model(name: str, gguf_file: str | None, dtype: Any, trust_remote_code: bool, tried: list[str]):
@@ -310,7 +316,17 @@ def _load_model(name: str, gguf_file: str | None, dtype: Any, trust_remote_code:
         f"AutoModelForCausalLM.from_pretrained({name!r}" + (f", gguf_file={gguf_file!r}" if gguf_file else "")
         + (f", dtype={dtype}" if dtype is not None else "") + ")"
     )
-    return AutoModelForCausalLM.from_pretrained(name, **kw)
+    if not gguf_file:
+        return AutoModelForCausalLM.from_pretrained(name, **kw)
+
+    def from_entry(entry: Any) -> Any:
+        model = AutoModelForCausalLM.from_pretrained(entry, **({_dtype_kwarg(): dtype} if dtype is not None else {}))
+        model.config._name_or_path = model.name_or_path = name  # as the GGUF load names it (peft records it)
+        return model
+
+    # dequantized once, then read from rlft's cache in this dtype (rlft.gguf_cache)
+    return gguf_cache.cached(os.path.join(name, gguf_file), f"model-{dtype}",
+                             convert=lambda: AutoModelForCausalLM.from_pretrained(name, **kw), load=from_entry)
 
 
 def _load_error(model: str, tried: list[str], exc: BaseException) -> PolicyLoadError:
