@@ -44,6 +44,7 @@ class SFTConfig(FlatConfig):
     steps: int = 0  # optimizer steps (0 = epochs x ceil(train transcripts / batch_size))
     batch_size: int = 16  # transcripts (sequences) per optimizer step
     micro_batch_tokens: int = 4096  # padded tokens per forward/backward micro-batch (length-bucketed)
+    shared_prefix: str = "auto"  # transcripts' common prefix (system prompt, tool schemas) once: auto | true | false
     learning_rate: float = 2e-4  # peak learning rate (LoRA; use ~1e-5 for full finetunes)
     warmup_steps: int = 0  # linear warmup steps
     lr_schedule: str = "cosine"  # constant | cosine
@@ -64,7 +65,8 @@ class SFTConfig(FlatConfig):
         prepared sequences (``sft(data=...)``), so ``data`` may be empty."""
         out = dataclasses.replace(self)
         for key, choices in (("lr_schedule", ("constant", "cosine")), ("overlong", ("drop", "truncate")),
-                             ("tool_format", ("auto", "template", "system"))):
+                             ("tool_format", ("auto", "template", "system")),
+                             ("shared_prefix", ("auto", "true", "false"))):
             if getattr(out, key) not in choices:
                 raise ConfigError(f"{key} = {getattr(out, key)!r} is not one of: {', '.join(choices)}")
         for key in ("batch_size", "max_seq_len", "micro_batch_tokens", "epochs"):

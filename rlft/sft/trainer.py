@@ -200,7 +200,8 @@ def _train(cfg: SFTConfig, store: Any, run_id: str, policy: Any, data: SFTData) 
     def evaluate(step: int) -> float | None:
         if not data.eval:
             return None
-        loss = eval_loss(policy, data.eval, micro_batch_tokens=cfg.micro_batch_tokens, bf16=bf16)
+        loss = eval_loss(policy, data.eval, micro_batch_tokens=cfg.micro_batch_tokens, bf16=bf16,
+                         shared_prefix=cfg.shared_prefix)
         store.log_metrics(run_id, step, {"eval/loss": loss})
         return loss
 
@@ -218,7 +219,7 @@ def _train(cfg: SFTConfig, store: Any, run_id: str, policy: Any, data: SFTData) 
         lr = scheduler.get_last_lr()[0]
         t0 = time.perf_counter()
         st = train_step(policy, [data.train[i] for i in idx], optimizer, micro_batch_tokens=cfg.micro_batch_tokens,
-                        max_grad_norm=cfg.max_grad_norm, bf16=bf16)
+                        max_grad_norm=cfg.max_grad_norm, bf16=bf16, shared_prefix=cfg.shared_prefix)
         scheduler.step()
         dt = time.perf_counter() - t0
         metrics = {"sft/loss": st["loss"], "optim/lr": lr, "optim/grad_norm": st["grad_norm"], "time/step": dt,

@@ -107,7 +107,7 @@ def warm_up(run: Any, plan: WarmupPlan) -> dict[str, float]:
         if not plan.held_out:
             return {}
         return {"warmup/eval_loss": eval_loss(policy, plan.held_out, micro_batch_tokens=cfg.micro_batch_tokens,
-                                              bf16=bf16)}
+                                              bf16=bf16, shared_prefix=cfg.shared_prefix)}
 
     run.store.log_metrics(run.run_id, -plan.steps, held_out_loss())
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.sft_learning_rate)
@@ -117,7 +117,7 @@ def warm_up(run: Any, plan: WarmupPlan) -> dict[str, float]:
         epoch, idx = next(order)
         t0 = time.perf_counter()
         st = train_step(policy, [plan.train[j] for j in idx], optimizer, micro_batch_tokens=cfg.micro_batch_tokens,
-                        max_grad_norm=cfg.max_grad_norm, bf16=bf16)
+                        max_grad_norm=cfg.max_grad_norm, bf16=bf16, shared_prefix=cfg.shared_prefix)
         dt = time.perf_counter() - t0
         metrics = {"warmup/loss": st["loss"], "warmup/grad_norm": st["grad_norm"], "warmup/epoch": epoch,
                    "warmup/tokens_per_s": st["tokens"] / dt}
