@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DISABLE_ENV", "cache_dir", "cached", "entry_dir"]
+__all__ = ["DISABLE_ENV", "cache_dir", "cached", "entry_dir", "usage"]
 
 T = TypeVar("T")
 DISABLE_ENV = "RLFT_GGUF_CACHE"  # "0": always convert from the GGUF file, never read or write entries
@@ -82,6 +82,16 @@ def cached(gguf_path: str, what: str, convert: Callable[[], T], load: Callable[[
     result = convert()
     _store(entry, result)
     return result
+
+
+def usage() -> str:
+    """What ``rlft doctor`` prints: the cache's directory, entries and size, or that it is off."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"turned off ({DISABLE_ENV}=0)"
+    root = cache_dir()
+    entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    size = sum(f.stat().st_size for e in entries for f in e.rglob("*") if f.is_file())
+    return f"{root}: {len(entries)} entries, {size / 1e9:.2f} GB (delete the directory to reclaim it)"
 
 
 def _store(entry: Path, obj: Any) -> None:

