@@ -34,7 +34,7 @@ import torch
 
 from rlft import attention, packed_attention
 from rlft.training import head, prefix
-from rlft.training.logprobs import forward_logprobs
+from rlft.training.logprobs import forward_logprobs, to_device
 from rlft.training.update import training_precision
 
 GROUP_KEY_TOKENS = 64  # transcripts whose first tokens agree share a packed row (their common prefix once)
@@ -129,9 +129,7 @@ def packed_loss_sum(policy: Any, seqs: Sequence[tuple[Sequence[int], Sequence[in
         mask_NC[n, C - (len(i) - f):] = torch.tensor(m[f:], dtype=torch.float32)  # right-aligned, as pack lays it
     additive = prefix.additive_mask(policy.base_model.config)
     packed = prefix.pack(rows, ids, firsts, C, _pad_id(policy), additive=additive)
-    dev = policy.device
-    packed = prefix.PackedInputs(**{k: getattr(packed, k).to(dev) for k in packed.__dataclass_fields__})
-    logp_NC, _ = forward_logprobs(policy.model, packed, 1.0, mask_NC.to(dev))
+    logp_NC, _ = forward_logprobs(policy.model, to_device(packed, policy.device), 1.0, mask_NC.to(policy.device))
     return -logp_NC.sum(), packed.ids_BL.numel()
 
 

@@ -9,7 +9,7 @@ window (:func:`completion_logits`). Left out: which sequences form a micro-batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -84,6 +84,11 @@ def _window_logprobs(model: Any, inputs, temperature: float, mask_NC: torch.Tens
     return logp * keep_NC, (ent * keep_NC if ent is not None else None)
 
 
+def to_device(inputs, device):
+    """``PlainInputs`` or ``prefix.PackedInputs`` with every tensor (and the segments) on ``device``."""
+    return type(inputs)(**{f.name: getattr(inputs, f.name).to(device) for f in fields(inputs)})
+
+
 def _segments(inputs: prefix.PackedInputs) -> dict[str, Any]:
     """The packed rows' layout as the model keyword rlft's attention reads (``rlft.packed_attention``)."""
     return {packed_attention.KWARG: inputs.segments}
@@ -100,4 +105,4 @@ def completion_logits(model: Any, ids, attn, pos, C: int):
     return out.logits
 
 
-__all__ = ["PlainInputs", "completion_logits", "forward_logprobs"]
+__all__ = ["PlainInputs", "completion_logits", "forward_logprobs", "to_device"]

@@ -20,14 +20,14 @@ Left out: the loss math itself (``rlft.training.grpo``) and anything about where
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from rlft import distributed
 from rlft.training import grpo, prefix
-from rlft.training.logprobs import PlainInputs, completion_logits, forward_logprobs
+from rlft.training.logprobs import PlainInputs, completion_logits, forward_logprobs, to_device
 from rlft.training.recompute import recompute_if_over
 from rlft.types import Group, Rollout
 
@@ -143,10 +143,6 @@ def _demonstrations(mb: _Micro) -> torch.Tensor | None:
     return torch.tensor(off) if any(off) else None
 
 
-def _to(inputs, dev):
-    return type(inputs)(**{f.name: getattr(inputs, f.name).to(dev) for f in fields(inputs)})
-
-
 def _tensors(mb: list[_Item], pad_id: int):
     """Left-padded ids (B, L), attention (B, L), positions (B, L); completion window tensors
     tokens (B, C), mask (B, C), sampler logprobs (B, C), advantages (B,)."""
@@ -204,7 +200,7 @@ def policy_update(policy: Any, groups: list[Group], cfg: UpdateConfig, optimizer
                and distributed.is_sharded(model) else None)
         for mb in distributed.micro_steps(model, micro, pad=pad):  # the same number of passes on every rank
             inputs, mask, sampler_logp, adv = _inputs(mb, pad_id, additive)
-            inputs, mask, sampler_logp, adv = _to(inputs, dev), mask.to(dev), sampler_logp.to(dev), adv.to(dev)
+            inputs, mask, sampler_logp, adv = to_device(inputs, dev), mask.to(dev), sampler_logp.to(dev), adv.to(dev)
             off = _demonstrations(mb)
             off = off.to(dev) if off is not None else None
             C = mask.shape[1]
