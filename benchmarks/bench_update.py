@@ -176,7 +176,7 @@ def main() -> None:
         rates.append(matmul_rate())
     bound = statistics.median(rates)
     print(f"bf16 matmul rate measured between repeats (median): {bound / 1e12:.3f} TFLOP/s "
-          f"(idle, 2 cores: ~0.87 on an avx512_bf16 CPU, ~1.9 with AMX; benchmarks/README.md)")
+          f"(idle, 2 cores: 0.37-0.39 on an AMD EPYC with avx512_bf16, ~1.9 on a Xeon with AMX; benchmarks/README.md)")
     for arm in arms:
         t = statistics.median(times[arm])
         print(f"update, {arm}: {t:.2f} s (median of {args.repeats}; {min(times[arm]):.2f}-{max(times[arm]):.2f}), "
