@@ -50,6 +50,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from paired_verdict import verdict  # this folder (sys.path[0] when run as a script)
+
 
 def task(model: str, n_eval: int):
     """(env, train rows, eval rows, reward_fn, model path/name, lora)."""
@@ -307,21 +309,15 @@ def seed_table(a, names: list[str], runs: dict[int, dict[str, dict]]) -> None:
         for s in steps:
             d = [runs[x][first]["evals"][s] - runs[x][other]["evals"][s] for x in runs
                  if s in runs[x][first]["evals"] and s in runs[x][other]["evals"]]
-            ahead = sum(v > 0 for v in d)
-            print(f"{first} - {other} after {s} steps: mean {mean(d):+.3f}, standard error {std_error(d):.3f} "
-                  f"over {len(d)} seeds, {first} ahead on {ahead}")
+            if len(d) < 2:
+                continue
+            v = verdict(d)
+            print(f"{first} - {other} after {s} steps: mean {v.mean:+.3f} (SD {v.sd:.3f}), 95 % t-interval "
+                  f"[{v.low:+.3f}, {v.high:+.3f}] over {v.n} seeds, {first} ahead on {v.ahead} -> {v.word}")
 
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def std_error(xs: list[float]) -> float:
-    """The standard error of the mean (sample standard deviation / sqrt(n))."""
-    if len(xs) < 2:
-        return float("nan")
-    m = mean(xs)
-    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
 
 
 def run_child(a) -> None:

@@ -8,7 +8,8 @@ rule on the paired difference d_S = rlft - trl (mean and its 95 % Student-t inte
     not worse  its lower end is above -margin
     better     its lower end is above 0                     (margin = 0.05 reward)
 
-This script keeps that arithmetic in the repository instead of in each session's scratch files:
+This script keeps that arithmetic in the repository instead of in each session's scratch files
+(`bench_vs_trl.py --seeds A-B` prints the same verdict through :func:`verdict`):
 
     .venv/bin/python benchmarks/paired_verdict.py                      # every batch, then pooled
     .venv/bin/python benchmarks/paired_verdict.py --batches 400,500    # some of them, pooled
