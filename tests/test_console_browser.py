@@ -212,7 +212,8 @@ def test_rollouts_filter_search_transcript_heatmap_and_xss_stays_text(w, ws):
         assert shown in text, shown
     assert page.locator("#transcript .error-box").count() == 1
     w.shot("05-rollouts-transcript")
-    page.click("#f-reset")
+    page.click("#f-reset")  # the reset list first: else the wait below can see the previous filter's 1 row
+    page.wait_for_function("() => document.querySelector('#rollout-count').textContent.startsWith('26 ')")
     page.select_option("#f-comp", "short")
     page.fill("#f-cmin", "1")
     page.wait_for_function("() => !document.querySelector('#rollout-count').textContent.startsWith('26 ')")
@@ -244,7 +245,7 @@ def test_config_tab_shows_the_resolved_config_and_source_as_text(w, ws):
     assert page.inner_text("#config-table tr[data-key='steps'] td:nth-child(2)") == "3"
     source = page.inner_text("#env-source")
     assert "def variety(ro):" in source and "<script>alert(" in source and "<img src=x onerror=" in source
-    assert page.locator("#checkpoints tr").count() == 1
+    assert page.locator("#checkpoints tr").count() == 2  # step 2 (kept for its held-out eval: keep_best) and 3
     page.fill("#config-filter", "lora")
     assert page.locator("#config-table tr:not([hidden])").count() < 10
     w.shot("08-config")
