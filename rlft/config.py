@@ -149,6 +149,7 @@ class TrainConfig(FlatConfig):
     run_name: str = ""  # name of the run (default: generated)
     checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    keep_best: bool = True  # also keep the checkpoint of the best held-out eval (saved then if needed): --step best
     eval_every: int = 0  # steps between evals on the eval split (0 = only before and after)
     eval_k: int = 4  # samples per eval prompt (pass@k, max@k)
     eval_temperature: float = 1.0  # temperature for evals

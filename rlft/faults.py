@@ -4,7 +4,8 @@ for ``prune`` the step is the one of the checkpoint being deleted).
 
 The points sit at the boundaries where a kill could lose or duplicate something: inside a step,
 inside a checkpoint write, between a checkpoint and its store row, between a checkpoint and its
-eval, inside pruning, inside ``rlft export``. ``tests/test_crash_safety.py`` kills a run at each
+eval, between the best eval's checkpoint and its mark (``keep_best``), inside pruning, inside
+``rlft export``. ``tests/test_crash_safety.py`` kills a run at each
 and checks that a resume ends where an uninterrupted run does. Unset (always, outside those
 tests) a point costs one environment lookup.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("mid_step", "checkpoint_write", "checkpoint_unrecorded", "before_eval", "prune", "export")
+POINTS = ("mid_step", "checkpoint_write", "checkpoint_unrecorded", "before_eval", "best_unmarked", "prune", "export")
 
 
 def kill_point(point: str, step: int | None = None) -> None:

@@ -81,7 +81,7 @@ def xss_rollouts() -> list[Rollout]:
 
 
 def build_workspace(d: Path, model: str) -> SimpleNamespace:
-    """A run store with a completed tiny-model run (evals at 0, 2, 3; a checkpoint), a failed run,
+    """A run store with a completed tiny-model run (evals at 0, 2, 3; checkpoints at 2 and 3), a failed run,
     a 'running' run written by hand, XSS rollouts/logs and an external model's eval."""
     from rlft.training.loop import train
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from rlft.store import RunStore
+from rlft.training.checkpoint import best_checkpoint
 
 ENV = textwrap.dedent('''
     from rlft import Environment
@@ -91,8 +92,9 @@ def _state(d: Path, runs: str) -> dict:
                           for r in store.rollouts(rid, split=None, limit=10_000))
         ckpts = [c["step"] for c in store.checkpoints(rid)]
         on_disk = sorted(p.name for p in (store.run_dir(rid) / "checkpoints").iterdir())
+        best = best_checkpoint(store.run_dir(rid))
         return dict(status=run["status"], step=run["step"], metrics=metrics, evals=evals, rollouts=rollouts,
-                    checkpoints=ckpts, on_disk=on_disk)
+                    checkpoints=ckpts, on_disk=on_disk, best=best[0] if best else None)
     finally:
         store.close()
 
@@ -112,13 +114,16 @@ def reference(workdir):
     proc = _train(workdir, "ref")
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = _state(workdir, "ref")
-    assert state["status"] == "completed" and state["checkpoints"] == [3, 4]
     assert [s for s, _, _ in state["evals"]] == [0, 2, 4]
+    # keep_best: the newest two and the best held-out eval's (ties go to the later step)
+    best = max((m["reward/mean"], s) for s, _, m in state["evals"] if s > 0)[1]
+    assert state["status"] == "completed" and state["checkpoints"] == sorted({3, 4, best})
+    assert state["best"] == best and "best.json" in state["on_disk"]
     return state
 
 
 @pytest.mark.parametrize("kill_at", ["mid_step:1", "mid_step:3", "checkpoint_write:2", "checkpoint_unrecorded:2",
-                                     "before_eval:2", "prune:1", "before_eval:2+mid_step:3"])
+                                     "before_eval:2", "best_unmarked:2", "prune:1", "before_eval:2+mid_step:3"])
 def test_a_run_killed_at_a_phase_boundary_resumes_to_the_uninterrupted_result(workdir, reference, kill_at):
     runs = "runs-" + kill_at.replace(":", "-").replace("+", "_")
     first, *more = kill_at.split("+")
@@ -130,7 +135,7 @@ def test_a_run_killed_at_a_phase_boundary_resumes_to_the_uninterrupted_result(wo
     proc = _train(workdir, runs, resume=runs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = _state(workdir, runs)
-    for key in ("status", "step", "checkpoints", "on_disk", "evals", "rollouts", "metrics"):
+    for key in ("status", "step", "checkpoints", "on_disk", "best", "evals", "rollouts", "metrics"):
         assert _same(state[key], reference[key]), f"{key} after a kill at {kill_at}:\n{state[key]}\nvs\n{reference[key]}"
 
 

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("eval", "evaluate a base model, a checkpoint or an external model on the eval split")
     _add_config_args(p)
     p.add_argument("--run", help="evaluate a checkpoint of this run (id or name)")
-    p.add_argument("--step", default="latest", help="checkpoint step or 'latest' (with --run)")
+    p.add_argument("--step", default="latest",
+                   help="checkpoint step, 'latest' or 'best' (the best held-out eval's; with --run)")
     p.add_argument("--k", type=int, default=None, help="samples per prompt (default: config eval_k)")
     p.add_argument("--limit", type=int, default=None, help="eval prompts (default: config eval_max_examples)")
     p.add_argument("--base-url", help="evaluate an external OpenAI-compatible model at this URL (with --model)")

@@ -44,7 +44,7 @@ def add_run_commands(cmd) -> None:
     p = cmd("export", "write a standard Hugging Face model directory from a run's checkpoint")
     p.add_argument("run")
     p.add_argument("--runs", default="runs")
-    p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
+    p.add_argument("--step", default="latest", help="checkpoint step, 'latest' or 'best' (the best held-out eval's)")
     p.add_argument("--merge", metavar="OUT", required=True, help="output directory (LoRA merged into the weights)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="weights' dtype (default: the dtype the run trained and served in, from the checkpoint)")
@@ -118,6 +118,7 @@ def cmd_runs(args) -> int:
     run_id = store.resolve(args.run)
     if args.action == "show":
         from rlft.health.source import status_label
+        from rlft.training.checkpoint import best_checkpoint
 
         run = store.get_run(run_id)
         series = store.metrics(run_id)
@@ -126,8 +127,10 @@ def cmd_runs(args) -> int:
         run["latest_metrics"] = {k: v for k, (_, v) in latest.items()}
         run["latest_metric_steps"] = {k: s for k, (s, _) in latest.items()}
         run["checkpoints"] = store.checkpoints(run_id)
+        best = best_checkpoint(store.run_dir(run_id))
         for c in run["checkpoints"]:  # checked against its manifest: None = good, else why it cannot be used
             c["problem"] = _checkpoint_problem(c["path"])
+            c["best"] = best is not None and c["step"] == best[0]  # the best held-out eval's (keep_best)
         run["status_label"] = status_label(store, run)
         if args.json:
             print(json.dumps(run, indent=2, default=str))
@@ -145,7 +148,8 @@ def cmd_runs(args) -> int:
                 print(f"  {k:32} {v:.4f}{mark}")
         for c in run["checkpoints"]:
             state = "good" if c["problem"] is None else f"NOT USABLE: {c['problem']}"
-            print(f"  checkpoint step {c['step']}: {c['path']} ({state})")
+            mark = f", the best held-out eval: reward {best[1]:.4f}, --step best" if c["best"] else ""
+            print(f"  checkpoint step {c['step']}: {c['path']} ({state}{mark})")
         return 0
     if args.action == "metrics":
         series = store.metrics(run_id)

@@ -141,7 +141,7 @@ def diagnose_reward_hacking(series: Series, ctx: Context) -> Finding | None:
                 f"train reward {mean(a):.3f} -> {mean(b):.3f} while held-out reward {held[0][1]:.3f} -> "
                 f"{held[-1][1]:.3f}: what it learns does not carry over (memorizing, or a reward it can game)",
                 "read train rollouts with high reward; check the reward cannot be met without solving the task, "
-                "or stop at the best held-out checkpoint (`eval_every`, `keep_checkpoints`)",
+                "or take the best held-out checkpoint (`--step best`; evals every `eval_every` steps)",
                 "eval/reward/mean", (held[0][0], held[-1][0]),
                 [_ev("reward/mean", train), _ev("eval/reward/mean", held)])
     return None

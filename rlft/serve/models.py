@@ -6,14 +6,15 @@ Names:
 
 - the base model (``--model``), named exactly as given (an alias, a hub id or a path);
 - every checkpoint of the runs in the run store, ``ft:<base>:<run>:<step>``, and
-  ``ft:<base>:<run>:latest`` for each run's newest one. ``<base>`` is the run's model as it was
+  ``ft:<base>:<run>:latest`` for each run's newest one, ``ft:<base>:<run>:best`` for the checkpoint
+  of its best held-out eval (``keep_best``). ``<base>`` is the run's model as it was
   given to the trainer, ``<run>`` the run id (a run *name* is accepted too: its newest run);
 - LoRA adapters registered at run time (``/v1/load_lora_adapter``), under their given name;
 - engines plugged in by the caller (``create_app(engines={name: ...})``: tests, custom backends).
 
 Checkpoints are found by re-scanning the store and the run directories (on every ``/v1/models``
 and every name that is not already known), so checkpoints written while the server runs appear
-without a restart, and ``latest`` resolves at request time (the response's ``model`` says which
+without a restart, and ``latest`` and ``best`` resolve at request time (the response's ``model`` says which
 step answered).
 
 Loaded models are kept in an LRU of ``max_loaded``. A LoRA checkpoint or adapter is served on its
@@ -234,7 +235,7 @@ class ModelRegistry:
 
     def entries(self) -> list[ModelEntry]:
         """Every servable name, re-scanning the run store and run directories."""
-        from rlft.training.checkpoint import list_checkpoints
+        from rlft.training.checkpoint import best_checkpoint, list_checkpoints
 
         out = []
         if self.model:
@@ -248,10 +249,14 @@ class ModelRegistry:
             if ckpts:
                 out.append(ModelEntry(f"{FT_PREFIX}{base}:{rid}:latest", "checkpoint", str(ckpts[-1][1]),
                                       _mtime(ckpts[-1][1]), base))
+            best = best_checkpoint(rd)
+            if best is not None:
+                path = next(p for s, p in ckpts if s == best[0])
+                out.append(ModelEntry(f"{FT_PREFIX}{base}:{rid}:best", "checkpoint", str(path), _mtime(path), base))
         return out
 
     def resolve(self, name: str) -> ModelEntry:
-        """The entry a requested name stands for; ``latest`` becomes the concrete step's name."""
+        """The entry a requested name stands for; ``latest`` and ``best`` become the concrete step's name."""
         if self.model is not None and name == self.model:
             return ModelEntry(name, "base", self.model, self._started)
         if name in self.pinned:
@@ -266,7 +271,7 @@ class ModelRegistry:
                                  + (", ".join(available) or "none"), available)
 
     def _resolve_ft(self, name: str) -> ModelEntry | None:
-        from rlft.training.checkpoint import list_checkpoints
+        from rlft.training.checkpoint import best_checkpoint, list_checkpoints
 
         try:
             base, ref, step = name[len(FT_PREFIX):].rsplit(":", 2)
@@ -280,6 +285,9 @@ class ModelRegistry:
         ckpts = list_checkpoints(rd)
         if step == "latest":
             chosen = ckpts[-1] if ckpts else None
+        elif step == "best":
+            best = best_checkpoint(rd)
+            chosen = next((c for c in ckpts if best and c[0] == best[0]), None)
         else:
             chosen = next((c for c in ckpts if step.isdigit() and c[0] == int(step)), None)
         if chosen is None:

@@ -10,7 +10,8 @@ to ``*.deleting`` before removing it, so a kill mid-delete leaves nothing that l
 either. :func:`verify_checkpoint` checks a checkpoint against its manifest (a corrupt or
 truncated file is named with the reason) and :func:`good_checkpoints` lists those that pass;
 :func:`reconcile` repairs the run store's checkpoint rows from the directory (the truth) and
-removes leftovers of interrupted writes and deletes.
+removes leftovers of interrupted writes and deletes. ``checkpoints/best.json`` names the checkpoint
+of the run's best held-out eval (``keep_best``): pruning spares it and ``--step best`` finds it.
 Under torchrun every rank calls :func:`save_checkpoint` (an FSDP2-sharded model's weights and
 optimizer state are gathered to rank 0 first, a collective) and rank 0 alone writes, so a
 checkpoint has the same files whatever the number of ranks. Left out: per-rank sharded files
@@ -32,6 +33,7 @@ from rlft.faults import kill_point
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
+BEST_FILE = "best.json"  # in <run_dir>/checkpoints: {"step": N, "reward": R}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -244,14 +246,45 @@ def load_checkpoint(path: str | Path, policy: Any, optimizer: Any, scheduler: An
     return state
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int) -> list[int]:
-    """Delete all but the newest ``keep`` checkpoints; returns the removed steps."""
+def prune_checkpoints(run_dir: str | Path, keep: int, *, keep_best: bool = False) -> list[int]:
+    """Delete all but the newest ``keep`` checkpoints and, with ``keep_best``, the one marked best;
+    returns the removed steps."""
+    best = best_checkpoint(run_dir) if keep_best else None
     removed = []
     ckpts = list_checkpoints(run_dir)
     for step, p in ckpts[: max(len(ckpts) - keep, 0)]:
-        _remove(p, step)
-        removed.append(step)
+        if not best or step != best[0]:
+            _remove(p, step)
+            removed.append(step)
     return removed
+
+
+def best_checkpoint(run_dir: str | Path) -> tuple[int, float] | None:
+    """(step, held-out reward) of the checkpoint marked best, or None when none is marked or the
+    marked one is no longer on disk (a resume that fell back past a corrupt checkpoint)."""
+    path = Path(run_dir) / "checkpoints" / BEST_FILE
+    try:
+        best = json.loads(path.read_text())
+        step, reward = int(best["step"]), float(best["reward"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a best-checkpoint marker ({type(e).__name__}: {e}): delete it") from e
+    return (step, reward) if (checkpoint_dir(run_dir, step) / STATE_FILE).exists() else None
+
+
+def beats_best(run_dir: str | Path, step: int, reward: float) -> bool:
+    """Whether a held-out ``reward`` at ``step`` takes over the mark (ties go to the later step)."""
+    best = best_checkpoint(run_dir)
+    return best is None or (reward >= best[1] and step != best[0])
+
+
+def mark_best(run_dir: str | Path, step: int, reward: float) -> None:
+    """Mark the checkpoint at ``step`` as the best held-out eval's (written atomically)."""
+    path = Path(run_dir) / "checkpoints" / BEST_FILE
+    tmp = path.with_name(BEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "reward": reward}))
+    os.replace(tmp, path)
 
 
 def _remove(path: Path, step: int | None = None) -> None:
@@ -265,12 +298,19 @@ def _remove(path: Path, step: int | None = None) -> None:
 
 
 def resolve_checkpoint(run_dir: str | Path, step: str | int = "latest") -> tuple[int, Path]:
-    """(step, path) of ``step`` ("latest" or a number) in a run directory; a clear error if absent."""
+    """(step, path) of ``step`` ("latest", "best" or a number) in a run directory; a clear error if absent."""
     if str(step) == "latest":
         found = latest_checkpoint(run_dir)
         if not found:
             raise FileNotFoundError(f"run directory {run_dir} has no checkpoint yet")
         return found
+    if str(step) == "best":
+        best = best_checkpoint(run_dir)
+        if not best:
+            raise FileNotFoundError(f"run directory {run_dir} has no best checkpoint: one is marked at each held-out "
+                                    "eval that beats the earlier ones (keep_best = true, evals every eval_every "
+                                    "steps and after the last)")
+        step = best[0]
     path = checkpoint_dir(run_dir, int(step))
     if not (path / STATE_FILE).exists():
         have = ", ".join(str(s) for s, _ in list_checkpoints(run_dir)) or "none"

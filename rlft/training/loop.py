@@ -64,8 +64,10 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 warm_eval = evaluate(run, 0)
             else:
                 base_eval = evaluate(run, 0)
-        elif eval_due(cfg, run.start_step) and not run.store.has_eval(run.run_id, run.start_step):
-            evaluate(run, run.start_step)  # the run was killed between this step's checkpoint and its eval
+        elif eval_due(cfg, run.start_step):  # killed between this step's checkpoint and its eval (or its mark)
+            recorded = [e["metrics"] for e in run.store.evals(run.run_id)
+                        if e["step"] == run.start_step and e["split"] == "eval"]
+            keep_if_best(run, run.start_step, recorded[-1] if recorded else evaluate(run, run.start_step), {})
         with SampleAhead(run) as ahead:
             run.progress.start(run.start_step)
             for step in range(run.start_step, cfg.steps):
@@ -94,20 +96,21 @@ def train(config: TrainConfig | dict | str | None = None, *, environment=None, d
                 if eval_due(cfg, step + 1):
                     kill_point("before_eval", step + 1)
                     ahead.drain(step + 1)  # evaluate the new weights, not the ones sampling ahead
-                    evaluate(run, step + 1)  # 6. evaluate
+                    keep_if_best(run, step + 1, evaluate(run, step + 1), metrics)  # 6. evaluate
                 if stop:
                     run.store.set_status(run.run_id, "stopped")
                     run.progress.note(f"stopped at step {step + 1} (checkpoint saved)")
                     distributed.barrier()  # every rank tears down together
                     return run.run_id
         final_eval = evaluate(run, cfg.steps)
+        keep_if_best(run, cfg.steps, final_eval, {})  # the last step always has its checkpoint
         run.progress.finish()
         if base_eval and final_eval:
             chain = [e for e in (base_eval, warm_eval, final_eval) if e]
             rewards = " -> ".join(f"{e['reward/mean']:.3f}" for e in chain)
             passes = " -> ".join(f"{e['pass@k']:.2f}" for e in chain)
             run.note(f"held-out reward {rewards}, pass@{cfg.eval_k} {passes}"
-                     + (" (base -> after warm-up -> after RL)" if warm_eval else ""), step=cfg.steps)
+                     + (" (base -> after warm-up -> after RL)" if warm_eval else "") + run.best_note(), step=cfg.steps)
         run.store.set_status(run.run_id, "completed")
         distributed.barrier()  # every rank tears down together
         return run.run_id
@@ -224,15 +227,42 @@ def record(run: Run, at_step: int, groups: list[Group], metrics: dict[str, float
 def checkpoint(run: Run, at_step: int, metrics: dict[str, float]) -> None:
     """Save the weights, optimizer and data cursor; record it and prune old ones. Every rank calls
     it (FSDP2 gathers the weights to rank 0, which alone writes)."""
-    from rlft.training.checkpoint import prune_checkpoints, save_checkpoint
+    from rlft.training.checkpoint import save_checkpoint
 
     path = save_checkpoint(run.run_dir, at_step, run.policy, run.optimizer, run.scheduler,
                            {"config": run.cfg.to_dict()}, model=run.train_model)
     kill_point("checkpoint_unrecorded", at_step)
     if distributed.is_main():  # a kill between these writes is repaired on resume (checkpoint.reconcile)
         run.store.add_checkpoint(run.run_id, at_step, str(path), metrics={"reward/mean": metrics.get("reward/mean")})
-        for removed in prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints):
-            run.store.remove_checkpoint(run.run_id, removed)
+        prune(run)
+
+
+def prune(run: Run) -> None:  # rank 0
+    from rlft.training.checkpoint import prune_checkpoints
+
+    for removed in prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints, keep_best=run.cfg.keep_best):
+        run.store.remove_checkpoint(run.run_id, removed)
+
+
+def keep_if_best(run: Run, at_step: int, eval_metrics: dict[str, float] | None, metrics: dict[str, float]) -> None:
+    """``keep_best``: when the held-out eval after ``at_step`` is the run's best so far (ties: the later
+    step), that step's checkpoint is saved (if it had none; an eval leaves the state as it was) and
+    marked, so pruning spares it and ``--step best`` finds it: a run that collapses late keeps its best."""
+    from rlft.training.checkpoint import STATE_FILE, beats_best, checkpoint_dir, mark_best
+
+    if not run.cfg.keep_best or at_step <= 0:
+        return
+    reward = eval_metrics["reward/mean"] if eval_metrics else None  # rank 0's; every rank follows its decisions
+    if not distributed.broadcast_object(reward is not None and beats_best(run.run_dir, at_step, reward)):
+        return
+    if not distributed.broadcast_object((checkpoint_dir(run.run_dir, at_step) / STATE_FILE).exists()):
+        checkpoint(run, at_step, metrics)
+    kill_point("best_unmarked", at_step)
+    if distributed.is_main():
+        mark_best(run.run_dir, at_step, reward)
+        run.store.add_log(run.run_id, f"best held-out eval so far: step {at_step}, reward {reward:.3f} "
+                          "(its checkpoint is kept: --step best)", source="trainer")
+        prune(run)
 
 
 def evaluate(run: Run, at_step: int) -> dict[str, float] | None:

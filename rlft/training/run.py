@@ -83,6 +83,16 @@ class Run:
         self.progress.note(message)
         self.store.add_log(self.run_id, message, level=level, step=step, source=source)
 
+    def best_note(self) -> str:
+        """For the final line: where the best held-out eval was, when not at the last step (keep_best)."""
+        from rlft.training.checkpoint import best_checkpoint
+
+        best = best_checkpoint(self.run_dir) if self.cfg.keep_best else None
+        if not best or best[0] == self.cfg.steps:
+            return ""
+        return (f"; the best was at step {best[0]} ({best[1]:.3f}), its checkpoint kept: "
+                f"`rlft export {self.run_id} --step best --merge DIR`")
+
 
 def loss_config(cfg: TrainConfig):
     """The policy loss's arguments, from a resolved config."""
