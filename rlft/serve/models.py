@@ -250,8 +250,8 @@ class ModelRegistry:
                 out.append(ModelEntry(f"{FT_PREFIX}{base}:{rid}:latest", "checkpoint", str(ckpts[-1][1]),
                                       _mtime(ckpts[-1][1]), base))
             best = best_checkpoint(rd)
-            if best is not None:
-                path = next(p for s, p in ckpts if s == best[0])
+            path = next((p for s, p in ckpts if best and s == best[0]), None)
+            if path is not None:
                 out.append(ModelEntry(f"{FT_PREFIX}{base}:{rid}:best", "checkpoint", str(path), _mtime(path), base))
         return out
 
