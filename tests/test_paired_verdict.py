@@ -46,11 +46,15 @@ def test_one_pair_is_refused():
 
 
 def test_the_committed_seeds_give_the_reported_figures(capsys):
-    """The twenty-first session's batch and the pool with the twentieth's, as benchmarks/README.md reports them."""
+    """The batches and pools as benchmarks/README.md reports them."""
     pv.main(["--batches", "300,400"])
     out = capsys.readouterr().out
     assert "batch 400 (AMD EPYC (twenty-first session)): n 24, rlft - trl +0.055" in out
     assert "pooled 300+400: n 58, rlft - trl +0.011 (SD 0.234), 95 % [-0.051, +0.072]" in out
+    pv.main([])  # every batch, then the twenty-second session's pre-registered primary figure
+    out = capsys.readouterr().out
+    assert "pooled 300+400+500: n 97, rlft - trl +0.035 (SD 0.207), 95 % [-0.007, +0.077]" in out
+    assert out.rstrip().endswith("-> not worse")
 
 
 def test_logs_become_csv_rows_with_the_last_eval(tmp_path):
